@@ -1,0 +1,10 @@
+"""hier: fine-grained car recognition with a brand -> model -> fine-class hierarchy that never contradicts."""
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # no version check over the network at import
+
+from hier.errors import HierError  # noqa: E402
+from hier.taxonomy import Taxonomy  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["HierError", "Taxonomy", "__version__"]

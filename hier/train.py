@@ -1,0 +1,265 @@
+"""Fit a HierNet: AdamW + warmup/cosine (timm scheduler), EMA, AMP on CUDA, gradient accumulation,
+best checkpoint by validation log loss, resume, temperature scaling at the end.
+
+With ``freeze_stages`` > 0 and ``cache_views`` > 0 the frozen stem runs once per augmented view
+before training and the trainable tail learns from the cached activations: on a CPU this is what
+makes fine-tuning a real trunk fit in minutes.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+
+from hier import artifact
+from hier.data import ImageDataset, ImageSet, eval_transform, loader, scan_folder, split_indices, train_transform
+from hier.errors import HierError
+from hier.metrics import evaluate_probs, fit_temperature, softmax
+from hier.model import HierNet, ModelConfig, hier_loss
+from hier.taxonomy import Taxonomy
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3            # trunk
+    head_lr: float = 3e-3       # embedding projection and cosine heads
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    smoothing: float = 0.1
+    aux: float = 0.5            # weight of the model/brand head losses
+    ema: bool = True
+    ema_decay: float = 0.998
+    accum: int = 1
+    amp: bool = True
+    cache_views: int = 0        # augmented views of the frozen stem's output to precompute (0: stream)
+    val_frac: float = 0.2
+    fold: int | None = None
+    folds: int = 5
+    seed: int = 0
+    workers: int = 0
+    pretrained: str = "auto"
+
+
+# Named presets: flags that reached a measured result (see README "Benchmarks").
+PRESETS: dict[str, dict] = {
+    "cpu": {"model": {"freeze_stages": 5, "img_size": 224},
+            "train": {"cache_views": 4, "epochs": 20, "lr": 1e-3, "head_lr": 3e-3, "ema": False}},
+}
+
+
+def progress_bar(console: Console | None = None) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def prepare(data_dir: str | Path, taxonomy: Taxonomy | None) -> tuple[ImageSet, Taxonomy]:
+    """Scan the data and narrow the taxonomy to its classes (in taxonomy order); unknown classes fail."""
+    images = scan_folder(data_dir)
+    names = sorted(set(images.labels))
+    if taxonomy is None:
+        return images, Taxonomy.from_class_names(names)
+    unknown = [c for c in names if c not in taxonomy]
+    if unknown:
+        raise HierError(f"class {unknown[0]!r} is in the data but not in the taxonomy "
+                        f"({len(unknown)} such classes)")
+    return images, taxonomy.subset([c for c in taxonomy.classes if c in set(names)])
+
+
+class Trainer:
+    def __init__(self, model: HierNet, taxonomy: Taxonomy, cfg: TrainConfig, out: Path,
+                 console: Console | None = None):
+        self.model, self.taxonomy, self.cfg, self.out = model, taxonomy, cfg, Path(out)
+        self.console = console or Console(stderr=True)
+        self.dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.amp = cfg.amp and self.dev == "cuda"
+        self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
+        self.model.to(self.dev)
+        if self.dev == "cuda":
+            self.model.to(memory_format=torch.channels_last)
+        head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.") and p.requires_grad]
+        trunk_params = [p for n, p in model.named_parameters() if n.startswith("trunk.") and p.requires_grad]
+        self.opt = torch.optim.AdamW([{"params": trunk_params, "lr": cfg.lr},
+                                      {"params": head_params, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
+        self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
+        self.epoch, self.updates, self.best, self.history = 0, 0, float("inf"), []
+
+    # --- data ---------------------------------------------------------------------------------------
+    def _features(self, paths, transform, views: int, progress, what: str) -> torch.Tensor:
+        """Frozen-stem activations for ``views`` passes of ``transform`` over the images: (V, N, ...)."""
+        ds = ImageDataset(paths, None, transform)
+        task = progress.add_task(what, total=views * len(paths), info="")
+        out = []
+        for _ in range(views):
+            chunks = []
+            for x, _ in loader(ds, 64, workers=self.cfg.workers):
+                chunks.append(self.model.frozen_features(x.to(self.dev)).half().cpu())
+                progress.advance(task, len(x))
+            out.append(torch.cat(chunks))
+        return torch.stack(out)
+
+    def _cached_batches(self, feats: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        n = feats.shape[1]
+        order, view = torch.randperm(n, generator=gen), torch.randint(0, feats.shape[0], (n,), generator=gen)
+        for s in range(0, n - self.cfg.batch_size + 1 if n >= self.cfg.batch_size else 1, self.cfg.batch_size):
+            b = order[s:s + self.cfg.batch_size]
+            yield feats[view[b], b].to(self.dev).float(), y[b]
+
+    # --- loop ---------------------------------------------------------------------------------------
+    def fit(self, train_paths, train_y, val_paths, val_y) -> dict:
+        cfg, model = self.cfg, self.model
+        tf_train = train_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
+        tf_eval = eval_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
+        ytr = torch.as_tensor(train_y)
+        cached = cfg.cache_views > 0 and model.cfg.freeze_stages > 0
+        steps_per_epoch = max(1, len(train_paths) // cfg.batch_size) // cfg.accum or 1
+        sched = CosineLRScheduler(self.opt, t_initial=cfg.epochs * steps_per_epoch, lr_min=1e-6,
+                                  warmup_t=int(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=1e-5,
+                                  t_in_epochs=False)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        with progress_bar(self.console) as progress:
+            feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train") if cached else None
+            val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
+                         if model.cfg.freeze_stages and len(val_paths) else None)
+            train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train), cfg.batch_size,
+                                                      shuffle=True, workers=cfg.workers, drop_last=True)
+            for epoch in range(self.epoch, cfg.epochs):
+                gen.manual_seed(cfg.seed * 1000 + epoch)   # a resumed run sees the same batches
+                torch.manual_seed(cfg.seed * 1000 + epoch)
+                t0, losses = time.time(), []
+                model.train()
+                batches = self._cached_batches(feats, ytr, gen) if cached else \
+                    ((model.frozen_features(x.to(self.dev)), y) for x, y in train_loader)
+                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * cfg.accum,
+                                         info="")
+                for i, (f, y) in enumerate(batches):
+                    y = y.to(self.dev)
+                    with torch.autocast(self.dev, dtype=self.amp_dtype, enabled=self.amp):
+                        loss = hier_loss(model.heads(model.embed_features(f)), y, model, cfg.smoothing, cfg.aux)
+                    self.scaler.scale(loss / cfg.accum).backward()
+                    if (i + 1) % cfg.accum == 0:
+                        self.scaler.step(self.opt)
+                        self.scaler.update()
+                        self.opt.zero_grad(set_to_none=True)
+                        self.updates += 1
+                        sched.step_update(self.updates)
+                        if self.ema:
+                            self.ema.update(model, step=self.updates)
+                    losses.append(loss.item())
+                    progress.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
+                row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+                       "seconds": round(time.time() - t0, 1)}
+                if len(val_paths):
+                    logits = self.validate(val_paths, val_feats, tf_eval)
+                    row.update(val_log_loss=float(-np.log(softmax(logits["joint"])[np.arange(len(val_y)), val_y]
+                                                          .clip(1e-15)).mean()),
+                               val_top1=float((logits["joint"].argmax(1) == val_y).mean()))
+                progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
+                self.epoch = epoch + 1
+                self._end_epoch(row)
+        return self.finish(val_paths, val_y, val_feats, tf_eval)
+
+    @torch.no_grad()
+    def validate(self, paths, feats, transform, net: HierNet | None = None) -> dict[str, np.ndarray]:
+        net = (net or (self.ema.module if self.ema else self.model)).eval()
+        if feats is not None:
+            batches = (feats[s:s + 128].to(self.dev).float() for s in range(0, len(feats), 128))
+        else:
+            batches = (net.frozen_features(x.to(self.dev))
+                       for x, _ in loader(ImageDataset(paths, None, transform), 64, workers=self.cfg.workers))
+        outs = []
+        for f in batches:
+            with torch.autocast(self.dev, dtype=self.amp_dtype, enabled=self.amp):
+                outs.append({k: v.float().cpu().numpy() for k, v in net.heads(net.embed_features(f)).items()})
+        return {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+
+    def _eval_net(self) -> HierNet:
+        return self.ema.module if self.ema else self.model
+
+    def _end_epoch(self, row: dict) -> None:
+        self.history.append(row)
+        with open(self.out / "log.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(self.history[-1].keys()))
+            w.writeheader()
+            w.writerows(self.history)
+        score = row.get("val_log_loss", -row["epoch"])     # no validation: the last epoch is the best
+        if score < self.best:
+            self.best = score
+            artifact.save(self.out, self._eval_net(), self.taxonomy, {"best_epoch": row["epoch"], **row})
+        state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
+                 "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
+                 "epoch": self.epoch, "updates": self.updates, "best": self.best, "history": self.history}
+        artifact.atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+
+    def load_checkpoint(self) -> None:
+        state = torch.load(self.out / CHECKPOINT, map_location=self.dev, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["opt"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.updates, self.best, self.history = (state["epoch"], state["updates"], state["best"],
+                                                             state["history"])
+
+    def finish(self, val_paths, val_y, val_feats, tf_eval) -> dict:
+        """Reload the best weights, fit the temperature on validation and store it with the metrics."""
+        best, _ = artifact.load(self.out, self.dev)
+        if not len(val_paths):
+            return {}
+        logits = self.validate(val_paths, val_feats, tf_eval, net=best)
+        best.cfg.temperature = fit_temperature(logits["joint"], val_y)
+        metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
+                                 logits=logits["joint"], heads=logits)
+        metrics["temperature"] = best.cfg.temperature
+        metrics["best_epoch"] = artifact.read_config(self.out)["metrics"].get("best_epoch")
+        artifact.save(self.out, best, self.taxonomy, metrics)
+        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+
+def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
+          model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, resume: bool = False,
+          console: Console | None = None) -> dict:
+    """Train on a folder-per-class dataset and write the artifact directory ``out``."""
+    model_cfg, cfg, out = model_cfg or ModelConfig(), cfg or TrainConfig(), Path(out)
+    if resume and not (out / CHECKPOINT).is_file():
+        raise HierError(f"--resume: no {CHECKPOINT} in {out}")
+    if not resume and out.exists() and any(out.iterdir()):
+        raise HierError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
+    images, taxonomy = prepare(data_dir, taxonomy)
+    y = np.array([taxonomy.class_index[c] for c in images.labels])
+    tr, va = split_indices(images.labels, cfg.val_frac, cfg.seed, cfg.fold, cfg.folds)
+    torch.manual_seed(cfg.seed)
+    if resume:
+        saved = json.loads((out / "train.json").read_text())
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        cfg = TrainConfig(**{**saved["train"], "epochs": cfg.epochs})
+    model = HierNet(model_cfg, taxonomy, pretrained="none" if resume else cfg.pretrained)
+    if not resume:
+        from timm.data import resolve_model_data_config
+        data_cfg = resolve_model_data_config(model.trunk)
+        model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps({"model": model.cfg.to_dict(), "train": asdict(cfg),
+                                                "data": str(data_dir)}, indent=2, ensure_ascii=False))
+    trainer = Trainer(model, taxonomy, cfg, out, console)
+    if images.skipped_message():
+        trainer.console.print(f"[yellow]{images.skipped_message()}[/]")
+    if resume:
+        trainer.load_checkpoint()
+    paths = images.paths
+    return trainer.fit([paths[i] for i in tr], y[tr], [paths[i] for i in va], y[va])

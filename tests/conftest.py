@@ -1,0 +1,50 @@
+"""Shared fixtures: a small drawn dataset and one tiny trained artifact, built once per session."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from hier.cli import main
+from hier.demo import make_demo_dataset
+from hier.model import ModelConfig
+from hier.taxonomy import Taxonomy
+from hier.train import TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+STANFORD = SHARED / "data" / "stanford-cars-dev" / "train"
+
+
+def run_cli(*args, capsys=None) -> tuple[int, str, str]:
+    """Run ``hier ARGS`` in-process through the real entry point; returns (exit code, stdout, stderr)."""
+    old = sys.argv
+    sys.argv = ["hier", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = old
+    out, err = capsys.readouterr() if capsys else ("", "")
+    return code, out, err
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", images_per_class=12,
+                             test_images_per_class=2, img_size=64)
+
+
+TINY = ModelConfig(trunk="test_efficientnet", img_size=64, embed_dim=32)
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(demo_data, tmp_path_factory):
+    """test_efficientnet (0.1 M params), 64 px, 3 epochs: seconds on a CPU."""
+    out = tmp_path_factory.mktemp("run") / "artifact"
+    metrics = train(demo_data.train_dir, out, Taxonomy.from_csv(demo_data.taxonomy), ModelConfig(**vars(TINY)),
+                    TrainConfig(epochs=3, batch_size=16, lr=3e-3, head_lr=1e-2, pretrained="none", ema=True,
+                                ema_decay=0.9))
+    return out, metrics

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+from hier.data import image_files, read_test_csv, scan_folder, split_indices
+from hier.errors import HierError
+
+
+def _jpeg(path, colour=(200, 30, 30), size=(40, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path, quality=90)
+
+
+def test_scan_skips_corrupt_and_non_images(tmp_path):
+    for c in ("a", "b"):
+        for i in range(3):
+            _jpeg(tmp_path / c / f"{i}.jpg")
+    good = (tmp_path / "a" / "0.jpg").read_bytes()
+    (tmp_path / "a" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "b" / "empty.jpg").write_bytes(b"")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    (tmp_path / "b" / ".DS_Store").write_bytes(b"\0")
+    s = scan_folder(tmp_path)
+    assert len(s.paths) == 6 and sorted(set(s.labels)) == ["a", "b"]
+    assert (s.unreadable, s.non_images) == (2, 1)
+    assert s.skipped_message() == "skipped 2 unreadable image(s) and 1 non-image file(s)"
+
+
+def test_scan_errors(tmp_path):
+    with pytest.raises(HierError, match="not found"):
+        scan_folder(tmp_path / "missing")
+    with pytest.raises(HierError, match="no class folders"):
+        scan_folder(tmp_path)
+    _jpeg(tmp_path / "a" / "0.jpg")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(HierError, match="empty_class has no readable images"):
+        scan_folder(tmp_path)
+
+
+def test_read_test_csv(tmp_path):
+    _jpeg(tmp_path / "test" / "TEST_00000.jpg")
+    csv = tmp_path / "test.csv"
+    csv.write_text("ID,img_path\nTEST_00000,./test/TEST_00000.jpg\n")
+    s = read_test_csv(csv)
+    assert s.ids == ["TEST_00000"] and s.paths[0].is_file()
+    csv.write_text("id,path\nTEST_00000,./test/TEST_00000.jpg\n")
+    with pytest.raises(HierError, match="must have columns ID,img_path"):
+        read_test_csv(csv)
+    csv.write_text("ID,img_path\nTEST_00001,./test/TEST_00001.jpg\n")
+    with pytest.raises(HierError, match="do not exist"):
+        read_test_csv(csv)
+
+
+def test_image_files_refuses_non_images(tmp_path):
+    (tmp_path / "x.txt").write_text("hello")
+    with pytest.raises(HierError, match="not a readable image"):
+        image_files([tmp_path / "x.txt"])
+    with pytest.raises(HierError, match="no such image"):
+        image_files([tmp_path / "nope.jpg"])
+
+
+def test_split_is_stratified_and_seeded():
+    labels = [c for c in "abcd" for _ in range(10)]
+    tr, va = split_indices(labels, 0.2, seed=3)
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(40))
+    assert sorted(np.array(labels)[va].tolist()) == sorted("aabbccdd")
+    assert np.array_equal(va, split_indices(labels, 0.2, seed=3)[1])
+    assert not np.array_equal(np.sort(va), np.sort(split_indices(labels, 0.2, seed=4)[1]))
+
+
+def test_kfold_covers_each_image_once():
+    labels = [c for c in "abc" for _ in range(10)]
+    vals = [split_indices(labels, fold=k, folds=5)[1] for k in range(5)]
+    assert sorted(np.concatenate(vals).tolist()) == list(range(30))
+    with pytest.raises(HierError, match="--fold"):
+        split_indices(labels, fold=5, folds=5)

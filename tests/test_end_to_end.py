@@ -1,0 +1,114 @@
+"""Tiny train -> evaluate -> predict on drawn images, through the real `hier` entry point."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hier import artifact
+from hier.train import CHECKPOINT, TrainConfig, train
+from hier.model import ModelConfig
+from hier.taxonomy import Taxonomy
+
+from conftest import TINY, run_cli
+
+
+def test_training_writes_a_complete_artifact(tiny_artifact):
+    out, metrics = tiny_artifact
+    for name in ("model.safetensors", "config.json", "taxonomy.csv", "log.csv", "metrics.json", CHECKPOINT):
+        assert (out / name).is_file(), name
+    log = pd.read_csv(out / "log.csv")
+    assert log["epoch"].tolist() == [1, 2, 3] and log["val_log_loss"].notna().all()
+    assert metrics["inconsistency"] == 0.0
+    assert 0.05 < metrics["temperature"] < 20
+    assert metrics["log_loss"] <= metrics["log_loss_before_temperature"] + 1e-9   # T is fitted on this NLL
+    assert metrics["top1"] > 1 / 12                                               # better than chance
+
+
+def test_evaluate_json(tiny_artifact, demo_data, capsys):
+    code, out, _ = run_cli("evaluate", tiny_artifact[0], demo_data.train_dir, "--json", capsys=capsys)
+    m = json.loads(out)
+    assert code == 0 and m["images"] == 144 and m["inconsistency"] == 0.0
+    assert 0 <= m["ece"] <= 1 and m["top5"] >= m["top1"] > 1 / 12
+
+
+def test_submission_format(tiny_artifact, demo_data, tmp_path, capsys):
+    # The user's sample file fixes the order: shuffle its columns and rows, keep its BOM.
+    sample = pd.read_csv(demo_data.sample_submission, encoding="utf-8-sig")
+    cols = ["ID"] + list(np.random.default_rng(0).permutation(sample.columns[1:]))
+    shuffled = tmp_path / "sample.csv"
+    sample[cols].iloc[::-1].to_csv(shuffled, index=False, encoding="utf-8-sig")
+    sub = tmp_path / "sub.csv"
+    code, _, err = run_cli("predict", tiny_artifact[0], "--test-csv", demo_data.test_csv,
+                           "--sample-submission", shuffled, "--out", sub, "--tta", capsys=capsys)
+    assert code == 0, err
+    assert sub.read_bytes()[:3] == b"\xef\xbb\xbf"
+    got = pd.read_csv(sub, encoding="utf-8-sig")
+    assert got.columns.tolist() == cols
+    assert got["ID"].tolist() == sample["ID"].iloc[::-1].tolist()
+    p = got.iloc[:, 1:].to_numpy()
+    np.testing.assert_allclose(p.sum(1), 1, atol=1e-9)
+    assert p.min() > 0
+
+
+def test_topk_json_is_hierarchical(tiny_artifact, demo_data, capsys):
+    images = sorted((demo_data.root / "test").glob("*.jpg"))[:2]
+    code, out, _ = run_cli("predict", tiny_artifact[0], *images, "--topk", "3", "--format", "json", capsys=capsys)
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 6
+    tax = Taxonomy.from_csv(demo_data.taxonomy)
+    for r in rows:
+        assert tax.row(r["class"])["brand"] == r["brand"] and tax.row(r["class"])["model"] == r["model"]
+        assert r["p"] <= r["p_model"] + 1e-9 <= r["p_brand"] + 2e-9      # a class is inside its model and brand
+
+
+def test_resume_continues_the_run(demo_data, tmp_path):
+    out = tmp_path / "run"
+    cfg = dict(batch_size=32, pretrained="none", ema=False, val_frac=0.25)
+    train(demo_data.train_dir, out, None, ModelConfig(**vars(TINY)), TrainConfig(epochs=1, **cfg))
+    train(demo_data.train_dir, out, None, ModelConfig(**vars(TINY)), TrainConfig(epochs=2, **cfg), resume=True)
+    assert pd.read_csv(out / "log.csv")["epoch"].tolist() == [1, 2]
+    model, tax = artifact.load(out)
+    assert len(tax) == 12 and model.cfg.temperature != 1.0
+
+
+def test_cached_frozen_stages_train(demo_data, tmp_path):
+    m = train(demo_data.train_dir, tmp_path / "run", Taxonomy.from_csv(demo_data.taxonomy),
+              ModelConfig(**{**vars(TINY), "freeze_stages": 2}),
+              TrainConfig(epochs=2, batch_size=16, cache_views=2, pretrained="none"))
+    assert m["images"] == 36 and m["inconsistency"] == 0.0
+
+
+# --- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------
+
+def test_predict_rejects_mismatched_sample(tiny_artifact, demo_data, tmp_path, capsys):
+    sample = pd.read_csv(demo_data.sample_submission, encoding="utf-8-sig")
+    bad = tmp_path / "bad.csv"
+    sample.rename(columns={sample.columns[3]: "Unknown_Car_2030_2031"}).to_csv(bad, index=False)
+    sub = tmp_path / "sub.csv"
+    code, _, err = run_cli("predict", tiny_artifact[0], "--test-csv", demo_data.test_csv,
+                           "--sample-submission", bad, "--out", sub, capsys=capsys)
+    assert code == 2 and "Unknown_Car_2030_2031" in err and not sub.exists()
+    assert list(tmp_path.iterdir()) == [bad]          # no temp file left behind either
+
+
+@pytest.mark.parametrize("case", ["missing_data", "not_empty", "unknown_class", "not_artifact", "bad_image"])
+def test_cli_errors_are_one_line(case, tiny_artifact, demo_data, tmp_path, capsys):
+    args = {
+        "missing_data": ["train", tmp_path / "nope", "--out", tmp_path / "o"],
+        "not_empty": ["train", demo_data.train_dir, "--out", tiny_artifact[0]],
+        "unknown_class": ["train", demo_data.train_dir, "--taxonomy", _one_class_taxonomy(demo_data, tmp_path),
+                          "--out", tmp_path / "o"],
+        "not_artifact": ["evaluate", tmp_path, demo_data.train_dir],
+        "bad_image": ["predict", tiny_artifact[0], demo_data.taxonomy],
+    }[case]
+    code, out, err = run_cli(*args, capsys=capsys)
+    assert code == 2
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
+def _one_class_taxonomy(demo_data, tmp_path):
+    t = pd.read_csv(demo_data.taxonomy).iloc[:1]
+    t.to_csv(tmp_path / "tax.csv", index=False)
+    return tmp_path / "tax.csv"

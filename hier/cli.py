@@ -1,4 +1,4 @@
-"""``hier`` command line: train, evaluate, predict, demo (typer + rich).
+"""``hier`` command line: train, evaluate, predict, enroll, index, similar, demo (typer + rich).
 
 User mistakes raise HierError; ``main`` prints them as one red line and exits 2, never a traceback.
 """
@@ -167,17 +167,7 @@ def predict(
     if out is not None:
         from hier.artifact import atomic_write
         atomic_write(out, lambda p: answers.to_csv(p, index=False))
-    if fmt is Format.json:
-        print(answers.to_json(orient="records", force_ascii=False, indent=1))
-    elif fmt is Format.csv:
-        sys.stdout.write(answers.to_csv(index=False))
-    else:
-        table = Table()
-        for col in answers.columns:
-            table.add_column(col, justify="right" if col.startswith("p") or col == "rank" else "left")
-        for row in answers.itertuples(index=False):
-            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
-        console.print(table)
+    _print_frame(answers, fmt)
 
 
 @app.command()
@@ -210,6 +200,156 @@ def demo(
     console.print("[bold]4/4[/] top-3 answers for two images")
     predict(out / "artifact", sorted((out / "data" / "test").glob("*.jpg"))[:2], None, None, None,
             3, Format.table, False, 64)
+
+
+@app.command()
+def enroll(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory (rewritten atomically)")],
+    name: Annotated[str, typer.Option("--class", help="Class name, e.g. 신형모델_2025")],
+    images: Annotated[list[Path], typer.Option(help="Folder or image files of the new class's shots")],
+    brand: Annotated[Optional[str], typer.Option(help="Default: the model's known brand or the parsed make")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Default: parsed from the class name")] = None,
+    years: Annotated[Optional[str], typer.Option(help="e.g. 2025-2026; default: parsed from the name")] = None,
+    add_shots: Annotated[bool, typer.Option(help="Allow adding photos to a base class")] = False,
+    min_shots: Annotated[int, typer.Option(help="Refuse fewer shots than this")] = 1,
+    calibrate: Annotated[float, typer.Option(help="TEEN calibration strength toward similar base classes")] = 0.0,
+):
+    """Add a class from a few photos, no retraining; enrolling it again adds shots."""
+    from hier.enroll import Calibration, enroll as add
+
+    r = add(artifact, name, images, brand, model, years, add_shots, min_shots, Calibration(calibrate))
+    console.print(f"enrolled {r['class']!r} from {r['shots']} shot(s); {r['classes']} classes now")
+
+
+@app.command()
+def unenroll(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    name: Annotated[str, typer.Option("--class", help="An enrolled class")],
+):
+    """Remove an enrolled class (base classes stay)."""
+    from hier.enroll import unenroll as remove
+
+    r = remove(artifact, name)
+    console.print(f"removed {r['class']!r}; {r['classes']} classes now")
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
+app.add_typer(index_app, name="index")
+
+
+def _embed_listings(artifact: Path, listings: Path):
+    import pandas as pd
+
+    from hier import artifact as art
+    from hier.data import image_files
+    from hier.infer import device, probabilities, run
+    from hier.train import progress_bar
+
+    if listings.is_dir():
+        files = image_files([listings]).paths
+        table = pd.DataFrame({"listing_id": [p.stem for p in files], "image": [str(p) for p in files]})
+    elif listings.is_file():
+        table = pd.read_csv(listings, dtype={"listing_id": str}, encoding="utf-8-sig")
+        if not {"listing_id", "image"} <= set(table.columns):
+            raise HierError(f"{listings} must have columns listing_id,image (+ optional price, year, mileage...)")
+        table["image"] = [str((listings.parent / p).resolve()) for p in table["image"]]
+        image_files(table["image"].tolist())       # every listed image must exist and decode
+    else:
+        raise HierError(f"listings not found: {listings}")
+    if table["listing_id"].duplicated().any():
+        raise HierError(f"listing_id {table['listing_id'][table['listing_id'].duplicated()].iloc[0]!r} repeats")
+    net, taxonomy = art.load(artifact, device())
+    with progress_bar(err) as progress:
+        out = run(net, [Path(p) for p in table["image"]], progress=progress)
+    probs = probabilities(out["joint"], net.cfg.temperature)
+    best = probs.argmax(1)
+    table["class"] = [taxonomy.classes[i] for i in best]
+    table["brand"] = [taxonomy.brands[taxonomy.fine_to_brand[i]] for i in best]
+    table["model"] = [taxonomy.models[taxonomy.fine_to_model[i]] for i in best]
+    return out["embedding"], table
+
+
+@index_app.command("build")
+def index_build(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    listings: Annotated[Path, typer.Argument(help="Folder of listing photos, or CSV listing_id,image[,price,...]")],
+    kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
+):
+    """Embed listing photos and (re)build ARTIFACT/gallery."""
+    from hier.index import Gallery
+
+    vectors, table = _embed_listings(artifact, listings)
+    Gallery.build(vectors, table, kind).save(artifact)
+    console.print(f"indexed {len(table)} listing image(s) ({kind}) in {artifact}/gallery")
+
+
+@index_app.command("add")
+def index_add(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
+):
+    """Add listings to an existing index (ids of the others stay as they are)."""
+    from hier.index import Gallery
+
+    gallery = Gallery.load(artifact)
+    vectors, table = _embed_listings(artifact, listings)
+    gallery.add(vectors, table)
+    gallery.save(artifact)
+    console.print(f"added {len(table)}; {len(gallery)} in the index")
+
+
+@index_app.command("remove")
+def index_remove(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    ids: Annotated[list[str], typer.Argument(help="listing_id values to remove")],
+):
+    """Remove listings by listing_id."""
+    from hier.index import Gallery
+
+    gallery = Gallery.load(artifact)
+    n = gallery.remove(ids)
+    gallery.save(artifact)
+    console.print(f"removed {n} vector(s); {len(gallery)} in the index")
+
+
+@app.command()
+def similar(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    image: Annotated[Path, typer.Argument(help="Query photo")],
+    k: Annotated[int, typer.Option("--k", help="How many listings")] = 10,
+    same_brand: Annotated[bool, typer.Option(help="Only listings of the query's predicted brand")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
+):
+    """Nearest listings to a photo: listing id, class, similarity and metadata."""
+    from hier import artifact as art
+    from hier.data import image_files
+    from hier.index import Gallery
+    from hier.infer import device, probabilities, run
+    from hier.metrics import decode
+
+    gallery = Gallery.load(artifact)
+    net, taxonomy = art.load(artifact, device())
+    out = run(net, image_files([image]).paths)
+    where = None
+    if same_brand:
+        brand = taxonomy.brands[decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)[0][0]]
+        where = lambda rows: rows["brand"] == brand  # noqa: E731
+    rows = gallery.results(out["embedding"], k, where)[0].drop(columns=["id"])
+    _print_frame(rows, fmt)
+
+
+def _print_frame(frame, fmt: Format) -> None:
+    if fmt is Format.json:
+        print(frame.to_json(orient="records", force_ascii=False, indent=1))
+    elif fmt is Format.csv:
+        sys.stdout.write(frame.to_csv(index=False))
+    else:
+        table = Table()
+        for col in frame.columns:
+            table.add_column(str(col))
+        for row in frame.itertuples(index=False):
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+        console.print(table)
 
 
 def main() -> None:

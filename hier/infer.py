@@ -74,7 +74,7 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
         raise HierError(f"the test images' IDs do not match the {len(sample_ids)} IDs of {sample}")
     order = [taxonomy.class_index[c] for c in columns]
     row = {i: n for n, i in enumerate(ids)}
-    p = probs[[row[i] for i in sample_ids]][:, order]
+    p = probs[[row[i] for i in sample_ids]][:, order].astype(np.float64)
     p = np.clip(p, EPS, 1.0)
     p = p / p.sum(1, keepdims=True)
     table = pd.DataFrame(p, columns=columns)

@@ -18,11 +18,12 @@ def test_training_writes_a_complete_artifact(tiny_artifact):
     for name in ("model.safetensors", "config.json", "taxonomy.csv", "log.csv", "metrics.json", CHECKPOINT):
         assert (out / name).is_file(), name
     log = pd.read_csv(out / "log.csv")
-    assert log["epoch"].tolist() == [1, 2, 3] and log["val_log_loss"].notna().all()
+    assert log["epoch"].tolist() == list(range(1, 13)) and log["val_log_loss"].notna().all()
     assert metrics["inconsistency"] == 0.0
     assert 0.05 < metrics["temperature"] < 20
     assert metrics["log_loss"] <= metrics["log_loss_before_temperature"] + 1e-9   # T is fitted on this NLL
-    assert metrics["top1"] > 1 / 12                                               # better than chance
+    # it learned: chance is 1/3 for brand and 1/12 for the class (measured 0.86 and 0.24)
+    assert metrics["brand_acc"] > 0.6 and metrics["top1"] > 0.15
 
 
 def test_evaluate_json(tiny_artifact, demo_data, capsys):
@@ -76,7 +77,7 @@ def test_cached_frozen_stages_train(demo_data, tmp_path):
     m = train(demo_data.train_dir, tmp_path / "run", Taxonomy.from_csv(demo_data.taxonomy),
               ModelConfig(**{**vars(TINY), "freeze_stages": 2}),
               TrainConfig(epochs=2, batch_size=16, cache_views=2, pretrained="none"))
-    assert m["images"] == 36 and m["inconsistency"] == 0.0
+    assert m["images"] == 29 and m["inconsistency"] == 0.0   # the stratified 20 % of 144
 
 
 # --- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------

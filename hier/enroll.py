@@ -10,11 +10,11 @@ prototype toward a similarity-weighted mix of base rows; ``strength`` sets how f
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -50,7 +50,7 @@ def rebuild_heads(net: HierNet, old: Taxonomy, new: Taxonomy, fine_rows: dict | 
                                               (net.model, old.models, new.models, model_rows or {}),
                                               (net.brand, old.brands, new.brands, brand_rows or {})):
         index = {n: i for i, n in enumerate(old_names)}
-        w = F.normalize(head.weight.detach(), dim=1)
+        w = head.weight.detach()        # kept as they are: forward normalises rows, so scale is moot
         head.set_rows(torch.stack([extra[n].to(w) if n in extra else w[index[n]] for n in new_names]))
     net.set_taxonomy(new)
 
@@ -93,6 +93,25 @@ def new_row(name: str, taxonomy: Taxonomy, brand: str | None, model: str | None,
     return row
 
 
+def imprint(net: HierNet, taxonomy: Taxonomy, rows: list[dict], protos: dict[str, torch.Tensor],
+            calibration: Calibration | None = None) -> Taxonomy:
+    """Append new classes in memory: one fine row per class (its calibrated prototype), and a model or
+    brand row (the mean of its classes' prototypes) where the model or brand is new. Returns the new
+    taxonomy; the base rows are untouched."""
+    calibration = calibration or Calibration()
+    base_rows = net.fine.weight.detach()
+    new_taxonomy = Taxonomy(pd.concat([taxonomy.table, pd.DataFrame(rows)], ignore_index=True))
+    fine_rows = {r["class"]: calibration(protos[r["class"]], base_rows) for r in rows}
+    groups: dict[str, dict[str, list]] = {"model": {}, "brand": {}}
+    for r in rows:
+        for level, known in (("model", taxonomy.models), ("brand", taxonomy.brands)):
+            if r[level] not in known:
+                groups[level].setdefault(r[level], []).append(F.normalize(protos[r["class"]], dim=0))
+    mean = {level: {n: F.normalize(torch.stack(v).mean(0), dim=0) for n, v in g.items()} for level, g in groups.items()}
+    rebuild_heads(net, taxonomy, new_taxonomy, fine_rows, mean["model"], mean["brand"])
+    return new_taxonomy
+
+
 def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | None = None,
            model: str | None = None, years: str | None = None, add_shots: bool = False, min_shots: int = 1,
            calibration: Calibration | None = None) -> dict:
@@ -107,37 +126,30 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     if name in taxonomy and name not in names and not add_shots:
         raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots to add photos to it")
     z = run(net, shots.paths)["embedding"]
-    calibration = calibration or Calibration()
-    base = [i for i, c in enumerate(taxonomy.classes) if c not in names]
-    base_rows = net.fine.weight.detach()[base]
-
-    if name in names:                                     # more shots for an enrolled class
-        k = names.index(name)
-        sums[k] += z.sum(0)
-        entries[k]["shots"] += len(z)
-        new_taxonomy, proto = taxonomy, torch.from_numpy(sums[k])
-        fine_rows, model_rows, brand_rows = {name: calibration(proto, base_rows)}, {}, {}
-    elif name in taxonomy:                                # --add-shots on a base class: blend into its row
-        w = F.normalize(net.fine.weight.detach()[taxonomy.class_index[name]], dim=0)
-        new_taxonomy, fine_rows, model_rows, brand_rows = taxonomy, {name: F.normalize(
-            w + torch.from_numpy(z.mean(0)), dim=0)}, {}, {}
-    else:                                                 # a new class
+    if name in taxonomy:          # more shots: an enrolled prototype grows, a base row blends them in
+        i = taxonomy.class_index[name]
+        rows = net.fine.weight.detach()
+        if name in names:
+            k = names.index(name)
+            sums[k] += z.sum(0)
+            entries[k]["shots"] += len(z)
+            others = torch.cat([rows[:i], rows[i + 1:]])
+            row = (calibration or Calibration())(torch.from_numpy(sums[k]), others)
+        else:
+            row = F.normalize(F.normalize(rows[i], dim=0) + torch.from_numpy(z.mean(0)), dim=0)
+        rebuild_heads(net, taxonomy, taxonomy, {name: row})
+        new_taxonomy = taxonomy
+    else:
         row = new_row(name, taxonomy, brand, model, years)
-        proto = torch.from_numpy(z.sum(0))
-        new_taxonomy = taxonomy.append(row)
-        fine_rows = {name: calibration(proto, base_rows)}
-        model_rows = {} if row["model"] in taxonomy.models else {row["model"]: F.normalize(proto, dim=0)}
-        brand_rows = {} if row["brand"] in taxonomy.brands else {row["brand"]: F.normalize(proto, dim=0)}
-        entries.append({"class": name, "shots": len(z), "new_model": bool(model_rows),
-                        "new_brand": bool(brand_rows)})
+        new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))}, calibration)
+        entries.append({"class": name, "shots": len(z)})
         sums = z.sum(0, keepdims=True) if sums is None else np.vstack([sums, z.sum(0, keepdims=True)])
-    rebuild_heads(net, taxonomy, new_taxonomy, fine_rows, model_rows, brand_rows)
     _save(path, net, new_taxonomy, entries, sums)
     return {"class": name, "shots": len(z), "classes": len(new_taxonomy)}
 
 
 def unenroll(path: str | Path, name: str) -> dict:
-    """Remove an enrolled class (and the model/brand rows it introduced, if nothing else uses them)."""
+    """Remove an enrolled class; model/brand rows that no remaining class uses go with it."""
     path = Path(path)
     net, taxonomy = artifact.load(path)
     entries, sums = _enrolled(path)
@@ -149,7 +161,3 @@ def unenroll(path: str | Path, name: str) -> dict:
     rebuild_heads(net, taxonomy, new_taxonomy)
     _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], np.delete(sums, k, axis=0))
     return {"class": name, "classes": len(new_taxonomy)}
-
-
-def enrolled_classes(path: str | Path) -> list[dict]:
-    return json.loads((Path(path) / artifact.CONFIG).read_text()).get("enrolled", [])

@@ -24,7 +24,8 @@ def factory_string(kind: str, n: int) -> str:
     if kind == "flat":
         return "IDMap2,Flat"
     if kind == "ivf":
-        return f"IVF{max(1, min(4096, int(4 * np.sqrt(max(n, 1)))))},Flat"
+        # 4 * sqrt(n) lists, at most 4096, and at least 39 training points per list (FAISS's minimum)
+        return f"IVF{max(1, min(4096, int(4 * np.sqrt(n)), n // 39))},Flat"
     if kind == "hnsw":
         return "IDMap2,HNSW32"
     raise HierError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
@@ -99,7 +100,7 @@ class Gallery:
     # --- persistence --------------------------------------------------------------------------------
     def save(self, artifact_dir: str | Path) -> None:
         folder = Path(artifact_dir) / GALLERY
-        atomic_write(folder / "index.faiss", lambda p: faiss.write_index(self.index, str(p)))
+        atomic_write(folder / "index.faiss", lambda p: faiss.write_index(to_cpu(self.index), str(p)))
         atomic_write(folder / "listings.csv", lambda p: self.listings.assign(kind=self.kind).to_csv(p, index=False))
 
     @classmethod
@@ -116,4 +117,14 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     """Move the index to all GPUs when faiss-gpu sees any; unchanged on CPU builds."""
     if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
         return faiss.index_cpu_to_all_gpus(index)
+    return index
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    """FAISS writes CPU indexes only; a GPU copy is brought back first."""
+    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
+        try:
+            return faiss.index_gpu_to_cpu(index)
+        except (RuntimeError, TypeError):   # already a CPU index
+            return index
     return index

@@ -1,0 +1,237 @@
+"""Few-shot enrollment and similar-listing benchmark on ../shared/data/stanford-cars-dev.
+
+Holds out 20 classes (10 whose near sibling stays in training, 10 without one), trains hier on the
+other 68 (``--preset cpu``), then enrolls every held-out class from k = 1, 5, 10 shots with and without
+TEEN calibration, and reports: held-out accuracy (near-sibling / other), base-class accuracy before and
+after, a logistic-regression head retrained on all 88 classes with the same embeddings (upper bound),
+enroll vs retrain time, gallery Recall@1/@5, and flat vs IVF search on a synthetic 1M x 256 gallery.
+
+    python scripts/bench_enroll.py --out runs/bench_enroll
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pandas as pd
+import torch
+from rich.console import Console
+from rich.table import Table
+from sklearn.linear_model import LogisticRegression
+
+from hier import artifact
+from hier.enroll import Calibration, enroll, imprint
+from hier.index import Gallery, factory_string
+from hier.infer import run
+from hier.model import ModelConfig
+from hier.taxonomy import Taxonomy
+from hier.data import scan_folder, split_indices
+from hier.train import PRESETS, TrainConfig, train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+NEAR_SIBLING = {   # held out -> the sibling that stays in training
+    "Dodge Charger Sedan 2012": "Dodge Charger SRT-8 2009",
+    "Chevrolet Silverado 1500 Extended Cab 2012": "Chevrolet Silverado 1500 Classic Extended Cab 2007",
+    "Aston Martin Virage Coupe 2012": "Aston Martin Virage Convertible 2012",
+    "Audi S5 Coupe 2012": "Audi S5 Convertible 2012",
+    "BMW 1 Series Coupe 2012": "BMW 1 Series Convertible 2012",
+    "Bugatti Veyron 16.4 Coupe 2009": "Bugatti Veyron 16.4 Convertible 2009",
+    "Chevrolet Express Van 2007": "Chevrolet Express Cargo Van 2007",
+    "Dodge Dakota Crew Cab 2010": "Dodge Dakota Club Cab 2007",
+    "Dodge Ram Pickup 3500 Quad Cab 2009": "Dodge Ram Pickup 3500 Crew Cab 2010",
+    "Audi TTS Coupe 2012": "Audi TT RS Coupe 2012",
+}
+NO_SIBLING = ["AM General Hummer SUV 2000", "Acura ZDX Hatchback 2012", "Bentley Mulsanne Sedan 2011",
+              "Buick Enclave SUV 2012", "Chevrolet Sonic Sedan 2012", "Chrysler PT Cruiser Convertible 2008",
+              "Daewoo Nubira Wagon 2002", "Dodge Caravan Minivan 1997", "Eagle Talon Hatchback 1998",
+              "BMW X6 SUV 2012"]
+POOL = 10   # shots are drawn from the first POOL photos of a held-out class; the rest are its test set
+
+
+def held_out_split(data: Path, seed: int) -> tuple[dict, dict]:
+    rng = np.random.default_rng(seed)
+    pool, test = {}, {}
+    for c in [*NEAR_SIBLING, *NO_SIBLING]:
+        files = sorted((data / c).glob("*.jpg"))
+        files = [files[i] for i in rng.permutation(len(files))]
+        pool[c], test[c] = files[:POOL], files[POOL:]
+    return pool, test
+
+
+def enroll_all(net, base_tax: Taxonomy, full_tax: Taxonomy, shots: dict[str, np.ndarray], cal: Calibration):
+    """All held-out classes at once, in memory, through hier.enroll.imprint."""
+    net = copy.deepcopy(net)
+    rows = [{**full_tax.row(c)} for c in shots]
+    tax = imprint(net, base_tax, rows, {c: torch.from_numpy(z.sum(0)) for c, z in shots.items()}, cal)
+    return net, tax
+
+
+@torch.no_grad()
+def predict(net, tax: Taxonomy, z: np.ndarray) -> np.ndarray:
+    return net.heads(torch.from_numpy(z))["joint"].argmax(1).numpy()
+
+
+def search_timing(n: int, dim: int, queries: int, seed: int) -> dict:
+    """Flat vs IVF on a clustered synthetic gallery: ms per query and IVF Recall@10 against flat."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n // 100, dim)).astype(np.float32)
+    xb = centres[rng.integers(0, len(centres), n)] + 0.5 * rng.normal(size=(n, dim)).astype(np.float32)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    xq = xb[rng.integers(0, n, queries)] + 0.05 * rng.normal(size=(queries, dim)).astype(np.float32)
+    xq /= np.linalg.norm(xq, axis=1, keepdims=True)
+    out = {"vectors": n, "dim": dim, "threads": faiss.omp_get_max_threads()}
+    listings = pd.DataFrame({"listing_id": np.arange(n).astype(str)})
+    t = time.time()
+    flat = Gallery.build(xb, listings, "flat")
+    out["flat_build_s"] = time.time() - t
+    t = time.time()
+    _, truth = flat.search(xq, 10)
+    out["flat_ms_per_query"] = 1000 * (time.time() - t) / queries
+    del flat
+    t = time.time()
+    ivf = Gallery.build(xb, listings, "ivf")
+    out["ivf"] = factory_string("ivf", n)
+    out["ivf_build_s"] = time.time() - t
+    for nprobe in (8, 32):
+        ivf.nprobe = nprobe
+        t = time.time()
+        _, got = ivf.search(xq, 10)
+        out[f"ivf_nprobe{nprobe}_ms_per_query"] = 1000 * (time.time() - t) / queries
+        out[f"ivf_nprobe{nprobe}_recall@10"] = float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)]))
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=SHARED / "stanford-cars-dev" / "train")
+    ap.add_argument("--taxonomy", type=Path, default=SHARED / "stanford_cars_taxonomy.csv")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench_enroll"))
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--model", default=None, help="override the preset's trunk (smoke tests)")
+    ap.add_argument("--img-size", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--strengths", default="0,0.5,1,2", help="TEEN calibration strengths to compare")
+    ap.add_argument("--gallery-size", type=int, default=1_000_000)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if not args.data.is_dir():
+        raise SystemExit(f"benchmark data not found: {args.data} (needs ../shared)")
+    console = Console(width=150)
+    full_tax = Taxonomy.from_csv(args.taxonomy)
+    held = [*NEAR_SIBLING, *NO_SIBLING]
+    pool, test = held_out_split(args.data, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    # 1. base model on the 68 other classes (links to the shared photos, nothing copied)
+    base_dir = args.out / "base_data"
+    if not base_dir.exists():
+        base_dir.mkdir()
+        for d in args.data.iterdir():
+            if d.is_dir() and d.name not in held:
+                (base_dir / d.name).symlink_to(d.resolve())
+    model_kw = dict(PRESETS[args.preset]["model"])
+    train_kw = {**PRESETS[args.preset]["train"], "seed": args.seed}
+    if args.model:
+        model_kw.update(trunk=args.model, freeze_stages=0, img_size=args.img_size or 64)
+        train_kw.update(pretrained="none", cache_views=0)
+    if args.epochs:
+        train_kw["epochs"] = args.epochs
+    base_art = args.out / "base"
+    t = time.time()
+    if not (base_art / "metrics.json").is_file():
+        shutil.rmtree(base_art, ignore_errors=True)
+        train(base_dir, base_art, full_tax, ModelConfig(**model_kw), TrainConfig(**train_kw))
+    base_train_s = time.time() - t
+    net, base_tax = artifact.load(base_art)
+
+    # 2. embed everything once: base train/val split as in training, held-out pool and test
+    images = scan_folder(base_dir)
+    tr, va = split_indices(images.labels, 0.2, args.seed)
+    t = time.time()
+    z_base = run(net, images.paths)["embedding"]
+    embed_s_per_image = (time.time() - t) / len(images.paths)
+    y_base = np.array([base_tax.class_index[c] for c in images.labels])
+    z_pool = {c: run(net, pool[c])["embedding"] for c in held}
+    z_test = {c: run(net, test[c])["embedding"] for c in held}
+
+    results = {"base_train_s": base_train_s, "embed_ms_per_image": 1000 * embed_s_per_image}
+    base_before = float((predict(net, base_tax, z_base[va]) == y_base[va]).mean())
+    results["base_acc_before"] = base_before
+    rows = []
+    for k in (1, 5, 10):
+        for strength in map(float, args.strengths.split(",")):
+            enrolled, tax = enroll_all(net, base_tax, full_tax, {c: z_pool[c][:k] for c in held},
+                                       Calibration(strength))
+            acc = {c: float((predict(enrolled, tax, z_test[c]) == tax.class_index[c]).mean()) for c in held}
+            base_after = float((predict(enrolled, tax, z_base[va]) == y_base[va]).mean())
+            rows.append({"k": k, "teen": strength,
+                         "near_sibling": np.mean([acc[c] for c in NEAR_SIBLING]),
+                         "no_sibling": np.mean([acc[c] for c in NO_SIBLING]),
+                         "all_held_out": np.mean(list(acc.values())),
+                         "base_before": base_before, "base_after": base_after,
+                         "base_drop_points": 100 * (base_before - base_after)})
+    results["enroll"] = rows
+
+    # 3. upper bound: a head retrained on all 88 classes with the same embeddings (10 shots per new class)
+    names = base_tax.classes + held
+    x_fit = np.concatenate([z_base[tr]] + [z_pool[c] for c in held])
+    y_fit = np.concatenate([y_base[tr]] + [np.full(POOL, names.index(c)) for c in held])
+    t = time.time()
+    clf = LogisticRegression(max_iter=2000, C=10.0).fit(x_fit, y_fit)
+    retrain_s = time.time() - t
+    near_ub = np.mean([(clf.predict(z_test[c]) == names.index(c)).mean() for c in NEAR_SIBLING])
+    other_ub = np.mean([(clf.predict(z_test[c]) == names.index(c)).mean() for c in NO_SIBLING])
+    results["retrain_upper_bound"] = {"near_sibling": near_ub, "no_sibling": other_ub,
+                                      "base": float((clf.predict(z_base[va]) == y_base[va]).mean()),
+                                      "retrain_s": retrain_s}
+
+    # 4. real `enroll` on a copy of the artifact: time per class beyond embedding its shots
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_art = Path(tmp) / "art"
+        shutil.copytree(base_art, copy_art)
+        times = []
+        for c in held[:5]:
+            t = time.time()
+            run(net, pool[c][:5])
+            embed_t = time.time() - t
+            t = time.time()
+            enroll(copy_art, c, pool[c][:5])
+            times.append((time.time() - t, embed_t))
+        results["enroll_cli_s_per_class"] = float(np.mean([a for a, _ in times]))
+        results["enroll_s_beyond_embedding"] = float(np.mean([a - b for a, b in times]))
+
+    # 5. retrieval: gallery = base train photos + the 10 pool photos of each held-out class
+    gal_z = np.concatenate([z_base[tr]] + [z_pool[c] for c in held])
+    gal_cls = [images.labels[i] for i in tr] + [c for c in held for _ in range(POOL)]
+    gallery = Gallery.build(gal_z, pd.DataFrame({"listing_id": map(str, range(len(gal_z))), "class": gal_cls}))
+    hits1, hits5 = [], []
+    for c in held:
+        _, ids = gallery.search(z_test[c], 5)
+        got = [[gal_cls[i] for i in row] for row in ids]
+        hits1 += [g[0] == c for g in got]
+        hits5 += [c in g for g in got]
+    results["retrieval_held_out"] = {"recall@1": float(np.mean(hits1)), "recall@5": float(np.mean(hits5))}
+
+    # 6. search latency on a synthetic 1M x 256 gallery
+    results["search_1m"] = search_timing(args.gallery_size, 256, 200, args.seed) if args.gallery_size else {}
+
+    table = Table(title="Enrollment on held-out Stanford dev classes (5-shot goal: near >= 0.60, other >= 0.70, "
+                        "base drop <= 1 point)")
+    for col in rows[0]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.values()])
+    console.print(table)
+    console.print_json(json.dumps({k: v for k, v in results.items() if k != "enroll"}, default=float))
+    (args.out / "bench_enroll.json").write_text(json.dumps(results, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Few-shot enrollment and similar-listing search on a copy of the tiny trained artifact."""
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from hier import artifact
+from hier.infer import run
+
+from conftest import run_cli
+
+NEW = "Zephyr_Gale_2025_2025"
+
+
+@pytest.fixture
+def art(tiny_artifact, tmp_path):
+    dst = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact[0], dst)
+    return dst
+
+
+def _shots(demo_data, cls, n=5):
+    return sorted((demo_data.train_dir / cls).glob("*.jpg"))[:n]
+
+
+def _snapshot(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+
+
+def _enroll(art, demo_data, capsys, *extra, cls="Cinder_Rook_2019_2023", n=5, name=NEW):
+    shot_dir = art.parent / f"shots_{name}_{n}"
+    shot_dir.mkdir(exist_ok=True)
+    for p in _shots(demo_data, cls, n):
+        shutil.copy(p, shot_dir / p.name)
+    return run_cli("enroll", art, "--class", name, "--images", shot_dir, *extra, capsys=capsys)
+
+
+def test_enroll_appends_and_never_changes_old_answers(art, demo_data, capsys):
+    before, tax0 = artifact.load(art)
+    paths = sorted(demo_data.train_dir.glob("*/*.jpg"))
+    old = run(before, paths)["joint"].argmax(1)
+    code, _, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--model", "Gale")
+    assert code == 0, err
+    after, tax = artifact.load(art)
+    assert (len(tax), len(tax.models), len(tax.brands)) == (13, 7, 4)
+    assert tax.row(NEW)["brand"] == "Zephyr" and tax.years(NEW) == "2025"
+    torch.testing.assert_close(after.fine.weight[:12], before.fine.weight)         # base rows untouched
+    new = run(after, paths)["joint"].argmax(1)
+    assert np.all((new == old) | (new == tax.class_index[NEW]))                  # only the new class takes images
+    # the new class scores higher on photos of the look it was enrolled from than on the other photos
+    score = run(after, paths)["joint"][:, tax.class_index[NEW]]
+    src = np.array([p.parent.name == "Cinder_Rook_2019_2023" for p in paths])
+    assert score[src].mean() > score[~src].mean() + 0.5
+    # predict includes the enrolled class with no other change
+    code, out, _ = run_cli("predict", art, *_shots(demo_data, "Cinder_Rook_2019_2023", 2), "--topk", "13",
+                           "--format", "json", capsys=capsys)
+    assert code == 0 and NEW in {r["class"] for r in json.loads(out)}
+
+
+def test_re_enroll_adds_shots_and_unenroll_restores(art, demo_data, capsys):
+    original = artifact.load(art)[0].fine.weight.detach().clone()
+    assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=3)[0] == 0
+    assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=5)[0] == 0
+    assert artifact.read_config(art)["enrolled"] == [{"class": NEW, "shots": 8}]
+    assert np.load(art / "prototypes.npy").shape == (1, 32)
+    code, _, err = run_cli("unenroll", art, "--class", NEW, capsys=capsys)
+    assert code == 0, err
+    net, tax = artifact.load(art)
+    assert len(tax) == 12 and len(tax.brands) == 3 and not (art / "prototypes.npy").exists()
+    torch.testing.assert_close(net.fine.weight, original)
+
+
+@pytest.mark.parametrize("case", ["base_class", "min_shots", "no_brand", "bad_image", "unenroll_base"])
+def test_failed_enroll_leaves_artifact_byte_identical(case, art, demo_data, capsys):
+    before = _snapshot(art)
+    if case == "base_class":
+        code, _, err = _enroll(art, demo_data, capsys, name="Aurora_Nova_2015_2018")
+    elif case == "min_shots":
+        code, _, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--min-shots", "10")
+    elif case == "no_brand":
+        code, _, err = _enroll(art, demo_data, capsys)
+    elif case == "bad_image":
+        bad = art.parent / "bad"
+        bad.mkdir()
+        (bad / "x.jpg").write_bytes(b"not a jpeg")
+        code, _, err = run_cli("enroll", art, "--class", NEW, "--brand", "Z", "--images", bad, capsys=capsys)
+    else:
+        code, _, err = run_cli("unenroll", art, "--class", "Aurora_Nova_2015_2018", capsys=capsys)
+    assert code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert _snapshot(art) == before
+
+
+def test_add_shots_to_a_base_class(art, demo_data, capsys):
+    code, _, err = _enroll(art, demo_data, capsys, "--add-shots", name="Aurora_Nova_2015_2018")
+    assert code == 0, err
+    assert len(artifact.load(art)[1]) == 12
+
+
+def test_index_build_similar_add_remove(art, demo_data, tmp_path, capsys):
+    listings = tmp_path / "listings.csv"
+    photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[::3]
+    pd.DataFrame({"listing_id": [f"L{i:03d}" for i in range(len(photos))], "image": photos,
+                  "price": np.arange(len(photos)) * 100}).to_csv(listings, index=False)
+    code, out, err = run_cli("similar", art, photos[0], capsys=capsys)
+    assert code == 2 and "no index" in err
+    assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
+    code, out, _ = run_cli("similar", art, photos[0], "--k", "5", "--format", "json", capsys=capsys)
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 5 and rows[0]["listing_id"] == "L000" and rows[0]["price"] == 0
+    assert rows[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert all(a["similarity"] >= b["similarity"] for a, b in zip(rows, rows[1:]))
+    code, out, _ = run_cli("similar", art, photos[0], "--k", "4", "--same-brand", "--format", "json", capsys=capsys)
+    assert code == 0 and len({r["brand"] for r in json.loads(out)}) == 1
+    ids = pd.read_csv(art / "gallery" / "listings.csv", dtype={"listing_id": str}).set_index("listing_id")["id"]
+    extra = tmp_path / "more"
+    extra.mkdir()
+    shutil.copy(photos[1], extra / "NEW1.jpg")
+    assert run_cli("index", "add", art, extra, capsys=capsys)[0] == 0
+    code, _, err = run_cli("index", "add", art, extra, capsys=capsys)
+    assert code == 2 and "already in the index" in err
+    assert run_cli("index", "remove", art, "L000", "L001", capsys=capsys)[0] == 0
+    after = pd.read_csv(art / "gallery" / "listings.csv", dtype={"listing_id": str}).set_index("listing_id")["id"]
+    assert len(after) == len(ids) + 1 - 2 and "L000" not in after.index
+    assert (after.loc[ids.index[2:]] == ids.iloc[2:]).all()                        # ids stable
+    code, out, _ = run_cli("similar", art, photos[1], "--k", "1", "--format", "json", capsys=capsys)
+    assert json.loads(out)[0]["listing_id"] == "NEW1"                               # same photo, new id
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_other_index_kinds(kind, art, demo_data, capsys):
+    assert run_cli("index", "build", art, demo_data.train_dir / "Aurora_Nova_2015_2018", "--index", kind,
+                   capsys=capsys)[0] == 0
+    photo = sorted((demo_data.train_dir / "Aurora_Nova_2015_2018").glob("*.jpg"))[3]
+    code, out, _ = run_cli("similar", art, photo, "--k", "3", "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out)[0]["listing_id"] == photo.stem

@@ -19,7 +19,7 @@ from hier.errors import HierError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-grained car recognition: brand, model and year that never contradict.")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)   # pipes and CI logs get whole rows
 err = Console(stderr=True)
 
 
@@ -52,6 +52,8 @@ def train(
     freeze_stages: Annotated[Optional[int], typer.Option(help="Trunk stages kept frozen [0]")] = None,
     cache_views: Annotated[Optional[int], typer.Option(
         help="Precompute N augmented views of the frozen stages (needs --freeze-stages) [0]")] = None,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta",
+                                                help="Calibrate and serve with flipped views too [off]")] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA")] = None,
     accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1]")] = None,
@@ -70,14 +72,17 @@ def train(
         raise HierError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     chosen = PRESETS.get(preset, {"model": {}, "train": {}})
     given = locals()
-    model_kw = {**chosen["model"], **{k: given[k] for k in ("img_size", "freeze_stages") if given[k] is not None}}
+    model_kw = {**chosen["model"], **{k: given[k] for k in ("img_size", "freeze_stages", "tta") if given[k] is not None}}
     if model is not None:
         model_kw["trunk"] = model
     train_keys = ("epochs", "batch_size", "lr", "head_lr", "cache_views", "ema", "amp", "accum", "val_frac",
                   "fold", "folds", "seed", "workers", "pretrained")
     train_kw = {**chosen["train"], **{k: given[k] for k in train_keys if given[k] is not None}}
-    metrics = fit(data, out, _load_taxonomy(taxonomy), ModelConfig(**model_kw), TrainConfig(**train_kw),
-                  resume=resume, console=err)
+    if resume:      # the run's saved flags win; only --epochs may extend it
+        metrics = fit(data, out, None, None, TrainConfig(epochs=epochs) if epochs else None, True, err)
+    else:
+        metrics = fit(data, out, _load_taxonomy(taxonomy), ModelConfig(**model_kw), TrainConfig(**train_kw),
+                      console=err)
     if metrics:
         _print_metrics(metrics, f"validation ({out})")
     console.print(f"artifact: {out}")
@@ -97,7 +102,7 @@ def _print_metrics(metrics: dict, title: str) -> None:
 def evaluate(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory from `hier train`")],
     data: Annotated[Path, typer.Argument(help="Folder-per-class labelled images")],
-    tta: Annotated[bool, typer.Option(help="Add horizontally flipped views")] = False,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Add flipped views [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
 ):
@@ -118,7 +123,7 @@ def evaluate(
                         f"({len(unknown)} unknown)")
     y = np.array([taxonomy.class_index[c] for c in images.labels])
     with progress_bar(err) as progress:
-        out = run(model, images.paths, batch_size, tta=tta, progress=progress)
+        out = run(model, images.paths, batch_size, tta=model.cfg.tta if tta is None else tta, progress=progress)
     metrics = evaluate_probs(softmax(out["joint"], model.cfg.temperature), y, taxonomy,
                              logits=out["joint"], heads=out)
     metrics["temperature"] = model.cfg.temperature
@@ -139,7 +144,8 @@ def predict(
     out: Annotated[Optional[Path], typer.Option(help="Where to write the submission / top-k CSV")] = None,
     topk: Annotated[int, typer.Option(help="Answers per image")] = 5,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
-    tta: Annotated[bool, typer.Option(help="Add horizontally flipped views (geometric mean)")] = False,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta",
+                                                help="Add flipped views, geometric mean [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
@@ -157,8 +163,8 @@ def predict(
     model, taxonomy = art.load(artifact, device())
     inputs = read_test_csv(test_csv) if test_csv is not None else image_files(images)
     with progress_bar(err) as progress:
-        probs = probabilities(run(model, inputs.paths, batch_size, tta=tta, progress=progress)["joint"],
-                              model.cfg.temperature)
+        scores = run(model, inputs.paths, batch_size, tta=model.cfg.tta if tta is None else tta, progress=progress)
+        probs = probabilities(scores["joint"], model.cfg.temperature)
     if test_csv is not None:
         table = write_submission(probs, inputs.ids, taxonomy, sample_submission, out)
         console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
@@ -193,13 +199,13 @@ def demo(
         ModelConfig(img_size=img_size, freeze_stages=3), TrainConfig(epochs=epochs, cache_views=2, ema=False),
         console=err)
     console.print("[bold]2/4[/] evaluate on freshly drawn images")
-    evaluate(out / "artifact", held_out.train_dir, tta=False, batch_size=64, as_json=False)
+    evaluate(out / "artifact", held_out.train_dir, tta=None, batch_size=64, as_json=False)
     console.print("[bold]3/4[/] submission")
     predict(out / "artifact", None, data.test_csv, data.sample_submission, out / "submission.csv",
-            5, Format.table, False, 64)
+            5, Format.table, None, 64)
     console.print("[bold]4/4[/] top-3 answers for two images")
     predict(out / "artifact", sorted((out / "data" / "test").glob("*.jpg"))[:2], None, None, None,
-            3, Format.table, False, 64)
+            3, Format.table, None, 64)
 
 
 @app.command()
@@ -348,7 +354,8 @@ def _print_frame(frame, fmt: Format) -> None:
         for col in frame.columns:
             table.add_column(str(col))
         for row in frame.itertuples(index=False):
-            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row])
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else Path(v).name if col == "image" else str(v)
+                            for col, v in zip(frame.columns, row)])
         console.print(table)
 
 

@@ -62,7 +62,11 @@ def _enrolled(path: Path) -> tuple[list[dict], np.ndarray | None]:
 
 
 def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sums: np.ndarray | None) -> None:
-    files = {PROTOTYPES: lambda p: np.save(p.open("wb"), sums.astype(np.float32))} if entries else {}
+    def write(p: Path) -> None:
+        with p.open("wb") as f:      # a file object: np.save would append .npy to a temp file's name
+            np.save(f, sums.astype(np.float32))
+
+    files = {PROTOTYPES: write} if entries else {}
     artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files=files)
     if not entries:
         (path / PROTOTYPES).unlink(missing_ok=True)

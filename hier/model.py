@@ -31,6 +31,7 @@ class ModelConfig:
     drop: float = 0.2
     freeze_stages: int = 0       # trunk stages kept frozen (and cacheable) from the input side
     temperature: float = 1.0     # fitted on validation NLL after training
+    tta: bool = False            # serve with flipped views too (evaluate/predict default; T fitted so)
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
     extra: dict = field(default_factory=dict)

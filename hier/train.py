@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from sklearn.metrics import log_loss
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
@@ -55,8 +56,8 @@ class TrainConfig:
 
 # Named presets: flags that reached a measured result (see README "Benchmarks").
 PRESETS: dict[str, dict] = {
-    "cpu": {"model": {"freeze_stages": 5, "img_size": 224},
-            "train": {"cache_views": 6, "epochs": 20, "lr": 1e-3, "head_lr": 3e-3, "ema": False}},
+    "cpu": {"model": {"freeze_stages": 5, "img_size": 224, "tta": True},
+            "train": {"cache_views": 6, "epochs": 20, "lr": 1e-3, "head_lr": 3e-3, "ema": False, "aux": 0.1}},
 }
 
 
@@ -165,8 +166,8 @@ class Trainer:
                        "seconds": round(time.time() - t0, 1)}
                 if len(val_paths):
                     logits = self.validate(val_paths, val_feats, tf_eval)
-                    row.update(val_log_loss=float(-np.log(softmax(logits["joint"])[np.arange(len(val_y)), val_y]
-                                                          .clip(1e-15)).mean()),
+                    row.update(val_log_loss=float(log_loss(val_y, softmax(logits["joint"]),
+                                                           labels=np.arange(len(self.taxonomy)))),
                                val_top1=float((logits["joint"].argmax(1) == val_y).mean()))
                 progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
                 self.epoch = epoch + 1
@@ -175,7 +176,7 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, paths, feats, transform, net: HierNet | None = None) -> dict[str, np.ndarray]:
-        net = (net or (self.ema.module if self.ema else self.model)).eval()
+        net = (net or self._eval_net()).eval()
         if feats is not None:
             batches = (feats[s:s + 128].to(self.dev).float() for s in range(0, len(feats), 128))
         else:
@@ -220,7 +221,11 @@ class Trainer:
         best, _ = artifact.load(self.out, self.dev)
         if not len(val_paths):
             return {}
-        logits = self.validate(val_paths, val_feats, tf_eval, net=best)
+        if best.cfg.tta:     # calibrate what will be served: flipped views need whole images, not the cache
+            from hier.infer import run
+            logits = run(best, val_paths, tta=True, workers=self.cfg.workers)
+        else:
+            logits = self.validate(val_paths, val_feats, tf_eval, net=best)
         best.cfg.temperature = fit_temperature(logits["joint"], val_y)
         metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
                                  logits=logits["joint"], heads=logits)
@@ -234,12 +239,16 @@ class Trainer:
 def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
           model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, resume: bool = False,
           console: Console | None = None) -> dict:
-    """Train on a folder-per-class dataset and write the artifact directory ``out``."""
+    """Train on a folder-per-class dataset and write the artifact directory ``out``. With ``resume`` the
+    run's saved settings are used; a given ``cfg`` only extends its ``epochs``."""
+    extend_to = cfg.epochs if cfg is not None else None
     model_cfg, cfg, out = model_cfg or ModelConfig(), cfg or TrainConfig(), Path(out)
     if resume and not (out / CHECKPOINT).is_file():
         raise HierError(f"--resume: no {CHECKPOINT} in {out}")
     if not resume and out.exists() and any(out.iterdir()):
         raise HierError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
+    if resume and taxonomy is None and (out / artifact.TAXONOMY).is_file():
+        taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
     images, taxonomy = prepare(data_dir, taxonomy)
     y = np.array([taxonomy.class_index[c] for c in images.labels])
     tr, va = split_indices(images.labels, cfg.val_frac, cfg.seed, cfg.fold, cfg.folds)
@@ -247,7 +256,7 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
     if resume:
         saved = json.loads((out / "train.json").read_text())
         model_cfg = ModelConfig.from_dict(saved["model"])
-        cfg = TrainConfig(**{**saved["train"], "epochs": cfg.epochs})
+        cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
     model = HierNet(model_cfg, taxonomy, pretrained="none" if resume else cfg.pretrained)
     if not resume:
         from timm.data import resolve_model_data_config

@@ -154,13 +154,22 @@ def main() -> None:
     # 2. embed everything once: base train/val split as in training, held-out pool and test
     images = scan_folder(base_dir)
     tr, va = split_indices(images.labels, 0.2, args.seed)
-    t = time.time()
-    z_base = run(net, images.paths)["embedding"]
-    embed_s_per_image = (time.time() - t) / len(images.paths)
+    cache = args.out / "embeddings.npz"      # re-runs (other calibrations) skip the forward passes
+    if cache.is_file():
+        saved = np.load(cache)
+        z_base, embed_s_per_image = saved["base"], float(saved["embed_s_per_image"])
+        z_pool = {c: saved[f"pool{i}"] for i, c in enumerate(held)}
+        z_test = {c: saved[f"test{i}"] for i, c in enumerate(held)}
+    else:
+        t = time.time()
+        z_base = run(net, images.paths)["embedding"]
+        embed_s_per_image = (time.time() - t) / len(images.paths)
+        z_pool = {c: run(net, pool[c])["embedding"] for c in held}
+        z_test = {c: run(net, test[c])["embedding"] for c in held}
+        np.savez(cache, base=z_base, embed_s_per_image=embed_s_per_image,
+                 **{f"pool{i}": z_pool[c] for i, c in enumerate(held)},
+                 **{f"test{i}": z_test[c] for i, c in enumerate(held)})
     y_base = np.array([base_tax.class_index[c] for c in images.labels])
-    z_pool = {c: run(net, pool[c])["embedding"] for c in held}
-    z_test = {c: run(net, test[c])["embedding"] for c in held}
-
     results = {"base_train_s": base_train_s, "embed_ms_per_image": 1000 * embed_s_per_image}
     base_before = float((predict(net, base_tax, z_base[va]) == y_base[va]).mean())
     results["base_acc_before"] = base_before

@@ -63,21 +63,26 @@ def test_topk_json_is_hierarchical(tiny_artifact, demo_data, capsys):
         assert r["p"] <= r["p_model"] + 1e-9 <= r["p_brand"] + 2e-9      # a class is inside its model and brand
 
 
-def test_resume_continues_the_run(demo_data, tmp_path):
+def test_resume_continues_the_run(demo_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = dict(batch_size=32, pretrained="none", ema=False, val_frac=0.25)
     train(demo_data.train_dir, out, None, ModelConfig(**vars(TINY)), TrainConfig(epochs=1, **cfg))
     train(demo_data.train_dir, out, None, ModelConfig(**vars(TINY)), TrainConfig(epochs=2, **cfg), resume=True)
     assert pd.read_csv(out / "log.csv")["epoch"].tolist() == [1, 2]
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", out, "--resume", "--epochs", "3", capsys=capsys)
+    assert code == 0, err
+    assert pd.read_csv(out / "log.csv")["epoch"].tolist() == [1, 2, 3]
+    assert json.loads((out / "train.json").read_text())["train"]["batch_size"] == 32    # saved flags kept
     model, tax = artifact.load(out)
     assert len(tax) == 12 and model.cfg.temperature != 1.0
 
 
-def test_cached_frozen_stages_train(demo_data, tmp_path):
+def test_cached_frozen_stages_train_with_tta(demo_data, tmp_path):
     m = train(demo_data.train_dir, tmp_path / "run", Taxonomy.from_csv(demo_data.taxonomy),
-              ModelConfig(**{**vars(TINY), "freeze_stages": 2}),
+              ModelConfig(**{**vars(TINY), "freeze_stages": 2, "tta": True}),
               TrainConfig(epochs=2, batch_size=16, cache_views=2, pretrained="none"))
     assert m["images"] == 29 and m["inconsistency"] == 0.0   # the stratified 20 % of 144
+    assert artifact.load(tmp_path / "run")[0].cfg.tta
 
 
 # --- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------

@@ -45,6 +45,13 @@ def atomic_write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def save_npy(path: Path, array) -> None:
+    """np.save through a file object: given a name, np.save would append .npy to a temp file's name."""
+    import numpy as np
+    with path.open("wb") as f:
+        np.save(f, np.asarray(array, dtype=np.float32))
+
+
 def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | None = None,
          extra: dict | None = None, files: dict[str, Callable[[Path], None]] | None = None) -> None:
     """Write weights, taxonomy and config; keys of an existing config.json (metrics, enrolled classes)

@@ -225,6 +225,9 @@ def enroll(
 
     r = add(artifact, name, images, brand, model, years, add_shots, min_shots, Calibration(calibrate))
     console.print(f"enrolled {r['class']!r} from {r['shots']} shot(s); {r['classes']} classes now")
+    if not r["mapped"]:
+        err.print("[yellow]warning:[/] this artifact has no prototypes.npy (trained by an older hier), so the "
+                  "shots were imprinted raw; retrain to enroll without hurting the base classes")
 
 
 @app.command()

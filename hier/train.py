@@ -25,6 +25,7 @@ from hier import artifact
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, scan_folder, split_indices, train_transform
 from hier.errors import HierError
 from hier.metrics import evaluate_probs, fit_temperature, softmax
+from hier.enroll import PROTOTYPES, class_means
 from hier.model import HierNet, ModelConfig, hier_loss
 from hier.taxonomy import Taxonomy
 
@@ -134,6 +135,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         with progress_bar(self.console) as progress:
             feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train") if cached else None
+            self.train_paths, self.train_y, self.train_feats = train_paths, train_y, feats
             val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
                          if model.cfg.freeze_stages and len(val_paths) else None)
             train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train), cfg.batch_size,
@@ -216,6 +218,20 @@ class Trainer:
         self.epoch, self.updates, self.best, self.history = (state["epoch"], state["updates"], state["best"],
                                                              state["history"])
 
+    def _prototypes(self, net: HierNet):
+        """Writer of the base classes' mean embeddings over the training photos, which enrollment maps
+        into weight space. With a cache it reuses the first cached (augmented) view: one cheap pass."""
+        paths, y = self.train_paths, self.train_y
+        if self.train_feats is not None:
+            with torch.no_grad():
+                z = torch.cat([net.eval().embed_features(self.train_feats[0][s:s + 128].to(self.dev).float()).cpu()
+                               for s in range(0, len(paths), 128)]).numpy()
+        else:
+            from hier.infer import run
+            z = run(net, paths, workers=self.cfg.workers)["embedding"]
+        means = class_means(z, np.asarray(y), len(self.taxonomy))
+        return lambda p: artifact.save_npy(p, means)
+
     def finish(self, val_paths, val_y, val_feats, tf_eval) -> dict:
         """Reload the best weights, fit the temperature on validation and store it with the metrics."""
         best, _ = artifact.load(self.out, self.dev)
@@ -231,7 +247,7 @@ class Trainer:
                                  logits=logits["joint"], heads=logits)
         metrics["temperature"] = best.cfg.temperature
         metrics["best_epoch"] = artifact.read_config(self.out)["metrics"].get("best_epoch")
-        artifact.save(self.out, best, self.taxonomy, metrics)
+        artifact.save(self.out, best, self.taxonomy, metrics, files={PROTOTYPES: self._prototypes(best)})
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 

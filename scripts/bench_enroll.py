@@ -27,7 +27,7 @@ from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 
 from hier import artifact
-from hier.enroll import Calibration, enroll, imprint
+from hier.enroll import PROTOTYPES, Calibration, PrototypeMap, class_means, enroll, imprint
 from hier.index import Gallery, factory_string
 from hier.infer import run
 from hier.model import ModelConfig
@@ -65,11 +65,12 @@ def held_out_split(data: Path, seed: int) -> tuple[dict, dict]:
     return pool, test
 
 
-def enroll_all(net, base_tax: Taxonomy, full_tax: Taxonomy, shots: dict[str, np.ndarray], cal: Calibration):
+def enroll_all(net, base_tax: Taxonomy, full_tax: Taxonomy, shots: dict[str, np.ndarray], cal: Calibration,
+               mapping: PrototypeMap | None):
     """All held-out classes at once, in memory, through hier.enroll.imprint."""
     net = copy.deepcopy(net)
     rows = [{**full_tax.row(c)} for c in shots]
-    tax = imprint(net, base_tax, rows, {c: torch.from_numpy(z.sum(0)) for c, z in shots.items()}, cal)
+    tax = imprint(net, base_tax, rows, {c: torch.from_numpy(z.sum(0)) for c, z in shots.items()}, cal, mapping)
     return net, tax
 
 
@@ -117,8 +118,8 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="override the preset's trunk (smoke tests)")
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
-    ap.add_argument("--strengths", default="0,0.5,1,2", help="TEEN calibration strengths to compare")
-    ap.add_argument("--gallery-size", type=int, default=1_000_000)
+    ap.add_argument("--strengths", default="0,0.5,1", help="TEEN calibration strengths to compare")
+    ap.add_argument("--gallery-size", type=int, default=1_000_000, help="0 skips the synthetic search timing")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if not args.data.is_dir():
@@ -173,14 +174,18 @@ def main() -> None:
     results = {"base_train_s": base_train_s, "embed_ms_per_image": 1000 * embed_s_per_image}
     base_before = float((predict(net, base_tax, z_base[va]) == y_base[va]).mean())
     results["base_acc_before"] = base_before
+    # what `hier train` saves as prototypes.npy: mean embedding of each base class's training photos
+    prototypes = class_means(z_base[tr], y_base[tr], len(base_tax))
+    mapping = PrototypeMap(net, base_tax, prototypes)
+    variants = [("raw", 0.0, None)] + [("map", float(x), mapping) for x in args.strengths.split(",")]
     rows = []
     for k in (1, 5, 10):
-        for strength in map(float, args.strengths.split(",")):
+        for frame, strength, m in variants:
             enrolled, tax = enroll_all(net, base_tax, full_tax, {c: z_pool[c][:k] for c in held},
-                                       Calibration(strength))
+                                       Calibration(strength), m)
             acc = {c: float((predict(enrolled, tax, z_test[c]) == tax.class_index[c]).mean()) for c in held}
             base_after = float((predict(enrolled, tax, z_base[va]) == y_base[va]).mean())
-            rows.append({"k": k, "teen": strength,
+            rows.append({"k": k, "prototype": frame, "teen": strength,
                          "near_sibling": np.mean([acc[c] for c in NEAR_SIBLING]),
                          "no_sibling": np.mean([acc[c] for c in NO_SIBLING]),
                          "all_held_out": np.mean(list(acc.values())),
@@ -205,6 +210,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         copy_art = Path(tmp) / "art"
         shutil.copytree(base_art, copy_art)
+        artifact.save_npy(copy_art / PROTOTYPES, prototypes)
         times = []
         for c in held[:5]:
             t = time.time()

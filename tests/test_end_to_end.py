@@ -15,8 +15,11 @@ from conftest import TINY, run_cli
 
 def test_training_writes_a_complete_artifact(tiny_artifact):
     out, metrics = tiny_artifact
-    for name in ("model.safetensors", "config.json", "taxonomy.csv", "log.csv", "metrics.json", CHECKPOINT):
+    for name in ("model.safetensors", "config.json", "taxonomy.csv", "log.csv", "metrics.json", CHECKPOINT,
+                 "prototypes.npy"):
         assert (out / name).is_file(), name
+    protos = np.load(out / "prototypes.npy")                 # one mean embedding per class, for enrollment
+    assert protos.shape == (12, 32) and 0.3 < np.linalg.norm(protos, axis=1).min() <= 1 + 1e-5
     log = pd.read_csv(out / "log.csv")
     assert log["epoch"].tolist() == list(range(1, 13)) and log["val_log_loss"].notna().all()
     assert metrics["inconsistency"] == 0.0

@@ -65,11 +65,11 @@ def test_re_enroll_adds_shots_and_unenroll_restores(art, demo_data, capsys):
     assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=3)[0] == 0
     assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=5)[0] == 0
     assert artifact.read_config(art)["enrolled"] == [{"class": NEW, "shots": 8}]
-    assert np.load(art / "prototypes.npy").shape == (1, 32)
+    assert np.load(art / "enrolled.npy").shape == (1, 32)
     code, _, err = run_cli("unenroll", art, "--class", NEW, capsys=capsys)
     assert code == 0, err
     net, tax = artifact.load(art)
-    assert len(tax) == 12 and len(tax.brands) == 3 and not (art / "prototypes.npy").exists()
+    assert len(tax) == 12 and len(tax.brands) == 3 and not (art / "enrolled.npy").exists()
     torch.testing.assert_close(net.fine.weight, original)
 
 

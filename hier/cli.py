@@ -371,13 +371,13 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
         sys.exit(130)
-    except (typer.Exit, SystemExit) as e:
+    except (typer.Exit, SystemExit):
         raise
-    except Exception as e:   # click usage errors arrive here in standalone_mode=False
-        import click
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:
+        # usage errors (missing argument, bad option) from click or typer's vendored copy of it
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         raise

@@ -121,3 +121,8 @@ def _one_class_taxonomy(demo_data, tmp_path):
     t = pd.read_csv(demo_data.taxonomy).iloc[:1]
     t.to_csv(tmp_path / "tax.csv", index=False)
     return tmp_path / "tax.csv"
+
+
+def test_usage_errors_have_no_traceback(capsys):
+    code, _, err = run_cli("enroll", capsys=capsys)
+    assert code == 2 and "Missing" in err and "Traceback" not in err

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.nn.functional as F
 
@@ -136,7 +135,7 @@ def imprint(net: HierNet, taxonomy: Taxonomy, rows: list[dict], protos: dict[str
     taxonomy; the base rows are untouched."""
     calibration = calibration or Calibration()
     base_rows = net.fine.weight.detach()
-    new_taxonomy = Taxonomy(pd.concat([taxonomy.table, pd.DataFrame(rows)], ignore_index=True))
+    new_taxonomy = taxonomy.extend(rows)
     frame = mapping or (lambda p, level: F.normalize(p, dim=-1))
     fine_rows = {r["class"]: calibration(frame(protos[r["class"]], "fine"), base_rows) for r in rows}
     groups: dict[str, dict[str, list]] = {"model": {}, "brand": {}}

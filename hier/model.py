@@ -9,7 +9,7 @@ gives brand and model probabilities as sums, so the three answers can never cont
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import timm
 import torch
@@ -34,7 +34,6 @@ class ModelConfig:
     tta: bool = False            # serve with flipped views too (evaluate/predict default; T fitted so)
     mean: tuple = (0.485, 0.456, 0.406)
     std: tuple = (0.229, 0.224, 0.225)
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -112,9 +112,9 @@ class Taxonomy:
             raise HierError(f"{len(missing)} class(es) not in the taxonomy, e.g. {missing[0]!r}")
         return Taxonomy(self.table.set_index("class").loc[classes].reset_index())
 
-    def append(self, row: dict) -> "Taxonomy":
-        """A new taxonomy with one more fine class (enrollment); the existing rows keep their indices."""
-        return Taxonomy(pd.concat([self.table, pd.DataFrame([row])], ignore_index=True))
+    def extend(self, rows: list[dict]) -> "Taxonomy":
+        """A new taxonomy with more fine classes (enrollment); the existing rows keep their indices."""
+        return Taxonomy(pd.concat([self.table, pd.DataFrame(rows)], ignore_index=True))
 
     def drop(self, name: str) -> "Taxonomy":
         return Taxonomy(self.table[self.table["class"] != name].reset_index(drop=True))

@@ -252,6 +252,7 @@ def _embed_listings(artifact: Path, listings: Path):
     from hier import artifact as art
     from hier.data import image_files
     from hier.infer import device, probabilities, run
+    from hier.metrics import decode
     from hier.train import progress_bar
 
     if listings.is_dir():
@@ -270,11 +271,10 @@ def _embed_listings(artifact: Path, listings: Path):
     net, taxonomy = art.load(artifact, device())
     with progress_bar(err) as progress:
         out = run(net, [Path(p) for p in table["image"]], progress=progress)
-    probs = probabilities(out["joint"], net.cfg.temperature)
-    best = probs.argmax(1)
-    table["class"] = [taxonomy.classes[i] for i in best]
-    table["brand"] = [taxonomy.brands[taxonomy.fine_to_brand[i]] for i in best]
-    table["model"] = [taxonomy.models[taxonomy.fine_to_model[i]] for i in best]
+    brand, model, fine = decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)   # as `similar`
+    table["class"] = [taxonomy.classes[i] for i in fine]
+    table["brand"] = [taxonomy.brands[i] for i in brand]
+    table["model"] = [taxonomy.models[i] for i in model]
     return out["embedding"], table
 
 

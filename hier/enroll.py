@@ -58,6 +58,11 @@ class PrototypeMap:
         return F.normalize(F.normalize(proto, dim=-1) @ self.maps[level], dim=-1)
 
 
+def raw_frame(proto: torch.Tensor, level: str) -> torch.Tensor:
+    """No map (artifacts without prototypes.npy): the normalised prototype itself."""
+    return F.normalize(proto, dim=-1)
+
+
 @dataclass
 class Calibration:
     """TEEN-style: p' = normalize(p + strength * sum_b softmax(tau * cos(p, w_b)) w_b)."""
@@ -136,7 +141,7 @@ def imprint(net: HierNet, taxonomy: Taxonomy, rows: list[dict], protos: dict[str
     calibration = calibration or Calibration()
     base_rows = net.fine.weight.detach()
     new_taxonomy = taxonomy.extend(rows)
-    frame = mapping or (lambda p, level: F.normalize(p, dim=-1))
+    frame = mapping or raw_frame
     fine_rows = {r["class"]: calibration(frame(protos[r["class"]], "fine"), base_rows) for r in rows}
     groups: dict[str, dict[str, list]] = {"model": {}, "brand": {}}
     for r in rows:
@@ -163,7 +168,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
         raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots to add photos to it")
     z = run(net, shots.paths)["embedding"]
     mapping = prototype_map(path, net, taxonomy)
-    frame = mapping or (lambda p, level: F.normalize(p, dim=-1))
+    frame = mapping or raw_frame
     if name in taxonomy:          # more shots: an enrolled prototype grows, a base row blends them in
         i = taxonomy.class_index[name]
         rows = net.fine.weight.detach()

@@ -24,8 +24,8 @@ from timm.utils import ModelEmaV3
 from hier import artifact
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, scan_folder, split_indices, train_transform
 from hier.errors import HierError
-from hier.metrics import evaluate_probs, fit_temperature, softmax
 from hier.enroll import PROTOTYPES, class_means
+from hier.metrics import evaluate_probs, fit_temperature, softmax
 from hier.model import HierNet, ModelConfig, hier_loss
 from hier.taxonomy import Taxonomy
 
@@ -235,7 +235,9 @@ class Trainer:
     def finish(self, val_paths, val_y, val_feats, tf_eval) -> dict:
         """Reload the best weights, fit the temperature on validation and store it with the metrics."""
         best, _ = artifact.load(self.out, self.dev)
+        prototypes = {PROTOTYPES: self._prototypes(best)}
         if not len(val_paths):
+            artifact.save(self.out, best, self.taxonomy, files=prototypes)
             return {}
         if best.cfg.tta:     # calibrate what will be served: flipped views need whole images, not the cache
             from hier.infer import run
@@ -247,7 +249,7 @@ class Trainer:
                                  logits=logits["joint"], heads=logits)
         metrics["temperature"] = best.cfg.temperature
         metrics["best_epoch"] = artifact.read_config(self.out)["metrics"].get("best_epoch")
-        artifact.save(self.out, best, self.taxonomy, metrics, files={PROTOTYPES: self._prototypes(best)})
+        artifact.save(self.out, best, self.taxonomy, metrics, files=prototypes)
         (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
 

@@ -80,6 +80,13 @@ def test_resume_continues_the_run(demo_data, tmp_path, capsys):
     assert len(tax) == 12 and model.cfg.temperature != 1.0
 
 
+def test_no_validation_still_saves_prototypes(demo_data, tmp_path):
+    out = tmp_path / "run"
+    assert train(demo_data.train_dir, out, None, ModelConfig(**vars(TINY)),
+                 TrainConfig(epochs=1, batch_size=32, pretrained="none", val_frac=0)) == {}
+    assert np.load(out / "prototypes.npy").shape == (12, 32)      # enrollment needs them either way
+
+
 def test_cached_frozen_stages_train_with_tta(demo_data, tmp_path):
     m = train(demo_data.train_dir, tmp_path / "run", Taxonomy.from_csv(demo_data.taxonomy),
               ModelConfig(**{**vars(TINY), "freeze_stages": 2, "tta": True}),

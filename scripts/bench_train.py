@@ -53,6 +53,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench_train"))
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--freeze-stages", type=int, default=None, help="override the preset's frozen trunk stages")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
@@ -64,6 +65,11 @@ def main() -> None:
     train_kw = {**preset["train"], "seed": args.seed, "val_frac": 0.2}
     if args.epochs:
         train_kw["epochs"] = args.epochs
+    model_kw = dict(preset["model"])
+    name = f"hier --preset {args.preset}"
+    if args.freeze_stages is not None:
+        model_kw["freeze_stages"] = args.freeze_stages
+        name += f" --freeze-stages {args.freeze_stages}"
 
     rows = {}
     t0 = time.time()
@@ -72,9 +78,8 @@ def main() -> None:
                                                                      preset["model"]["img_size"], args.seed)
         rows["frozen lite0 + logistic regression"]["seconds"] = time.time() - t0
     t1 = time.time()
-    rows[f"hier --preset {args.preset}"] = train(args.data, args.out, taxonomy, ModelConfig(**preset["model"]),
-                                                 TrainConfig(**train_kw))
-    rows[f"hier --preset {args.preset}"]["seconds"] = time.time() - t1
+    rows[name] = train(args.data, args.out, taxonomy, ModelConfig(**model_kw), TrainConfig(**train_kw))
+    rows[name]["seconds"] = time.time() - t1
 
     table = Table(title=f"Stanford dev, 88 classes, stratified 80/20 split (seed {args.seed}), "
                         f"{torch.get_num_threads()} threads")

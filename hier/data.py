@@ -147,8 +147,9 @@ def split_indices(labels: list[str], val_frac: float = 0.2, seed: int = 0,
     return train_test_split(idx, test_size=val_frac, stratify=labels, random_state=seed)
 
 
-def train_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
-    """Whole-car square resize, then mild crop/flip/colour: cars are wide, a tight crop cuts off the badge."""
+def train_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int | None = None) -> A.Compose:
+    """Whole-car square resize, then mild crop/flip/colour: cars are wide, a tight crop cuts off the badge.
+    With ``seed`` the augmentations repeat run to run (``hier train --seed``)."""
     return A.Compose([
         A.Resize(img_size, img_size),
         A.RandomResizedCrop((img_size, img_size), scale=(0.6, 1.0), ratio=(0.8, 1.25)),
@@ -156,7 +157,7 @@ def train_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Co
         A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8),
         A.Normalize(mean, std),
         ToTensorV2(),
-    ])
+    ], seed=seed)
 
 
 def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
@@ -177,8 +178,16 @@ class ImageDataset(torch.utils.data.Dataset):
         return self.transform(image=load_rgb(self.paths[i]))["image"], self.targets[i]
 
 
+def _reseed_worker(_: int) -> None:
+    """Each worker holds a copy of a seeded transform; give each its own (still reproducible) seed."""
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if getattr(transform, "seed", None) is not None:
+        transform.set_random_seed(info.seed % 2**32)
+
+
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool = False,
            workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                                        drop_last=drop_last, persistent_workers=workers > 0,
-                                       pin_memory=torch.cuda.is_available())
+                                       pin_memory=torch.cuda.is_available(), worker_init_fn=_reseed_worker)

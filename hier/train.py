@@ -124,7 +124,7 @@ class Trainer:
     # --- loop ---------------------------------------------------------------------------------------
     def fit(self, train_paths, train_y, val_paths, val_y) -> dict:
         cfg, model = self.cfg, self.model
-        tf_train = train_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
+        tf_train = train_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std, seed=cfg.seed)
         tf_eval = eval_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
         ytr = torch.as_tensor(train_y)
         cached = cfg.cache_views > 0 and model.cfg.freeze_stages > 0

@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from hier.data import image_files, read_test_csv, scan_folder, split_indices
+from hier.data import ImageDataset, image_files, loader, read_test_csv, scan_folder, split_indices, train_transform
 from hier.errors import HierError
 
 
@@ -74,3 +75,19 @@ def test_kfold_covers_each_image_once():
     assert sorted(np.concatenate(vals).tolist()) == list(range(30))
     with pytest.raises(HierError, match="--fold"):
         split_indices(labels, fold=5, folds=5)
+
+
+def test_seeded_augmentation_repeats_and_workers_differ(tmp_path):
+    """`hier train --seed` reproduces its augmentations; each loader worker draws its own."""
+    img = np.random.default_rng(0).integers(0, 255, (80, 120, 3), dtype=np.uint8)
+
+    def views(seed):
+        tf = train_transform(64, seed=seed)
+        return torch.stack([tf(image=img)["image"] for _ in range(4)])
+    assert torch.equal(views(0), views(0))
+    assert not torch.equal(views(0), views(1))
+    for i in range(4):
+        Image.fromarray(img).save(tmp_path / f"{i}.jpg")
+    ds = ImageDataset(sorted(tmp_path.glob("*.jpg")), None, train_transform(64, seed=0))
+    a, b = [x for x, _ in loader(ds, 2, workers=2)]           # one batch per worker, same source image
+    assert not torch.equal(a, b)

@@ -25,6 +25,7 @@ from hier import artifact
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, scan_folder, split_indices, train_transform
 from hier.errors import HierError
 from hier.enroll import PROTOTYPES, class_means
+from hier.infer import run
 from hier.metrics import evaluate_probs, fit_temperature, softmax
 from hier.model import HierNet, ModelConfig, hier_loss
 from hier.taxonomy import Taxonomy
@@ -227,7 +228,6 @@ class Trainer:
                 z = torch.cat([net.eval().embed_features(self.train_feats[0][s:s + 128].to(self.dev).float()).cpu()
                                for s in range(0, len(paths), 128)]).numpy()
         else:
-            from hier.infer import run
             z = run(net, paths, workers=self.cfg.workers)["embedding"]
         means = class_means(z, np.asarray(y), len(self.taxonomy))
         return lambda p: artifact.save_npy(p, means)
@@ -240,7 +240,6 @@ class Trainer:
             artifact.save(self.out, best, self.taxonomy, files=prototypes)
             return {}
         if best.cfg.tta:     # calibrate what will be served: flipped views need whole images, not the cache
-            from hier.infer import run
             logits = run(best, val_paths, tta=True, workers=self.cfg.workers)
         else:
             logits = self.validate(val_paths, val_feats, tf_eval, net=best)

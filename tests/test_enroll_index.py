@@ -53,7 +53,7 @@ def test_enroll_appends_and_never_changes_old_answers(art, demo_data, capsys):
     # the new class scores higher on photos of the look it was enrolled from than on the other photos
     score = run(after, paths)["joint"][:, tax.class_index[NEW]]
     src = np.array([p.parent.name == "Cinder_Rook_2019_2023" for p in paths])
-    assert score[src].mean() > score[~src].mean() + 0.2          # measured: 1.97 vs 1.62
+    assert score[src].mean() > score[~src].mean() + 0.2          # measured (seeded): 2.64 vs 1.19
     # predict includes the enrolled class with no other change
     code, out, _ = run_cli("predict", art, *_shots(demo_data, "Cinder_Rook_2019_2023", 2), "--topk", "13",
                            "--format", "json", capsys=capsys)

@@ -2,17 +2,22 @@
 
 ``model.safetensors`` + ``config.json`` (model config, temperature, metrics) + ``taxonomy.csv``
 (+ ``gallery/`` and ``prototypes.npy`` once enrollment and search are used). Every file is written to a
-temporary name and renamed, so a crash mid-write never leaves a half-written artifact.
+temporary name and renamed, so a crash mid-write never leaves a half-written artifact; and every reader
+and writer holds the artifact's lock file (``.hier.lock``), so two commands never interleave a
+read-modify-write (both enrolls land) and a reader never sees weights of one version with the taxonomy
+of another.
 """
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from hier.errors import HierError
@@ -20,6 +25,36 @@ from hier.model import HierNet, ModelConfig
 from hier.taxonomy import Taxonomy
 
 WEIGHTS, CONFIG, TAXONOMY = "model.safetensors", "config.json", "taxonomy.csv"
+LOCK = ".hier.lock"
+LOCK_TIMEOUT = 600.0     # seconds a command waits for another one writing the same artifact
+_locks: dict[Path, FileLock] = {}
+
+
+@contextmanager
+def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold the artifact's lock: writers for the whole read-modify-write, readers while they read.
+
+    One ``FileLock`` per folder and process, so a writer that loads inside its own lock re-enters it;
+    other threads and processes wait (flock). A read-only folder cannot hold a lock file, and nobody
+    can write there either, so reading it unlocked is safe.
+    """
+    folder = Path(path).resolve()
+    if not folder.is_dir():
+        yield
+        return
+    lock = _locks.setdefault(folder, FileLock(folder / LOCK))
+    try:
+        lock.acquire(timeout=LOCK_TIMEOUT if timeout is None else timeout)
+    except Timeout:
+        raise HierError(f"{path} is busy: another hier command has been writing it for over "
+                        f"{LOCK_TIMEOUT if timeout is None else timeout:.0f} s; try again when it ends") from None
+    except PermissionError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
@@ -57,14 +92,16 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
     """Write weights, taxonomy and config; keys of an existing config.json (metrics, enrolled classes)
     are kept unless given again."""
     out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    config = read_config(out) if (out / CONFIG).is_file() else {"metrics": {}}
-    config.update(extra or {}, model=model.cfg.to_dict())
-    if metrics is not None:
-        config["metrics"] = metrics
-    atomic_write_all({out / WEIGHTS: lambda p: save_file(state, str(p)), out / TAXONOMY: taxonomy.to_csv,
-                      out / CONFIG: lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)),
-                      **{out / name: w for name, w in (files or {}).items()}})
+    with locked(out):
+        config = read_config(out) if (out / CONFIG).is_file() else {"metrics": {}}
+        config.update(extra or {}, model=model.cfg.to_dict())
+        if metrics is not None:
+            config["metrics"] = metrics
+        atomic_write_all({out / WEIGHTS: lambda p: save_file(state, str(p)), out / TAXONOMY: taxonomy.to_csv,
+                          out / CONFIG: lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)),
+                          **{out / name: w for name, w in (files or {}).items()}})
 
 
 def read_config(path: str | Path) -> dict:
@@ -72,13 +109,19 @@ def read_config(path: str | Path) -> dict:
 
 
 def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
-    """Model (eval mode) and taxonomy from an artifact directory."""
+    """Model (eval mode) and taxonomy from an artifact directory, read under its lock."""
     path = Path(path)
     missing = [f for f in (WEIGHTS, CONFIG, TAXONOMY) if not (path / f).is_file()]
     if missing:
         raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
-    cfg = ModelConfig.from_dict(read_config(path)["model"])
-    taxonomy = Taxonomy.from_csv(path / TAXONOMY)
+    with locked(path):
+        cfg = ModelConfig.from_dict(read_config(path)["model"])
+        taxonomy = Taxonomy.from_csv(path / TAXONOMY)
+        state = load_file(path / WEIGHTS)
     model = HierNet(cfg, taxonomy, pretrained="none")
-    model.load_state_dict(load_file(path / WEIGHTS), strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise HierError(f"{path} is damaged: its weights do not fit its taxonomy.csv "
+                        f"({str(e).splitlines()[-1].strip()[:160]})") from None
     return model.to(device).eval(), taxonomy

@@ -154,6 +154,8 @@ def predict(
     from hier.infer import device, probabilities, run, top_k, write_submission
     from hier.train import progress_bar
 
+    if topk < 1:
+        raise HierError(f"--topk must be at least 1, not {topk}")
     if (test_csv is None) == (not images):
         raise HierError("give either IMAGES... or --test-csv (with --sample-submission and --out)")
     if test_csv is not None and (sample_submission is None or out is None):
@@ -224,7 +226,11 @@ def enroll(
     from hier.enroll import Calibration, enroll as add
 
     r = add(artifact, name, images, brand, model, years, add_shots, min_shots, Calibration(calibrate))
-    console.print(f"enrolled {r['class']!r} from {r['shots']} shot(s); {r['classes']} classes now")
+    if r["base"]:
+        console.print(f"added {r['shots']} shot(s) to base class {r['class']!r} "
+                      f"(`hier unenroll --class {r['class']!r}` takes them back out)")
+    else:
+        console.print(f"enrolled {r['class']!r} from {r['shots']} shot(s); {r['classes']} classes now")
     if not r["mapped"]:
         err.print("[yellow]warning:[/] this artifact has no prototypes.npy (trained by an older hier), so the "
                   "shots were imprinted raw; retrain to enroll without hurting the base classes")
@@ -235,47 +241,18 @@ def unenroll(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
     name: Annotated[str, typer.Option("--class", help="An enrolled class")],
 ):
-    """Remove an enrolled class (base classes stay)."""
+    """Remove an enrolled class, or the shots added to a base class (base classes stay)."""
     from hier.enroll import unenroll as remove
 
     r = remove(artifact, name)
-    console.print(f"removed {r['class']!r}; {r['classes']} classes now")
+    if r["base"]:
+        console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back")
+    else:
+        console.print(f"removed {r['class']!r}; {r['classes']} classes now")
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
 app.add_typer(index_app, name="index")
-
-
-def _embed_listings(artifact: Path, listings: Path):
-    import pandas as pd
-
-    from hier import artifact as art
-    from hier.data import image_files
-    from hier.infer import device, probabilities, run
-    from hier.metrics import decode
-    from hier.train import progress_bar
-
-    if listings.is_dir():
-        files = image_files([listings]).paths
-        table = pd.DataFrame({"listing_id": [p.stem for p in files], "image": [str(p) for p in files]})
-    elif listings.is_file():
-        table = pd.read_csv(listings, dtype={"listing_id": str}, encoding="utf-8-sig")
-        if not {"listing_id", "image"} <= set(table.columns):
-            raise HierError(f"{listings} must have columns listing_id,image (+ optional price, year, mileage...)")
-        table["image"] = [str((listings.parent / p).resolve()) for p in table["image"]]
-        image_files(table["image"].tolist())       # every listed image must exist and decode
-    else:
-        raise HierError(f"listings not found: {listings}")
-    if table["listing_id"].duplicated().any():
-        raise HierError(f"listing_id {table['listing_id'][table['listing_id'].duplicated()].iloc[0]!r} repeats")
-    net, taxonomy = art.load(artifact, device())
-    with progress_bar(err) as progress:
-        out = run(net, [Path(p) for p in table["image"]], progress=progress)
-    brand, model, fine = decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)   # as `similar`
-    table["class"] = [taxonomy.classes[i] for i in fine]
-    table["brand"] = [taxonomy.brands[i] for i in brand]
-    table["model"] = [taxonomy.models[i] for i in model]
-    return out["embedding"], table
 
 
 @index_app.command("build")
@@ -285,11 +262,14 @@ def index_build(
     kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
-    from hier.index import Gallery
+    from hier import index
+    from hier.train import progress_bar
 
-    vectors, table = _embed_listings(artifact, listings)
-    Gallery.build(vectors, table, kind).save(artifact)
-    console.print(f"indexed {len(table)} listing image(s) ({kind}) in {artifact}/gallery")
+    index.factory_string(kind, 1)
+    table = index.read_listings(listings)          # bad input stops here, before any progress output
+    with progress_bar(err) as progress:
+        gallery = index.build(artifact, table, kind, progress)
+    console.print(f"indexed {len(gallery)} listing image(s) ({kind}) in {artifact}/gallery")
 
 
 @index_app.command("add")
@@ -298,13 +278,13 @@ def index_add(
     listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
 ):
     """Add listings to an existing index (ids of the others stay as they are)."""
-    from hier.index import Gallery
+    from hier import index
+    from hier.train import progress_bar
 
-    gallery = Gallery.load(artifact)
-    vectors, table = _embed_listings(artifact, listings)
-    gallery.add(vectors, table)
-    gallery.save(artifact)
-    console.print(f"added {len(table)}; {len(gallery)} in the index")
+    table = index.read_listings(listings)
+    with progress_bar(err) as progress:
+        added, gallery = index.add(artifact, table, progress)
+    console.print(f"added {added}; {len(gallery)} in the index")
 
 
 @index_app.command("remove")
@@ -313,11 +293,9 @@ def index_remove(
     ids: Annotated[list[str], typer.Argument(help="listing_id values to remove")],
 ):
     """Remove listings by listing_id."""
-    from hier.index import Gallery
+    from hier import index
 
-    gallery = Gallery.load(artifact)
-    n = gallery.remove(ids)
-    gallery.save(artifact)
+    n, gallery = index.remove(artifact, ids)
     console.print(f"removed {n} vector(s); {len(gallery)} in the index")
 
 
@@ -332,18 +310,20 @@ def similar(
     """Nearest listings to a photo: listing id, class, similarity and metadata."""
     from hier import artifact as art
     from hier.data import image_files
-    from hier.index import Gallery
+    from hier.index import BRAND, ID, Gallery
     from hier.infer import device, probabilities, run
     from hier.metrics import decode
 
+    if k < 1:
+        raise HierError(f"--k must be at least 1, not {k}")
     gallery = Gallery.load(artifact)
     net, taxonomy = art.load(artifact, device())
     out = run(net, image_files([image]).paths)
     where = None
     if same_brand:
         brand = taxonomy.brands[decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)[0][0]]
-        where = lambda rows: rows["brand"] == brand  # noqa: E731
-    rows = gallery.results(out["embedding"], k, where)[0].drop(columns=["id"])
+        where = lambda rows: rows[BRAND] == brand  # noqa: E731
+    rows = gallery.results(out["embedding"], k, where)[0].drop(columns=[ID])
     _print_frame(rows, fmt)
 
 
@@ -363,8 +343,14 @@ def _print_frame(frame, fmt: Format) -> None:
 
 
 def main() -> None:
+    """Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted (Ctrl-C), so
+    ``hier train ... && hier predict ...`` never goes on after a failed or interrupted step."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)     # typer turns Ctrl-C into a returned 130, not an exception
+        if isinstance(code, int) and code:
+            if code == 130:
+                err.print("[red]interrupted[/]")
+            sys.exit(code)
     except HierError as e:
         err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
@@ -376,7 +362,10 @@ def main() -> None:
     except Exception as e:
         # usage errors (missing argument, bad option) from click or typer's vendored copy of it
         if hasattr(e, "show") and hasattr(e, "exit_code"):
-            e.show()
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()
+            else:
+                err.print(f"[red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(1)

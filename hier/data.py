@@ -1,14 +1,18 @@
 """Dataset layouts, image checks, splits and augmentation.
 
 Layouts: folder-per-class (``root/<class>/*.jpg``, as Hecto train and Stanford dev) and a test CSV
-(``ID,img_path`` with paths relative to the CSV). Images that do not decode are found once, up front,
-and skipped with a count, so an epoch never dies on a bad JPEG.
+(``ID,img_path`` with paths relative to the CSV). Every file is checked once, up front, by its content
+(not its extension): files that are no image, do not decode, or claim more pixels than PIL's
+decompression-bomb limit are skipped with a count, so an epoch never dies on one bad photo. Photos are
+turned upright by their EXIF orientation, as phones store portrait shots sideways.
 """
 from __future__ import annotations
 
 import os
+import warnings
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import albumentations as A
@@ -16,79 +20,103 @@ import numpy as np
 import pandas as pd
 import torch
 from albumentations.pytorch import ToTensorV2
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from hier.errors import HierError
+from hier.taxonomy import nfc
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".jfif", ".heic"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Sizes are checked against PIL's limit in ``check_image``; its warning between 1x and 2x is noise here.
+warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+OK, NOT_IMAGE, UNREADABLE, TOO_LARGE = "ok", "not an image", "unreadable", "too large"
+_SKIPPED = {UNREADABLE: "unreadable image(s)", NOT_IMAGE: "non-image file(s)",
+            TOO_LARGE: f"image(s) over PIL's {Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit"}
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
+    """The photo as an upright RGB array (EXIF orientation applied)."""
     with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
-def _decodes(path: Path) -> bool:
-    """Decode at 1/8 scale (JPEG draft mode): fast, yet reads all entropy-coded data, so truncation shows."""
+def check_image(path: Path) -> str:
+    """OK, NOT_IMAGE, UNREADABLE or TOO_LARGE, by content: a photo named .png that holds a JPEG is OK.
+    The extension only names why an unidentifiable file is skipped (a broken .jpg is UNREADABLE, a
+    README NOT_IMAGE). Decodes at 1/8 scale (JPEG draft mode): fast, yet reads all entropy-coded data,
+    so truncation shows."""
     try:
         with Image.open(path) as im:
+            if im.width * im.height > Image.MAX_IMAGE_PIXELS:
+                return TOO_LARGE
             im.draft("RGB", (64, 64))
             im.load()
-        return True
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
-        return False
+        return OK
+    except Image.DecompressionBombError:
+        return TOO_LARGE
+    except UnidentifiedImageError:
+        return UNREADABLE if path.suffix.lower() in IMAGE_EXTS else NOT_IMAGE
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return UNREADABLE
 
 
-def readable(paths: list[Path]) -> np.ndarray:
-    """Boolean mask of the paths that decode, checked in parallel threads (PIL releases the GIL)."""
+def check_images(paths: list[Path]) -> list[str]:
+    """``check_image`` for every path, in parallel threads (PIL releases the GIL)."""
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        return np.fromiter(pool.map(_decodes, paths), dtype=bool, count=len(paths))
+        return list(pool.map(check_image, paths))
 
 
 @dataclass
 class ImageSet:
-    """Image paths with optional class names, plus what was skipped while scanning."""
+    """Image paths with optional class names, plus what was skipped while scanning (by reason)."""
 
     paths: list[Path]
     labels: list[str] | None = None
     ids: list[str] | None = None
-    unreadable: int = 0
-    non_images: int = 0
+    skipped: Counter = field(default_factory=Counter)
 
     def skipped_message(self) -> str | None:
-        parts = [f"{n} {what}" for n, what in ((self.unreadable, "unreadable image(s)"),
-                                               (self.non_images, "non-image file(s)")) if n]
+        parts = [f"{self.skipped[why]} {what}" for why, what in _SKIPPED.items() if self.skipped[why]]
         return f"skipped {' and '.join(parts)}" if parts else None
 
 
+def _files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
+
+
 def scan_folder(root: str | Path) -> ImageSet:
-    """Folder-per-class layout -> checked image paths and class names."""
+    """Folder-per-class layout -> checked image paths and class names. Folder names are read in NFC, so
+    a folder copied from macOS (NFD) is the same class as the taxonomy's spelling, and NFC/NFD twin
+    folders are one class."""
     root = Path(root)
     if not root.is_dir():
         raise HierError(f"data folder not found: {root}")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise HierError(f"{root} has no class folders (expected {root}/<class>/*.jpg)")
-    paths, labels, non_images = [], [], 0
+    paths, labels = [], []
     for d in class_dirs:
-        for f in sorted(d.iterdir()):
-            if f.name.startswith(".") or not f.is_file():
-                continue
-            if f.suffix.lower() in IMAGE_EXTS:
-                paths.append(f)
-                labels.append(d.name)
-            else:
-                non_images += 1
-    ok = readable(paths)
-    kept = ImageSet([p for p, g in zip(paths, ok) if g], [c for c, g in zip(labels, ok) if g],
-                    unreadable=int((~ok).sum()), non_images=non_images)
-    empty = sorted({d.name for d in class_dirs} - set(kept.labels))
+        files = _files(d)
+        paths += files
+        labels += [nfc(d.name)] * len(files)
+    status = check_images(paths)
+    kept = ImageSet([p for p, s in zip(paths, status) if s == OK], [c for c, s in zip(labels, status) if s == OK],
+                    skipped=Counter(s for s in status if s != OK))
+    empty = sorted({nfc(d.name) for d in class_dirs} - set(kept.labels))
     if empty:
         raise HierError(f"class folder {root / empty[0]} has no readable images"
                         + (f" ({len(empty)} such folders)" if len(empty) > 1 else ""))
     return kept
+
+
+def require_cells(table: pd.DataFrame, columns: list[str], where: str | Path) -> None:
+    """Refuse a CSV with an empty cell in a column that must be filled."""
+    for col in columns:
+        blank = table[col].isna() | (table[col].astype(str).str.strip() == "")
+        if blank.any():
+            raise HierError(f"{where}: row {int(np.argmax(blank.to_numpy())) + 2} has an empty {col!r} cell")
 
 
 def read_test_csv(csv: str | Path) -> ImageSet:
@@ -99,51 +127,71 @@ def read_test_csv(csv: str | Path) -> ImageSet:
     table = pd.read_csv(csv, dtype=str, encoding="utf-8-sig")
     if not {"ID", "img_path"} <= set(table.columns):
         raise HierError(f"{csv} must have columns ID,img_path (found {','.join(table.columns)})")
+    require_cells(table, ["ID", "img_path"], csv)
     if table["ID"].duplicated().any():
         raise HierError(f"{csv} lists ID {table['ID'][table['ID'].duplicated()].iloc[0]!r} twice")
     paths = [(csv.parent / p).resolve() for p in table["img_path"]]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise HierError(f"{len(missing)} image(s) listed in {csv} do not exist, e.g. {missing[0]}")
-    ok = readable(paths)
-    if not ok.all():
-        bad = [p for p, g in zip(paths, ok) if not g]
-        raise HierError(f"{len(bad)} image(s) listed in {csv} cannot be read, e.g. {bad[0]}")
+    refuse_bad(paths, f"listed in {csv}")
     return ImageSet(paths, ids=table["ID"].tolist())
 
 
+def refuse_bad(paths: list[Path], where: str = "given") -> None:
+    """One error line naming the first path that is not a usable image, and why."""
+    status = check_images(paths)
+    bad = [(p, s) for p, s in zip(paths, status) if s != OK]
+    if bad:
+        more = f" ({len(bad)} such files)" if len(bad) > 1 else ""
+        raise HierError(f"image {where} is {bad[0][1]}: {bad[0][0]}{more}")
+
+
 def image_files(inputs: list[str | Path]) -> ImageSet:
-    """Explicit image paths or folders of images (for ``hier predict IMAGES...``); refuses non-images."""
+    """Explicit image files or folders of images (``hier predict IMAGES...``). In a folder, files that
+    are no image at all (a README, .DS_Store) are skipped with a count; a photo that does not decode,
+    or any explicit file that is not a usable image, is refused."""
     paths: list[Path] = []
+    skipped: Counter = Counter()
     for item in map(Path, inputs):
         if item.is_dir():
-            paths += sorted(f for f in item.iterdir() if f.suffix.lower() in IMAGE_EXTS)
+            files = _files(item)
+            status = check_images(files)
+            skipped.update(s for s in status if s == NOT_IMAGE)
+            paths += [f for f, s in zip(files, status) if s != NOT_IMAGE]
         elif item.is_file():
             paths.append(item)
         else:
             raise HierError(f"no such image or folder: {item}")
     if not paths:
         raise HierError("no images given")
-    ok = readable(paths)
-    if not ok.all():
-        raise HierError(f"not a readable image: {paths[int(np.argmin(ok))]}")
-    return ImageSet(paths)
+    refuse_bad(paths)
+    return ImageSet(paths, skipped=skipped)
 
 
 def split_indices(labels: list[str], val_frac: float = 0.2, seed: int = 0,
                   fold: int | None = None, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/val indices: a seeded hold-out split, or fold ``fold`` of ``folds`` (k-fold)."""
     idx = np.arange(len(labels))
+    counts = pd.Series(labels).value_counts()
     if fold is not None:
         if not 0 <= fold < folds:
             raise HierError(f"--fold must be in 0..{folds - 1}")
+        if counts.min() < folds:
+            raise HierError(f"class {counts.idxmin()!r} has {counts.min()} photo(s); --folds {folds} needs "
+                            f"at least {folds} per class")
         skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         return list(skf.split(idx, labels))[fold]
     if val_frac <= 0:
         return idx, idx[:0]
-    counts = pd.Series(labels).value_counts()
     if counts.min() < 2:
-        raise HierError(f"class {counts.idxmin()!r} has one image; a stratified split needs two or more")
+        raise HierError(f"class {counts.idxmin()!r} has one photo; a validation split needs two or more per "
+                        "class (or pass --val-frac 0)")
+    n_val = int(np.ceil(val_frac * len(labels)))
+    if n_val < len(counts) or len(labels) - n_val < len(counts):
+        raise HierError(f"--val-frac {val_frac} of {len(labels)} photos gives {n_val} validation and "
+                        f"{len(labels) - n_val} training photos for {len(counts)} classes; each side needs "
+                        "one per class (change --val-frac, or 0 for no validation)")
     return train_test_split(idx, test_size=val_frac, stratify=labels, random_state=seed)
 
 

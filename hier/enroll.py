@@ -26,10 +26,12 @@ from hier.data import image_files
 from hier.errors import HierError
 from hier.infer import run
 from hier.model import HierNet
-from hier.taxonomy import Taxonomy, parse_class_name
+from hier.taxonomy import Taxonomy, nfc, parse_class_name
 
 PROTOTYPES = "prototypes.npy"   # base-class mean embeddings, written by `hier train`
-ENROLLED = "enrolled.npy"       # per enrolled class: the sum of its shots' embeddings
+ENROLLED = "enrolled.npy"       # per enrolled entry: the sum of its shots' embeddings
+TRAINED_ROWS = "trained_rows.npy"   # per base class with added shots: its trained fine row, to restore
+BASE_PRIOR_SHOTS = 20           # photos a trained row counts for when added shots are blended into it
 
 
 def class_means(z: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -90,10 +92,13 @@ def rebuild_heads(net: HierNet, old: Taxonomy, new: Taxonomy, fine_rows: dict | 
     net.set_taxonomy(new)
 
 
-def _enrolled(path: Path) -> tuple[list[dict], np.ndarray | None]:
+def _enrolled(path: Path) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
+    """Enrolled entries (config.json), their shot sums and, for shots added to base classes, the
+    trained rows they replaced (so ``unenroll`` restores them exactly)."""
     entries = artifact.read_config(path).get("enrolled", [])
     sums = np.load(path / ENROLLED) if entries else None
-    return entries, sums
+    trained = np.load(path / TRAINED_ROWS) if any(e.get("base") for e in entries) else None
+    return entries, sums, trained
 
 
 def prototype_map(path: Path, net: HierNet, taxonomy: Taxonomy) -> PrototypeMap | None:
@@ -101,11 +106,36 @@ def prototype_map(path: Path, net: HierNet, taxonomy: Taxonomy) -> PrototypeMap 
     return PrototypeMap(net, taxonomy, np.load(path / PROTOTYPES)) if (path / PROTOTYPES).is_file() else None
 
 
-def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sums: np.ndarray | None) -> None:
+def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sums: np.ndarray | None,
+          trained: np.ndarray | None) -> None:
     files = {ENROLLED: lambda p: artifact.save_npy(p, sums)} if entries else {}
+    if any(e.get("base") for e in entries):
+        files[TRAINED_ROWS] = lambda p: artifact.save_npy(p, trained)
     artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files=files)
-    if not entries:
-        (path / ENROLLED).unlink(missing_ok=True)
+    for name in {ENROLLED, TRAINED_ROWS} - set(files):
+        (path / name).unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def blend_shots(net: HierNet, i: int, trained_row: torch.Tensor, mapped_shots: torch.Tensor, shots: int,
+                prototypes: np.ndarray) -> torch.Tensor:
+    """Base class ``i``'s row after ``--add-shots``: its trained row nudged toward the mapped mean of the
+    new photos, weighted as ``shots`` photos against ``BASE_PRIOR_SHOTS`` for the trained row. Both
+    vectors live in the trained rows' frame. The weight halves (down to 0, the trained row) until no
+    other base class's mean embedding is answered as class ``i`` where it was not before: added shots
+    may sharpen a class, never let it take its neighbours."""
+    z = F.normalize(torch.from_numpy(prototypes).float(), dim=1)
+    others = torch.arange(len(z)) != i
+    weight, keep = net.fine.weight, net.fine.weight[i].clone()
+    taken_before = net.heads(z)["joint"].argmax(1) == i
+    w0 = shots / (shots + BASE_PRIOR_SHOTS)
+    for w in [w0 / 2 ** j for j in range(6)] + [0.0]:
+        row = F.normalize((1 - w) * F.normalize(trained_row, dim=0) + w * F.normalize(mapped_shots, dim=0), dim=0)
+        weight[i] = row
+        if not ((net.heads(z)["joint"].argmax(1) == i) & others & ~taken_before).any():
+            break
+    weight[i] = keep
+    return row
 
 
 def new_row(name: str, taxonomy: Taxonomy, brand: str | None, model: str | None, years: str | None) -> dict:
@@ -156,51 +186,78 @@ def imprint(net: HierNet, taxonomy: Taxonomy, rows: list[dict], protos: dict[str
 def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | None = None,
            model: str | None = None, years: str | None = None, add_shots: bool = False, min_shots: int = 1,
            calibration: Calibration | None = None) -> dict:
-    """Add (or add shots to) class ``name``; the artifact is rewritten file by file, atomically."""
-    path = Path(path)
-    net, taxonomy = artifact.load(path)
+    """Add (or add shots to) class ``name``. The artifact is locked from reading to the atomic save, so
+    concurrent enrollments queue instead of losing each other's classes."""
+    path, name, brand, model = Path(path), nfc(name), nfc(brand), nfc(model)
     shots = image_files(images)
     if len(shots.paths) < min_shots:
         raise HierError(f"{len(shots.paths)} shot(s) given for {name!r}; --min-shots is {min_shots}")
-    entries, sums = _enrolled(path)
-    names = [e["class"] for e in entries]
-    if name in taxonomy and name not in names and not add_shots:
-        raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots to add photos to it")
-    z = run(net, shots.paths)["embedding"]
-    mapping = prototype_map(path, net, taxonomy)
-    frame = mapping or raw_frame
-    if name in taxonomy:          # more shots: an enrolled prototype grows, a base row blends them in
-        i = taxonomy.class_index[name]
-        rows = net.fine.weight.detach()
-        if name in names:
+    with artifact.locked(path):
+        net, taxonomy = artifact.load(path)
+        entries, sums, trained = _enrolled(path)
+        names = [e["class"] for e in entries]
+        is_base = name in taxonomy and (name not in names or entries[names.index(name)].get("base"))
+        if is_base and not add_shots:
+            raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots to add photos to it")
+        mapping = prototype_map(path, net, taxonomy)
+        if is_base and mapping is None:
+            raise HierError(f"{path} has no {PROTOTYPES} (trained by an older hier), so shots cannot be added to "
+                            f"base class {name!r} without harming it; retrain, or enroll under a new name")
+        z = run(net, shots.paths)["embedding"]
+        frame = mapping or raw_frame
+        if name in taxonomy:
+            i = taxonomy.class_index[name]
+            rows = net.fine.weight.detach()
+            if name not in names:              # first shots for a base class: keep its trained row to restore
+                entries.append({"class": name, "shots": 0, "base": True})
+                sums = _stack(sums, np.zeros_like(z[:1]))
+                trained = _stack(trained, rows[i:i + 1].numpy())
+                names.append(name)
             k = names.index(name)
             sums[k] += z.sum(0)
             entries[k]["shots"] += len(z)
-            others = torch.cat([rows[:i], rows[i + 1:]])
-            row = (calibration or Calibration())(frame(torch.from_numpy(sums[k]), "fine"), others)
+            proto = frame(torch.from_numpy(sums[k]), "fine")
+            if entries[k].get("base"):
+                b = sum(e.get("base", False) for e in entries[:k])
+                row = blend_shots(net, i, torch.from_numpy(trained[b]), proto, entries[k]["shots"],
+                                  np.load(path / PROTOTYPES))
+            else:
+                row = (calibration or Calibration())(proto, torch.cat([rows[:i], rows[i + 1:]]))
+            rebuild_heads(net, taxonomy, taxonomy, {name: row})
+            new_taxonomy = taxonomy
         else:
-            row = F.normalize(F.normalize(rows[i], dim=0) + torch.from_numpy(z.mean(0)), dim=0)
-        rebuild_heads(net, taxonomy, taxonomy, {name: row})
-        new_taxonomy = taxonomy
-    else:
-        row = new_row(name, taxonomy, brand, model, years)
-        new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))}, calibration, mapping)
-        entries.append({"class": name, "shots": len(z)})
-        sums = z.sum(0, keepdims=True) if sums is None else np.vstack([sums, z.sum(0, keepdims=True)])
-    _save(path, net, new_taxonomy, entries, sums)
-    return {"class": name, "shots": len(z), "classes": len(new_taxonomy), "mapped": mapping is not None}
+            row = new_row(name, taxonomy, brand, model, years)
+            new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))}, calibration, mapping)
+            entries.append({"class": name, "shots": len(z)})
+            sums = _stack(sums, z.sum(0, keepdims=True))
+        _save(path, net, new_taxonomy, entries, sums, trained)
+    return {"class": name, "shots": len(z), "classes": len(new_taxonomy), "mapped": mapping is not None,
+            "base": bool(is_base)}
+
+
+def _stack(rows: np.ndarray | None, more: np.ndarray) -> np.ndarray:
+    return more.astype(np.float32) if rows is None else np.vstack([rows, more]).astype(np.float32)
 
 
 def unenroll(path: str | Path, name: str) -> dict:
-    """Remove an enrolled class; model/brand rows that no remaining class uses go with it."""
-    path = Path(path)
-    net, taxonomy = artifact.load(path)
-    entries, sums = _enrolled(path)
-    names = [e["class"] for e in entries]
-    if name not in names:
-        raise HierError(f"{name!r} is not an enrolled class" + (" (it is a base class)" if name in taxonomy else ""))
-    k = names.index(name)
-    new_taxonomy = taxonomy.drop(name)
-    rebuild_heads(net, taxonomy, new_taxonomy)
-    _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], np.delete(sums, k, axis=0))
-    return {"class": name, "classes": len(new_taxonomy)}
+    """Remove an enrolled class (model/brand rows that no remaining class uses go with it), or the shots
+    added to a base class (its trained row comes back exactly)."""
+    path, name = Path(path), nfc(name)
+    with artifact.locked(path):
+        net, taxonomy = artifact.load(path)
+        entries, sums, trained = _enrolled(path)
+        names = [e["class"] for e in entries]
+        if name not in names:
+            raise HierError(f"{name!r} is not an enrolled class"
+                            + (" (it is a base class with no added shots)" if name in taxonomy else ""))
+        k = names.index(name)
+        base = bool(entries[k].get("base"))
+        if base:
+            b = sum(e.get("base", False) for e in entries[:k])
+            rebuild_heads(net, taxonomy, taxonomy, {name: torch.from_numpy(trained[b])})
+            new_taxonomy, trained = taxonomy, np.delete(trained, b, axis=0)
+        else:
+            new_taxonomy = taxonomy.drop(name)
+            rebuild_heads(net, taxonomy, new_taxonomy)
+        _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], np.delete(sums, k, axis=0), trained)
+    return {"class": name, "classes": len(new_taxonomy), "base": base}

@@ -2,21 +2,30 @@
 
 Embeddings are L2-normalised, so inner product is cosine similarity. Each listing image gets a stable
 int64 id (``add_with_ids``), so removing listings never renumbers the rest. The index lives in
-``ARTIFACT/gallery/`` (``index.faiss`` + ``listings.csv``) and moves with the artifact.
+``ARTIFACT/gallery/`` (``index.faiss`` + ``listings.csv`` + ``gallery.json``) and moves with the artifact.
+The seller's columns are kept as given; hier's own (FAISS id, predicted class/brand/model, similarity)
+are named ``hier_*``, a prefix listings may not use. Editing commands hold the artifact's lock from
+reading the gallery to saving it, so two ``hier index add`` at once both land.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import faiss
 import numpy as np
 import pandas as pd
 
-from hier.artifact import atomic_write
+from hier import artifact
+from hier.data import image_files, refuse_bad, require_cells
 from hier.errors import HierError
 
 GALLERY = "gallery"
 KINDS = ("flat", "ivf", "hnsw")
+PREFIX = "hier_"                       # hier's own listing columns; reserved in users' listings
+ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "brand", "model", "similarity"))
+# Sellers' cells come back as written: only an empty cell is missing ("n/a", "NA", "null" stay text).
+AS_GIVEN = dict(dtype={"listing_id": str}, keep_default_na=False, na_values=[""])
 
 
 def factory_string(kind: str, n: int) -> str:
@@ -32,7 +41,7 @@ def factory_string(kind: str, n: int) -> str:
 
 
 class Gallery:
-    """FAISS index + one metadata row per vector (column ``id`` is the FAISS id)."""
+    """FAISS index + one metadata row per vector (column ``hier_id`` is the FAISS id)."""
 
     def __init__(self, index: faiss.Index, listings: pd.DataFrame, kind: str):
         self.index, self.listings, self.kind = index, listings.reset_index(drop=True), kind
@@ -46,7 +55,7 @@ class Gallery:
             if len(vectors) < index.nlist:
                 raise HierError(f"--index ivf needs at least {index.nlist} images to train; use flat")
             index.train(vectors)
-        gallery = cls(index, listings.iloc[:0].assign(id=pd.Series(dtype=np.int64)), kind)
+        gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind)
         gallery.add(vectors, listings)
         return gallery
 
@@ -57,10 +66,10 @@ class Gallery:
         clash = set(listings["listing_id"].astype(str)) & set(self.listings.get("listing_id", pd.Series()).astype(str))
         if clash:
             raise HierError(f"listing {sorted(clash)[0]!r} is already in the index ({len(clash)} clashes)")
-        start = int(self.listings["id"].max()) + 1 if len(self.listings) else 0
+        start = int(self.listings[ID].max()) + 1 if len(self.listings) else 0
         ids = np.arange(start, start + len(vectors), dtype=np.int64)
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
-        self.listings = pd.concat([self.listings, listings.assign(id=ids)], ignore_index=True)
+        self.listings = pd.concat([self.listings, listings.assign(**{ID: ids})], ignore_index=True)
 
     def remove(self, listing_ids: list[str]) -> int:
         keep = ~self.listings["listing_id"].astype(str).isin(set(map(str, listing_ids)))
@@ -69,7 +78,7 @@ class Gallery:
             raise HierError(f"listing {sorted(unknown)[0]!r} is not in the index")
         if self.kind == "hnsw":
             raise HierError("an HNSW index cannot remove vectors; rebuild it with `hier index build`")
-        removed = self.index.remove_ids(self.listings.loc[~keep, "id"].to_numpy(np.int64))
+        removed = self.index.remove_ids(self.listings.loc[~keep, ID].to_numpy(np.int64))
         self.listings = self.listings[keep].reset_index(drop=True)
         return int(removed)
 
@@ -82,13 +91,15 @@ class Gallery:
     def results(self, queries: np.ndarray, k: int = 10, where=None) -> list[pd.DataFrame]:
         """Metadata rows of the nearest listings per query, best first; ``where(rows)`` filters
         (e.g. same brand), searching deeper until k rows pass or the gallery is exhausted."""
-        by_id = self.listings.set_index("id")
+        if k < 1:
+            raise HierError(f"k must be at least 1, not {k}")
+        by_id = self.listings.set_index(ID)
         out = []
         for q in np.atleast_2d(queries):
             depth = k
             while True:
                 sims, ids = self.search(q[None], min(depth, len(self)))
-                rows = by_id.loc[ids[0][ids[0] >= 0]].assign(similarity=sims[0][ids[0] >= 0]).reset_index()
+                rows = by_id.loc[ids[0][ids[0] >= 0]].assign(**{SIMILARITY: sims[0][ids[0] >= 0]}).reset_index()
                 if where is not None:
                     rows = rows[where(rows)]
                 if len(rows) >= k or depth >= len(self):
@@ -99,18 +110,104 @@ class Gallery:
 
     # --- persistence --------------------------------------------------------------------------------
     def save(self, artifact_dir: str | Path) -> None:
+        """Index, listings and kind land together (one atomic set), under the artifact's lock."""
         folder = Path(artifact_dir) / GALLERY
-        atomic_write(folder / "index.faiss", lambda p: faiss.write_index(to_cpu(self.index), str(p)))
-        atomic_write(folder / "listings.csv", lambda p: self.listings.assign(kind=self.kind).to_csv(p, index=False))
+        meta = json.dumps({"kind": self.kind})
+        with artifact.locked(artifact_dir):
+            artifact.atomic_write_all({
+                folder / "index.faiss": lambda p: faiss.write_index(to_cpu(self.index), str(p)),
+                folder / "listings.csv": lambda p: self.listings.to_csv(p, index=False),
+                folder / "gallery.json": lambda p: p.write_text(meta)})
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> "Gallery":
         folder = Path(artifact_dir) / GALLERY
         if not (folder / "index.faiss").is_file():
             raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
-        listings = pd.read_csv(folder / "listings.csv", dtype={"listing_id": str})
-        kind = listings.pop("kind").iloc[0] if len(listings) else "flat"
-        return cls(to_gpu(faiss.read_index(str(folder / "index.faiss"))), listings, kind)
+        with artifact.locked(artifact_dir):
+            listings = pd.read_csv(folder / "listings.csv", **AS_GIVEN)
+            index = faiss.read_index(str(folder / "index.faiss"))
+            meta = json.loads((folder / "gallery.json").read_text()) if (folder / "gallery.json").is_file() else None
+        if meta is None:        # written before hier_* columns: id/class/brand/model/kind were hier's
+            kind = listings.pop("kind").iloc[0] if len(listings) else "flat"
+            listings = listings.rename(columns={c: PREFIX + c for c in ("id", "class", "brand", "model")})
+        else:
+            kind = meta["kind"]
+        return cls(to_gpu(index), listings, kind)
+
+
+def read_listings(listings: Path) -> pd.DataFrame:
+    """A folder of photos (listing_id = file stem) or a CSV ``listing_id,image[,price,...]``, checked:
+    images exist and decode, ids are unique, no column uses hier's reserved prefix."""
+    if listings.is_dir():
+        files = image_files([listings]).paths
+        table = pd.DataFrame({"listing_id": [p.stem for p in files], "image": [str(p) for p in files]})
+    elif listings.is_file():
+        table = pd.read_csv(listings, encoding="utf-8-sig", **AS_GIVEN)
+        if not {"listing_id", "image"} <= set(table.columns):
+            raise HierError(f"{listings} must have columns listing_id,image (+ optional price, year, mileage...)")
+        reserved = [c for c in table.columns if str(c).startswith(PREFIX)]
+        if reserved:
+            raise HierError(f"{listings}: column {reserved[0]!r} uses the prefix {PREFIX!r}, which hier keeps for "
+                            "its own columns; rename it")
+        require_cells(table, ["listing_id", "image"], listings)
+        table["image"] = [str((listings.parent / p).resolve()) for p in table["image"]]
+        missing = [p for p in table["image"] if not Path(p).is_file()]
+        if missing:
+            raise HierError(f"{len(missing)} image(s) listed in {listings} do not exist, e.g. {missing[0]}")
+        refuse_bad([Path(p) for p in table["image"]], f"listed in {listings}")
+    else:
+        raise HierError(f"listings not found: {listings}")
+    if table["listing_id"].duplicated().any():
+        raise HierError(f"listing_id {table['listing_id'][table['listing_id'].duplicated()].iloc[0]!r} repeats")
+    return table
+
+
+def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Embeddings of the listing photos, and the table with hier's predicted class/brand/model."""
+    from hier.infer import device, probabilities, run
+    from hier.metrics import decode
+
+    net, taxonomy = artifact.load(artifact_dir, device())
+    out = run(net, [Path(p) for p in table["image"]], progress=progress)
+    brand, model, fine = decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)   # as `similar`
+    return out["embedding"], table.assign(**{CLASS: [taxonomy.classes[i] for i in fine],
+                                            BRAND: [taxonomy.brands[i] for i in brand],
+                                            MODEL: [taxonomy.models[i] for i in model]})
+
+
+def _table(listings: str | Path | pd.DataFrame) -> pd.DataFrame:
+    return listings if isinstance(listings, pd.DataFrame) else read_listings(Path(listings))
+
+
+def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: str = "flat",
+          progress=None) -> Gallery:
+    """Embed listing photos (a folder, a CSV or ``read_listings``' table) and (re)build ARTIFACT/gallery."""
+    factory_string(kind, 1)                   # an unknown kind fails before any work
+    table = _table(listings)
+    with artifact.locked(artifact_dir):
+        gallery = Gallery.build(*embed_listings(Path(artifact_dir), table, progress), kind)
+        gallery.save(artifact_dir)
+    return gallery
+
+
+def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=None) -> tuple[int, Gallery]:
+    """Add listings to the existing index (ids of the others stay as they are)."""
+    table = _table(listings)
+    with artifact.locked(artifact_dir):
+        gallery = Gallery.load(artifact_dir)
+        gallery.add(*embed_listings(Path(artifact_dir), table, progress))
+        gallery.save(artifact_dir)
+    return len(table), gallery
+
+
+def remove(artifact_dir: str | Path, ids: list[str]) -> tuple[int, Gallery]:
+    """Remove listings by listing_id."""
+    with artifact.locked(artifact_dir):
+        gallery = Gallery.load(artifact_dir)
+        n = gallery.remove(ids)
+        gallery.save(artifact_dir)
+    return n, gallery
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:

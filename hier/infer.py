@@ -13,7 +13,7 @@ from hier.data import ImageDataset, eval_transform, loader
 from hier.errors import HierError
 from hier.metrics import softmax
 from hier.model import HierNet
-from hier.taxonomy import Taxonomy
+from hier.taxonomy import Taxonomy, nfc
 
 EPS = 1e-6   # submission floor: log loss punishes a confident 0 without limit
 
@@ -63,7 +63,7 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
     header = pd.read_csv(sample, nrows=0, encoding="utf-8-sig").columns.tolist()
     id_col, columns = header[0], header[1:]
     unknown = [c for c in columns if c not in taxonomy]
-    missing = [c for c in taxonomy.classes if c not in set(columns)]
+    missing = [c for c in taxonomy.classes if c not in set(map(nfc, columns))]
     if unknown or missing:
         what = f"column {unknown[0]!r} is not a class of the artifact" if unknown else \
             f"class {missing[0]!r} of the artifact has no column"
@@ -72,7 +72,7 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
     sample_ids = pd.read_csv(sample, usecols=[0], dtype=str, encoding="utf-8-sig")[id_col].tolist()
     if sorted(sample_ids) != sorted(ids):
         raise HierError(f"the test images' IDs do not match the {len(sample_ids)} IDs of {sample}")
-    order = [taxonomy.class_index[c] for c in columns]
+    order = [taxonomy.class_index[nfc(c)] for c in columns]
     row = {i: n for n, i in enumerate(ids)}
     p = probs[[row[i] for i in sample_ids]][:, order].astype(np.float64)
     p = np.clip(p, EPS, 1.0)

@@ -7,6 +7,7 @@ make brand/model answers consistent with the fine-class distribution.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,11 +22,18 @@ REGISTRY = Path(__file__).resolve().parent.parent / "registry"
 _YEAR = re.compile(r"^(19|20)\d\d$")
 
 
+def nfc(name: str | None) -> str | None:
+    """Unicode NFC form of a class, brand or model name. macOS writes folder names in NFD (한 as
+    ㅎ+ㅏ+ㄴ), CSVs and typed names are NFC: both must be the same class."""
+    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
+
+
 def parse_hecto_name(name: str) -> dict:
     """``K5_3세대_하이브리드_2020_2022`` -> model K5, generation '3세대 하이브리드', years 2020-2022.
 
     The make is not in a Hecto name, so brand is left empty: a registry CSV must supply it.
     """
+    name = nfc(name)
     tokens = name.split("_")
     years = []
     while len(tokens) > 1 and _YEAR.match(tokens[-1]) and len(years) < 2:
@@ -41,6 +49,7 @@ _MULTIWORD_MAKES = ("AM General", "Aston Martin", "Land Rover", "Rolls-Royce", "
 
 def parse_stanford_name(name: str) -> dict:
     """``Aston Martin V8 Vantage Convertible 2012`` -> brand Aston Martin, model without the year."""
+    name = nfc(name)
     head, _, year = name.rpartition(" ")
     if not _YEAR.match(year) or not head:
         raise HierError(f"cannot read '<Make> <Model> <Year>' from class name {name!r}")
@@ -101,10 +110,10 @@ class Taxonomy:
         return len(self.classes)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.class_index
+        return nfc(name) in self.class_index
 
     def row(self, name: str) -> dict:
-        return self.table.iloc[self.class_index[name]].to_dict()
+        return self.table.iloc[self.class_index[nfc(name)]].to_dict()
 
     def subset(self, classes: list[str]) -> "Taxonomy":
         missing = [c for c in classes if c not in self.class_index]
@@ -151,7 +160,8 @@ def validate(table: pd.DataFrame) -> pd.DataFrame:
     for col in ("class", "brand", "model"):
         if table[col].isna().any() or (table[col].astype(str).str.strip() == "").any():
             raise HierError(f"taxonomy has an empty {col!r} value")
-        table[col] = table[col].astype(str)
+        table[col] = table[col].astype(str).map(nfc)
+    table["generation"] = table["generation"].map(nfc)
     dup = table["class"][table["class"].duplicated()]
     if len(dup):
         raise HierError(f"taxonomy lists class {dup.iloc[0]!r} twice")

@@ -55,6 +55,18 @@ class TrainConfig:
     workers: int = 0
     pretrained: str = "auto"
 
+    def __post_init__(self) -> None:
+        """Refuse settings that would train nothing or crash later (one error line, before any work)."""
+        for name, low in (("epochs", 1), ("batch_size", 1), ("accum", 1), ("cache_views", 0), ("workers", 0),
+                          ("folds", 2)):
+            if getattr(self, name) < low:
+                raise HierError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
+        for name in ("lr", "head_lr"):
+            if not getattr(self, name) > 0:
+                raise HierError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
+        if not 0 <= self.val_frac < 1:
+            raise HierError(f"--val-frac must be in [0, 1), not {self.val_frac}")
+
 
 # Named presets: flags that reached a measured result (see README "Benchmarks").
 PRESETS: dict[str, dict] = {
@@ -129,7 +141,13 @@ class Trainer:
         tf_eval = eval_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
         ytr = torch.as_tensor(train_y)
         cached = cfg.cache_views > 0 and model.cfg.freeze_stages > 0
-        steps_per_epoch = max(1, len(train_paths) // cfg.batch_size) // cfg.accum or 1
+        if len(train_paths) < 2:
+            raise HierError(f"{len(train_paths)} training photo(s) after the validation split; need at least 2")
+        # Full batches only (BatchNorm cannot train on a batch of one), but never zero of them: fewer
+        # photos than --batch-size train as one smaller batch. An optimizer step after every ``accum``
+        # batches and after the last one.
+        batches = max(1, len(train_paths) // cfg.batch_size)
+        steps_per_epoch = -(-batches // cfg.accum)
         sched = CosineLRScheduler(self.opt, t_initial=cfg.epochs * steps_per_epoch, lr_min=1e-6,
                                   warmup_t=int(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=1e-5,
                                   t_in_epochs=False)
@@ -139,23 +157,26 @@ class Trainer:
             self.train_paths, self.train_y, self.train_feats = train_paths, train_y, feats
             val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
                          if model.cfg.freeze_stages and len(val_paths) else None)
-            train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train), cfg.batch_size,
-                                                      shuffle=True, workers=cfg.workers, drop_last=True)
+            train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train),
+                                                      min(cfg.batch_size, len(train_paths)), shuffle=True,
+                                                      workers=cfg.workers, drop_last=True)
             for epoch in range(self.epoch, cfg.epochs):
                 gen.manual_seed(cfg.seed * 1000 + epoch)   # a resumed run sees the same batches
                 torch.manual_seed(cfg.seed * 1000 + epoch)
                 t0, losses = time.time(), []
                 model.train()
-                batches = self._cached_batches(feats, ytr, gen) if cached else \
+                batches_of_epoch = self._cached_batches(feats, ytr, gen) if cached else \
                     ((model.frozen_features(x.to(self.dev)), y) for x, y in train_loader)
-                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch * cfg.accum,
-                                         info="")
-                for i, (f, y) in enumerate(batches):
+                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, info="")
+                for i, (f, y) in enumerate(batches_of_epoch):
                     y = y.to(self.dev)
                     with torch.autocast(self.dev, dtype=self.amp_dtype, enabled=self.amp):
                         loss = hier_loss(model.heads(model.embed_features(f)), y, model, cfg.smoothing, cfg.aux)
+                    if not torch.isfinite(loss):
+                        raise HierError(f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, batch "
+                                        f"{i + 1}; lower --lr / --head-lr (the artifact keeps the last good epoch)")
                     self.scaler.scale(loss / cfg.accum).backward()
-                    if (i + 1) % cfg.accum == 0:
+                    if (i + 1) % cfg.accum == 0 or i + 1 == batches:
                         self.scaler.step(self.opt)
                         self.scaler.update()
                         self.opt.zero_grad(set_to_none=True)
@@ -257,23 +278,38 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
           model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, resume: bool = False,
           console: Console | None = None) -> dict:
     """Train on a folder-per-class dataset and write the artifact directory ``out``. With ``resume`` the
-    run's saved settings are used; a given ``cfg`` only extends its ``epochs``."""
+    run's saved settings (split included) are used; a given ``cfg`` only extends its ``epochs``."""
     extend_to = cfg.epochs if cfg is not None else None
     model_cfg, cfg, out = model_cfg or ModelConfig(), cfg or TrainConfig(), Path(out)
+    console = console or Console(stderr=True)
+    # a run stopped in its first epoch leaves train.json (and maybe log.csv), no checkpoint, no weights
+    started = (out / "train.json").is_file() and not any((out / f).exists() for f in (CHECKPOINT, artifact.WEIGHTS))
+    if resume and started:
+        raise HierError(f"--resume: the run in {out} stopped before its first epoch ended, so there is "
+                        "nothing to resume; run the same command without --resume to start it over")
     if resume and not (out / CHECKPOINT).is_file():
         raise HierError(f"--resume: no {CHECKPOINT} in {out}")
     if not resume and out.exists() and any(out.iterdir()):
-        raise HierError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
-    if resume and taxonomy is None and (out / artifact.TAXONOMY).is_file():
-        taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
+        if not started:
+            raise HierError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
+        console.print(f"[yellow]{out} holds a run that stopped before its first epoch ended; starting over[/]")
+        for name in ("train.json", "log.csv"):
+            (out / name).unlink(missing_ok=True)
+    if resume:
+        enrolled = [e["class"] for e in artifact.read_config(out).get("enrolled", [])] \
+            if (out / artifact.CONFIG).is_file() else []
+        if enrolled:
+            raise HierError(f"{out} has {len(enrolled)} enrolled class(es) (e.g. {enrolled[0]!r}) whose rows were "
+                            "made for the current weights; `hier unenroll` them first, or train into a new --out")
+        saved = json.loads((out / "train.json").read_text())
+        model_cfg = ModelConfig.from_dict(saved["model"])
+        cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
+        if taxonomy is None and (out / artifact.TAXONOMY).is_file():
+            taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
     images, taxonomy = prepare(data_dir, taxonomy)
     y = np.array([taxonomy.class_index[c] for c in images.labels])
     tr, va = split_indices(images.labels, cfg.val_frac, cfg.seed, cfg.fold, cfg.folds)
     torch.manual_seed(cfg.seed)
-    if resume:
-        saved = json.loads((out / "train.json").read_text())
-        model_cfg = ModelConfig.from_dict(saved["model"])
-        cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
     model = HierNet(model_cfg, taxonomy, pretrained="none" if resume else cfg.pretrained)
     if not resume:
         from timm.data import resolve_model_data_config

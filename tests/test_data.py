@@ -23,7 +23,7 @@ def test_scan_skips_corrupt_and_non_images(tmp_path):
     (tmp_path / "b" / ".DS_Store").write_bytes(b"\0")
     s = scan_folder(tmp_path)
     assert len(s.paths) == 6 and sorted(set(s.labels)) == ["a", "b"]
-    assert (s.unreadable, s.non_images) == (2, 1)
+    assert (s.skipped["unreadable"], s.skipped["not an image"]) == (2, 1)
     assert s.skipped_message() == "skipped 2 unreadable image(s) and 1 non-image file(s)"
 
 
@@ -54,7 +54,7 @@ def test_read_test_csv(tmp_path):
 
 def test_image_files_refuses_non_images(tmp_path):
     (tmp_path / "x.txt").write_text("hello")
-    with pytest.raises(HierError, match="not a readable image"):
+    with pytest.raises(HierError, match="is not an image: .*x.txt"):
         image_files([tmp_path / "x.txt"])
     with pytest.raises(HierError, match="no such image"):
         image_files([tmp_path / "nope.jpg"])

@@ -27,7 +27,9 @@ def _shots(demo_data, cls, n=5):
 
 
 def _snapshot(path):
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
+    """Every file of the artifact, gallery included (the empty lock file is no data)."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".hier.lock"}
 
 
 def _enroll(art, demo_data, capsys, *extra, cls="Cinder_Rook_2019_2023", n=5, name=NEW):
@@ -110,11 +112,11 @@ def test_index_build_similar_add_remove(art, demo_data, tmp_path, capsys):
     code, out, _ = run_cli("similar", art, photos[0], "--k", "5", "--format", "json", capsys=capsys)
     rows = json.loads(out)
     assert code == 0 and len(rows) == 5 and rows[0]["listing_id"] == "L000" and rows[0]["price"] == 0
-    assert rows[0]["similarity"] == pytest.approx(1.0, abs=1e-4)
-    assert all(a["similarity"] >= b["similarity"] for a, b in zip(rows, rows[1:]))
+    assert rows[0]["hier_similarity"] == pytest.approx(1.0, abs=1e-4)
+    assert all(a["hier_similarity"] >= b["hier_similarity"] for a, b in zip(rows, rows[1:]))
     code, out, _ = run_cli("similar", art, photos[0], "--k", "4", "--same-brand", "--format", "json", capsys=capsys)
-    assert code == 0 and len({r["brand"] for r in json.loads(out)}) == 1
-    ids = pd.read_csv(art / "gallery" / "listings.csv", dtype={"listing_id": str}).set_index("listing_id")["id"]
+    assert code == 0 and len({r["hier_brand"] for r in json.loads(out)}) == 1
+    ids = pd.read_csv(art / "gallery" / "listings.csv", dtype={"listing_id": str}).set_index("listing_id")["hier_id"]
     extra = tmp_path / "more"
     extra.mkdir()
     shutil.copy(photos[1], extra / "NEW1.jpg")
@@ -122,7 +124,7 @@ def test_index_build_similar_add_remove(art, demo_data, tmp_path, capsys):
     code, _, err = run_cli("index", "add", art, extra, capsys=capsys)
     assert code == 2 and "already in the index" in err
     assert run_cli("index", "remove", art, "L000", "L001", capsys=capsys)[0] == 0
-    after = pd.read_csv(art / "gallery" / "listings.csv", dtype={"listing_id": str}).set_index("listing_id")["id"]
+    after = pd.read_csv(art / "gallery" / "listings.csv", dtype={"listing_id": str}).set_index("listing_id")["hier_id"]
     assert len(after) == len(ids) + 1 - 2 and "L000" not in after.index
     assert (after.loc[ids.index[2:]] == ids.iloc[2:]).all()                        # ids stable
     code, out, _ = run_cli("similar", art, photos[1], "--k", "1", "--format", "json", capsys=capsys)

@@ -7,4 +7,12 @@ from hier.errors import HierError  # noqa: E402
 from hier.taxonomy import Taxonomy  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["HierError", "Taxonomy", "__version__"]
+__all__ = ["HierError", "Recognizer", "Results", "Taxonomy", "__version__"]
+
+
+def __getattr__(name: str):
+    """``from hier import Recognizer`` without importing torch for ``import hier`` (the CLI starts faster)."""
+    if name in ("Recognizer", "Results", "Prediction"):
+        from hier import recognizer
+        return getattr(recognizer, name)
+    raise AttributeError(f"module 'hier' has no attribute {name!r}")

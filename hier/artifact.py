@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-import torch
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 

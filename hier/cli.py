@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -27,11 +26,6 @@ class Format(str, Enum):
     table = "table"
     json = "json"
     csv = "csv"
-
-
-def _load_taxonomy(path: Optional[Path]):
-    from hier.taxonomy import Taxonomy
-    return Taxonomy.from_csv(path) if path else None
 
 
 @app.command()
@@ -65,26 +59,12 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a hierarchical model and write an artifact directory."""
-    from hier.model import ModelConfig
-    from hier.train import PRESETS, TrainConfig, train as fit
+    flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
+    from hier.recognizer import Recognizer
 
-    if preset is not None and preset not in PRESETS:
-        raise HierError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    chosen = PRESETS.get(preset, {"model": {}, "train": {}})
-    given = locals()
-    model_kw = {**chosen["model"], **{k: given[k] for k in ("img_size", "freeze_stages", "tta") if given[k] is not None}}
-    if model is not None:
-        model_kw["trunk"] = model
-    train_keys = ("epochs", "batch_size", "lr", "head_lr", "cache_views", "ema", "amp", "accum", "val_frac",
-                  "fold", "folds", "seed", "workers", "pretrained")
-    train_kw = {**chosen["train"], **{k: given[k] for k in train_keys if given[k] is not None}}
-    if resume:      # the run's saved flags win; only --epochs may extend it
-        metrics = fit(data, out, None, None, TrainConfig(epochs=epochs) if epochs else None, True, err)
-    else:
-        metrics = fit(data, out, _load_taxonomy(taxonomy), ModelConfig(**model_kw), TrainConfig(**train_kw),
-                      console=err)
-    if metrics:
-        _print_metrics(metrics, f"validation ({out})")
+    rec = Recognizer.train(data, out, preset, taxonomy, resume, console=err, trunk=model, **flags)
+    if rec.metrics:
+        _print_metrics(rec.metrics, f"validation ({out})")
     console.print(f"artifact: {out}")
 
 
@@ -107,28 +87,15 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
 ):
     """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
-    import numpy as np
-
-    from hier import artifact as art
-    from hier.data import scan_folder
-    from hier.infer import device, run
-    from hier.metrics import evaluate_probs, softmax
+    from hier.recognizer import Recognizer
     from hier.train import progress_bar
 
-    model, taxonomy = art.load(artifact, device())
-    images = scan_folder(data)
-    unknown = sorted({c for c in images.labels if c not in taxonomy})
-    if unknown:
-        raise HierError(f"class {unknown[0]!r} of {data} is not in the artifact's taxonomy "
-                        f"({len(unknown)} unknown)")
-    y = np.array([taxonomy.class_index[c] for c in images.labels])
+    rec = Recognizer(artifact, batch_size=batch_size)
     with progress_bar(err) as progress:
-        out = run(model, images.paths, batch_size, tta=model.cfg.tta if tta is None else tta, progress=progress)
-    metrics = evaluate_probs(softmax(out["joint"], model.cfg.temperature), y, taxonomy,
-                             logits=out["joint"], heads=out)
-    metrics["temperature"] = model.cfg.temperature
-    if images.skipped_message():
-        err.print(f"[yellow]{images.skipped_message()}[/]")
+        metrics = rec.evaluate(data, tta, progress)
+    skipped = metrics.pop("skipped")
+    if skipped:
+        err.print(f"[yellow]{skipped}[/]")
     if as_json:
         print(json.dumps(metrics, indent=2))
     else:
@@ -149,9 +116,9 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 64,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
-    from hier import artifact as art
+    from hier.artifact import atomic_write
     from hier.data import image_files, read_test_csv
-    from hier.infer import device, probabilities, run, top_k, write_submission
+    from hier.recognizer import Recognizer
     from hier.train import progress_bar
 
     if topk < 1:
@@ -162,18 +129,17 @@ def predict(
         raise HierError("--test-csv needs --sample-submission and --out")
     if out is not None and out.exists() and out.is_dir():
         raise HierError(f"--out {out} is a folder; give a file name")
-    model, taxonomy = art.load(artifact, device())
-    inputs = read_test_csv(test_csv) if test_csv is not None else image_files(images)
-    with progress_bar(err) as progress:
-        scores = run(model, inputs.paths, batch_size, tta=model.cfg.tta if tta is None else tta, progress=progress)
-        probs = probabilities(scores["joint"], model.cfg.temperature)
+    rec = Recognizer(artifact, batch_size=batch_size)
     if test_csv is not None:
-        table = write_submission(probs, inputs.ids, taxonomy, sample_submission, out)
+        inputs = read_test_csv(test_csv)                # checked before any progress output
+        with progress_bar(err) as progress:
+            table = rec.submission(inputs, sample_submission, out, tta, progress)
         console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
         return
-    answers = top_k(probs, taxonomy, inputs.paths, topk)
+    photos = image_files(images).paths                 # checked before any progress output
+    with progress_bar(err) as progress:
+        answers = rec.predict(photos, topk, tta, progress).to_frame()
     if out is not None:
-        from hier.artifact import atomic_write
         atomic_write(out, lambda p: answers.to_csv(p, index=False))
     _print_frame(answers, fmt)
 
@@ -187,9 +153,7 @@ def demo(
 ):
     """Draw a small synthetic hierarchical car dataset, train on it (CPU, minutes) and predict."""
     from hier.demo import make_demo_dataset
-    from hier.model import ModelConfig
-    from hier.taxonomy import Taxonomy
-    from hier.train import TrainConfig, train as fit
+    from hier.recognizer import Recognizer
 
     if out.exists() and any(out.iterdir()):
         raise HierError(f"{out} is not empty; choose another --out")
@@ -197,17 +161,17 @@ def demo(
     held_out = make_demo_dataset(out / "eval", images_per_class=8, test_images_per_class=1, img_size=img_size,
                                  seed=1)
     console.print(f"[bold]1/4[/] drew {len(data.classes)} classes in {data.train_dir}")
-    fit(data.train_dir, out / "artifact", Taxonomy.from_csv(data.taxonomy),
-        ModelConfig(img_size=img_size, freeze_stages=3), TrainConfig(epochs=epochs, cache_views=2, ema=False),
-        console=err)
+    rec = Recognizer.train(data.train_dir, out / "artifact", taxonomy=data.taxonomy, console=err, img_size=img_size,
+                           freeze_stages=3, epochs=epochs, cache_views=2, ema=False)
     console.print("[bold]2/4[/] evaluate on freshly drawn images")
-    evaluate(out / "artifact", held_out.train_dir, tta=None, batch_size=64, as_json=False)
+    metrics = rec.evaluate(held_out.train_dir)
+    metrics.pop("skipped")
+    _print_metrics(metrics, f"{rec.path} on {held_out.train_dir}")
     console.print("[bold]3/4[/] submission")
-    predict(out / "artifact", None, data.test_csv, data.sample_submission, out / "submission.csv",
-            5, Format.table, None, 64)
+    table = rec.submission(data.test_csv, data.sample_submission, out / "submission.csv")
+    console.print(f"wrote {out / 'submission.csv'}: {len(table)} rows x {table.shape[1] - 1} classes")
     console.print("[bold]4/4[/] top-3 answers for two images")
-    predict(out / "artifact", sorted((out / "data" / "test").glob("*.jpg"))[:2], None, None, None,
-            3, Format.table, None, 64)
+    _print_frame(rec.predict(sorted((out / "data" / "test").glob("*.jpg"))[:2], topk=3).to_frame(), Format.table)
 
 
 @app.command()
@@ -223,9 +187,9 @@ def enroll(
     calibrate: Annotated[float, typer.Option(help="TEEN calibration strength toward similar base classes")] = 0.0,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
-    from hier.enroll import Calibration, enroll as add
+    from hier.recognizer import Recognizer
 
-    r = add(artifact, name, images, brand, model, years, add_shots, min_shots, Calibration(calibrate))
+    r = Recognizer(artifact).enroll(name, images, brand, model, years, add_shots, min_shots, calibrate)
     if r["base"]:
         console.print(f"added {r['shots']} shot(s) to base class {r['class']!r} "
                       f"(`hier unenroll --class {r['class']!r}` takes them back out)")
@@ -242,9 +206,9 @@ def unenroll(
     name: Annotated[str, typer.Option("--class", help="An enrolled class")],
 ):
     """Remove an enrolled class, or the shots added to a base class (base classes stay)."""
-    from hier.enroll import unenroll as remove
+    from hier.recognizer import Recognizer
 
-    r = remove(artifact, name)
+    r = Recognizer(artifact).unenroll(name)
     if r["base"]:
         console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back")
     else:
@@ -262,13 +226,15 @@ def index_build(
     kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
-    from hier import index
+    from hier.index import factory_string, read_listings
+    from hier.recognizer import Recognizer
     from hier.train import progress_bar
 
-    index.factory_string(kind, 1)
-    table = index.read_listings(listings)          # bad input stops here, before any progress output
+    rec = Recognizer(artifact)
+    factory_string(kind, 1)
+    table = read_listings(listings)          # bad input stops here, before any progress output
     with progress_bar(err) as progress:
-        gallery = index.build(artifact, table, kind, progress)
+        gallery = rec.index(table, kind, progress)
     console.print(f"indexed {len(gallery)} listing image(s) ({kind}) in {artifact}/gallery")
 
 
@@ -278,12 +244,14 @@ def index_add(
     listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
 ):
     """Add listings to an existing index (ids of the others stay as they are)."""
-    from hier import index
+    from hier.index import read_listings
+    from hier.recognizer import Recognizer
     from hier.train import progress_bar
 
-    table = index.read_listings(listings)
+    rec = Recognizer(artifact)
+    table = read_listings(listings)
     with progress_bar(err) as progress:
-        added, gallery = index.add(artifact, table, progress)
+        added, gallery = rec.index_add(table, progress)
     console.print(f"added {added}; {len(gallery)} in the index")
 
 
@@ -293,9 +261,9 @@ def index_remove(
     ids: Annotated[list[str], typer.Argument(help="listing_id values to remove")],
 ):
     """Remove listings by listing_id."""
-    from hier import index
+    from hier.recognizer import Recognizer
 
-    n, gallery = index.remove(artifact, ids)
+    n, gallery = Recognizer(artifact).index_remove(ids)
     console.print(f"removed {n} vector(s); {len(gallery)} in the index")
 
 
@@ -307,24 +275,12 @@ def similar(
     same_brand: Annotated[bool, typer.Option(help="Only listings of the query's predicted brand")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
 ):
-    """Nearest listings to a photo: listing id, class, similarity and metadata."""
-    from hier import artifact as art
-    from hier.data import image_files
-    from hier.index import BRAND, ID, Gallery
-    from hier.infer import device, probabilities, run
-    from hier.metrics import decode
+    """Nearest listings to a photo: the seller's columns, hier's class and similarity."""
+    from hier.recognizer import Recognizer
 
     if k < 1:
         raise HierError(f"--k must be at least 1, not {k}")
-    gallery = Gallery.load(artifact)
-    net, taxonomy = art.load(artifact, device())
-    out = run(net, image_files([image]).paths)
-    where = None
-    if same_brand:
-        brand = taxonomy.brands[decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)[0][0]]
-        where = lambda rows: rows[BRAND] == brand  # noqa: E731
-    rows = gallery.results(out["embedding"], k, where)[0].drop(columns=[ID])
-    _print_frame(rows, fmt)
+    _print_frame(Recognizer(artifact).similar(image, k, same_brand), fmt)
 
 
 def _print_frame(frame, fmt: Format) -> None:

@@ -42,6 +42,20 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+def to_rgb(image) -> np.ndarray:
+    """A path, a PIL image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA; uint8) as an upright
+    H x W x 3 uint8 RGB array: what every transform and the predictor take."""
+    if isinstance(image, (str, Path)):
+        return load_rgb(image)
+    if isinstance(image, Image.Image):
+        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+        return np.ascontiguousarray(np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3])
+    raise HierError(f"not an image: {type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
+                    .strip() + " (give a path, a PIL image or an H x W x 3 uint8 RGB array)")
+
+
 def check_image(path: Path) -> str:
     """OK, NOT_IMAGE, UNREADABLE or TOO_LARGE, by content: a photo named .png that holds a JPEG is OK.
     The extension only names why an unidentifiable file is skipped (a broken .jpg is UNREADABLE, a
@@ -213,17 +227,18 @@ def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Com
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """(image tensor, label index) pairs; label -1 where there is none (test images)."""
+    """(image tensor, label index) pairs; label -1 where there is none (test images). Images are paths,
+    PIL images or arrays (``to_rgb``)."""
 
-    def __init__(self, paths: list[Path], targets: list[int] | None, transform: A.Compose):
-        self.paths, self.transform = paths, transform
-        self.targets = targets if targets is not None else [-1] * len(paths)
+    def __init__(self, images: list, targets: list[int] | None, transform: A.Compose):
+        self.images, self.transform = images, transform
+        self.targets = targets if targets is not None else [-1] * len(images)
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return len(self.images)
 
     def __getitem__(self, i: int):
-        return self.transform(image=load_rgb(self.paths[i]))["image"], self.targets[i]
+        return self.transform(image=to_rgb(self.images[i]))["image"], self.targets[i]
 
 
 def _reseed_worker(_: int) -> None:

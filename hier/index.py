@@ -19,6 +19,8 @@ import pandas as pd
 from hier import artifact
 from hier.data import image_files, refuse_bad, require_cells
 from hier.errors import HierError
+from hier.metrics import decode
+from hier.predictor import Predictor, device
 
 GALLERY = "gallery"
 KINDS = ("flat", "ivf", "hnsw")
@@ -165,12 +167,9 @@ def read_listings(listings: Path) -> pd.DataFrame:
 
 def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame]:
     """Embeddings of the listing photos, and the table with hier's predicted class/brand/model."""
-    from hier.infer import device, probabilities, run
-    from hier.metrics import decode
-
     net, taxonomy = artifact.load(artifact_dir, device())
-    out = run(net, [Path(p) for p in table["image"]], progress=progress)
-    brand, model, fine = decode(probabilities(out["joint"], net.cfg.temperature), taxonomy)   # as `similar`
+    out = Predictor(net)([Path(p) for p in table["image"]], progress)
+    brand, model, fine = decode(out["probs"], taxonomy)      # the top-down answer, as `similar --same-brand`
     return out["embedding"], table.assign(**{CLASS: [taxonomy.classes[i] for i in fine],
                                             BRAND: [taxonomy.brands[i] for i in brand],
                                             MODEL: [taxonomy.models[i] for i in model]})

@@ -1,55 +1,17 @@
-"""Batch inference, flip TTA, competition submissions and per-image top-k answers."""
+"""Competition submissions, per-image top-k answers and ensembles of probability matrices."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from scipy.special import log_softmax
 
 from hier.artifact import atomic_write
-from hier.data import ImageDataset, eval_transform, loader
 from hier.errors import HierError
-from hier.metrics import softmax
-from hier.model import HierNet
 from hier.taxonomy import Taxonomy, nfc
 
 EPS = 1e-6   # submission floor: log loss punishes a confident 0 without limit
-
-
-def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@torch.no_grad()
-def run(model: HierNet, paths: list[Path], batch_size: int = 64, tta: bool = False, workers: int = 0,
-        progress=None) -> dict[str, np.ndarray]:
-    """Embeddings and head logits for images. With ``tta`` the flipped view is added and the joint
-    scores are averaged as log-probabilities (a geometric mean of the two views' distributions)."""
-    cfg = model.cfg
-    dev = next(model.parameters()).device
-    data = loader(ImageDataset(paths, None, eval_transform(cfg.img_size, cfg.mean, cfg.std)), batch_size,
-                  workers=workers)
-    task = progress.add_task("predict", total=len(paths), info="") if progress else None
-    chunks: dict[str, list] = {}
-    for x, _ in data:
-        x = x.to(dev)
-        zs = [model.embed(v) for v in ([x, x.flip(3)] if tta else [x])]
-        outs = [model.heads(z) for z in zs]
-        out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("fine", "model", "brand")}
-        out["joint"] = torch.stack([torch.log_softmax(o["joint"], 1) for o in outs]).mean(0) if tta \
-            else outs[0]["joint"]
-        out["embedding"] = torch.nn.functional.normalize(torch.stack(zs).mean(0), dim=1)
-        for k, v in out.items():
-            chunks.setdefault(k, []).append(v.float().cpu().numpy())
-        if progress:
-            progress.advance(task, len(x))
-    return {k: np.concatenate(v) for k, v in chunks.items()}
-
-
-def probabilities(joint: np.ndarray, temperature: float) -> np.ndarray:
-    return softmax(joint, temperature)
 
 
 def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, sample: str | Path,
@@ -83,8 +45,10 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
     return table
 
 
-def top_k(probs: np.ndarray, taxonomy: Taxonomy, paths: list[Path], k: int = 5) -> pd.DataFrame:
+def top_k(probs: np.ndarray, taxonomy: Taxonomy, paths: list, k: int = 5) -> pd.DataFrame:
     """One row per (image, rank): class, brand, model, years, P(class) and its P(model), P(brand)."""
+    if k < 1:
+        raise HierError(f"topk must be at least 1, not {k}")
     model_p, brand_p = taxonomy.marginals(probs)
     rows = []
     for i, path in enumerate(paths):

@@ -90,7 +90,7 @@ def create_trunk(name: str, pretrained: str = "auto") -> nn.Module:
                             f"{str(e)[:200]}; use --pretrained efficientnet_lite0, a weights file, or none") from None
     try:
         trunk = timm.create_model(name, pretrained=False, num_classes=0)
-    except RuntimeError as e:
+    except RuntimeError:
         raise HierError(f"unknown timm model {name!r}") from None
     if pretrained == "none":
         return trunk

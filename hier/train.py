@@ -25,7 +25,7 @@ from hier import artifact
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, scan_folder, split_indices, train_transform
 from hier.errors import HierError
 from hier.enroll import PROTOTYPES, class_means
-from hier.infer import run
+from hier.predictor import Predictor
 from hier.metrics import evaluate_probs, fit_temperature, softmax
 from hier.model import HierNet, ModelConfig, hier_loss
 from hier.taxonomy import Taxonomy
@@ -73,6 +73,21 @@ PRESETS: dict[str, dict] = {
     "cpu": {"model": {"freeze_stages": 4, "img_size": 224, "tta": True},
             "train": {"cache_views": 6, "epochs": 20, "lr": 1e-3, "head_lr": 3e-3, "ema": False, "aux": 0.1}},
 }
+
+
+def configs(preset: str | None = None, **flags) -> tuple[ModelConfig, TrainConfig]:
+    """A preset's settings overridden by the flags given (None = not given): the one place presets are
+    merged, for the CLI, the Python API and the benchmarks alike."""
+    if preset is not None and preset not in PRESETS:
+        raise HierError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    chosen = PRESETS.get(preset, {"model": {}, "train": {}})
+    given = {k: v for k, v in flags.items() if v is not None}
+    model_keys, train_keys = set(ModelConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
+    unknown = sorted(set(given) - model_keys - train_keys)
+    if unknown:
+        raise HierError(f"unknown training setting {unknown[0]!r}")
+    return (ModelConfig(**{**chosen["model"], **{k: v for k, v in given.items() if k in model_keys}}),
+            TrainConfig(**{**chosen["train"], **{k: v for k, v in given.items() if k in train_keys}}))
 
 
 def progress_bar(console: Console | None = None) -> Progress:
@@ -154,7 +169,6 @@ class Trainer:
         gen = torch.Generator().manual_seed(cfg.seed)
         with progress_bar(self.console) as progress:
             feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train") if cached else None
-            self.train_paths, self.train_y, self.train_feats = train_paths, train_y, feats
             val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
                          if model.cfg.freeze_stages and len(val_paths) else None)
             train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train),
@@ -196,11 +210,13 @@ class Trainer:
                 progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
                 self.epoch = epoch + 1
                 self._end_epoch(row)
-        return self.finish(val_paths, val_y, val_feats, tf_eval)
+        return self.finish(train_paths, train_y, val_paths, val_y)
 
     @torch.no_grad()
-    def validate(self, paths, feats, transform, net: HierNet | None = None) -> dict[str, np.ndarray]:
-        net = (net or self._eval_net()).eval()
+    def validate(self, paths, feats, transform) -> dict[str, np.ndarray]:
+        """Per-epoch validation for choosing the best epoch: on the cached frozen features when there
+        are some (the served figures come from the predictor in ``finish``)."""
+        net = self._eval_net().eval()
         if feats is not None:
             batches = (feats[s:s + 128].to(self.dev).float() for s in range(0, len(feats), 128))
         else:
@@ -240,30 +256,24 @@ class Trainer:
         self.epoch, self.updates, self.best, self.history = (state["epoch"], state["updates"], state["best"],
                                                              state["history"])
 
-    def _prototypes(self, net: HierNet):
+    def _prototypes(self, net: HierNet, paths, y, progress=None):
         """Writer of the base classes' mean embeddings over the training photos, which enrollment maps
-        into weight space. With a cache it reuses the first cached (augmented) view: one cheap pass."""
-        paths, y = self.train_paths, self.train_y
-        if self.train_feats is not None:
-            with torch.no_grad():
-                z = torch.cat([net.eval().embed_features(self.train_feats[0][s:s + 128].to(self.dev).float()).cpu()
-                               for s in range(0, len(paths), 128)]).numpy()
-        else:
-            z = run(net, paths, workers=self.cfg.workers)["embedding"]
+        into weight space: computed by the predictor that will embed enrolled shots (same views, same
+        TTA), so both live in one geometry."""
+        z = Predictor(net, workers=self.cfg.workers)(paths, progress)["embedding"]
         means = class_means(z, np.asarray(y), len(self.taxonomy))
         return lambda p: artifact.save_npy(p, means)
 
-    def finish(self, val_paths, val_y, val_feats, tf_eval) -> dict:
+    def finish(self, train_paths, train_y, val_paths, val_y) -> dict:
         """Reload the best weights, fit the temperature on validation and store it with the metrics."""
         best, _ = artifact.load(self.out, self.dev)
-        prototypes = {PROTOTYPES: self._prototypes(best)}
+        with progress_bar(self.console) as progress:
+            prototypes = {PROTOTYPES: self._prototypes(best, train_paths, train_y, progress)}
         if not len(val_paths):
             artifact.save(self.out, best, self.taxonomy, files=prototypes)
             return {}
-        if best.cfg.tta:     # calibrate what will be served: flipped views need whole images, not the cache
-            logits = run(best, val_paths, tta=True, workers=self.cfg.workers)
-        else:
-            logits = self.validate(val_paths, val_feats, tf_eval, net=best)
+        # calibrate exactly what will be served: whole photos through the predictor, TTA as configured
+        logits = Predictor(best, workers=self.cfg.workers)(val_paths)
         best.cfg.temperature = fit_temperature(logits["joint"], val_y)
         metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
                                  logits=logits["joint"], heads=logits)

@@ -31,11 +31,11 @@ from sklearn.linear_model import LogisticRegression
 from hier import artifact
 from hier.enroll import PROTOTYPES, Calibration, PrototypeMap, class_means, enroll, imprint
 from hier.index import Gallery, factory_string
-from hier.infer import run
-from hier.model import ModelConfig, create_trunk
+from hier.predictor import Predictor
+from hier.model import create_trunk
 from hier.taxonomy import Taxonomy
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
-from hier.train import PRESETS, TrainConfig, train
+from hier.train import configs, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEAR_SIBLING = {   # held out -> the sibling that stays in training
@@ -186,21 +186,17 @@ def main() -> None:
         for d in args.data.iterdir():
             if d.is_dir() and d.name not in held:
                 (base_dir / d.name).symlink_to(d.resolve())
-    model_kw = dict(PRESETS[args.preset]["model"])
-    train_kw = {**PRESETS[args.preset]["train"], "seed": args.seed}
-    if args.model:
-        model_kw.update(trunk=args.model, freeze_stages=0, img_size=args.img_size or 64)
-        train_kw.update(pretrained="none", cache_views=0)
-    if args.epochs:
-        train_kw["epochs"] = args.epochs
-    if args.freeze_stages is not None:
-        model_kw["freeze_stages"] = args.freeze_stages
+    smoke = dict(trunk=args.model, freeze_stages=0, img_size=args.img_size or 64, pretrained="none",
+                 cache_views=0) if args.model else {}
+    model_cfg, train_cfg = configs(args.preset, **{**smoke, "seed": args.seed, "epochs": args.epochs,
+                                                   **({"freeze_stages": args.freeze_stages}
+                                                      if args.freeze_stages is not None else {})})
     base_art = args.out / "base"
     base_train_s = None                     # None: the base artifact of an earlier run was reused
     if not (base_art / "metrics.json").is_file():
         shutil.rmtree(base_art, ignore_errors=True)
         t = time.time()
-        train(base_dir, base_art, full_tax, ModelConfig(**model_kw), TrainConfig(**train_kw))
+        train(base_dir, base_art, full_tax, model_cfg, train_cfg)
         base_train_s = time.time() - t
     net, base_tax = artifact.load(base_art)
 
@@ -208,9 +204,9 @@ def main() -> None:
     images = scan_folder(base_dir)
     tr, va = split_indices(images.labels, 0.2, args.seed)
     # re-runs (other calibrations) read the forward passes back from the out dir
-    z_base, z_pool, z_test = cached_features(args.out / "embeddings.npz", lambda p: run(net, p)["embedding"],
+    z_base, z_pool, z_test = cached_features(args.out / "embeddings.npz", lambda p: Predictor(net)(p)["embedding"],
                                              images.paths, pool, test)
-    pretrained = imagenet_features(net, TrainConfig(**train_kw).pretrained)
+    pretrained = imagenet_features(net, train_cfg.pretrained)
     x_base, x_pool, x_test = cached_features(args.out / "imagenet_features.npz", pretrained, images.paths, pool, test)
     y_base = np.array([base_tax.class_index[c] for c in images.labels])
     results = {"base_train_s": base_train_s}
@@ -261,7 +257,7 @@ def main() -> None:
         times = []
         for c in held[:5]:
             t = time.time()
-            run(net, pool[c][:5])
+            Predictor(net)(pool[c][:5])
             embed_t = time.time() - t
             t = time.time()
             enroll(copy_art, c, pool[c][:5])

@@ -21,9 +21,9 @@ from sklearn.linear_model import LogisticRegression
 
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
 from hier.metrics import evaluate_probs
-from hier.model import ModelConfig, create_trunk
+from hier.model import create_trunk
 from hier.taxonomy import Taxonomy
-from hier.train import PRESETS, TrainConfig, train
+from hier.train import configs, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -61,24 +61,19 @@ def main() -> None:
         raise SystemExit(f"benchmark data not found: {args.data} (needs ../shared)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     taxonomy = Taxonomy.from_csv(args.taxonomy)
-    preset = PRESETS[args.preset]
-    train_kw = {**preset["train"], "seed": args.seed, "val_frac": 0.2}
-    if args.epochs:
-        train_kw["epochs"] = args.epochs
-    model_kw = dict(preset["model"])
-    name = f"hier --preset {args.preset}"
-    if args.freeze_stages is not None:
-        model_kw["freeze_stages"] = args.freeze_stages
-        name += f" --freeze-stages {args.freeze_stages}"
+    model_cfg, train_cfg = configs(args.preset, seed=args.seed, val_frac=0.2, epochs=args.epochs,
+                                   freeze_stages=args.freeze_stages)
+    name = f"hier --preset {args.preset}" + (f" --freeze-stages {args.freeze_stages}"
+                                             if args.freeze_stages is not None else "")
 
     rows = {}
     t0 = time.time()
     if not args.skip_baseline:
-        rows["frozen lite0 + logistic regression"] = frozen_baseline(args.data, taxonomy,
-                                                                     preset["model"]["img_size"], args.seed)
+        rows["frozen lite0 + logistic regression"] = frozen_baseline(args.data, taxonomy, model_cfg.img_size,
+                                                                     args.seed)
         rows["frozen lite0 + logistic regression"]["seconds"] = time.time() - t0
     t1 = time.time()
-    rows[name] = train(args.data, args.out, taxonomy, ModelConfig(**model_kw), TrainConfig(**train_kw))
+    rows[name] = train(args.data, args.out, taxonomy, model_cfg, train_cfg)
     rows[name]["seconds"] = time.time() - t1
 
     table = Table(title=f"Stanford dev, 88 classes, stratified 80/20 split (seed {args.seed}), "

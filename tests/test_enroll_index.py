@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hier import artifact
-from hier.infer import run
+from hier.predictor import Predictor
 
 from conftest import run_cli
 
@@ -43,17 +43,17 @@ def _enroll(art, demo_data, capsys, *extra, cls="Cinder_Rook_2019_2023", n=5, na
 def test_enroll_appends_and_never_changes_old_answers(art, demo_data, capsys):
     before, tax0 = artifact.load(art)
     paths = sorted(demo_data.train_dir.glob("*/*.jpg"))
-    old = run(before, paths)["joint"].argmax(1)
+    old = Predictor(before)(paths)["joint"].argmax(1)
     code, _, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--model", "Gale")
     assert code == 0, err
     after, tax = artifact.load(art)
     assert (len(tax), len(tax.models), len(tax.brands)) == (13, 7, 4)
     assert tax.row(NEW)["brand"] == "Zephyr" and tax.years(NEW) == "2025"
     torch.testing.assert_close(after.fine.weight[:12], before.fine.weight)         # base rows untouched
-    new = run(after, paths)["joint"].argmax(1)
+    new = Predictor(after)(paths)["joint"].argmax(1)
     assert np.all((new == old) | (new == tax.class_index[NEW]))                  # only the new class takes images
     # the new class scores higher on photos of the look it was enrolled from than on the other photos
-    score = run(after, paths)["joint"][:, tax.class_index[NEW]]
+    score = Predictor(after)(paths)["joint"][:, tax.class_index[NEW]]
     src = np.array([p.parent.name == "Cinder_Rook_2019_2023" for p in paths])
     assert score[src].mean() > score[~src].mean() + 0.2          # measured (seeded): 2.64 vs 1.19
     # predict includes the enrolled class with no other change

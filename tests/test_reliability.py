@@ -25,7 +25,7 @@ from PIL import Image
 from hier import artifact, enroll as enrollment, index
 from hier.data import load_rgb, scan_folder
 from hier.errors import HierError
-from hier.infer import run
+from hier.predictor import Predictor
 from hier.model import ModelConfig
 from hier.taxonomy import Taxonomy
 from hier.train import CHECKPOINT, TrainConfig, prepare, train
@@ -75,7 +75,7 @@ def test_add_shots_keeps_the_class_and_the_model_and_can_be_undone(art, demo_dat
     net, tax = artifact.load(art)
     y = np.array([tax.class_index[p.parent.name] for p in paths])
     own = y == tax.class_index[target]
-    before = run(net, paths)["joint"].argmax(1)
+    before = Predictor(net)(paths)["joint"].argmax(1)
     weights = artifact.load(art)[0].state_dict()
 
     shots = art.parent / "shots"
@@ -84,7 +84,7 @@ def test_add_shots_keeps_the_class_and_the_model_and_can_be_undone(art, demo_dat
         shutil.copy(p, shots / p.name)
     code, out, err = run_cli("enroll", art, "--class", target, "--images", shots, "--add-shots", capsys=capsys)
     assert code == 0 and "added 5 shot(s) to base class" in out, err
-    after = run(artifact.load(art)[0], paths)["joint"].argmax(1)
+    after = Predictor(artifact.load(art)[0])(paths)["joint"].argmax(1)
     # the unmapped blend took a demo model from 74% to 43% and captured 57 of 96 photos; now the class's
     # own photos are recognised at least as often, the whole set loses at most one photo in 50, and the
     # class takes at most 5% more of the other classes' photos (this tiny model is 24% accurate)
@@ -391,7 +391,7 @@ def test_exif_orientation_is_applied(tiny_artifact, demo_data, tmp_path):
     assert turned.shape == upright.shape == (40, 64, 3)           # sideways pixels, shown upright
     assert np.abs(turned.astype(int) - upright.astype(int)).mean() < 6
     net = artifact.load(tiny_artifact[0])[0]
-    a, b = run(net, [src, tmp_path / "portrait.jpg"])["embedding"]
+    a, b = Predictor(net)([src, tmp_path / "portrait.jpg"])["embedding"]
     assert float(a @ b) > 0.98
 
 

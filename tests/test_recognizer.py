@@ -1,0 +1,117 @@
+"""The Python API (``Recognizer``) and the one prediction path behind every command."""
+import json
+import shutil
+
+import faiss
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from hier import HierError, Recognizer, artifact
+
+from conftest import TINY, run_cli
+
+
+@pytest.fixture
+def art(tiny_artifact, tmp_path):
+    """A copy of the tiny artifact that serves with flip TTA, as the `cpu` preset does."""
+    dst = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact[0], dst)
+    config = artifact.read_config(dst)
+    config["model"]["tta"] = True
+    (dst / artifact.CONFIG).write_text(json.dumps(config))
+    return dst
+
+
+def _photos(demo_data, cls="Cinder_Rook_2019_2023", n=4):
+    return sorted((demo_data.train_dir / cls).glob("*.jpg"))[:n]
+
+
+def test_predict_takes_paths_pil_and_arrays(art, demo_data):
+    path = _photos(demo_data)[0]
+    rec = Recognizer(art)
+    preds = rec.predict([path, Image.open(path), np.asarray(Image.open(path).convert("RGB"))], topk=3)
+    assert len(preds) == 3 and [p.image for p in preds][1:] == ["<image 1>", "<image 2>"]
+    assert preds[0].p == pytest.approx(preds[1].p, abs=1e-6) == pytest.approx(preds[2].p, abs=1e-6)
+    tax = rec.taxonomy
+    for p in preds:
+        row = tax.row(p.fine)
+        assert (row["brand"], row["model"]) == (p.brand, p.model) and p.years == tax.years(p.fine)
+        assert p.p <= p.p_model + 1e-9 <= p.p_brand + 2e-9 and len(p.topk) == 3
+    frame = preds.to_frame()
+    assert len(frame) == 9 and list(frame.columns[:3]) == ["image", "rank", "class"]
+    assert json.loads(preds.to_json())[0]["fine"] == preds[0].fine
+    with pytest.raises(HierError, match="not an image"):
+        rec.predict([path, np.zeros((4, 4), dtype=np.float32)])
+
+
+def test_every_command_computes_the_same_embedding_and_probability(art, demo_data, tmp_path, capsys):
+    """Before, enroll/index/similar embedded without the TTA the artifact serves and was calibrated
+    with; now one predictor computes every embedding and probability."""
+    photos = _photos(demo_data, n=3)
+    rec = Recognizer(art)
+    assert rec.predictor.tta
+    ref = rec.embed(photos)
+    # probabilities: the API, `hier predict --format json` and a submission
+    code, out, _ = run_cli("predict", art, *photos, "--topk", "1", "--format", "json", capsys=capsys)
+    cli_p = {r["image"]: r["p"] for r in json.loads(out)}
+    top = ref["probs"].argmax(1)
+    assert code == 0 and np.allclose([cli_p[str(p)] for p in photos], ref["probs"][np.arange(3), top], atol=1e-6)
+    test_csv, sample = tmp_path / "test.csv", tmp_path / "sample.csv"
+    pd.DataFrame({"ID": ["a", "b", "c"], "img_path": [str(p) for p in photos]}).to_csv(test_csv, index=False)
+    pd.DataFrame(0.0, index=["a", "b", "c"], columns=rec.taxonomy.classes).rename_axis("ID").reset_index() \
+        .to_csv(sample, index=False)
+    assert run_cli("predict", art, "--test-csv", test_csv, "--sample-submission", sample, "--out",
+                   tmp_path / "sub.csv", capsys=capsys)[0] == 0
+    sub = pd.read_csv(tmp_path / "sub.csv").set_index("ID")[rec.taxonomy.classes].to_numpy()
+    assert np.abs(sub - ref["probs"]).max() < 1e-4        # the submission floor moves tiny values only
+    # embeddings: enroll (the stored shot sum of one photo), the index, and similar's query
+    code, _, err = run_cli("enroll", art, "--class", "Zephyr_Gale_2025_2025", "--brand", "Zephyr", "--images",
+                           photos[0], capsys=capsys)
+    assert code == 0, err
+    np.testing.assert_allclose(np.load(art / "enrolled.npy")[0], ref["embedding"][0], atol=1e-5)
+    listings = tmp_path / "listings"
+    listings.mkdir()
+    for i, p in enumerate(photos):
+        shutil.copy(p, listings / f"L{i}.jpg")
+    assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
+    index = faiss.read_index(str(art / "gallery" / "index.faiss"))
+    stored = np.stack([index.reconstruct(i) for i in range(3)])
+    np.testing.assert_allclose(stored, ref["embedding"], atol=1e-5)
+    rows = rec.similar(photos[1], k=3)
+    assert rows["listing_id"][0] == "L1" and rows["hier_similarity"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_long_lived_recognizer_sees_enrollments_made_elsewhere(art, demo_data, capsys):
+    rec = Recognizer(art)
+    assert len(rec.predict(_photos(demo_data)[:1], topk=20)[0].topk) == 12
+    code, _, err = run_cli("enroll", art, "--class", "Zephyr_Gale_2025_2025", "--brand", "Zephyr", "--images",
+                           demo_data.train_dir / "Cinder_Rook_2019_2023", capsys=capsys)   # another "process"
+    assert code == 0, err
+    answer = rec.predict(_photos(demo_data)[:1], topk=20)[0]
+    assert len(answer.topk) == 13 and "Zephyr_Gale_2025_2025" in {r["class"] for r in answer.topk}
+    rec.unenroll("Zephyr_Gale_2025_2025")                  # through the API: the next answer sees it too
+    assert len(rec.taxonomy) == 12
+
+
+def test_evaluate_matches_the_cli(art, demo_data, capsys):
+    metrics = Recognizer(art).evaluate(demo_data.train_dir)
+    code, out, _ = run_cli("evaluate", art, demo_data.train_dir, "--json", capsys=capsys)
+    cli = json.loads(out)
+    assert code == 0 and metrics["images"] == cli["images"] == 144
+    assert metrics["log_loss"] == pytest.approx(cli["log_loss"], abs=1e-9) and metrics["top1"] == cli["top1"]
+
+
+def test_train_through_the_api(demo_data, tmp_path):
+    rec = Recognizer.train(demo_data.train_dir, tmp_path / "run", taxonomy=demo_data.taxonomy, trunk=TINY.trunk,
+                           img_size=64, embed_dim=32, pretrained="none", epochs=1, batch_size=32, val_frac=0.25)
+    assert len(rec.taxonomy) == 12 and rec.metrics["images"] == 36 and rec.net.cfg.img_size == 64
+    with pytest.raises(HierError, match="differs from the saved"):
+        Recognizer.train(demo_data.train_dir, tmp_path / "run", resume=True, epochs=2, batch_size=8)
+    rec = Recognizer.train(demo_data.train_dir, tmp_path / "run", resume=True, epochs=2, batch_size=32)
+    assert len(pd.read_csv(rec.path / "log.csv")) == 2
+    with pytest.raises(HierError, match="unknown training setting 'epoch'"):
+        Recognizer.train(demo_data.train_dir, tmp_path / "other", epoch=3)
+    with pytest.raises(HierError, match="not a hier artifact"):
+        Recognizer(tmp_path)

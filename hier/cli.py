@@ -105,7 +105,8 @@ def evaluate(
 @app.command()
 def predict(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
-    images: Annotated[Optional[list[Path]], typer.Argument(help="Image files or folders (top-k mode)")] = None,
+    images: Annotated[Optional[list[Path]], typer.Argument(
+        help="Image files or folders, searched recursively (top-k mode)")] = None,
     test_csv: Annotated[Optional[Path], typer.Option(help="ID,img_path CSV (submission mode)")] = None,
     sample_submission: Annotated[Optional[Path], typer.Option(help="Gives the column and row order")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to write the submission / top-k CSV")] = None,
@@ -114,6 +115,7 @@ def predict(
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta",
                                                 help="Add flipped views, geometric mean [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
+    strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
     from hier.artifact import atomic_write
@@ -136,9 +138,11 @@ def predict(
             table = rec.submission(inputs, sample_submission, out, tta, progress)
         console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
         return
-    photos = image_files(images).paths                 # checked before any progress output
+    photos = image_files(images, strict)               # checked before any progress output
+    if photos.skipped_message():
+        err.print(f"[yellow]{photos.skipped_message()}[/]")
     with progress_bar(err) as progress:
-        answers = rec.predict(photos, topk, tta, progress).to_frame()
+        answers = rec.predict(photos.paths, topk, tta, progress).to_frame()
     if out is not None:
         atomic_write(out, lambda p: answers.to_csv(p, index=False))
     _print_frame(answers, fmt)
@@ -219,20 +223,29 @@ index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-l
 app.add_typer(index_app, name="index")
 
 
+def _listings(listings: Path, strict: bool):
+    from hier.index import read_listings
+    table = read_listings(listings, strict)
+    if table.attrs.get("skipped"):
+        err.print(f"[yellow]{table.attrs['skipped']}[/]")
+    return table
+
+
 @index_app.command("build")
 def index_build(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
     listings: Annotated[Path, typer.Argument(help="Folder of listing photos, or CSV listing_id,image[,price,...]")],
     kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
+    strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
-    from hier.index import factory_string, read_listings
+    from hier.index import factory_string
     from hier.recognizer import Recognizer
     from hier.train import progress_bar
 
     rec = Recognizer(artifact)
     factory_string(kind, 1)
-    table = read_listings(listings)          # bad input stops here, before any progress output
+    table = _listings(listings, strict)      # bad input stops here, before any progress output
     with progress_bar(err) as progress:
         gallery = rec.index(table, kind, progress)
     console.print(f"indexed {len(gallery)} listing image(s) ({kind}) in {artifact}/gallery")
@@ -242,14 +255,14 @@ def index_build(
 def index_add(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
     listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
+    strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
 ):
     """Add listings to an existing index (ids of the others stay as they are)."""
-    from hier.index import read_listings
     from hier.recognizer import Recognizer
     from hier.train import progress_bar
 
     rec = Recognizer(artifact)
-    table = read_listings(listings)
+    table = _listings(listings, strict)
     with progress_bar(err) as progress:
         added, gallery = rec.index_add(table, progress)
     console.print(f"added {added}; {len(gallery)} in the index")

@@ -154,6 +154,8 @@ def read_test_csv(csv: str | Path) -> ImageSet:
 
 def refuse_bad(paths: list[Path], where: str = "given") -> None:
     """One error line naming the first path that is not a usable image, and why."""
+    if not paths:
+        return
     status = check_images(paths)
     bad = [(p, s) for p, s in zip(paths, status) if s != OK]
     if bad:
@@ -161,25 +163,34 @@ def refuse_bad(paths: list[Path], where: str = "given") -> None:
         raise HierError(f"image {where} is {bad[0][1]}: {bad[0][0]}{more}")
 
 
-def image_files(inputs: list[str | Path]) -> ImageSet:
-    """Explicit image files or folders of images (``hier predict IMAGES...``). In a folder, files that
-    are no image at all (a README, .DS_Store) are skipped with a count; a photo that does not decode,
-    or any explicit file that is not a usable image, is refused."""
+def image_files(inputs: list[str | Path], strict: bool = False) -> ImageSet:
+    """Explicit image files and folders of photos, searched recursively (``hier predict``, ``index``).
+    In folders, files that are no image (a README, .DS_Store) are skipped with a count, and so are
+    photos that do not decode or are too large unless ``strict``; an explicit file that is not a usable
+    image is always refused."""
     paths: list[Path] = []
+    explicit: list[Path] = []
     skipped: Counter = Counter()
     for item in map(Path, inputs):
         if item.is_dir():
-            files = _files(item)
+            files = sorted(f for f in item.rglob("*") if f.is_file()
+                           and not any(part.startswith(".") for part in f.relative_to(item).parts))
             status = check_images(files)
-            skipped.update(s for s in status if s == NOT_IMAGE)
-            paths += [f for f, s in zip(files, status) if s != NOT_IMAGE]
+            bad = [(f, s) for f, s in zip(files, status) if s not in (OK, NOT_IMAGE)]
+            if strict and bad:
+                raise HierError(f"image in {item} is {bad[0][1]}: {bad[0][0]}"
+                                + (f" ({len(bad)} such files)" if len(bad) > 1 else "") + " (--strict)")
+            skipped.update(s for s in status if s != OK)
+            paths += [f for f, s in zip(files, status) if s == OK]
         elif item.is_file():
+            explicit.append(item)
             paths.append(item)
         else:
             raise HierError(f"no such image or folder: {item}")
+    refuse_bad(explicit)
     if not paths:
-        raise HierError("no images given")
-    refuse_bad(paths)
+        raise HierError("no images given" + (f" ({ImageSet([], skipped=skipped).skipped_message()})"
+                                             if skipped else ""))
     return ImageSet(paths, skipped=skipped)
 
 

@@ -189,7 +189,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     """Add (or add shots to) class ``name``. The artifact is locked from reading to the atomic save, so
     concurrent enrollments queue instead of losing each other's classes."""
     path, name, brand, model = Path(path), nfc(name), nfc(brand), nfc(model)
-    shots = image_files(images)
+    shots = image_files(images, strict=True)         # a broken shot is refused, never skipped
     if len(shots.paths) < min_shots:
         raise HierError(f"{len(shots.paths)} shot(s) given for {name!r}; --min-shots is {min_shots}")
     with artifact.locked(path):

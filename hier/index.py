@@ -138,12 +138,16 @@ class Gallery:
         return cls(to_gpu(index), listings, kind)
 
 
-def read_listings(listings: Path) -> pd.DataFrame:
-    """A folder of photos (listing_id = file stem) or a CSV ``listing_id,image[,price,...]``, checked:
-    images exist and decode, ids are unique, no column uses hier's reserved prefix."""
+def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
+    """A folder of photos, searched recursively (listing_id = path below it without the extension), or
+    a CSV ``listing_id,image[,price,...]``, checked: images exist and decode, ids are unique, no column
+    uses hier's reserved prefix. In a folder, unusable files are skipped (``table.attrs["skipped"]``
+    says how many) unless ``strict``."""
     if listings.is_dir():
-        files = image_files([listings]).paths
-        table = pd.DataFrame({"listing_id": [p.stem for p in files], "image": [str(p) for p in files]})
+        found = image_files([listings], strict)
+        table = pd.DataFrame({"listing_id": [p.relative_to(listings).with_suffix("").as_posix() for p in found.paths],
+                              "image": [str(p) for p in found.paths]})
+        table.attrs["skipped"] = found.skipped_message()
     elif listings.is_file():
         table = pd.read_csv(listings, encoding="utf-8-sig", **AS_GIVEN)
         if not {"listing_id", "image"} <= set(table.columns):

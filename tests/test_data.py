@@ -91,3 +91,22 @@ def test_seeded_augmentation_repeats_and_workers_differ(tmp_path):
     ds = ImageDataset(sorted(tmp_path.glob("*.jpg")), None, train_transform(64, seed=0))
     a, b = [x for x, _ in loader(ds, 2, workers=2)]           # one batch per worker, same source image
     assert not torch.equal(a, b)
+
+
+def test_folders_are_searched_recursively_and_bad_photos_skipped_unless_strict(tmp_path):
+    for sub in ("2024/march", "2025"):
+        for i in range(2):
+            _jpeg(tmp_path / "photos" / sub / f"{i}.jpg")
+    good = (tmp_path / "photos" / "2025" / "0.jpg").read_bytes()
+    (tmp_path / "photos" / "2025" / "broken.jpg").write_bytes(good[: len(good) // 2])
+    (tmp_path / "photos" / "README.txt").write_text("listing photos")
+    (tmp_path / "photos" / ".cache").mkdir()
+    _jpeg(tmp_path / "photos" / ".cache" / "thumb.jpg")
+    found = image_files([tmp_path / "photos"])
+    assert [p.relative_to(tmp_path / "photos").as_posix() for p in found.paths] == \
+        ["2024/march/0.jpg", "2024/march/1.jpg", "2025/0.jpg", "2025/1.jpg"]
+    assert found.skipped_message() == "skipped 1 unreadable image(s) and 1 non-image file(s)"
+    with pytest.raises(HierError, match="is unreadable: .*broken.jpg .*--strict"):
+        image_files([tmp_path / "photos"], strict=True)
+    with pytest.raises(HierError, match="is unreadable"):               # named explicitly: always refused
+        image_files([tmp_path / "photos" / "2025" / "broken.jpg"])

@@ -205,11 +205,24 @@ class HierNet(nn.Module):
         return self.heads(self.embed(x))
 
 
-def hier_loss(out: dict[str, torch.Tensor], y: torch.Tensor, model: HierNet,
-              smoothing: float = 0.1, aux: float = 0.5) -> torch.Tensor:
-    """CE on the joint fine score plus CE on the model and brand heads (each level learns its own rows)."""
-    loss = F.cross_entropy(out["joint"], y, label_smoothing=smoothing)
-    if aux:
-        loss = loss + aux * (F.cross_entropy(out["model"], model.fine_to_model[y], label_smoothing=smoothing)
-                             + F.cross_entropy(out["brand"], model.fine_to_brand[y], label_smoothing=smoothing))
-    return loss
+class HierTask(nn.Module):
+    """The training step as one module (as timm's ``task/``): ``forward(features, y) -> {"loss", ...}``.
+
+    CE on the joint fine score plus CE on the model and brand heads (each level learns its own rows).
+    It takes the frozen stem's output (cached or computed), so DDP can wrap this one module and the
+    trainer loop only calls it, backpropagates and steps.
+    """
+
+    def __init__(self, net: HierNet, smoothing: float = 0.1, aux: float = 0.5):
+        super().__init__()
+        self.net, self.smoothing, self.aux = net, smoothing, aux
+
+    def forward(self, features: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        net = self.net
+        out = net.heads(net.embed_features(features))
+        loss = F.cross_entropy(out["joint"], y, label_smoothing=self.smoothing)
+        if self.aux:
+            loss = loss + self.aux * (
+                F.cross_entropy(out["model"], net.fine_to_model[y], label_smoothing=self.smoothing)
+                + F.cross_entropy(out["brand"], net.fine_to_brand[y], label_smoothing=self.smoothing))
+        return {"loss": loss, **out}

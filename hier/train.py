@@ -27,7 +27,7 @@ from hier.errors import HierError
 from hier.enroll import PROTOTYPES, class_means
 from hier.predictor import Predictor
 from hier.metrics import evaluate_probs, fit_temperature, softmax
-from hier.model import HierNet, ModelConfig, hier_loss
+from hier.model import HierNet, HierTask, ModelConfig
 from hier.taxonomy import Taxonomy
 
 CHECKPOINT = "checkpoint.pt"
@@ -118,6 +118,7 @@ class Trainer:
         self.amp = cfg.amp and self.dev == "cuda"
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.model.to(self.dev)
+        self.task = HierTask(model, cfg.smoothing, cfg.aux)
         if self.dev == "cuda":
             self.model.to(memory_format=torch.channels_last)
         head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.") and p.requires_grad]
@@ -185,7 +186,7 @@ class Trainer:
                 for i, (f, y) in enumerate(batches_of_epoch):
                     y = y.to(self.dev)
                     with torch.autocast(self.dev, dtype=self.amp_dtype, enabled=self.amp):
-                        loss = hier_loss(model.heads(model.embed_features(f)), y, model, cfg.smoothing, cfg.aux)
+                        loss = self.task(f, y)["loss"]
                     if not torch.isfinite(loss):
                         raise HierError(f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, batch "
                                         f"{i + 1}; lower --lr / --head-lr (the artifact keeps the last good epoch)")

@@ -6,7 +6,7 @@ import torch
 from hier.data import eval_transform, load_rgb
 from hier.errors import HierError
 from hier.metrics import decode, inconsistency_rate, softmax
-from hier.model import HierNet, ModelConfig, create_trunk, load_efficientnet_lite0
+from hier.model import HierNet, HierTask, ModelConfig, create_trunk, load_efficientnet_lite0
 from hier.taxonomy import Taxonomy
 
 from conftest import STANFORD, TINY
@@ -33,6 +33,23 @@ def test_joint_score_adds_parent_scores(taxonomy):
     torch.testing.assert_close(out["joint"], out["fine"] + 0.7 * out["model"][:, m] + 0.3 * out["brand"][:, b])
     z = net.embed(torch.randn(2, 3, 64, 64))
     torch.testing.assert_close(z.norm(dim=1), torch.ones(2))
+
+
+def test_task_is_the_training_step(taxonomy):
+    """CE on the joint score, plus ``aux`` times the model and brand heads' CE; gradients reach the trunk."""
+    torch.manual_seed(0)
+    net = HierNet(ModelConfig(**vars(TINY)), taxonomy).train()
+    x, y = torch.randn(6, 3, 64, 64), torch.tensor([0, 1, 2, 3, 4, 0])
+    f = net.frozen_features(x)
+    plain = HierTask(net, smoothing=0.0, aux=0.0)(f, y)
+    with_aux = HierTask(net, smoothing=0.0, aux=0.5)(f, y)
+    ce = torch.nn.functional.cross_entropy
+    torch.testing.assert_close(plain["loss"], ce(plain["joint"], y))
+    m, b = torch.tensor(taxonomy.fine_to_model)[y], torch.tensor(taxonomy.fine_to_brand)[y]
+    torch.testing.assert_close(with_aux["loss"], ce(with_aux["joint"], y)
+                               + 0.5 * (ce(with_aux["model"], m) + ce(with_aux["brand"], b)))
+    with_aux["loss"].backward()
+    assert net.trunk.conv_stem.weight.grad.abs().sum() > 0
 
 
 def test_decoded_answers_are_always_consistent(taxonomy):

@@ -56,6 +56,8 @@ def train(
     folds: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [0]")] = None,
+    layout: Annotated[Optional[str], typer.Option(
+        help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a hierarchical model and write an artifact directory."""
@@ -81,10 +83,11 @@ def _print_metrics(metrics: dict, title: str) -> None:
 @app.command()
 def evaluate(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory from `hier train`")],
-    data: Annotated[Path, typer.Argument(help="Folder-per-class labelled images")],
+    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Add flipped views [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
+    layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
 ):
     """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
     from hier.recognizer import Recognizer
@@ -92,7 +95,7 @@ def evaluate(
 
     rec = Recognizer(artifact, batch_size=batch_size)
     with progress_bar(err) as progress:
-        metrics = rec.evaluate(data, tta, progress)
+        metrics = rec.evaluate(data, tta, progress, layout)
     skipped = metrics.pop("skipped")
     if skipped:
         err.print(f"[yellow]{skipped}[/]")

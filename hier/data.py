@@ -14,6 +14,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import albumentations as A
 import numpy as np
@@ -42,9 +43,29 @@ def load_rgb(path: str | Path) -> np.ndarray:
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
+class Crop(NamedTuple):
+    """A box of a photo (x1, y1, x2, y2 in pixels of the upright photo): a labelled whole-car box or a
+    detector's, used wherever a photo path is (datasets, the predictor)."""
+
+    path: Path
+    box: tuple[float, float, float, float]
+
+    def __str__(self) -> str:
+        return f"{self.path}#{','.join(str(round(v)) for v in self.box)}"
+
+    def load(self) -> np.ndarray:
+        rgb = load_rgb(self.path)
+        h, w = rgb.shape[:2]
+        x1, y1 = max(0, int(self.box[0])), max(0, int(self.box[1]))
+        x2, y2 = min(w, int(np.ceil(self.box[2]))), min(h, int(np.ceil(self.box[3])))
+        return np.ascontiguousarray(rgb[y1:y2, x1:x2]) if x2 - x1 >= 2 and y2 - y1 >= 2 else rgb
+
+
 def to_rgb(image) -> np.ndarray:
-    """A path, a PIL image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA; uint8) as an upright
-    H x W x 3 uint8 RGB array: what every transform and the predictor take."""
+    """A path, a ``Crop``, a PIL image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA; uint8)
+    as an upright H x W x 3 uint8 RGB array: what every transform and the predictor take."""
+    if isinstance(image, Crop):
+        return image.load()
     if isinstance(image, (str, Path)):
         return load_rgb(image)
     if isinstance(image, Image.Image):
@@ -92,7 +113,9 @@ class ImageSet:
     skipped: Counter = field(default_factory=Counter)
 
     def skipped_message(self) -> str | None:
-        parts = [f"{self.skipped[why]} {what}" for why, what in _SKIPPED.items() if self.skipped[why]]
+        """``skipped 2 unreadable image(s) and 1 non-image file(s)``; a reader's own reasons as they are."""
+        parts = [f"{n} {_SKIPPED.get(why, why)}" for why, n in sorted(
+            self.skipped.items(), key=lambda kv: list(_SKIPPED).index(kv[0]) if kv[0] in _SKIPPED else 99) if n]
         return f"skipped {' and '.join(parts)}" if parts else None
 
 

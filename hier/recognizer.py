@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 
 from hier import artifact, enroll as enrollment, index as gallery_ops
-from hier.data import ImageSet, image_files, read_test_csv, scan_folder
+from hier.data import ImageSet, image_files, read_test_csv
+from hier.readers import create_reader
 from hier.errors import HierError
 from hier.infer import top_k, write_submission
 from hier.metrics import decode, evaluate_probs
@@ -151,9 +152,9 @@ class Recognizer:
                 topk=table[table["image"] == name].drop(columns="image").to_dict("records")))
         return results
 
-    def evaluate(self, data: str | Path, tta: bool | None = None, progress=None) -> dict:
-        """The figures ``hier evaluate`` prints, on a folder-per-class dataset."""
-        images = scan_folder(data)
+    def evaluate(self, data: str | Path, tta: bool | None = None, progress=None, layout: str = "auto") -> dict:
+        """The figures ``hier evaluate`` prints, on a labelled dataset (``hier.readers`` layouts)."""
+        images, _ = create_reader(data, layout)()
         unknown = sorted({c for c in images.labels if c not in self.taxonomy})
         if unknown:
             raise HierError(f"class {unknown[0]!r} of {data} is not in the artifact's taxonomy "

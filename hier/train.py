@@ -22,10 +22,11 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from hier import artifact
-from hier.data import ImageDataset, ImageSet, eval_transform, loader, scan_folder, split_indices, train_transform
+from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError
 from hier.enroll import PROTOTYPES, class_means
 from hier.predictor import Predictor
+from hier.readers import create_reader
 from hier.metrics import evaluate_probs, fit_temperature, softmax
 from hier.model import HierNet, HierTask, ModelConfig
 from hier.taxonomy import Taxonomy
@@ -54,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     pretrained: str = "auto"
+    layout: str = "auto"        # how the training data is laid out on disk (hier.readers)
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing or crash later (one error line, before any work)."""
@@ -96,10 +98,12 @@ def progress_bar(console: Console | None = None) -> Progress:
                     console=console, transient=False)
 
 
-def prepare(data_dir: str | Path, taxonomy: Taxonomy | None) -> tuple[ImageSet, Taxonomy]:
-    """Scan the data and narrow the taxonomy to its classes (in taxonomy order); unknown classes fail."""
-    images = scan_folder(data_dir)
+def prepare(data_dir: str | Path, taxonomy: Taxonomy | None, layout: str = "auto") -> tuple[ImageSet, Taxonomy]:
+    """Read the data (``create_reader``) and narrow the taxonomy to its classes (in taxonomy order);
+    unknown classes fail. Without a taxonomy: the layout's own (AI-hub labels) or parsed folder names."""
+    images, implied = create_reader(data_dir, layout)()
     names = sorted(set(images.labels))
+    taxonomy = taxonomy or implied
     if taxonomy is None:
         return images, Taxonomy.from_class_names(names)
     unknown = [c for c in names if c not in taxonomy]
@@ -317,7 +321,7 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
         if taxonomy is None and (out / artifact.TAXONOMY).is_file():
             taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
-    images, taxonomy = prepare(data_dir, taxonomy)
+    images, taxonomy = prepare(data_dir, taxonomy, cfg.layout)
     y = np.array([taxonomy.class_index[c] for c in images.labels])
     tr, va = split_indices(images.labels, cfg.val_frac, cfg.seed, cfg.fold, cfg.folds)
     torch.manual_seed(cfg.seed)

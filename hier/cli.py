@@ -58,6 +58,8 @@ def train(
     workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [0]")] = None,
     layout: Annotated[Optional[str], typer.Option(
         help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="none | yolo: train on each photo's largest vehicle box")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a hierarchical model and write an artifact directory."""
@@ -119,6 +121,8 @@ def predict(
                                                 help="Add flipped views, geometric mean [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
+    crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
+    detector: Annotated[Optional[Path], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
     from hier.artifact import atomic_write
@@ -134,7 +138,9 @@ def predict(
         raise HierError("--test-csv needs --sample-submission and --out")
     if out is not None and out.exists() and out.is_dir():
         raise HierError(f"--out {out} is a folder; give a file name")
-    rec = Recognizer(artifact, batch_size=batch_size)
+    if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
+        raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
+    rec = Recognizer(artifact, batch_size=batch_size, detector=detector)
     if test_csv is not None:
         inputs = read_test_csv(test_csv)                # checked before any progress output
         with progress_bar(err) as progress:
@@ -149,6 +155,8 @@ def predict(
     if out is not None:
         atomic_write(out, lambda p: answers.to_csv(p, index=False))
     _print_frame(answers, fmt)
+    if rec.crop_fallback is not None:
+        err.print(f"car crops: {rec.crop_fallback:.1%} of the photos had no vehicle box and were used whole")
 
 
 @app.command()
@@ -220,6 +228,27 @@ def unenroll(
         console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back")
     else:
         console.print(f"removed {r['class']!r}; {r['classes']} classes now")
+
+
+@app.command("crop")
+def crop_cmd(
+    data: Annotated[Path, typer.Argument(help="Photos in any layout (folders are searched recursively)")],
+    out: Annotated[Path, typer.Option(help="Where the cropped copies go (same tree)")],
+    detector: Annotated[Path, typer.Option(help="ultralytics detector weights (.pt, .onnx, .tflite...)")],
+):
+    """Crop every photo to its largest car/bus/truck box (+8% margin); photos without one stay whole."""
+    from hier.detect import CarDetector, crop_folder
+    from hier.train import progress_bar
+
+    if not data.is_dir():
+        raise HierError(f"data folder not found: {data}")
+    found = CarDetector(detector)
+    with progress_bar(err) as progress:
+        r = crop_folder(data, out, found, progress)
+    if r["skipped"]:
+        err.print(f"[yellow]{r['skipped']}[/]")
+    console.print(f"cropped {r['photos'] - r['fallback']} of {r['photos']} photo(s) into {out}; "
+                  f"{r['fallback']} ({r['fallback_rate']:.1%}) had no vehicle box and were copied whole")
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")

@@ -23,6 +23,7 @@ import pandas as pd
 
 from hier import artifact, enroll as enrollment, index as gallery_ops
 from hier.data import ImageSet, image_files, read_test_csv
+from hier.detect import CarDetector
 from hier.readers import create_reader
 from hier.errors import HierError
 from hier.infer import top_k, write_submission
@@ -72,9 +73,14 @@ def _name(image, i: int) -> str:
 
 
 class Recognizer:
-    def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64):
+    def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None):
+        """``detector``: a ``hier.detect.CarDetector`` (or its weights' path) to answer on the largest
+        vehicle box of each photo path (predict, evaluate, submission, similar's query)."""
         self.path = Path(path)
         self.device, self.batch_size = device_ or device(), batch_size
+        if detector is not None and not isinstance(detector, CarDetector):
+            detector = CarDetector(detector)
+        self.detector, self.crop_fallback = detector, None
         missing = [f for f in (artifact.WEIGHTS, artifact.CONFIG, artifact.TAXONOMY) if not (self.path / f).is_file()]
         if missing:
             raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(missing)})")
@@ -127,6 +133,8 @@ class Recognizer:
     def _embed(self, images: list, progress=None, tta: bool | None = None):
         """Predictor output and the taxonomy of the very weights that produced it."""
         _, net, taxonomy, predictor = self._current()
+        if self.detector is not None:
+            images, self.crop_fallback = self.detector.crops(list(images))
         if tta is not None and tta != predictor.tta:
             predictor = Predictor(net, tta, self.batch_size)
         return predictor(images, progress), taxonomy

@@ -22,6 +22,7 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from hier import artifact
+from hier.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError
 from hier.enroll import PROTOTYPES, class_means
@@ -56,6 +57,8 @@ class TrainConfig:
     workers: int = 0
     pretrained: str = "auto"
     layout: str = "auto"        # how the training data is laid out on disk (hier.readers)
+    crop: str = "none"          # none | yolo: train on the largest vehicle box of each photo
+    detector: str | None = None  # ultralytics weights for --crop yolo
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing or crash later (one error line, before any work)."""
@@ -68,6 +71,8 @@ class TrainConfig:
                 raise HierError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
         if not 0 <= self.val_frac < 1:
             raise HierError(f"--val-frac must be in [0, 1), not {self.val_frac}")
+        if self.crop not in ("none", "yolo") or (self.crop == "yolo") != (self.detector is not None):
+            raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
 
 
 # Named presets: flags that reached a measured result (see README "Benchmarks").
@@ -321,7 +326,11 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
         if taxonomy is None and (out / artifact.TAXONOMY).is_file():
             taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
+    detector = CarDetector(cfg.detector) if cfg.crop == "yolo" else None     # a bad path fails before any work
     images, taxonomy = prepare(data_dir, taxonomy, cfg.layout)
+    if detector:
+        images.paths, rate = detector.crops(images.paths)
+        console.print(f"car crops: {rate:.1%} of the photos had no vehicle box and are used whole")
     y = np.array([taxonomy.class_index[c] for c in images.labels])
     tr, va = split_indices(images.labels, cfg.val_frac, cfg.seed, cfg.fold, cfg.folds)
     torch.manual_seed(cfg.seed)

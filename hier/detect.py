@@ -1,0 +1,111 @@
+"""Car crops with an ultralytics detector: the largest car / bus / truck box of a photo, with a margin.
+
+``CarDetector(weights)`` loads any ultralytics detection weights (``YOLO(path, task="detect")``: a
+``yolov8n.pt`` / ``yolo11n.pt``, or the offline int8 TFLite export in ``../shared/models``, which needs
+the ``ai-edge-litert`` package). Boxes are cached by the photo's content hash (MD5), so a photo is
+detected once whatever its name. A photo with no vehicle keeps its full frame, and that fallback is
+counted. ``crop_folder`` writes cropped copies of a dataset (``hier crop``); ``crops`` turns photos into
+``Crop`` items for ``--crop yolo`` on train and predict.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from hier import artifact
+from hier.data import Crop, image_files, to_rgb
+from hier.errors import HierError
+
+VEHICLES = {"car", "bus", "truck"}     # COCO classes 2, 5, 7
+MARGIN = 0.08                          # of the box's width and height, on every side: keep the badge and wheels
+CACHE = Path(os.environ.get("HIER_CACHE", Path.home() / ".cache" / "hier"))
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
+
+
+class CarDetector:
+    def __init__(self, weights: str | Path, conf: float = 0.25, imgsz: int = 640, cache: Path | None = None):
+        weights = Path(weights)
+        if not weights.is_file():
+            raise HierError(f"detector weights not found: {weights}")
+        try:
+            from ultralytics import YOLO
+            self.model = YOLO(str(weights), task="detect")
+        except (ImportError, ModuleNotFoundError) as e:
+            raise HierError(f"cannot load detector {weights}: {e} (a .tflite detector needs "
+                            "`pip install ai-edge-litert`)") from None
+        except Exception as e:  # ultralytics raises many kinds for a file it cannot read
+            raise HierError(f"cannot load detector {weights}: {str(e).splitlines()[0][:200]}") from None
+        self.vehicle_ids = {i for i, n in self.model.names.items() if n in VEHICLES}
+        if not self.vehicle_ids:
+            raise HierError(f"detector {weights} has no car/bus/truck class (names: {list(self.model.names.values())[:5]}...)")
+        self.conf, self.imgsz = conf, imgsz
+        self.cache_file = (cache or CACHE) / f"boxes-{md5(weights)[:12]}-{imgsz}-{conf}.json"
+        self._cache = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+
+    def boxes(self, paths: list[Path], batch: int = 16) -> list[tuple | None]:
+        """The widened largest vehicle box of each photo (x1, y1, x2, y2 of the upright photo), or None."""
+        keys = [md5(p) for p in paths]
+        todo = [i for i, k in enumerate(keys) if k not in self._cache]
+        for s in range(0, len(todo), batch):
+            chunk = todo[s:s + batch]
+            frames = [to_rgb(paths[i])[..., ::-1] for i in chunk]          # ultralytics takes BGR arrays
+            for i, frame, result in zip(chunk, frames, self.model.predict(frames, conf=self.conf, imgsz=self.imgsz,
+                                                                          verbose=False)):
+                self._cache[keys[i]] = self._largest(result, frame.shape)
+        if todo:
+            self.cache_file.parent.mkdir(parents=True, exist_ok=True)
+            text = json.dumps(self._cache)
+            artifact.atomic_write(self.cache_file, lambda p: p.write_text(text))
+        return [tuple(self._cache[k]) if self._cache[k] else None for k in keys]
+
+    def _largest(self, result, shape) -> list | None:
+        best = None
+        for cls, xyxy in zip(result.boxes.cls.tolist(), result.boxes.xyxy.tolist()):
+            if int(cls) in self.vehicle_ids:
+                area = (xyxy[2] - xyxy[0]) * (xyxy[3] - xyxy[1])
+                if best is None or area > best[0]:
+                    best = (area, xyxy)
+        if best is None:
+            return None
+        x1, y1, x2, y2 = best[1]
+        dx, dy = MARGIN * (x2 - x1), MARGIN * (y2 - y1)
+        h, w = shape[:2]
+        return [max(0.0, x1 - dx), max(0.0, y1 - dy), min(float(w), x2 + dx), min(float(h), y2 + dy)]
+
+    def crops(self, paths: list) -> tuple[list, float]:
+        """Photos as ``Crop`` items (full photos where no vehicle was found), and the fallback rate."""
+        files = [p for p in paths if isinstance(p, (str, Path))]
+        found = dict(zip(map(str, files), self.boxes([Path(p) for p in files])))
+        out = [Crop(Path(p), found[str(p)]) if isinstance(p, (str, Path)) and found[str(p)] else p for p in paths]
+        return out, (sum(b is None for b in found.values()) / len(found) if found else 0.0)
+
+
+def crop_folder(data: Path, out: Path, detector: CarDetector, progress=None) -> dict:
+    """Cropped copies of every photo under ``data`` (any layout; the tree is mirrored under ``out``),
+    full photos where nothing was detected. Returns counts and the fallback rate."""
+    data, out = Path(data), Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise HierError(f"{out} is not empty; choose another --out")
+    if out.resolve().is_relative_to(data.resolve()):
+        raise HierError(f"--out {out} is inside {data}; choose a folder outside the data")
+    photos = image_files([data])
+    task = progress.add_task("crop", total=len(photos.paths), info="") if progress else None
+    fallback = 0
+    for s in range(0, len(photos.paths), 64):
+        chunk = photos.paths[s:s + 64]
+        for path, box in zip(chunk, detector.boxes(chunk)):
+            dst = out / path.relative_to(data)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            fallback += box is None
+            Image.fromarray(to_rgb(Crop(path, box) if box else path)).save(dst.with_suffix(".jpg"), quality=95)
+        if progress:
+            progress.advance(task, len(chunk))
+    return {"photos": len(photos.paths), "fallback": fallback, "fallback_rate": fallback / len(photos.paths),
+            "skipped": photos.skipped_message()}

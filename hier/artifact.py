@@ -20,7 +20,7 @@ from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save_file
 
 from hier.errors import HierError
-from hier.model import HierNet, ModelConfig
+from hier.models import HierNet, ModelConfig
 from hier.taxonomy import Taxonomy
 
 WEIGHTS, CONFIG, TAXONOMY = "model.safetensors", "config.json", "taxonomy.csv"

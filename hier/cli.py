@@ -93,7 +93,7 @@ def evaluate(
 ):
     """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
     from hier.recognizer import Recognizer
-    from hier.train import progress_bar
+    from hier.engine.trainer import progress_bar
 
     rec = Recognizer(artifact, batch_size=batch_size)
     with progress_bar(err) as progress:
@@ -128,7 +128,7 @@ def predict(
     from hier.artifact import atomic_write
     from hier.data import image_files, read_test_csv
     from hier.recognizer import Recognizer
-    from hier.train import progress_bar
+    from hier.engine.trainer import progress_bar
 
     if topk < 1:
         raise HierError(f"--topk must be at least 1, not {topk}")
@@ -237,8 +237,8 @@ def crop_cmd(
     detector: Annotated[Path, typer.Option(help="ultralytics detector weights (.pt, .onnx, .tflite...)")],
 ):
     """Crop every photo to its largest car/bus/truck box (+8% margin); photos without one stay whole."""
-    from hier.detect import CarDetector, crop_folder
-    from hier.train import progress_bar
+    from hier.data.detect import CarDetector, crop_folder
+    from hier.engine.trainer import progress_bar
 
     if not data.is_dir():
         raise HierError(f"data folder not found: {data}")
@@ -273,7 +273,7 @@ def index_build(
     """Embed listing photos and (re)build ARTIFACT/gallery."""
     from hier.index import factory_string
     from hier.recognizer import Recognizer
-    from hier.train import progress_bar
+    from hier.engine.trainer import progress_bar
 
     rec = Recognizer(artifact)
     factory_string(kind, 1)
@@ -291,7 +291,7 @@ def index_add(
 ):
     """Add listings to an existing index (ids of the others stay as they are)."""
     from hier.recognizer import Recognizer
-    from hier.train import progress_bar
+    from hier.engine.trainer import progress_bar
 
     rec = Recognizer(artifact)
     table = _listings(listings, strict)

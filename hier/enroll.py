@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from hier import artifact
 from hier.data import image_files
 from hier.errors import HierError
-from hier.predictor import Predictor
-from hier.model import HierNet
+from hier.engine.predictor import Predictor
+from hier.models import HierNet
 from hier.taxonomy import Taxonomy, nfc, parse_class_name
 
 PROTOTYPES = "prototypes.npy"   # base-class mean embeddings, written by `hier train`

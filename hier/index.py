@@ -20,7 +20,7 @@ from hier import artifact
 from hier.data import image_files, refuse_bad, require_cells
 from hier.errors import HierError
 from hier.metrics import decode
-from hier.predictor import Predictor, device
+from hier.engine.predictor import Predictor, device
 
 GALLERY = "gallery"
 KINDS = ("flat", "ivf", "hnsw")

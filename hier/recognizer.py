@@ -23,12 +23,12 @@ import pandas as pd
 
 from hier import artifact, enroll as enrollment, index as gallery_ops
 from hier.data import ImageSet, image_files, read_test_csv
-from hier.detect import CarDetector
-from hier.readers import create_reader
+from hier.data.detect import CarDetector
+from hier.data.readers import create_reader
 from hier.errors import HierError
 from hier.infer import top_k, write_submission
 from hier.metrics import decode, evaluate_probs
-from hier.predictor import Predictor, device
+from hier.engine.predictor import Predictor, device
 
 
 @dataclass
@@ -74,7 +74,7 @@ def _name(image, i: int) -> str:
 
 class Recognizer:
     def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None):
-        """``detector``: a ``hier.detect.CarDetector`` (or its weights' path) to answer on the largest
+        """``detector``: a ``hier.data.detect.CarDetector`` (or its weights' path) to answer on the largest
         vehicle box of each photo path (predict, evaluate, submission, similar's query)."""
         self.path = Path(path)
         self.device, self.batch_size = device_ or device(), batch_size
@@ -161,7 +161,7 @@ class Recognizer:
         return results
 
     def evaluate(self, data: str | Path, tta: bool | None = None, progress=None, layout: str = "auto") -> dict:
-        """The figures ``hier evaluate`` prints, on a labelled dataset (``hier.readers`` layouts)."""
+        """The figures ``hier evaluate`` prints, on a labelled dataset (``hier.data.readers`` layouts)."""
         images, _ = create_reader(data, layout)()
         unknown = sorted({c for c in images.labels if c not in self.taxonomy})
         if unknown:
@@ -224,7 +224,7 @@ class Recognizer:
         ``hier train`` options (``epochs=``, ``trunk=``, ``freeze_stages=``...); with ``resume`` only
         ``epochs`` (to extend the run) is taken."""
         from hier.taxonomy import Taxonomy
-        from hier.train import TrainConfig, configs, train
+        from hier.engine.trainer import TrainConfig, configs, train
 
         if isinstance(taxonomy, (str, Path)):
             taxonomy = Taxonomy.from_csv(taxonomy)

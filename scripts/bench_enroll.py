@@ -31,11 +31,11 @@ from sklearn.linear_model import LogisticRegression
 from hier import artifact
 from hier.enroll import PROTOTYPES, Calibration, PrototypeMap, class_means, enroll, imprint
 from hier.index import Gallery, factory_string
-from hier.predictor import Predictor
-from hier.model import create_trunk
+from hier.engine.predictor import Predictor
+from hier.models import create_trunk
 from hier.taxonomy import Taxonomy
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
-from hier.train import configs, train
+from hier.engine.trainer import configs, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEAR_SIBLING = {   # held out -> the sibling that stays in training

@@ -21,9 +21,9 @@ from sklearn.linear_model import LogisticRegression
 
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
 from hier.metrics import evaluate_probs
-from hier.model import create_trunk
+from hier.models import create_trunk
 from hier.taxonomy import Taxonomy
-from hier.train import configs, train
+from hier.engine.trainer import configs, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -8,9 +8,9 @@ import pytest
 
 from hier.cli import main
 from hier.demo import make_demo_dataset
-from hier.model import ModelConfig
+from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
-from hier.train import TrainConfig, train
+from hier.engine.trainer import TrainConfig, train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STANFORD = SHARED / "data" / "stanford-cars-dev" / "train"

@@ -15,14 +15,14 @@ pytestmark = pytest.mark.skipif(not DETECTOR.is_file() or not STANFORD.is_dir(),
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path, monkeypatch):
-    import hier.detect
-    monkeypatch.setattr(hier.detect, "CACHE", tmp_path / "cache")
+    import hier.data.detect
+    monkeypatch.setattr(hier.data.detect, "CACHE", tmp_path / "cache")
 
 
 @pytest.fixture(scope="module")
 def detector():
     pytest.importorskip("ai_edge_litert")
-    from hier.detect import CarDetector
+    from hier.data.detect import CarDetector
     return CarDetector(DETECTOR)
 
 
@@ -31,7 +31,7 @@ def _photos(n=6):
 
 
 def test_largest_vehicle_box_with_margin_and_a_content_cache(detector, tmp_path):
-    from hier.detect import CarDetector
+    from hier.data.detect import CarDetector
     photos = _photos()
     det = CarDetector(DETECTOR, cache=tmp_path / "c")
     boxes = det.boxes(photos)
@@ -82,3 +82,14 @@ def test_predict_on_crops(detector, tiny_artifact, capsys):
     code, out, err = run_cli("predict", tiny_artifact[0], *_photos(3), "--crop", "yolo", "--detector", DETECTOR,
                              "--format", "json", "--topk", "1", capsys=capsys)
     assert code == 0 and "car crops:" in err, err
+
+
+def test_loading_the_detector_keeps_pillows_own_open(detector, tmp_path):
+    """ultralytics replaces PIL.Image.open on import with one that fetches pi-heif for any unknown file;
+    hier puts Pillow's back, so a README in a photo folder is still skipped, not a crash."""
+    from PIL import Image as PILImage
+
+    from hier.data import NOT_IMAGE, check_image
+    (tmp_path / "README.txt").write_text("listing notes")
+    assert check_image(tmp_path / "README.txt") == NOT_IMAGE
+    assert not PILImage.open.__module__.startswith("ultralytics")

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from hier import artifact
-from hier.train import CHECKPOINT, TrainConfig, train
-from hier.model import ModelConfig
+from hier.engine.trainer import CHECKPOINT, TrainConfig, train
+from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 
 from conftest import TINY, run_cli

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hier import artifact
-from hier.predictor import Predictor
+from hier.engine.predictor import Predictor
 
 from conftest import run_cli
 

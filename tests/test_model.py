@@ -6,7 +6,7 @@ import torch
 from hier.data import eval_transform, load_rgb
 from hier.errors import HierError
 from hier.metrics import decode, inconsistency_rate, softmax
-from hier.model import HierNet, HierTask, ModelConfig, create_trunk, load_efficientnet_lite0
+from hier.models import HierNet, HierTask, ModelConfig, create_trunk, load_efficientnet_lite0
 from hier.taxonomy import Taxonomy
 
 from conftest import STANFORD, TINY

@@ -7,7 +7,7 @@ import pytest
 
 from hier.data import Crop, to_rgb
 from hier.errors import HierError
-from hier.readers import create_reader, detect_layout
+from hier.data.readers import create_reader, detect_layout
 
 from conftest import run_cli
 

@@ -25,10 +25,10 @@ from PIL import Image
 from hier import artifact, enroll as enrollment, index
 from hier.data import load_rgb, scan_folder
 from hier.errors import HierError
-from hier.predictor import Predictor
-from hier.model import ModelConfig
+from hier.engine.predictor import Predictor
+from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
-from hier.train import CHECKPOINT, TrainConfig, prepare, train
+from hier.engine.trainer import CHECKPOINT, TrainConfig, prepare, train
 
 from conftest import TINY, run_cli
 
@@ -212,7 +212,7 @@ def _small_dataset(demo_data, root, classes=3, per_class=10):
 @pytest.mark.parametrize("cached", [False, True])
 def test_fewer_photos_than_a_batch_still_train(cached, demo_data, tmp_path):
     """24 training photos, batch 32, accum 4: before, drop_last left no step and a nan loss, exit 0."""
-    from hier.model import HierNet
+    from hier.models import HierNet
     data = _small_dataset(demo_data, tmp_path / "data")
     model_cfg = ModelConfig(**{**vars(TINY), "freeze_stages": 1 if cached else 0})
     out = tmp_path / "run"
@@ -274,17 +274,17 @@ def test_bad_prediction_inputs_are_one_line(tiny_artifact, demo_data, tmp_path, 
 # --- 5. interrupts --------------------------------------------------------------------------------------
 
 def test_ctrl_c_is_a_failure_exit(demo_data, tmp_path, monkeypatch, capsys):
-    import hier.train
+    import hier.engine.trainer
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(hier.train, "train", interrupted)
+    monkeypatch.setattr(hier.engine.trainer, "train", interrupted)
     code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "run", capsys=capsys)
     assert code == 130 and "interrupted" in err
 
 
 def test_a_run_interrupted_in_its_first_epoch_can_start_over(demo_data, tmp_path, monkeypatch, capsys):
-    import hier.train
+    import hier.engine.trainer
     data = _small_dataset(demo_data, tmp_path / "data")
     out = tmp_path / "run"
     args = ["train", data, "--out", out, "--model", "test_efficientnet", "--pretrained", "none", "--img-size", "64",
@@ -293,7 +293,7 @@ def test_a_run_interrupted_in_its_first_epoch_can_start_over(demo_data, tmp_path
     def interrupted(self, row):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(hier.train.Trainer, "_end_epoch", interrupted)
+        m.setattr(hier.engine.trainer.Trainer, "_end_epoch", interrupted)
         assert run_cli(*args, capsys=capsys)[0] == 130
     assert (out / "train.json").is_file() and not (out / CHECKPOINT).exists()
     code, _, err = run_cli(*args, "--resume", capsys=capsys)

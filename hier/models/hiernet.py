@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hier.data.images import IMAGENET_MEAN, IMAGENET_STD
 from hier.errors import HierError
 from hier.taxonomy import Taxonomy
 
@@ -32,8 +33,8 @@ class ModelConfig:
     freeze_stages: int = 0       # trunk stages kept frozen (and cacheable) from the input side
     temperature: float = 1.0     # fitted on validation NLL after training
     tta: bool = False            # serve with flipped views too (evaluate/predict default; T fitted so)
-    mean: tuple = (0.485, 0.456, 0.406)
-    std: tuple = (0.229, 0.224, 0.225)
+    mean: tuple = IMAGENET_MEAN  # replaced by the trunk's own (timm data config) when training starts
+    std: tuple = IMAGENET_STD
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from hier.data import ImageDataset, eval_transform, loader
 from hier.metrics import softmax
-from hier.model import HierNet
+from hier.models import HierNet
 
 
 def device() -> str:

@@ -22,14 +22,14 @@ from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
 from hier import artifact
-from hier.detect import CarDetector
+from hier.data.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError
 from hier.enroll import PROTOTYPES, class_means
-from hier.predictor import Predictor
-from hier.readers import create_reader
+from hier.engine.predictor import Predictor
+from hier.data.readers import create_reader
 from hier.metrics import evaluate_probs, fit_temperature, softmax
-from hier.model import HierNet, HierTask, ModelConfig
+from hier.models import HierNet, HierTask, ModelConfig
 from hier.taxonomy import Taxonomy
 
 CHECKPOINT = "checkpoint.pt"
@@ -56,7 +56,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     pretrained: str = "auto"
-    layout: str = "auto"        # how the training data is laid out on disk (hier.readers)
+    layout: str = "auto"        # how the training data is laid out on disk (hier.data.readers)
     crop: str = "none"          # none | yolo: train on the largest vehicle box of each photo
     detector: str | None = None  # ultralytics weights for --crop yolo
 

@@ -25,6 +25,20 @@ MARGIN = 0.08                          # of the box's width and height, on every
 CACHE = Path(os.environ.get("HIER_CACHE", Path.home() / ".cache" / "hier"))
 
 
+def _import_yolo():
+    """``ultralytics.YOLO``, with PIL's own ``Image.open`` put back: ultralytics replaces it on import
+    with one that, on any file Pillow cannot identify, tries to install and import pi-heif at run time
+    (raising ModuleNotFoundError offline), which would turn hier's skip-and-count into a crash."""
+    from PIL import Image
+    original = Image.open
+    from ultralytics import YOLO
+    if getattr(original, "__module__", "").startswith("ultralytics"):       # imported by the user earlier
+        import ultralytics.utils.patches as patches
+        original = patches._image_open
+    Image.open = original
+    return YOLO
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
@@ -35,7 +49,7 @@ class CarDetector:
         if not weights.is_file():
             raise HierError(f"detector weights not found: {weights}")
         try:
-            from ultralytics import YOLO
+            YOLO = _import_yolo()
             self.model = YOLO(str(weights), task="detect")
         except (ImportError, ModuleNotFoundError) as e:
             raise HierError(f"cannot load detector {weights}: {e} (a .tflite detector needs "

@@ -1,0 +1,1 @@
+"""Running the network: the one ``Predictor`` (every forward pass for answers) and the trainer."""

@@ -123,6 +123,7 @@ def predict(
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
     crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
     detector: Annotated[Optional[Path], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when `hier export` was run) | torch | onnx")] = "auto",
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
     from hier.artifact import atomic_write
@@ -140,7 +141,7 @@ def predict(
         raise HierError(f"--out {out} is a folder; give a file name")
     if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
         raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
-    rec = Recognizer(artifact, batch_size=batch_size, detector=detector)
+    rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
     if test_csv is not None:
         inputs = read_test_csv(test_csv)                # checked before any progress output
         with progress_bar(err) as progress:
@@ -228,6 +229,18 @@ def unenroll(
         console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back")
     else:
         console.print(f"removed {r['class']!r}; {r['classes']} classes now")
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+):
+    """Write ARTIFACT/model.onnx (trunk + embedding, flip TTA inside): predict, evaluate, enroll and index
+    then run on ONNX Runtime, with the same outputs to ~1e-6."""
+    from hier.recognizer import Recognizer
+
+    console.print(f"wrote {Recognizer(artifact).export(fmt)}")
 
 
 @app.command("crop")

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from hier import artifact
 from hier.data import image_files
 from hier.errors import HierError
-from hier.engine.predictor import Predictor
+from hier.engine.predictor import artifact_predictor
 from hier.models import HierNet
 from hier.taxonomy import Taxonomy, nfc, parse_class_name
 
@@ -203,7 +203,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
         if is_base and mapping is None:
             raise HierError(f"{path} has no {PROTOTYPES} (trained by an older hier), so shots cannot be added to "
                             f"base class {name!r} without harming it; retrain, or enroll under a new name")
-        z = Predictor(net)(shots.paths)["embedding"]       # as the artifact serves: its TTA included
+        z = artifact_predictor(path, net)(shots.paths)["embedding"]     # as the artifact serves: TTA included
         frame = mapping or raw_frame
         if name in taxonomy:
             i = taxonomy.class_index[name]

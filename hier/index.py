@@ -20,7 +20,7 @@ from hier import artifact
 from hier.data import image_files, refuse_bad, require_cells
 from hier.errors import HierError
 from hier.metrics import decode
-from hier.engine.predictor import Predictor, device
+from hier.engine.predictor import artifact_predictor, device
 
 GALLERY = "gallery"
 KINDS = ("flat", "ivf", "hnsw")
@@ -172,7 +172,7 @@ def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
 def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame]:
     """Embeddings of the listing photos, and the table with hier's predicted class/brand/model."""
     net, taxonomy = artifact.load(artifact_dir, device())
-    out = Predictor(net)([Path(p) for p in table["image"]], progress)
+    out = artifact_predictor(artifact_dir, net)([Path(p) for p in table["image"]], progress)
     brand, model, fine = decode(out["probs"], taxonomy)      # the top-down answer, as `similar --same-brand`
     return out["embedding"], table.assign(**{CLASS: [taxonomy.classes[i] for i in fine],
                                             BRAND: [taxonomy.brands[i] for i in brand],

@@ -28,7 +28,7 @@ from hier.data.readers import create_reader
 from hier.errors import HierError
 from hier.infer import top_k, write_submission
 from hier.metrics import decode, evaluate_probs
-from hier.engine.predictor import Predictor, device
+from hier.engine.predictor import Predictor, artifact_predictor, device
 
 
 @dataclass
@@ -73,11 +73,14 @@ def _name(image, i: int) -> str:
 
 
 class Recognizer:
-    def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None):
+    def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None,
+                 backend: str = "auto"):
         """``detector``: a ``hier.data.detect.CarDetector`` (or its weights' path) to answer on the largest
-        vehicle box of each photo path (predict, evaluate, submission, similar's query)."""
+        vehicle box of each photo path (predict, evaluate, submission, similar's query). ``backend``:
+        ``auto`` runs the artifact's ONNX export (``hier export``) when it is up to date, ``torch`` or
+        ``onnx`` force one."""
         self.path = Path(path)
-        self.device, self.batch_size = device_ or device(), batch_size
+        self.device, self.batch_size, self.backend = device_ or device(), batch_size, backend
         if detector is not None and not isinstance(detector, CarDetector):
             detector = CarDetector(detector)
         self.detector, self.crop_fallback = detector, None
@@ -98,7 +101,8 @@ class Recognizer:
         """Read the artifact now (done by itself on first use and whenever it changed on disk)."""
         stamp = self._disk_stamp()
         net, taxonomy = artifact.load(self.path, self.device)
-        self._loaded = (stamp, net, taxonomy, Predictor(net, batch_size=self.batch_size))
+        self._loaded = (stamp, net, taxonomy, artifact_predictor(self.path, net, self.backend,
+                                                                 batch_size=self.batch_size))
         return self
 
     def _current(self):
@@ -136,7 +140,7 @@ class Recognizer:
         if self.detector is not None:
             images, self.crop_fallback = self.detector.crops(list(images))
         if tta is not None and tta != predictor.tta:
-            predictor = Predictor(net, tta, self.batch_size)
+            predictor = artifact_predictor(self.path, net, self.backend, tta=tta, batch_size=self.batch_size)
         return predictor(images, progress), taxonomy
 
     # --- answers ------------------------------------------------------------------------------------
@@ -181,6 +185,17 @@ class Recognizer:
         inputs = test_csv if isinstance(test_csv, ImageSet) else read_test_csv(test_csv)
         scores, tax = self._embed(inputs.paths, progress, tta)
         return write_submission(scores["probs"], inputs.ids, tax, sample_submission, out)
+
+    def export(self, format: str = "onnx") -> Path:
+        """ARTIFACT/model.onnx: the trunk and embedding (with the flipped view when the artifact serves
+        with TTA), run by ONNX Runtime from then on; the heads stay in PyTorch, so enrolling needs no
+        re-export, retraining does (a stale export is ignored)."""
+        if format != "onnx":
+            raise HierError(f"unknown export format {format!r}; onnx is the one supported")
+        from hier.engine.predictor import export
+        out = export(self.path)
+        self._loaded = None
+        return out
 
     def similar(self, image, k: int = 10, same_brand: bool = False) -> pd.DataFrame:
         """The k nearest listings (sellers' columns + hier_*), best first."""

@@ -3,6 +3,7 @@ import json
 import shutil
 
 import faiss
+import torch
 import numpy as np
 import pandas as pd
 import pytest
@@ -115,3 +116,26 @@ def test_train_through_the_api(demo_data, tmp_path):
         Recognizer.train(demo_data.train_dir, tmp_path / "other", epoch=3)
     with pytest.raises(HierError, match="not a hier artifact"):
         Recognizer(tmp_path)
+
+
+def test_onnx_export_serves_the_same_answers(art, demo_data, capsys):
+    photos = _photos(demo_data, n=4)
+    eager = Recognizer(art, backend="torch").embed(photos)
+    code, out, err = run_cli("export", art, capsys=capsys)
+    assert code == 0 and (art / "model.onnx").is_file(), err
+    rec = Recognizer(art)
+    assert rec.predictor.session is not None and rec.predictor.views == 2          # TTA inside the graph
+    fast = rec.embed(photos)
+    for k in ("embedding", "joint", "probs"):
+        np.testing.assert_allclose(fast[k], eager[k], atol=1e-4)
+    # enrolling changes the heads only: the export stays in use and answers with the new class
+    assert rec.enroll("Zephyr_Gale_2025_2025", _photos(demo_data, n=3), brand="Zephyr")["classes"] == 13
+    assert rec.predictor.session is not None and rec.embed(photos)["probs"].shape == (4, 13)
+    # retrained weights make the export stale: ignored by auto, refused when asked for
+    net, tax = artifact.load(art)
+    with torch.no_grad():
+        net.trunk.conv_stem.weight.mul_(1.5)
+    artifact.save(art, net, tax)
+    assert Recognizer(art).predictor.session is None
+    with pytest.raises(HierError, match="no up-to-date ONNX export"):
+        Recognizer(art, backend="onnx").predictor

@@ -37,9 +37,14 @@ _SKIPPED = {UNREADABLE: "unreadable image(s)", NOT_IMAGE: "non-image file(s)",
             TOO_LARGE: f"image(s) over PIL's {Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit"}
 
 
-def load_rgb(path: str | Path) -> np.ndarray:
-    """The photo as an upright RGB array (EXIF orientation applied)."""
+def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
+    """The photo as an upright RGB array (EXIF orientation applied). With ``size``, a JPEG is decoded
+    straight at the smallest 1/2, 1/4 or 1/8 scale still at least ``size`` pixels on each side (libjpeg
+    DCT scaling, PIL ``draft``): a 1600 x 1200 phone photo for a 224 px model decodes at 400 x 300,
+    several times faster, before the usual resize."""
     with Image.open(path) as im:
+        if size:
+            im.draft("RGB", (size, size))
         return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
 
 
@@ -54,20 +59,21 @@ class Crop(NamedTuple):
         return f"{self.path}#{','.join(str(round(v)) for v in self.box)}"
 
     def load(self) -> np.ndarray:
-        rgb = load_rgb(self.path)
+        rgb = load_rgb(self.path)           # full resolution: the box is in full-photo pixels
         h, w = rgb.shape[:2]
         x1, y1 = max(0, int(self.box[0])), max(0, int(self.box[1]))
         x2, y2 = min(w, int(np.ceil(self.box[2]))), min(h, int(np.ceil(self.box[3])))
         return np.ascontiguousarray(rgb[y1:y2, x1:x2]) if x2 - x1 >= 2 and y2 - y1 >= 2 else rgb
 
 
-def to_rgb(image) -> np.ndarray:
+def to_rgb(image, size: int | None = None) -> np.ndarray:
     """A path, a ``Crop``, a PIL image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA; uint8)
-    as an upright H x W x 3 uint8 RGB array: what every transform and the predictor take."""
+    as an upright H x W x 3 uint8 RGB array: what every transform and the predictor take. ``size``:
+    decode a JPEG path at reduced scale, at least that large (``load_rgb``)."""
     if isinstance(image, Crop):
         return image.load()
     if isinstance(image, (str, Path)):
-        return load_rgb(image)
+        return load_rgb(image, size)
     if isinstance(image, Image.Image):
         return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
     if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
@@ -264,15 +270,15 @@ class ImageDataset(torch.utils.data.Dataset):
     """(image tensor, label index) pairs; label -1 where there is none (test images). Images are paths,
     PIL images or arrays (``to_rgb``)."""
 
-    def __init__(self, images: list, targets: list[int] | None, transform: A.Compose):
-        self.images, self.transform = images, transform
+    def __init__(self, images: list, targets: list[int] | None, transform: A.Compose, decode_size: int | None = None):
+        self.images, self.transform, self.decode_size = images, transform, decode_size
         self.targets = targets if targets is not None else [-1] * len(images)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, i: int):
-        return self.transform(image=to_rgb(self.images[i]))["image"], self.targets[i]
+        return self.transform(image=to_rgb(self.images[i], self.decode_size))["image"], self.targets[i]
 
 
 def _reseed_worker(_: int) -> None:

@@ -6,11 +6,19 @@ probability for a photo is the same whichever command computed it.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
+import warnings
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from hier import artifact
 from hier.data import ImageDataset, eval_transform, loader
+from hier.errors import HierError
 from hier.metrics import softmax
 from hier.models import HierNet
 
@@ -22,28 +30,46 @@ def device() -> str:
 class Predictor:
     """``Predictor(net)(images)`` -> {"joint", "fine", "model", "brand", "embedding", "probs"}.
 
-    ``images``: paths, PIL images or uint8 arrays. With TTA (the artifact's ``cfg.tta`` unless
-    overridden) the flipped view is added: joint scores are averaged as log-probabilities (a geometric
-    mean of the two views' distributions), embeddings averaged and re-normalised. ``probs`` applies the
-    artifact's temperature to ``joint``.
+    ``images``: paths, ``Crop`` boxes, PIL images or uint8 arrays. With TTA (the artifact's ``cfg.tta``
+    unless overridden) the flipped view is added: joint scores are averaged as log-probabilities (a
+    geometric mean of the two views' distributions), embeddings averaged and re-normalised. ``probs``
+    applies the artifact's temperature to ``joint``.
+
+    ``onnx``: an ``hier export`` file of the trunk + embedding (the costly part; the heads stay here, so
+    enrolled classes need no re-export). ONNX Runtime computes the embeddings of both views then; the
+    outputs equal the eager model's to ~1e-6.
     """
 
-    def __init__(self, net: HierNet, tta: bool | None = None, batch_size: int = 64, workers: int = 0):
+    def __init__(self, net: HierNet, tta: bool | None = None, batch_size: int = 64, workers: int = 0,
+                 onnx: str | Path | None = None):
         self.net = net.eval()
         self.tta = net.cfg.tta if tta is None else tta
         self.batch_size, self.workers = batch_size, workers
+        self.session = None
+        if onnx is not None:
+            import onnxruntime as ort
+            self.session = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
+            self.views = self.session.get_outputs()[0].shape[0]
+            if self.tta and self.views < 2:
+                self.session = None          # exported without the flipped view: eager does both
+
+    def _embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """One embedding per view (the photo, and its mirror image with TTA)."""
+        if self.session is not None:
+            z = torch.from_numpy(self.session.run(None, {"images": x.numpy()})[0])
+            return list(z[:2 if self.tta else 1])
+        return [self.net.embed(v) for v in ([x, x.flip(3)] if self.tta else [x])]
 
     @torch.no_grad()
     def __call__(self, images: list, progress=None) -> dict[str, np.ndarray]:
         net, cfg = self.net, self.net.cfg
         dev = next(net.parameters()).device
-        data = loader(ImageDataset(list(images), None, eval_transform(cfg.img_size, cfg.mean, cfg.std)),
+        data = loader(ImageDataset(list(images), None, eval_transform(cfg.img_size, cfg.mean, cfg.std), cfg.img_size),
                       self.batch_size, workers=self.workers)
         task = progress.add_task("predict", total=len(images), info="") if progress else None
         chunks: dict[str, list] = {}
         for x, _ in data:
-            x = x.to(dev)
-            zs = [net.embed(v) for v in ([x, x.flip(3)] if self.tta else [x])]
+            zs = self._embeddings(x.to(dev))
             outs = [net.heads(z) for z in zs]
             out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("fine", "model", "brand")}
             out["joint"] = torch.stack([torch.log_softmax(o["joint"], 1) for o in outs]).mean(0) if self.tta \
@@ -58,3 +84,69 @@ class Predictor:
         out = {k: np.concatenate(v) for k, v in chunks.items()}
         out["probs"] = softmax(out["joint"], cfg.temperature)
         return out
+
+
+class ViewEmbedder(torch.nn.Module):
+    """What ``hier export`` writes: normalised images (N, 3, H, W) -> embeddings of each view (V, N, D)."""
+
+    def __init__(self, net: HierNet, views: int):
+        super().__init__()
+        self.net, self.views = net, views
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.net.embed(v) for v in [images, images.flip(3)][:self.views]])
+
+
+def export_onnx(net: HierNet, path: Path) -> None:
+    """The trunk + embedding of ``net`` as ONNX (opset 17, dynamic batch), both views when it serves
+    with TTA. The TorchScript exporter needs only the ``onnx`` package."""
+    views = 2 if net.cfg.tta else 1
+    x = torch.randn(2, 3, net.cfg.img_size, net.cfg.img_size)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(ViewEmbedder(net.eval(), views), x, str(path), dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["embeddings"],
+                          dynamic_axes={"images": {0: "n"}, "embeddings": {1: "n"}})
+
+
+ONNX = "model.onnx"
+
+
+def fingerprint(net: HierNet) -> str:
+    """MD5 of the trunk and embedding weights: what an ONNX export depends on (not the heads, which
+    enrollment changes)."""
+    h = hashlib.md5()
+    for name, t in net.state_dict().items():
+        if name.startswith(("trunk.", "neck.")):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def export(path: str | Path) -> Path:
+    """``hier export``: ARTIFACT/model.onnx, with the fingerprint of the weights it holds in config.json."""
+    path = Path(path)
+    with artifact.locked(path):
+        net, _ = artifact.load(path)
+        config = artifact.read_config(path)
+        config["onnx"] = {"file": ONNX, "fingerprint": fingerprint(net), "views": 2 if net.cfg.tta else 1}
+        text = json.dumps(config, indent=2, ensure_ascii=False)
+        artifact.atomic_write_all({path / ONNX: lambda p: export_onnx(net, p),
+                                   path / artifact.CONFIG: lambda p: p.write_text(text)})
+    return path / ONNX
+
+
+def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **kw) -> Predictor:
+    """The artifact's predictor: ONNX Runtime when the artifact holds an export of these very weights
+    (``auto``, or required with ``onnx``), eager PyTorch otherwise (or with ``torch``)."""
+    if backend not in ("auto", "torch", "onnx"):
+        raise HierError(f"unknown backend {backend!r}; choose auto, torch or onnx")
+    path = Path(path)
+    if backend == "torch":
+        return Predictor(net, **kw)
+    saved = artifact.read_config(path).get("onnx", {})
+    fresh = (path / ONNX).is_file() and saved.get("fingerprint") == fingerprint(net)
+    if backend == "onnx" and not fresh:
+        raise HierError(f"{path} has no up-to-date ONNX export; run `hier export {path}`")
+    if fresh and importlib.util.find_spec("onnxruntime") is not None:
+        return Predictor(net, onnx=path / ONNX, **kw)
+    return Predictor(net, **kw)

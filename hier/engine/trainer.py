@@ -141,7 +141,7 @@ class Trainer:
     # --- data ---------------------------------------------------------------------------------------
     def _features(self, paths, transform, views: int, progress, what: str) -> torch.Tensor:
         """Frozen-stem activations for ``views`` passes of ``transform`` over the images: (V, N, ...)."""
-        ds = ImageDataset(paths, None, transform)
+        ds = ImageDataset(paths, None, transform, self.model.cfg.img_size)
         task = progress.add_task(what, total=views * len(paths), info="")
         out = []
         for _ in range(views):
@@ -181,7 +181,7 @@ class Trainer:
             feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train") if cached else None
             val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
                          if model.cfg.freeze_stages and len(val_paths) else None)
-            train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train),
+            train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size),
                                                       min(cfg.batch_size, len(train_paths)), shuffle=True,
                                                       workers=cfg.workers, drop_last=True)
             for epoch in range(self.epoch, cfg.epochs):
@@ -231,7 +231,8 @@ class Trainer:
             batches = (feats[s:s + 128].to(self.dev).float() for s in range(0, len(feats), 128))
         else:
             batches = (net.frozen_features(x.to(self.dev))
-                       for x, _ in loader(ImageDataset(paths, None, transform), 64, workers=self.cfg.workers))
+                       for x, _ in loader(ImageDataset(paths, None, transform, net.cfg.img_size), 64,
+                                          workers=self.cfg.workers))
         outs = []
         for f in batches:
             with torch.autocast(self.dev, dtype=self.amp_dtype, enabled=self.amp):

@@ -1,3 +1,5 @@
 """The network: trunk -> normalised embedding -> cosine heads (``hiernet``), and its training step."""
-from hier.models.hiernet import (CosineHead, HierNet, HierTask, ModelConfig, create_trunk,  # noqa: F401
+from hier.models.hiernet import (CosineHead, HierNet, HierTask, ModelConfig, create_trunk,
                                  load_efficientnet_lite0, load_weights_file, trunk_parts)
+
+__all__ = ["CosineHead", "HierNet", "HierTask", "ModelConfig", "create_trunk", "load_efficientnet_lite0", "load_weights_file", "trunk_parts"]

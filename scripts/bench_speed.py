@@ -1,0 +1,155 @@
+"""Prediction speed, side by side in one run: a plain PyTorch loop, the model's pure forward, and
+`hier predict` as a whole command (start-up included) on its eager and ONNX Runtime backends; on the
+dev photos and on full-size 1600 x 1200 JPEGs made from them (written outside the repo).
+
+    python scripts/bench_speed.py --out /tmp/bench_speed
+
+The artifact is the offline ImageNet efficientnet_lite0 trunk with fresh heads over the 88 dev classes,
+224 px, TTA off: speed does not depend on training (``--artifact`` takes a trained one). Also printed: the largest difference between the
+ONNX and the eager probabilities, and what reduced-size JPEG decoding changes on the full-size photos.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+from PIL import Image
+from rich.console import Console
+from rich.table import Table
+
+from hier import artifact
+from hier.engine.predictor import Predictor, artifact_predictor, export
+from hier.models import HierNet, ModelConfig, load_efficientnet_lite0
+from hier.taxonomy import Taxonomy
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+class PlainDataset(torch.utils.data.Dataset):
+    """The loop a user writes first: PIL decode, resize, to tensor, normalise."""
+
+    def __init__(self, paths):
+        self.paths = paths
+        self.mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        self.std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        im = Image.open(self.paths[i]).convert("RGB").resize((224, 224), Image.BILINEAR)
+        x = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1).float() / 255
+        return (x - self.mean) / self.std
+
+
+@torch.no_grad()
+def plain_loop(paths) -> float:
+    model = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
+    t = time.time()
+    for x in torch.utils.data.DataLoader(PlainDataset(paths), batch_size=32):
+        model(x).softmax(1)
+    return len(paths) / (time.time() - t)
+
+
+@torch.no_grad()
+def pure_forward(n: int) -> float:
+    model = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
+    x = torch.randn(32, 3, 224, 224)
+    model(x)
+    t = time.time()
+    for _ in range(0, n, 32):
+        model(x)
+    return n / (time.time() - t)
+
+
+def hier_predict(art: Path, folder: Path, backend: str, out: Path) -> float:
+    """`hier predict` as a user runs it, in a fresh process: start-up, reading, decoding, writing."""
+    t = time.time()
+    subprocess.run([sys.executable, "-m", "hier", "predict", str(art), str(folder), "--topk", "1", "--format", "csv",
+                    "--out", str(out), "--backend", backend], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)
+    return len(list(folder.iterdir())) / (time.time() - t)
+
+
+def make_artifact(path: Path, taxonomy: Taxonomy) -> None:
+    if (path / artifact.CONFIG).is_file():
+        return
+    torch.manual_seed(0)
+    net = HierNet(ModelConfig(tta=False), taxonomy)
+    load_efficientnet_lite0(net.trunk)
+    artifact.save(path, net, taxonomy)
+
+
+def photo_sets(out: Path, n: int) -> dict[str, Path]:
+    dev = sorted((SHARED / "stanford-cars-dev" / "train").glob("*/*.jpg"))[::4][:n]
+    sets = {"dev photos": out / "dev", "1600x1200 JPEGs": out / "full"}
+    if not sets["dev photos"].is_dir():
+        sets["dev photos"].mkdir(parents=True)
+        sets["1600x1200 JPEGs"].mkdir(parents=True)
+        for i, p in enumerate(dev):
+            (sets["dev photos"] / f"{i:04d}.jpg").symlink_to(p.resolve())
+            Image.open(p).convert("RGB").resize((1600, 1200), Image.BICUBIC).save(
+                sets["1600x1200 JPEGs"] / f"{i:04d}.jpg", quality=90)
+    return sets
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path("/tmp/bench_speed"))
+    ap.add_argument("--photos", type=int, default=725)
+    ap.add_argument("--artifact", type=Path, default=None,
+                    help="a trained artifact (exported in place) instead of fresh heads: the draft-decoding "
+                         "check then compares trained answers")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    taxonomy = Taxonomy.from_csv(SHARED / "stanford_cars_taxonomy.csv")
+    art = args.artifact or args.out / "artifact"
+    make_artifact(art, taxonomy)
+    export(art)
+    sets = photo_sets(args.out, args.photos)
+    rows, checks = [], {}
+    forward = pure_forward(args.photos)
+    for name, folder in sets.items():
+        paths = sorted(folder.iterdir())
+        plain = plain_loop(paths)
+        eager = hier_predict(art, folder, "torch", args.out / "eager.csv")
+        fast = hier_predict(art, folder, "onnx", args.out / "onnx.csv")
+        rows.append({"photos": name, "n": len(paths), "plain loop img/s": plain, "pure forward img/s": forward,
+                     "hier predict eager img/s": eager, "hier predict onnx img/s": fast,
+                     "onnx / plain": fast / plain})
+        net, _ = artifact.load(art)
+        p_eager = Predictor(net)(paths[:128])["probs"]
+        p_onnx = artifact_predictor(art, net, "onnx")(paths[:128])["probs"]
+        checks[name] = {"max |p_onnx - p_eager|": float(np.abs(p_onnx - p_eager).max())}
+        if name.startswith("1600"):          # reduced-size decoding against full decoding, same model
+            full = Predictor(net)
+            full_probs = []
+            for p in paths[:128]:
+                with Image.open(p) as im:
+                    full_probs.append(full([np.asarray(im.convert("RGB"))])["probs"][0])
+            full_probs = np.stack(full_probs)
+            checks[name]["max |p_draft - p_full_decode|"] = float(np.abs(p_eager - full_probs).max())
+            checks[name]["top-1 agreement draft vs full"] = float((p_eager.argmax(1) == full_probs.argmax(1)).mean())
+    table = Table(title=f"Prediction speed, {torch.get_num_threads()} threads, 224 px, TTA off, batch 64 (hier) / "
+                        "32 (plain)")
+    for col in rows[0]:
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
+    Console(width=160).print(table)
+    print(json.dumps(checks, indent=2))
+    print("command: python scripts/bench_speed.py --out", args.out)
+    (args.out / "bench_speed.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -218,9 +218,8 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             entries[k]["shots"] += len(z)
             proto = frame(torch.from_numpy(sums[k]), "fine")
             if entries[k].get("base"):
-                b = sum(e.get("base", False) for e in entries[:k])
-                row = blend_shots(net, i, torch.from_numpy(trained[b]), proto, entries[k]["shots"],
-                                  np.load(path / PROTOTYPES))
+                trained_row = torch.from_numpy(trained[_trained_row(entries, k)])
+                row = blend_shots(net, i, trained_row, proto, entries[k]["shots"], np.load(path / PROTOTYPES))
             else:
                 row = (calibration or Calibration())(proto, torch.cat([rows[:i], rows[i + 1:]]))
             rebuild_heads(net, taxonomy, taxonomy, {name: row})
@@ -233,6 +232,11 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
         _save(path, net, new_taxonomy, entries, sums, trained)
     return {"class": name, "shots": len(z), "classes": len(new_taxonomy), "mapped": mapping is not None,
             "base": bool(is_base)}
+
+
+def _trained_row(entries: list[dict], k: int) -> int:
+    """Row of ``trained_rows.npy`` that belongs to entry ``k`` (a base class with added shots)."""
+    return sum(bool(e.get("base")) for e in entries[:k])
 
 
 def _stack(rows: np.ndarray | None, more: np.ndarray) -> np.ndarray:
@@ -253,7 +257,7 @@ def unenroll(path: str | Path, name: str) -> dict:
         k = names.index(name)
         base = bool(entries[k].get("base"))
         if base:
-            b = sum(e.get("base", False) for e in entries[:k])
+            b = _trained_row(entries, k)
             rebuild_heads(net, taxonomy, taxonomy, {name: torch.from_numpy(trained[b])})
             new_taxonomy, trained = taxonomy, np.delete(trained, b, axis=0)
         else:

@@ -181,8 +181,8 @@ class Trainer:
             feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train") if cached else None
             val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
                          if model.cfg.freeze_stages and len(val_paths) else None)
-            train_loader = None if cached else loader(ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size),
-                                                      min(cfg.batch_size, len(train_paths)), shuffle=True,
+            train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)
+            train_loader = None if cached else loader(train_set, min(cfg.batch_size, len(train_paths)), shuffle=True,
                                                       workers=cfg.workers, drop_last=True)
             for epoch in range(self.epoch, cfg.epochs):
                 gen.manual_seed(cfg.seed * 1000 + epoch)   # a resumed run sees the same batches

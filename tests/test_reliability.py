@@ -313,8 +313,11 @@ def test_ctrl_c_in_a_real_process_exits_130_and_the_run_resumes(demo_data, tmp_p
             "--img-size", "64", "--batch-size", "16", "--no-ema"]
     log = tmp_path / "stderr.txt"
     with log.open("w") as stderr:               # a file, not a pipe: a full pipe would block the child
+        # as from a terminal: a shell without job control (CI) starts its jobs with SIGINT ignored, which
+        # the child would inherit, and Python installs no KeyboardInterrupt handler then
         proc = subprocess.Popen([sys.executable, "-m", "hier", *map(str, args), "--epochs", "500"],
-                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(ROOT)})
+                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.time() + 600
         while not (out / CHECKPOINT).is_file() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)                     # inside the training loop once the first epoch is saved

@@ -149,15 +149,17 @@ def main() -> None:
                 checks[name]["top-1 draft decode"] = float((p_eager[known].argmax(1) == y).mean())
                 checks[name]["top-1 full decode"] = float((full_probs[known].argmax(1) == y).mean())
                 checks[name]["photos with a known class"] = len(known)
-    table = Table(title=f"Prediction speed, {torch.get_num_threads()} threads, 224 px, TTA off, batch 64 (hier) / "
-                        "32 (plain)")
+    tta = artifact.load(art)[0].cfg.tta
+    table = Table(title=f"Prediction speed, {torch.get_num_threads()} threads, 224 px, hier TTA {'on' if tta else 'off'}, "
+                        "batch 64 (hier) / 32 (plain)")
     for col in rows[0]:
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
     Console(width=160).print(table)
     print(json.dumps(checks, indent=2))
-    print("command: python scripts/bench_speed.py --out", args.out)
+    print("command: python scripts/bench_speed.py --out", args.out,
+          *(["--artifact", str(args.artifact)] if args.artifact else []))
     (args.out / "bench_speed.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))
 
 

@@ -152,7 +152,7 @@ def predict(
     if photos.skipped_message():
         err.print(f"[yellow]{photos.skipped_message()}[/]")
     with progress_bar(err) as progress:
-        answers = rec.predict(photos.paths, topk, tta, progress).to_frame()
+        answers = rec.predict(photos, topk, tta, progress).to_frame()     # checked once, above
     if out is not None:
         atomic_write(out, lambda p: answers.to_csv(p, index=False))
     _print_frame(answers, fmt)

@@ -60,7 +60,9 @@ class Results(list):
 
 def _expand(images) -> list:
     """One photo or a list of them; paths and folders are checked and expanded (``image_files``),
-    PIL images and arrays pass as they are."""
+    PIL images and arrays pass as they are, and an ``ImageSet`` was checked already."""
+    if isinstance(images, ImageSet):
+        return images.paths
     items = list(images) if isinstance(images, (list, tuple)) else [images]
     paths = [x for x in items if isinstance(x, (str, Path))]
     if len(paths) == len(items):
@@ -145,7 +147,7 @@ class Recognizer:
 
     # --- answers ------------------------------------------------------------------------------------
     def predict(self, images, topk: int = 5, tta: bool | None = None, progress=None) -> Results:
-        """Paths, folders, PIL images or arrays -> ``Results``."""
+        """Paths, folders, PIL images, arrays or an ``ImageSet`` -> ``Results``."""
         if topk < 1:
             raise HierError(f"topk must be at least 1, not {topk}")
         items = _expand(images)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from hier import artifact
-from hier.data import image_files, refuse_bad, require_cells
+from hier.data import image_files, refuse_listed, require_cells
 from hier.errors import HierError
 from hier.metrics import decode
 from hier.engine.predictor import artifact_predictor, device
@@ -158,10 +158,7 @@ def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
                             "its own columns; rename it")
         require_cells(table, ["listing_id", "image"], listings)
         table["image"] = [str((listings.parent / p).resolve()) for p in table["image"]]
-        missing = [p for p in table["image"] if not Path(p).is_file()]
-        if missing:
-            raise HierError(f"{len(missing)} image(s) listed in {listings} do not exist, e.g. {missing[0]}")
-        refuse_bad([Path(p) for p in table["image"]], f"listed in {listings}")
+        refuse_listed([Path(p) for p in table["image"]], listings)
     else:
         raise HierError(f"listings not found: {listings}")
     if table["listing_id"].duplicated().any():

@@ -200,9 +200,7 @@ class Recognizer:
         return out
 
     def similar(self, image, k: int = 10, same_brand: bool = False) -> pd.DataFrame:
-        """The k nearest listings (sellers' columns + hier_*), best first."""
-        if k < 1:
-            raise HierError(f"k must be at least 1, not {k}")
+        """The k nearest listings (sellers' columns + hier_*), best first (``Gallery.results`` checks k)."""
         gallery = gallery_ops.Gallery.load(self.path)
         out, tax = self._embed(_expand(image)[:1])
         where = None

@@ -174,11 +174,16 @@ def read_test_csv(csv: str | Path) -> ImageSet:
     if table["ID"].duplicated().any():
         raise HierError(f"{csv} lists ID {table['ID'][table['ID'].duplicated()].iloc[0]!r} twice")
     paths = [(csv.parent / p).resolve() for p in table["img_path"]]
+    refuse_listed(paths, csv)
+    return ImageSet(paths, ids=table["ID"].tolist())
+
+
+def refuse_listed(paths: list[Path], listing: Path) -> None:
+    """Every photo a CSV lists must exist and be a usable image: one error line otherwise."""
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise HierError(f"{len(missing)} image(s) listed in {csv} do not exist, e.g. {missing[0]}")
-    refuse_bad(paths, f"listed in {csv}")
-    return ImageSet(paths, ids=table["ID"].tolist())
+        raise HierError(f"{len(missing)} image(s) listed in {listing} do not exist, e.g. {missing[0]}")
+    refuse_bad(paths, f"listed in {listing}")
 
 
 def refuse_bad(paths: list[Path], where: str = "given") -> None:

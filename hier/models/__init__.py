@@ -2,4 +2,6 @@
 from hier.models.hiernet import (CosineHead, HierNet, HierTask, ModelConfig, create_trunk,
                                  load_efficientnet_lite0, load_weights_file, trunk_parts)
 
-__all__ = ["CosineHead", "HierNet", "HierTask", "ModelConfig", "create_trunk", "load_efficientnet_lite0", "load_weights_file", "trunk_parts"]
+__all__ = [
+    "CosineHead", "HierNet", "HierTask", "ModelConfig", "create_trunk", "load_efficientnet_lite0",
+    "load_weights_file", "trunk_parts"]

@@ -1,4 +1,4 @@
-"""``hier`` command line: train, evaluate, predict, enroll, index, similar, demo (typer + rich).
+"""``hier`` command line: train, evaluate, predict, enroll, index, similar, serve, report, demo (typer + rich).
 
 User mistakes raise HierError; ``main`` prints them as one red line and exits 2, never a traceback.
 """
@@ -339,6 +339,34 @@ def similar(
     if k < 1:
         raise HierError(f"--k must be at least 1, not {k}")
     _print_frame(Recognizer(artifact).similar(image, k, same_brand), fmt)
+
+
+@app.command()
+def serve(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted photo")] = 10.0,
+    max_batch: Annotated[int, typer.Option(help="Concurrent photos answered in one forward pass")] = 16,
+):
+    """HTTP API (/predict, /similar, /enroll, /health, /docs) and an upload page at /. /enroll needs
+    the header X-Admin-Token equal to the HIER_ADMIN_TOKEN environment variable."""
+    import socket
+
+    import uvicorn
+
+    from hier.recognizer import Recognizer
+    from hier.serve import create_app
+
+    rec = Recognizer(artifact)
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise HierError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
+    uvicorn.run(create_app(artifact, max_upload_mb, max_batch, recognizer=rec), host=host, port=port,
+                log_level="warning")
 
 
 def _print_frame(frame, fmt: Format) -> None:

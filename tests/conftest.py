@@ -1,10 +1,13 @@
 """Shared fixtures: a small drawn dataset and one tiny trained artifact, built once per session."""
 from __future__ import annotations
 
+import struct
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from hier.cli import main
 from hier.demo import make_demo_dataset
@@ -48,3 +51,13 @@ def tiny_artifact(demo_data, tmp_path_factory):
                     TrainConfig(epochs=12, batch_size=16, lr=3e-3, head_lr=1e-2, pretrained="none", ema=True,
                                 ema_decay=0.9))
     return out, metrics
+
+
+def write_bomb(path: Path, width=20000, height=10000) -> None:
+    """A tiny PNG whose header claims width x height pixels (PIL's decompression-bomb check)."""
+    Image.new("RGB", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = 8 + 8
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    path.write_bytes(bytes(data))

@@ -7,11 +7,9 @@ of enroll / unenroll / index add / remove, some of them two at once, and checks 
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 import unicodedata
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +28,7 @@ from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 from hier.engine.trainer import CHECKPOINT, TrainConfig, prepare, train
 
-from conftest import TINY, run_cli
+from conftest import TINY, run_cli, write_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -379,16 +377,6 @@ def _with_orientation(src: Path, dst: Path) -> None:
     im.save(dst, exif=exif, quality=95)
 
 
-def _bomb(path: Path, width=20000, height=10000) -> None:
-    """A tiny PNG whose header claims width x height pixels (PIL's decompression-bomb check)."""
-    Image.new("RGB", (8, 8)).save(path)
-    data = bytearray(path.read_bytes())
-    ihdr = 8 + 8
-    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
-    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
-    path.write_bytes(bytes(data))
-
-
 def test_exif_orientation_is_applied(tiny_artifact, demo_data, tmp_path):
     src = tmp_path / "upright.jpg"                     # wider than tall, so a sideways decode shows
     Image.open(_photos(demo_data, "Aurora_Nova_2015_2018")[0]).crop((0, 0, 64, 40)).save(src, quality=95)
@@ -405,7 +393,7 @@ def test_exif_orientation_is_applied(tiny_artifact, demo_data, tmp_path):
 def test_decompression_bombs_are_skipped_or_refused(tiny_artifact, demo_data, tmp_path, capsys):
     data = _small_dataset(demo_data, tmp_path / "data", classes=2, per_class=4)
     cls = sorted(p.name for p in data.iterdir())[0]
-    _bomb(data / cls / "huge.png")
+    write_bomb(data / cls / "huge.png")
     shutil.copy(_photos(demo_data, cls)[5], data / cls / "jpeg_named.png")      # a JPEG named .png
     s = scan_folder(data)
     assert len(s.paths) == 9 and s.skipped["too large"] == 1

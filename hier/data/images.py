@@ -8,6 +8,7 @@ turned upright by their EXIF orientation, as phones store portrait shots sideway
 """
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from collections import Counter
@@ -88,8 +89,12 @@ def check_image(path: Path) -> str:
     The extension only names why an unidentifiable file is skipped (a broken .jpg is UNREADABLE, a
     README NOT_IMAGE). Decodes at 1/8 scale (JPEG draft mode): fast, yet reads all entropy-coded data,
     so truncation shows."""
+    return _check(path, path.suffix.lower() in IMAGE_EXTS)
+
+
+def _check(source, image_named: bool) -> str:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.width * im.height > Image.MAX_IMAGE_PIXELS:
                 return TOO_LARGE
             im.draft("RGB", (64, 64))
@@ -98,9 +103,30 @@ def check_image(path: Path) -> str:
     except Image.DecompressionBombError:
         return TOO_LARGE
     except UnidentifiedImageError:
-        return UNREADABLE if path.suffix.lower() in IMAGE_EXTS else NOT_IMAGE
+        return UNREADABLE if image_named else NOT_IMAGE
     except (OSError, ValueError, SyntaxError, EOFError):
         return UNREADABLE
+
+
+class UploadRefused(HierError):
+    """An uploaded photo that is not one: ``reason`` is NOT_IMAGE, UNREADABLE or TOO_LARGE."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def decode_upload(data: bytes, name: str = "upload", size: int | None = None) -> np.ndarray:
+    """An uploaded file's bytes -> upright RGB array, checked by content as ``check_image`` checks files
+    (a service never trusts the name or the declared type). ``size``: reduced-scale JPEG decode."""
+    if not data:
+        raise UploadRefused(UNREADABLE, f"{name} is empty (0 bytes)")
+    why = _check(io.BytesIO(data), False)
+    if why != OK:
+        detail = {NOT_IMAGE: "is not an image", UNREADABLE: "does not decode (truncated or damaged)",
+                  TOO_LARGE: f"has over PIL's {Image.MAX_IMAGE_PIXELS / 1e6:.0f} megapixels"}[why]
+        raise UploadRefused(why, f"{name} {detail}")
+    return load_rgb(io.BytesIO(data), size)
 
 
 def check_images(paths: list[Path]) -> list[str]:

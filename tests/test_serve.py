@@ -1,0 +1,226 @@
+"""`hier serve`: the API through FastAPI's TestClient, malformed and fuzzed uploads, a bounded load test
+on loopback, and the upload page driven in headless Chromium (skipped where Chromium is absent)."""
+from __future__ import annotations
+
+import io
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+from conftest import run_cli, write_bomb
+from hier import Recognizer
+from hier.serve import ADMIN_TOKEN_ENV, create_app
+from hier.serve.loadtest import load_test
+
+CLS = "Cinder_Rook_2019_2023"
+
+
+@pytest.fixture
+def art(tiny_artifact, tmp_path):
+    dst = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact[0], dst)
+    return dst
+
+
+@pytest.fixture
+def client(art):
+    with TestClient(create_app(art, max_upload_mb=0.5)) as c:
+        yield c
+
+
+def _photos(demo_data, cls=CLS, n=4) -> list[Path]:
+    return sorted((demo_data.train_dir / cls).glob("*.jpg"))[:n]
+
+
+def _post(client, body: bytes, name="car.jpg", url="/predict"):
+    return client.post(url, files={"file": (name, body, "image/jpeg")})
+
+
+@contextmanager
+def served(app):
+    """The app on a real loopback port, in a thread; stopped on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "server failed to start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
+    photo = _photos(demo_data)[0]
+    r = client.post("/predict", params={"topk": 3}, files={"file": ("x.jpg", photo.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    got, want = r.json(), Recognizer(art).predict(photo, topk=3)[0]
+    assert (got["brand"], got["model"], got["fine"], got["years"]) == (want.brand, want.model, want.fine, want.years)
+    assert got["p"] == pytest.approx(want.p, abs=1e-6) and got["p"] <= got["p_model"] <= got["p_brand"] + 1e-9
+    assert [t["class"] for t in got["topk"]] == [t["class"] for t in want.topk] and len(got["topk"]) == 3
+    schema = client.get("/openapi.json").json()
+    assert {"/predict", "/similar", "/enroll", "/health"} <= set(schema["paths"])
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="file"' in page.text
+
+
+def test_similar_needs_an_index_then_returns_listings_with_photos(client, art, demo_data):
+    photo = _photos(demo_data)[0]
+    r = _post(client, photo.read_bytes(), url="/similar")
+    assert r.status_code == 409 and "hier index build" in r.json()["detail"]
+    Recognizer(art).index(demo_data.train_dir)
+    r = client.post("/similar", params={"k": 4}, files={"file": ("q.jpg", photo.read_bytes(), "image/jpeg")})
+    assert r.status_code == 200, r.text
+    rows = r.json()["listings"]
+    assert len(rows) == 4 and rows[0]["hier_similarity"] >= rows[-1]["hier_similarity"]
+    assert rows[0]["listing_id"] == f"{CLS}/{photo.stem}"          # the photo itself is in the gallery
+    thumb = client.get(rows[0]["photo_url"])
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
+    assert client.get("/listings/../../etc/passwd/photo").status_code == 404
+    assert client.get("/health").json()["gallery"] is True
+
+
+def test_enroll_needs_the_admin_token_and_is_answered_at_once(client, art, demo_data, monkeypatch, capsys):
+    shots = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in _photos(demo_data, "Borealis_Lynx_2019_2022")]
+    form = {"class": "Newcar_2025", "brand": "Borealis", "years": "2025"}
+    monkeypatch.delenv(ADMIN_TOKEN_ENV, raising=False)
+    assert client.post("/enroll", files=shots, data=form).status_code == 403
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret")
+    assert client.post("/enroll", files=shots, data=form, headers={"X-Admin-Token": "wrong"}).status_code == 401
+    before = client.get("/health").json()["classes"]
+    r = client.post("/enroll", files=shots, data=form, headers={"X-Admin-Token": "s3cret"})
+    assert r.status_code == 200, r.text
+    assert r.json()["class"] == "Newcar_2025" and client.get("/health").json()["classes"] == before + 1
+    r = client.post("/predict", params={"topk": 50}, files=[("file", shots[0][1])])
+    assert "Newcar_2025" in [t["class"] for t in r.json()["topk"]]
+    # a class enrolled by the CLI while the service runs is answered too
+    code, _, _ = run_cli("enroll", art, "--class", "Othercar_2025", "--brand", "Borealis", "--images",
+                         _photos(demo_data, "Borealis_Lynx_2019_2022")[0], capsys=capsys)
+    assert code == 0 and client.get("/health").json()["classes"] == before + 2
+    bad = client.post("/enroll", files=[("files", ("x.jpg", b"not a photo", "image/jpeg"))], data=form,
+                      headers={"X-Admin-Token": "s3cret"})
+    assert bad.status_code == 415 and client.get("/health").json()["classes"] == before + 2
+
+
+def test_malformed_uploads_are_4xx_and_the_service_stays_healthy(client, demo_data, tmp_path):
+    jpeg = _photos(demo_data)[0].read_bytes()
+    write_bomb(tmp_path / "bomb.png")
+    big = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (800, 800, 3), dtype=np.uint8)).save(big, "PNG")
+    cases = {"not an image": (b"hello, I am a README", 415), "0 bytes": (b"", 400),
+             "over the limit": (big.getvalue(), 413), "truncated JPEG": (jpeg[: len(jpeg) // 2], 400),
+             "decompression bomb": ((tmp_path / "bomb.png").read_bytes(), 413)}
+    for what, (body, status) in cases.items():
+        r = _post(client, body)
+        assert r.status_code == status, (what, r.status_code, r.text)
+        assert r.json()["detail"], what
+    assert client.post("/predict").status_code == 422                       # no file at all
+    assert client.post("/predict", params={"topk": 0}, files={"file": ("a.jpg", jpeg)}).status_code == 422
+    assert client.get("/health").json()["status"] == "ok"
+    assert _post(client, jpeg).status_code == 200
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_uploads_never_break_the_service(client, demo_data, data):
+    """Random bytes, and real JPEGs cut or with bytes overwritten: a 200 or a 4xx, never a 5xx."""
+    jpeg = _photos(demo_data)[1].read_bytes()
+    kind = data.draw(st.sampled_from(["random", "cut", "flipped"]))
+    if kind == "random":
+        body = data.draw(st.binary(max_size=4096))
+    elif kind == "cut":
+        body = jpeg[:data.draw(st.integers(0, len(jpeg)))]
+    else:
+        body = bytearray(jpeg)
+        for _ in range(data.draw(st.integers(1, 20))):
+            body[data.draw(st.integers(0, len(body) - 1))] = data.draw(st.integers(0, 255))
+        body = bytes(body)
+    r = _post(client, body)
+    assert r.status_code in (200, 400, 413, 415), (kind, r.status_code, r.text)
+
+
+def test_bounded_load_test_on_loopback(art, demo_data):
+    """2,000 requests from 8 concurrent clients against a real uvicorn server: zero errors, and the
+    micro-batcher really batched (fewer forward passes than photos)."""
+    app = create_app(art)
+    with served(app) as url:
+        stats = load_test(url, _photos(demo_data, n=8), requests=2000, clients=8)
+        health = httpx.get(url + "/health").json()
+    print(f"\nload test: {stats}")
+    assert stats["requests"] == 2000 and stats["errors"] == 0, stats["first_error"]
+    assert stats["p95_ms"] >= stats["p50_ms"] > 0 and stats["throughput_rps"] > 0
+    assert health["batched_photos"] == 2000 and health["batches"] < 2000
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(art, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        code, _, err = run_cli("serve", art, "--port", taken.getsockname()[1], capsys=capsys)
+    assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and len(err.strip().splitlines()) == 1
+    code, _, err = run_cli("serve", art.parent / "nothing", capsys=capsys)
+    assert code == 2 and "is not a hier artifact" in err
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@contextmanager
+def chromium():
+    """Headless Debian Chromium through selenium, with the flags this machine's closed network needs."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def test_upload_page_in_headless_chromium(art, demo_data, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    Recognizer(art).index(demo_data.train_dir)
+    photo = _photos(demo_data)[0]
+    with served(create_app(art)) as url, chromium() as browser:
+        browser.get(url + "/")
+        browser.find_element(By.ID, "file").send_keys(str(photo))
+        WebDriverWait(browser, 60).until(lambda b: b.find_element(By.ID, "answer").is_displayed()
+                                         and b.find_elements(By.CSS_SELECTOR, "#listings img"))
+        WebDriverWait(browser, 30).until(lambda b: b.execute_script(
+            "return [...document.images].every(i => i.complete && i.naturalWidth > 0)"))
+        want = Recognizer(art).predict(photo)[0]
+        path = browser.find_element(By.ID, "path").text
+        rows = browser.find_elements(By.CSS_SELECTOR, "#topk tr")
+        browser.save_screenshot(str(tmp_path / "page.png"))
+        logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert want.brand in path and want.model in path and want.years in path
+    assert len(rows) == 5 and browser is not None
+    assert not logs, logs
+    assert (tmp_path / "page.png").stat().st_size > 10_000

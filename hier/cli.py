@@ -124,6 +124,8 @@ def predict(
     crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
     detector: Annotated[Optional[Path], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
     backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when `hier export` was run) | torch | onnx")] = "auto",
+    explain: Annotated[Optional[Path], typer.Option(
+        help="Also save each photo's class-activation map (top-1 answer) as DIR/<photo>.png")] = None,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
     from hier.artifact import atomic_write
@@ -139,6 +141,8 @@ def predict(
         raise HierError("--test-csv needs --sample-submission and --out")
     if out is not None and out.exists() and out.is_dir():
         raise HierError(f"--out {out} is a folder; give a file name")
+    if explain is not None and (test_csv is not None or explain.is_file()):
+        raise HierError("--explain DIR goes with IMAGES... and names a folder")
     if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
         raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
     rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
@@ -156,6 +160,8 @@ def predict(
     if out is not None:
         atomic_write(out, lambda p: answers.to_csv(p, index=False))
     _print_frame(answers, fmt)
+    if explain is not None:
+        err.print(f"saved {len(rec.explain(photos, explain))} activation map(s) in {explain}")
     if rec.crop_fallback is not None:
         err.print(f"car crops: {rec.crop_fallback:.1%} of the photos had no vehicle box and were used whole")
 
@@ -367,6 +373,29 @@ def serve(
     err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
     uvicorn.run(create_app(artifact, max_upload_mb, max_batch, recognizer=rec), host=host, port=port,
                 log_level="warning")
+
+
+@app.command()
+def report(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
+    out: Annotated[Path, typer.Option(help="Report folder (index.html, PNGs, metrics.json)")] = Path("report"),
+    layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
+):
+    """One HTML page: accuracy and log loss per level, worst classes, confused pairs, confusion
+    matrices, reliability, coverage vs precision, class-activation maps."""
+    from hier.recognizer import Recognizer
+    from hier.engine.trainer import progress_bar
+
+    rec = Recognizer(artifact)
+    with progress_bar(err) as progress:
+        m = rec.report(data, out, layout, progress)
+    if m["skipped"]:
+        err.print(f"[yellow]{m['skipped']}[/]")
+    if m["unknown_class_images"]:
+        err.print(f"[yellow]left out {m['unknown_class_images']} photo(s) of classes the artifact does not know[/]")
+    console.print(f"wrote {out / 'index.html'}: {m['images']} photos, top-1 {m['top1']:.3f}, "
+                  f"log loss {m['log_loss']:.3f}")
 
 
 def _print_frame(frame, fmt: Format) -> None:

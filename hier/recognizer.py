@@ -188,6 +188,20 @@ class Recognizer:
         scores, tax = self._embed(inputs.paths, progress, tta)
         return write_submission(scores["probs"], inputs.ids, tax, sample_submission, out)
 
+    def report(self, data: str | Path, out: str | Path, layout: str = "auto", progress=None) -> dict:
+        """``out/index.html`` (+ PNGs, metrics.json) judging the artifact on labelled photos
+        (``hier.report``)."""
+        from hier.report import report
+        return report(self, data, out, layout, progress=progress)
+
+    def explain(self, images, out: str | Path) -> list[Path]:
+        """``out/<photo name>.png`` per photo: the class-activation map of its top-1 answer over it."""
+        from hier.report import save_overlays
+        items = _expand(images)
+        names = [Path(x).stem if isinstance(x, (str, Path)) else f"image{i}" for i, x in enumerate(items)]
+        names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
+        return save_overlays(self.net, items, Path(out), names)
+
     def export(self, format: str = "onnx") -> Path:
         """ARTIFACT/model.onnx: the trunk and embedding (with the flipped view when the artifact serves
         with TTA), run by ONNX Runtime from then on; the heads stay in PyTorch, so enrolling needs no

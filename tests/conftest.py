@@ -1,12 +1,18 @@
 """Shared fixtures: a small drawn dataset and one tiny trained artifact, built once per session."""
 from __future__ import annotations
 
+import shutil
+import socket
 import struct
 import sys
+import threading
+import time
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import uvicorn
 from PIL import Image
 
 from hier.cli import main
@@ -61,3 +67,45 @@ def write_bomb(path: Path, width=20000, height=10000) -> None:
     data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
     data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
     path.write_bytes(bytes(data))
+
+
+@contextmanager
+def served(app):
+    """The app on a real loopback port, in a thread; stopped on exit."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        assert thread.is_alive(), "server failed to start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+
+
+@contextmanager
+def chromium():
+    """Headless Debian Chromium through selenium, with the flags this machine's closed network needs."""
+    webdriver = pytest.importorskip("selenium.webdriver")
+    if not (CHROMIUM and CHROMEDRIVER):
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1200,1000"):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()

@@ -5,20 +5,16 @@ from __future__ import annotations
 import io
 import shutil
 import socket
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from conftest import run_cli, write_bomb
+from conftest import chromium, run_cli, served, write_bomb
 from hier import Recognizer
 from hier.serve import ADMIN_TOKEN_ENV, create_app
 from hier.serve.loadtest import load_test
@@ -45,25 +41,6 @@ def _photos(demo_data, cls=CLS, n=4) -> list[Path]:
 
 def _post(client, body: bytes, name="car.jpg", url="/predict"):
     return client.post(url, files={"file": (name, body, "image/jpeg")})
-
-
-@contextmanager
-def served(app):
-    """The app on a real loopback port, in a thread; stopped on exit."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "server failed to start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
@@ -177,29 +154,6 @@ def test_serve_refuses_a_port_in_use_in_one_line(art, capsys):
     assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("serve", art.parent / "nothing", capsys=capsys)
     assert code == 2 and "is not a hier artifact" in err
-
-
-CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
-
-
-@contextmanager
-def chromium():
-    """Headless Debian Chromium through selenium, with the flags this machine's closed network needs."""
-    webdriver = pytest.importorskip("selenium.webdriver")
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("Debian's chromium and chromium-driver are not installed")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1200,1000"):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
-    try:
-        yield driver
-    finally:
-        driver.quit()
 
 
 def test_upload_page_in_headless_chromium(art, demo_data, tmp_path):

@@ -114,10 +114,12 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
     if missing:
         raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
     with locked(path):
-        cfg = ModelConfig.from_dict(read_config(path)["model"])
+        config = read_config(path)
         taxonomy = Taxonomy.from_csv(path / TAXONOMY)
         state = load_file(path / WEIGHTS)
-    model = HierNet(cfg, taxonomy, pretrained="none")
+    model = HierNet(ModelConfig.from_dict(config["model"]), taxonomy, pretrained="none")
+    model.offsets = {e["class"]: e["offset"] for e in config.get("enrolled", []) if e.get("offset")}
+    model.set_taxonomy(taxonomy)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

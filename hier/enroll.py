@@ -31,7 +31,9 @@ from hier.taxonomy import Taxonomy, nfc, parse_class_name
 PROTOTYPES = "prototypes.npy"   # base-class mean embeddings, written by `hier train`
 ENROLLED = "enrolled.npy"       # per enrolled entry: the sum of its shots' embeddings
 TRAINED_ROWS = "trained_rows.npy"   # per base class with added shots: its trained fine row, to restore
+VALIDATION = "validation.npz"   # held-out base photos: embeddings and classes, written by `hier train`
 BASE_PRIOR_SHOTS = 20           # photos a trained row counts for when added shots are blended into it
+MAX_BASE_DROP = 0.2             # default budget (points of base accuracy) one enrolled class may cost
 
 
 def class_means(z: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -58,6 +60,38 @@ class PrototypeMap:
 
     def __call__(self, proto: torch.Tensor, level: str) -> torch.Tensor:
         return F.normalize(F.normalize(proto, dim=-1) @ self.maps[level], dim=-1)
+
+
+def save_validation(path: Path, z: np.ndarray, y: np.ndarray) -> None:
+    with path.open("wb") as f:
+        np.savez(f, embedding=z.astype(np.float16), label=np.asarray(y, dtype=np.int32))
+
+
+def read_validation(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Held-out base photos (embeddings, base class indices); None for artifacts trained before them."""
+    if not (path / VALIDATION).is_file():
+        return None
+    saved = np.load(path / VALIDATION)
+    return torch.from_numpy(saved["embedding"].astype(np.float32)), torch.from_numpy(saved["label"].astype(np.int64))
+
+
+@torch.no_grad()
+def base_drop_offset(net: HierNet, c: int, validation: tuple[torch.Tensor, torch.Tensor], max_base_drop: float,
+                     margin: float = 0.0) -> float:
+    """Score offset for enrolled class ``c``: the smallest subtracted from its joint score such that, of
+    the held-out base photos answered right without it, at most ``max_base_drop`` percent of all are
+    answered as ``c`` (plus ``margin``). Each new class gets its own: a class far from every base photo
+    needs none, one beside a base sibling needs more. Held-out photos, not training ones: those sit
+    closer to their own rows and would understate the loss."""
+    z, y = validation
+    joint = net.heads(z)["joint"]
+    joint[:, c] += net.fine_offset[c]                          # c's score without its current offset
+    others = joint.clone()
+    others[:, c] = -torch.inf
+    right = others.argmax(1) == y
+    lead = (joint[:, c] - others.max(1).values)[right].sort(descending=True).values
+    allowed = int(max_base_drop / 100 * len(y))
+    return max(0.0, float(lead[allowed]) + margin) if allowed < len(lead) else 0.0
 
 
 def raw_frame(proto: torch.Tensor, level: str) -> torch.Tensor:
@@ -185,9 +219,13 @@ def imprint(net: HierNet, taxonomy: Taxonomy, rows: list[dict], protos: dict[str
 
 def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | None = None,
            model: str | None = None, years: str | None = None, add_shots: bool = False, min_shots: int = 1,
-           calibration: Calibration | None = None) -> dict:
+           calibration: Calibration | None = None, max_base_drop: float = MAX_BASE_DROP) -> dict:
     """Add (or add shots to) class ``name``. The artifact is locked from reading to the atomic save, so
-    concurrent enrollments queue instead of losing each other's classes."""
+    concurrent enrollments queue instead of losing each other's classes. A new class's scores are
+    offset so that it costs at most ``max_base_drop`` points of accuracy on the artifact's held-out base
+    photos (``base_drop_offset``; artifacts trained before ``validation.npz`` get no offset)."""
+    if not 0 <= max_base_drop <= 100:
+        raise HierError(f"--max-base-drop is in points of accuracy, 0 to 100, not {max_base_drop}")
     path, name, brand, model = Path(path), nfc(name), nfc(brand), nfc(model)
     shots = image_files(images, strict=True)         # a broken shot is refused, never skipped
     if len(shots.paths) < min_shots:
@@ -229,9 +267,13 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))}, calibration, mapping)
             entries.append({"class": name, "shots": len(z)})
             sums = _stack(sums, z.sum(0, keepdims=True))
+            k = len(entries) - 1
+        validation = read_validation(path)
+        if not is_base and validation is not None:          # the (new or changed) row's own offset
+            entries[k]["offset"] = base_drop_offset(net, new_taxonomy.class_index[name], validation, max_base_drop)
         _save(path, net, new_taxonomy, entries, sums, trained)
     return {"class": name, "shots": len(z), "classes": len(new_taxonomy), "mapped": mapping is not None,
-            "base": bool(is_base)}
+            "base": bool(is_base), "offset": entries[k].get("offset"), "calibrated": validation is not None}
 
 
 def _trained_row(entries: list[dict], k: int) -> int:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hier import artifact
+from hier.enroll import read_validation
 from hier.engine.predictor import Predictor
 
 from conftest import run_cli
@@ -62,11 +63,36 @@ def test_enroll_appends_and_never_changes_old_answers(art, demo_data, capsys):
     assert code == 0 and NEW in {r["class"] for r in json.loads(out)}
 
 
+def test_a_new_class_costs_at_most_its_base_drop_budget(art, demo_data, capsys):
+    """Shots of a base class enrolled under a new name (a perfect look-alike, the hardest case): at
+    --max-base-drop 0 it takes none of the held-out base photos answered right before; at 100 it gets
+    no offset and takes some; at 10 it loses at most 10% of them."""
+    z, y = read_validation(art)
+    net, _ = artifact.load(art)
+    right = net.heads(z)["joint"].argmax(1) == y
+    lost = {}
+    for budget in ("0", "10", "100"):
+        code, out, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--max-base-drop", budget)
+        assert code == 0 and "score offset" in out, err
+        net, tax = artifact.load(art)
+        answers = net.heads(z)["joint"].argmax(1)
+        lost[budget] = (int((right & (answers != y)).sum()), artifact.read_config(art)["enrolled"][0]["offset"])
+        assert run_cli("unenroll", art, "--class", NEW, capsys=capsys)[0] == 0
+    assert lost["0"][0] == 0 and lost["100"] == (lost["100"][0], 0.0) and lost["100"][0] > 0
+    assert lost["10"][0] <= 0.10 * len(y) and lost["0"][1] >= lost["10"][1] >= lost["100"][1]
+    (art / "validation.npz").unlink()                        # an artifact trained before validation.npz
+    code, out, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr")
+    assert code == 0 and "no validation.npz" in err and "score offset" not in out
+    code, _, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--max-base-drop", "-1", name="Other_2025")
+    assert code == 2 and "--max-base-drop" in err
+
+
 def test_re_enroll_adds_shots_and_unenroll_restores(art, demo_data, capsys):
     original = artifact.load(art)[0].fine.weight.detach().clone()
     assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=3)[0] == 0
     assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=5)[0] == 0
-    assert artifact.read_config(art)["enrolled"] == [{"class": NEW, "shots": 8}]
+    [entry] = artifact.read_config(art)["enrolled"]
+    assert (entry["class"], entry["shots"]) == (NEW, 8) and entry["offset"] >= 0       # re-fitted to the new row
     assert np.load(art / "enrolled.npy").shape == (1, 32)
     code, _, err = run_cli("unenroll", art, "--class", NEW, capsys=capsys)
     assert code == 0, err

@@ -25,7 +25,7 @@ from hier import artifact
 from hier.data.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError
-from hier.enroll import PROTOTYPES, class_means
+from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine.predictor import Predictor
 from hier.data.readers import create_reader
 from hier.metrics import evaluate_probs, fit_temperature, softmax
@@ -286,6 +286,8 @@ class Trainer:
         # calibrate exactly what will be served: whole photos through the predictor, TTA as configured
         logits = Predictor(best, workers=self.cfg.workers)(val_paths)
         best.cfg.temperature = fit_temperature(logits["joint"], val_y)
+        # held-out photos' embeddings: what enrollment sets each new class's score offset on
+        prototypes[VALIDATION] = lambda p: save_validation(p, logits["embedding"], val_y)
         metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
                                  logits=logits["joint"], heads=logits)
         metrics["temperature"] = best.cfg.temperature

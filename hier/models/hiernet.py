@@ -153,6 +153,7 @@ class HierNet(nn.Module):
         self.fine = CosineHead(cfg.embed_dim, len(taxonomy), cfg.scale)
         self.model = CosineHead(cfg.embed_dim, len(taxonomy.models), cfg.scale)
         self.brand = CosineHead(cfg.embed_dim, len(taxonomy.brands), cfg.scale)
+        self.offsets: dict[str, float] = {}     # enrolled classes' score offsets (hier.enroll), by name
         self.set_taxonomy(taxonomy)
         # Plain lists, not ModuleLists: the modules are already registered under ``trunk``.
         self._frozen: list[nn.Module] = []
@@ -170,6 +171,8 @@ class HierNet(nn.Module):
         dev = self.fine.weight.device
         self.register_buffer("fine_to_model", torch.tensor(taxonomy.fine_to_model, device=dev), persistent=False)
         self.register_buffer("fine_to_brand", torch.tensor(taxonomy.fine_to_brand, device=dev), persistent=False)
+        self.register_buffer("fine_offset", torch.tensor([self.offsets.get(c, 0.0) for c in taxonomy.classes],
+                                                         device=dev), persistent=False)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -200,6 +203,7 @@ class HierNet(nn.Module):
     def heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         fine, model, brand = self.fine(z), self.model(z), self.brand(z)
         joint = fine + self.cfg.alpha * model[:, self.fine_to_model] + self.cfg.beta * brand[:, self.fine_to_brand]
+        joint = joint - self.fine_offset
         return {"joint": joint, "fine": fine, "model": model, "brand": brand}
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -59,6 +59,14 @@ def tiny_artifact(demo_data, tmp_path_factory):
     return out, metrics
 
 
+@pytest.fixture
+def art(tiny_artifact, tmp_path):
+    """A copy of the tiny artifact a test may change."""
+    dst = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact[0], dst)
+    return dst
+
+
 def write_bomb(path: Path, width=20000, height=10000) -> None:
     """A tiny PNG whose header claims width x height pixels (PIL's decompression-bomb check)."""
     Image.new("RGB", (8, 8)).save(path)

@@ -16,13 +16,6 @@ from conftest import run_cli
 NEW = "Zephyr_Gale_2025_2025"
 
 
-@pytest.fixture
-def art(tiny_artifact, tmp_path):
-    dst = tmp_path / "artifact"
-    shutil.copytree(tiny_artifact[0], dst)
-    return dst
-
-
 def _shots(demo_data, cls, n=5):
     return sorted((demo_data.train_dir / cls).glob("*.jpg"))[:n]
 

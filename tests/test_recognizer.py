@@ -15,10 +15,9 @@ from conftest import TINY, run_cli
 
 
 @pytest.fixture
-def art(tiny_artifact, tmp_path):
-    """A copy of the tiny artifact that serves with flip TTA, as the `cpu` preset does."""
-    dst = tmp_path / "artifact"
-    shutil.copytree(tiny_artifact[0], dst)
+def art(art):
+    """The copy of the tiny artifact, serving with flip TTA as the `cpu` preset does."""
+    dst = art
     config = artifact.read_config(dst)
     config["model"]["tta"] = True
     (dst / artifact.CONFIG).write_text(json.dumps(config))

@@ -33,13 +33,6 @@ from conftest import TINY, run_cli, write_bomb
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def art(tiny_artifact, tmp_path):
-    dst = tmp_path / "artifact"
-    shutil.copytree(tiny_artifact[0], dst)
-    return dst
-
-
 def _photos(demo_data, cls):
     return sorted((demo_data.train_dir / cls).glob("*.jpg"))
 

@@ -3,7 +3,6 @@ on loopback, and the upload page driven in headless Chromium (skipped where Chro
 from __future__ import annotations
 
 import io
-import shutil
 import socket
 from pathlib import Path
 
@@ -20,13 +19,6 @@ from hier.serve import ADMIN_TOKEN_ENV, create_app
 from hier.serve.loadtest import load_test
 
 CLS = "Cinder_Rook_2019_2023"
-
-
-@pytest.fixture
-def art(tiny_artifact, tmp_path):
-    dst = tmp_path / "artifact"
-    shutil.copytree(tiny_artifact[0], dst)
-    return dst
 
 
 @pytest.fixture
@@ -85,6 +77,7 @@ def test_enroll_needs_the_admin_token_and_is_answered_at_once(client, art, demo_
     r = client.post("/enroll", files=shots, data=form, headers={"X-Admin-Token": "s3cret"})
     assert r.status_code == 200, r.text
     assert r.json()["class"] == "Newcar_2025" and client.get("/health").json()["classes"] == before + 1
+    assert r.json()["offset"] >= 0 and r.json()["calibrated"]           # bounded by the default budget
     r = client.post("/predict", params={"topk": 50}, files=[("file", shots[0][1])])
     assert "Newcar_2025" in [t["class"] for t in r.json()["topk"]]
     # a class enrolled by the CLI while the service runs is answered too
@@ -94,6 +87,9 @@ def test_enroll_needs_the_admin_token_and_is_answered_at_once(client, art, demo_
     bad = client.post("/enroll", files=[("files", ("x.jpg", b"not a photo", "image/jpeg"))], data=form,
                       headers={"X-Admin-Token": "s3cret"})
     assert bad.status_code == 415 and client.get("/health").json()["classes"] == before + 2
+    bad = client.post("/enroll", files=shots, data={**form, "max_base_drop": "150"}, headers={"X-Admin-Token": "s3cret"})
+    assert bad.status_code == 400 and "--max-base-drop" in bad.json()["detail"]
+    assert client.get("/health").json()["classes"] == before + 2
 
 
 def test_malformed_uploads_are_4xx_and_the_service_stays_healthy(client, demo_data, tmp_path):

@@ -26,8 +26,9 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
 from hier.data import NOT_IMAGE, TOO_LARGE, UNREADABLE, UploadRefused, decode_upload
+from hier.enroll import MAX_BASE_DROP
 from hier.errors import HierError
-from hier.index import GALLERY, ID, Gallery
+from hier.index import GALLERY, Gallery
 from hier.recognizer import Recognizer
 
 ADMIN_TOKEN_ENV = "HIER_ADMIN_TOKEN"     # /enroll is refused unless requests carry this variable's value
@@ -181,6 +182,8 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
                      name: Annotated[str, Form(alias="class", description="e.g. 신형모델_2025")],
                      brand: Annotated[str | None, Form()] = None, model: Annotated[str | None, Form()] = None,
                      years: Annotated[str | None, Form(description="e.g. 2025-2026")] = None,
+                     max_base_drop: Annotated[float, Form(description="points of the known classes' held-out "
+                                                          "accuracy the class may cost")] = MAX_BASE_DROP,
                      x_admin_token: Annotated[str | None, Header()] = None) -> dict:
         """Add a class from uploaded photos (admin only: header ``X-Admin-Token`` must equal the
         service's ``HIER_ADMIN_TOKEN``). Answers include the class from the next request on."""
@@ -195,7 +198,8 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
             for i, image in enumerate(shots):
                 paths.append(Path(tmp) / f"shot{i}.png")
                 Image.fromarray(image).save(paths[-1])
-            return await in_model_thread(lambda: rec.enroll(name, paths, brand, model, years))
+            return await in_model_thread(lambda: rec.enroll(name, paths, brand, model, years,
+                                                               max_base_drop=max_base_drop))
 
     return app
 

@@ -208,7 +208,7 @@ def enroll(
     min_shots: Annotated[int, typer.Option(help="Refuse fewer shots than this")] = 1,
     calibrate: Annotated[float, typer.Option(help="TEEN calibration strength toward similar base classes")] = 0.0,
     max_base_drop: Annotated[float, typer.Option(
-        help="Points of accuracy on the known classes' held-out photos this class may cost")] = 0.2,
+        help="Points of accuracy on the known classes' held-out photos this class may cost")] = 0.5,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
     from hier.recognizer import Recognizer

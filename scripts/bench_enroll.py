@@ -123,8 +123,8 @@ def predict(net, tax: Taxonomy, z: np.ndarray) -> np.ndarray:
 def with_offsets(net, tax: Taxonomy, classes: list[str], calib: tuple, budget: float | None):
     """Give each enrolled class its score offset as ``hier enroll --max-base-drop budget`` does, one
     after another, fitted on the calibration photos (``None``: no offsets, the rule before issue 8)."""
-    net.offsets = {}
-    net.set_taxonomy(tax)
+    net.offsets = {} if budget is None else dict.fromkeys(classes, 1e4)   # 1e4: not enrolled yet, so each
+    net.set_taxonomy(tax)                                                 # is fitted beside those before it
     if budget is None:
         return net
     z, y = torch.from_numpy(calib[0]), torch.from_numpy(calib[1])
@@ -137,9 +137,9 @@ def with_offsets(net, tax: Taxonomy, classes: list[str], calib: tuple, budget: f
 def enrollment_protocols(net, base_tax, full_tax, prototypes, held, z_pool, z_test, calib, z_ev, y_ev, k=5,
                          budget: float = MAX_BASE_DROP) -> dict:
     """Issue 8's protocols at k shots with the shipped rule (mapped prototypes, per-class offsets fitted
-    on the calibration half of the base validation photos at ``budget`` points each), measured on the
-    other half: each class enrolled alone, the 20 one after another (base drop after each 5), and the
-    trade-off curve over the budget (all 20 enrolled)."""
+    on the calibration half of the base validation photos), measured on the other half: the trade-off
+    curve over the budget, each class enrolled alone and all 20 at once; and the 20 one after another
+    at ``budget`` (base drop after each 5)."""
     mapping_args = (Calibration(0.0), PrototypeMap(net, base_tax, prototypes))
     base_before = float((predict(net, base_tax, z_ev) == y_ev).mean())
 
@@ -150,22 +150,21 @@ def enrollment_protocols(net, base_tax, full_tax, prototypes, held, z_pool, z_te
         drop = 100 * (base_before - float((predict(enrolled, tax, z_ev) == y_ev).mean()))
         return acc, drop
 
-    alone = [(c, *measure([c], budget)) for c in held]
-    sequential = [{"enrolled": n, "base_drop_points": measure(held[:n], budget)[1]} for n in (5, 10, 15, 20)]
+    def split(acc: dict) -> tuple[float, float]:
+        return (float(np.mean([acc[c] for c in NEAR_SIBLING if c in acc])),
+                float(np.mean([acc[c] for c in NO_SIBLING if c in acc])))
+
     curve = []
-    for b in (0.0, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, None):
+    for b in (0.0, 0.2, 0.5, 1.0, 2.0, 5.0, None):
+        alone = [measure([c], b) for c in held]
+        near, other = split({c: acc[c] for c, (acc, _) in zip(held, alone)})
         acc, drop = measure(held, b)
-        curve.append({"max_base_drop_each": "no offset" if b is None else b,
-                      "near_sibling": np.mean([acc[c] for c in NEAR_SIBLING]),
-                      "no_sibling": np.mean([acc[c] for c in NO_SIBLING]), "base_drop_points": drop})
-    new_acc = {c: acc[c] for c, acc, _ in alone}
-    return {"budget": budget, "base_before": base_before,
-            "one_at_a_time": {"new_acc_mean": float(np.mean(list(new_acc.values()))),
-                              "near_sibling": float(np.mean([new_acc[c] for c in NEAR_SIBLING])),
-                              "no_sibling": float(np.mean([new_acc[c] for c in NO_SIBLING])),
-                              "base_drop_mean_points": float(np.mean([d for _, _, d in alone])),
-                              "base_drop_max_points": float(np.max([d for _, _, d in alone]))},
-            "sequential": sequential, "budget_curve": curve}
+        curve.append({"max_base_drop": "no offset" if b is None else b, "alone: near": near, "alone: other": other,
+                      "alone: drop mean": float(np.mean([d for _, d in alone])),
+                      "alone: drop max": float(np.max([d for _, d in alone])),
+                      "all 20: near": split(acc)[0], "all 20: other": split(acc)[1], "all 20: drop": drop})
+    sequential = [{"enrolled": n, "base_drop_points": measure(held[:n], budget)[1]} for n in (5, 10, 15, 20)]
+    return {"budget": budget, "base_before": base_before, "curve": curve, "sequential": sequential}
 
 
 def search_timing(n: int, dim: int, queries: int, seed: int) -> dict:
@@ -341,13 +340,11 @@ def main() -> None:
     print_table(console, "Nearest prototype over all 88 classes, no head: how well the features alone separate "
                          "unseen classes", results["nearest_prototype"])
     protocols = results["protocols_5shot"]
-    print_table(console, f"5 shots, each held-out class enrolled alone at --max-base-drop {protocols['budget']} "
-                         "(means over the 20; drop on held-out base photos not used to fit the offsets)",
-                [protocols["one_at_a_time"]])
+    print_table(console, "5 shots: --max-base-drop vs new-class accuracy and measured base drop (points, on held-out "
+                         "base photos not used to fit the offsets), each class enrolled alone (means over the 20) "
+                         "and all 20 at once", protocols["curve"])
     print_table(console, f"5 shots at --max-base-drop {protocols['budget']}, enrolled one after another: base drop "
                          "after each 5", protocols["sequential"])
-    print_table(console, "5 shots, all 20 enrolled: each class's --max-base-drop budget vs measured base drop",
-                protocols["budget_curve"])
     console.print_json(json.dumps({k: v for k, v in results.items()
                                    if k not in ("enroll", "nearest_prototype", "protocols_5shot")}, default=float))
     (args.out / "bench_enroll.json").write_text(json.dumps(results, indent=2, default=float))

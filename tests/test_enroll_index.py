@@ -59,12 +59,12 @@ def test_enroll_appends_and_never_changes_old_answers(art, demo_data, capsys):
 def test_a_new_class_costs_at_most_its_base_drop_budget(art, demo_data, capsys):
     """Shots of a base class enrolled under a new name (a perfect look-alike, the hardest case): at
     --max-base-drop 0 it takes none of the held-out base photos answered right before; at 100 it gets
-    no offset and takes some; at 10 it loses at most 10% of them."""
+    no offset and takes some; at 4 an offset in between."""
     z, y = read_validation(art)
     net, _ = artifact.load(art)
     right = net.heads(z)["joint"].argmax(1) == y
     lost = {}
-    for budget in ("0", "10", "100"):
+    for budget in ("0", "4", "100"):
         code, out, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--max-base-drop", budget)
         assert code == 0 and "score offset" in out, err
         net, tax = artifact.load(art)
@@ -72,7 +72,9 @@ def test_a_new_class_costs_at_most_its_base_drop_budget(art, demo_data, capsys):
         lost[budget] = (int((right & (answers != y)).sum()), artifact.read_config(art)["enrolled"][0]["offset"])
         assert run_cli("unenroll", art, "--class", NEW, capsys=capsys)[0] == 0
     assert lost["0"][0] == 0 and lost["100"] == (lost["100"][0], 0.0) and lost["100"][0] > 0
-    assert lost["10"][0] <= 0.10 * len(y) and lost["0"][1] >= lost["10"][1] >= lost["100"][1]
+    # 4%: an expected loss (on photos like these, not on these), so within a photo of 4% of the 29;
+    # measured (seeded): offsets 0.67 / 0.27 / 0, photos lost 0 / 0 / 3
+    assert lost["4"][0] <= 0.04 * len(y) + 1 and lost["0"][1] > lost["4"][1] > lost["100"][1]
     (art / "validation.npz").unlink()                        # an artifact trained before validation.npz
     code, out, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr")
     assert code == 0 and "no validation.npz" in err and "score offset" not in out

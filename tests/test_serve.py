@@ -168,9 +168,12 @@ def test_upload_page_in_headless_chromium(art, demo_data, tmp_path):
         want = Recognizer(art).predict(photo)[0]
         path = browser.find_element(By.ID, "path").text
         rows = browser.find_elements(By.CSS_SELECTOR, "#topk tr")
+        boxes = [browser.find_element(By.CSS_SELECTOR, sel).rect for sel in ("h1", "#drop", "#preview", "#path")]
         browser.save_screenshot(str(tmp_path / "page.png"))
         logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
     assert want.brand in path and want.model in path and want.years in path
     assert len(rows) == 5 and browser is not None
+    # title, drop zone, photo and answer stacked without overlapping (the drop zone once covered the title)
+    assert all(a["y"] + a["height"] <= b["y"] for a, b in zip(boxes, boxes[1:])), boxes
     assert not logs, logs
     assert (tmp_path / "page.png").stat().st_size > 10_000

@@ -220,7 +220,8 @@ def enroll(
                       f"(`hier unenroll --class {r['class']!r}` takes them back out)")
     else:
         console.print(f"enrolled {r['class']!r} from {r['shots']} shot(s); {r['classes']} classes now"
-                      + (f" (score offset {r['offset']:.2f}: at most {max_base_drop:g} point(s) of base accuracy)"
+                      + (f" (score offset {r['offset']:.2f}: expected to cost at most {max_base_drop:g} point(s) "
+                         "of base accuracy)"
                          if r["offset"] is not None else ""))
     if not r["base"] and not r["calibrated"]:
         err.print("[yellow]warning:[/] this artifact has no validation.npz (trained by an older hier), so the "

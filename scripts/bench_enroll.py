@@ -17,6 +17,7 @@ import copy
 import json
 import shutil
 import tempfile
+import sys
 import time
 from pathlib import Path
 
@@ -220,6 +221,7 @@ def main() -> None:
     ap.add_argument("--gallery-size", type=int, default=1_000_000, help="0 skips the synthetic search timing")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    command = " ".join(["python", *sys.argv])
     if not args.data.is_dir():
         raise SystemExit(f"benchmark data not found: {args.data} (needs ../shared)")
     console = Console(width=150)
@@ -348,6 +350,7 @@ def main() -> None:
     console.print_json(json.dumps({k: v for k, v in results.items()
                                    if k not in ("enroll", "nearest_prototype", "protocols_5shot")}, default=float))
     (args.out / "bench_enroll.json").write_text(json.dumps(results, indent=2, default=float))
+    console.print(f"command: {command}")
 
 
 if __name__ == "__main__":

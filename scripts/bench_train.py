@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baseline", action="store_true")
     args = ap.parse_args()
+    command = " ".join(["python", *sys.argv])
     if not args.data.is_dir():
         raise SystemExit(f"benchmark data not found: {args.data} (needs ../shared)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -86,6 +88,7 @@ def main() -> None:
         table.add_row(name, *[f"{m[c]:.3f}" if c in m else "-" for c in cols])
     Console().print(table)
     print(f"total wall time {time.time() - t0:.0f} s")
+    print(f"command: {command}")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_train.json").write_text(json.dumps(rows, indent=2))
 

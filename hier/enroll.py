@@ -243,8 +243,8 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
            calibration: Calibration | None = None, max_base_drop: float = MAX_BASE_DROP) -> dict:
     """Add (or add shots to) class ``name``. The artifact is locked from reading to the atomic save, so
     concurrent enrollments queue instead of losing each other's classes. A new class's scores are
-    offset so that it costs at most ``max_base_drop`` points of accuracy on the artifact's held-out base
-    photos (``base_drop_offset``; artifacts trained before ``validation.npz`` get no offset)."""
+    offset so that it is expected to cost at most ``max_base_drop`` points of accuracy on photos like the
+    artifact's held-out base photos (``base_drop_offset``; artifacts trained before ``validation.npz`` get no offset)."""
     if not 0 <= max_base_drop <= 100:
         raise HierError(f"--max-base-drop is in points of accuracy, 0 to 100, not {max_base_drop}")
     path, name, brand, model = Path(path), nfc(name), nfc(brand), nfc(model)

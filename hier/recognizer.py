@@ -228,8 +228,8 @@ class Recognizer:
     def enroll(self, name: str, images, brand: str | None = None, model: str | None = None,
                years: str | None = None, add_shots: bool = False, min_shots: int = 1,
                calibrate: float = 0.0, max_base_drop: float = enrollment.MAX_BASE_DROP) -> dict:
-        """A new class from a few photos (``hier.enroll.enroll``): it may cost at most ``max_base_drop``
-        points of accuracy on the artifact's held-out photos of the known classes."""
+        """A new class from a few photos (``hier.enroll.enroll``): it is expected to cost at most
+        ``max_base_drop`` points of accuracy on photos of the known classes."""
         images = images if isinstance(images, (list, tuple)) else [images]
         return enrollment.enroll(self.path, name, images, brand, model, years, add_shots, min_shots,
                                  enrollment.Calibration(calibrate), max_base_drop)

@@ -17,11 +17,10 @@ from conftest import TINY, run_cli
 @pytest.fixture
 def art(art):
     """The copy of the tiny artifact, serving with flip TTA as the `cpu` preset does."""
-    dst = art
-    config = artifact.read_config(dst)
+    config = artifact.read_config(art)
     config["model"]["tta"] = True
-    (dst / artifact.CONFIG).write_text(json.dumps(config))
-    return dst
+    (art / artifact.CONFIG).write_text(json.dumps(config))
+    return art
 
 
 def _photos(demo_data, cls="Cinder_Rook_2019_2023", n=4):

@@ -1,0 +1,81 @@
+"""What every command shares: the typer app, the consoles, the output formats and ``main``.
+
+User mistakes raise HierError; ``main`` prints them as one red line and exits 2, never a traceback.
+"""
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hier.errors import HierError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Fine-grained car recognition: brand, model and year that never contradict.")
+console = Console(width=None if sys.stdout.isatty() else 160)   # pipes and CI logs get whole rows
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    json = "json"
+    csv = "csv"
+
+
+def print_metrics(metrics: dict, title: str) -> None:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)) and v is not None:
+            table.add_row(k, f"{v:.4f}" if isinstance(v, float) else str(v))
+    console.print(table)
+
+
+def print_frame(frame, fmt: Format) -> None:
+    if fmt is Format.json:
+        print(frame.to_json(orient="records", force_ascii=False, indent=1))
+    elif fmt is Format.csv:
+        sys.stdout.write(frame.to_csv(index=False))
+    else:
+        table = Table()
+        for col in frame.columns:
+            table.add_column(str(col))
+        for row in frame.itertuples(index=False):
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else Path(v).name if col == "image" else str(v)
+                            for col, v in zip(frame.columns, row)])
+        console.print(table)
+
+
+def main() -> None:
+    """Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted (Ctrl-C), so
+    ``hier train ... && hier predict ...`` never goes on after a failed or interrupted step."""
+    try:
+        code = app(standalone_mode=False)     # typer turns Ctrl-C into a returned 130, not an exception
+        if isinstance(code, int) and code:
+            if code == 130:
+                err.print("[red]interrupted[/]")
+            sys.exit(code)
+    except HierError as e:
+        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]")
+        sys.exit(130)
+    except (typer.Exit, SystemExit):
+        raise
+    except Exception as e:
+        # usage errors (missing argument, bad option) from click or typer's vendored copy of it
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
+            if type(e).__name__ == "NoArgsIsHelpError":
+                e.show()
+            else:
+                err.print(f"[red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+            sys.exit(e.exit_code)
+        if type(e).__name__ == "Abort":
+            sys.exit(1)
+        raise

@@ -1,0 +1,87 @@
+"""``hier index build/add/remove`` and ``hier similar``: the similar-listing gallery."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from hier.cli.base import Format, app, console, err, print_frame
+from hier.errors import HierError
+
+
+index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
+app.add_typer(index_app, name="index")
+
+
+def _listings(listings: Path, strict: bool):
+    from hier.index import read_listings
+    table = read_listings(listings, strict)
+    if table.attrs.get("skipped"):
+        err.print(f"[yellow]{table.attrs['skipped']}[/]")
+    return table
+
+
+@index_app.command("build")
+def index_build(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    listings: Annotated[Path, typer.Argument(help="Folder of listing photos, or CSV listing_id,image[,price,...]")],
+    kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
+    strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
+):
+    """Embed listing photos and (re)build ARTIFACT/gallery."""
+    from hier.index import factory_string
+    from hier.recognizer import Recognizer
+    from hier.engine.trainer import progress_bar
+
+    rec = Recognizer(artifact)
+    factory_string(kind, 1)
+    table = _listings(listings, strict)      # bad input stops here, before any progress output
+    with progress_bar(err) as progress:
+        gallery = rec.index(table, kind, progress)
+    console.print(f"indexed {len(gallery)} listing image(s) ({kind}) in {artifact}/gallery")
+
+
+@index_app.command("add")
+def index_add(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
+    strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
+):
+    """Add listings to an existing index (ids of the others stay as they are)."""
+    from hier.recognizer import Recognizer
+    from hier.engine.trainer import progress_bar
+
+    rec = Recognizer(artifact)
+    table = _listings(listings, strict)
+    with progress_bar(err) as progress:
+        added, gallery = rec.index_add(table, progress)
+    console.print(f"added {added}; {len(gallery)} in the index")
+
+
+@index_app.command("remove")
+def index_remove(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    ids: Annotated[list[str], typer.Argument(help="listing_id values to remove")],
+):
+    """Remove listings by listing_id."""
+    from hier.recognizer import Recognizer
+
+    n, gallery = Recognizer(artifact).index_remove(ids)
+    console.print(f"removed {n} vector(s); {len(gallery)} in the index")
+
+
+@app.command()
+def similar(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    image: Annotated[Path, typer.Argument(help="Query photo")],
+    k: Annotated[int, typer.Option("--k", help="How many listings")] = 10,
+    same_brand: Annotated[bool, typer.Option(help="Only listings of the query's predicted brand")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
+):
+    """Nearest listings to a photo: the seller's columns, hier's class and similarity."""
+    from hier.recognizer import Recognizer
+
+    if k < 1:
+        raise HierError(f"--k must be at least 1, not {k}")
+    print_frame(Recognizer(artifact).similar(image, k, same_brand), fmt)

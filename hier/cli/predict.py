@@ -1,0 +1,90 @@
+"""``hier predict`` (top-k answers and competition submissions) and ``hier crop``."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hier.cli.base import Format, app, console, err, print_frame
+from hier.errors import HierError
+
+
+@app.command()
+def predict(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    images: Annotated[Optional[list[Path]], typer.Argument(
+        help="Image files or folders, searched recursively (top-k mode)")] = None,
+    test_csv: Annotated[Optional[Path], typer.Option(help="ID,img_path CSV (submission mode)")] = None,
+    sample_submission: Annotated[Optional[Path], typer.Option(help="Gives the column and row order")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write the submission / top-k CSV")] = None,
+    topk: Annotated[int, typer.Option(help="Answers per image")] = 5,
+    fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta",
+                                                help="Add flipped views, geometric mean [artifact's setting]")] = None,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
+    crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
+    detector: Annotated[Optional[Path], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
+    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime when `hier export` was run) | torch | onnx")] = "auto",
+    explain: Annotated[Optional[Path], typer.Option(
+        help="Also save each photo's class-activation map (top-1 answer) as DIR/<photo>.png")] = None,
+):
+    """Write a competition submission (--test-csv) or print top-k answers for images."""
+    from hier.artifact import atomic_write
+    from hier.data import image_files, read_test_csv
+    from hier.recognizer import Recognizer
+    from hier.engine.trainer import progress_bar
+
+    if topk < 1:
+        raise HierError(f"--topk must be at least 1, not {topk}")
+    if (test_csv is None) == (not images):
+        raise HierError("give either IMAGES... or --test-csv (with --sample-submission and --out)")
+    if test_csv is not None and (sample_submission is None or out is None):
+        raise HierError("--test-csv needs --sample-submission and --out")
+    if out is not None and out.exists() and out.is_dir():
+        raise HierError(f"--out {out} is a folder; give a file name")
+    if explain is not None and (test_csv is not None or explain.is_file()):
+        raise HierError("--explain DIR goes with IMAGES... and names a folder")
+    if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
+        raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
+    rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
+    if test_csv is not None:
+        inputs = read_test_csv(test_csv)                # checked before any progress output
+        with progress_bar(err) as progress:
+            table = rec.submission(inputs, sample_submission, out, tta, progress)
+        console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
+        return
+    photos = image_files(images, strict)               # checked before any progress output
+    if photos.skipped_message():
+        err.print(f"[yellow]{photos.skipped_message()}[/]")
+    with progress_bar(err) as progress:
+        answers = rec.predict(photos, topk, tta, progress).to_frame()     # checked once, above
+    if out is not None:
+        atomic_write(out, lambda p: answers.to_csv(p, index=False))
+    print_frame(answers, fmt)
+    if explain is not None:
+        err.print(f"saved {len(rec.explain(photos, explain))} activation map(s) in {explain}")
+    if rec.crop_fallback is not None:
+        err.print(f"car crops: {rec.crop_fallback:.1%} of the photos had no vehicle box and were used whole")
+
+
+@app.command("crop")
+def crop_cmd(
+    data: Annotated[Path, typer.Argument(help="Photos in any layout (folders are searched recursively)")],
+    out: Annotated[Path, typer.Option(help="Where the cropped copies go (same tree)")],
+    detector: Annotated[Path, typer.Option(help="ultralytics detector weights (.pt, .onnx, .tflite...)")],
+):
+    """Crop every photo to its largest car/bus/truck box (+8% margin); photos without one stay whole."""
+    from hier.data.detect import CarDetector, crop_folder
+    from hier.engine.trainer import progress_bar
+
+    if not data.is_dir():
+        raise HierError(f"data folder not found: {data}")
+    found = CarDetector(detector)
+    with progress_bar(err) as progress:
+        r = crop_folder(data, out, found, progress)
+    if r["skipped"]:
+        err.print(f"[yellow]{r['skipped']}[/]")
+    console.print(f"cropped {r['photos'] - r['fallback']} of {r['photos']} photo(s) into {out}; "
+                  f"{r['fallback']} ({r['fallback_rate']:.1%}) had no vehicle box and were copied whole")

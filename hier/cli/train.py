@@ -1,0 +1,122 @@
+"""``hier train``, ``evaluate``, ``demo`` and ``export``: making and judging an artifact."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hier.cli.base import Format, app, console, err, print_frame, print_metrics
+from hier.errors import HierError
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Folder-per-class training images: DATA/<class>/*.jpg")],
+    out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
+    taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV "
+                                                     "(default: parse the folder names)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Named flag set: 'cpu' or 'cpu-max' (see README)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Any timm model name [efficientnet_lite0]")] = None,
+    pretrained: Annotated[Optional[str], typer.Option(
+        help="auto | none | timm (hub) | efficientnet_lite0 (offline package) | path to weights")] = None,
+    img_size: Annotated[Optional[int], typer.Option(help="Square input size [224]")] = None,
+    epochs: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Trunk learning rate [1e-3]")] = None,
+    head_lr: Annotated[Optional[float], typer.Option(help="Embedding/head learning rate [3e-3]")] = None,
+    freeze_stages: Annotated[Optional[int], typer.Option(help="Trunk stages kept frozen [0]")] = None,
+    cache_views: Annotated[Optional[int], typer.Option(
+        help="Precompute N augmented views of the frozen stages (needs --freeze-stages) [0]")] = None,
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta",
+                                                help="Calibrate and serve with flipped views too [off]")] = None,
+    ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema")] = None,
+    amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA")] = None,
+    accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1]")] = None,
+    val_frac: Annotated[Optional[float], typer.Option(help="Stratified validation share [0.2]")] = None,
+    fold: Annotated[Optional[int], typer.Option(help="Use fold K of --folds as validation (k-fold)")] = None,
+    folds: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers [0]")] = None,
+    layout: Annotated[Optional[str], typer.Option(
+        help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
+    crop: Annotated[Optional[str], typer.Option(help="none | yolo: train on each photo's largest vehicle box")] = None,
+    detector: Annotated[Optional[str], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
+):
+    """Train a hierarchical model and write an artifact directory."""
+    flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
+    from hier.recognizer import Recognizer
+
+    rec = Recognizer.train(data, out, preset, taxonomy, resume, console=err, trunk=model, **flags)
+    if rec.metrics:
+        print_metrics(rec.metrics, f"validation ({out})")
+    console.print(f"artifact: {out}")
+
+
+@app.command()
+def evaluate(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory from `hier train`")],
+    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
+    tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Add flipped views [artifact's setting]")] = None,
+    batch_size: Annotated[int, typer.Option()] = 64,
+    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
+    layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
+):
+    """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
+    from hier.recognizer import Recognizer
+    from hier.engine.trainer import progress_bar
+
+    rec = Recognizer(artifact, batch_size=batch_size)
+    with progress_bar(err) as progress:
+        metrics = rec.evaluate(data, tta, progress, layout)
+    skipped = metrics.pop("skipped")
+    if skipped:
+        err.print(f"[yellow]{skipped}[/]")
+    if as_json:
+        print(json.dumps(metrics, indent=2))
+    else:
+        print_metrics(metrics, f"{artifact} on {data}")
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the generated data and the artifact")] = Path("runs/demo"),
+    epochs: Annotated[int, typer.Option()] = 3,
+    img_size: Annotated[int, typer.Option()] = 128,
+    images_per_class: Annotated[int, typer.Option()] = 40,
+):
+    """Draw a small synthetic hierarchical car dataset, train on it (CPU, minutes) and predict."""
+    from hier.demo import make_demo_dataset
+    from hier.recognizer import Recognizer
+
+    if out.exists() and any(out.iterdir()):
+        raise HierError(f"{out} is not empty; choose another --out")
+    data = make_demo_dataset(out / "data", images_per_class=images_per_class, img_size=img_size)
+    held_out = make_demo_dataset(out / "eval", images_per_class=8, test_images_per_class=1, img_size=img_size,
+                                 seed=1)
+    console.print(f"[bold]1/4[/] drew {len(data.classes)} classes in {data.train_dir}")
+    rec = Recognizer.train(data.train_dir, out / "artifact", taxonomy=data.taxonomy, console=err, img_size=img_size,
+                           freeze_stages=3, epochs=epochs, cache_views=2, ema=False)
+    console.print("[bold]2/4[/] evaluate on freshly drawn images")
+    metrics = rec.evaluate(held_out.train_dir)
+    metrics.pop("skipped")
+    print_metrics(metrics, f"{rec.path} on {held_out.train_dir}")
+    console.print("[bold]3/4[/] submission")
+    table = rec.submission(data.test_csv, data.sample_submission, out / "submission.csv")
+    console.print(f"wrote {out / 'submission.csv'}: {len(table)} rows x {table.shape[1] - 1} classes")
+    console.print("[bold]4/4[/] top-3 answers for two images")
+    print_frame(rec.predict(sorted((out / "data" / "test").glob("*.jpg"))[:2], topk=3).to_frame(), Format.table)
+
+
+@app.command()
+def export(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+):
+    """Write ARTIFACT/model.onnx (trunk + embedding, flip TTA inside): predict, evaluate, enroll and index
+    then run on ONNX Runtime, with the same outputs to ~1e-6."""
+    from hier.recognizer import Recognizer
+
+    console.print(f"wrote {Recognizer(artifact).export(fmt)}")

@@ -4,8 +4,13 @@ Embeddings are L2-normalised, so inner product is cosine similarity. Each listin
 int64 id (``add_with_ids``), so removing listings never renumbers the rest. The index lives in
 ``ARTIFACT/gallery/`` (``index.faiss`` + ``listings.csv`` + ``gallery.json``) and moves with the artifact.
 The seller's columns are kept as given; hier's own (FAISS id, predicted class/brand/model, similarity)
-are named ``hier_*``, a prefix listings may not use. Editing commands hold the artifact's lock from
-reading the gallery to saving it, so two ``hier index add`` at once both land.
+are named ``hier_*``, a prefix listings may not use.
+
+``build`` and ``add`` embed the photos *outside* the artifact's lock (a service reading the artifact
+meanwhile is never stalled by a long embedding) and hold it only to check and save: the artifact's
+weights, taxonomy and config must still be those the photos were embedded with (else they are embedded
+again), and ``add`` reads, extends and saves the gallery under the lock, so two ``hier index add`` at
+once both land.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from hier import artifact
-from hier.data import image_files, refuse_listed, require_cells
+from hier.data import image_files, read_table, refuse_listed, first_repeat, require_cells
 from hier.errors import HierError
 from hier.metrics import decode
 from hier.engine.predictor import artifact_predictor, device
@@ -28,6 +33,7 @@ PREFIX = "hier_"                       # hier's own listing columns; reserved in
 ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "brand", "model", "similarity"))
 # Sellers' cells come back as written: only an empty cell is missing ("n/a", "NA", "null" stay text).
 AS_GIVEN = dict(dtype={"listing_id": str}, keep_default_na=False, na_values=[""])
+EMBED_TRIES = 3                        # embeddings redone when the artifact changed meanwhile, then refused
 
 
 def factory_string(kind: str, n: int) -> str:
@@ -117,9 +123,10 @@ class Gallery:
         meta = json.dumps({"kind": self.kind})
         with artifact.locked(artifact_dir):
             artifact.atomic_write_all({
-                folder / "index.faiss": lambda p: faiss.write_index(to_cpu(self.index), str(p)),
-                folder / "listings.csv": lambda p: self.listings.to_csv(p, index=False),
-                folder / "gallery.json": lambda p: p.write_text(meta)})
+                # bytes written by Python, not FAISS's own writer: a full disk then raises OSError(ENOSPC)
+                folder / "index.faiss": lambda p: p.write_bytes(faiss.serialize_index(to_cpu(self.index)).tobytes()),
+                folder / "listings.csv": lambda p: self.listings.to_csv(p, index=False, encoding="utf-8"),
+                folder / "gallery.json": lambda p: p.write_text(meta, encoding="utf-8")})
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> "Gallery":
@@ -127,9 +134,9 @@ class Gallery:
         if not (folder / "index.faiss").is_file():
             raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
         with artifact.locked(artifact_dir):
-            listings = pd.read_csv(folder / "listings.csv", **AS_GIVEN)
+            listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
             index = faiss.read_index(str(folder / "index.faiss"))
-            meta = json.loads((folder / "gallery.json").read_text()) if (folder / "gallery.json").is_file() else None
+            meta = artifact.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
         if meta is None:        # written before hier_* columns: id/class/brand/model/kind were hier's
             kind = listings.pop("kind").iloc[0] if len(listings) else "flat"
             listings = listings.rename(columns={c: PREFIX + c for c in ("id", "class", "brand", "model")})
@@ -139,41 +146,99 @@ class Gallery:
 
 
 def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
-    """A folder of photos, searched recursively (listing_id = path below it without the extension), or
-    a CSV ``listing_id,image[,price,...]``, checked: images exist and decode, ids are unique, no column
-    uses hier's reserved prefix. In a folder, unusable files are skipped (``table.attrs["skipped"]``
-    says how many) unless ``strict``."""
+    """A folder of photos, searched recursively, symlinked folders included (listing_id = path below it
+    without the extension), or a CSV ``listing_id,image[,price,...]`` (``read_table``), checked: images
+    exist and decode, ids are unique (a repeat names both files, or both rows), no column uses hier's
+    reserved prefix. In a folder, unusable files are skipped (``table.attrs["skipped"]`` says how many)
+    unless ``strict``."""
     if listings.is_dir():
         found = image_files([listings], strict)
         table = pd.DataFrame({"listing_id": [p.relative_to(listings).with_suffix("").as_posix() for p in found.paths],
                               "image": [str(p) for p in found.paths]})
         table.attrs["skipped"] = found.skipped_message()
+        repeat = first_repeat(table["listing_id"])
+        if repeat:
+            a, b = (found.paths[i].relative_to(listings).as_posix() for i in repeat[1:])
+            raise HierError(f"listing_id {repeat[0]!r} repeats in {listings}: {a} and {b} (a folder's listing_id "
+                            "is the file's path without its extension); rename one, or give a CSV "
+                            "listing_id,image")
     elif listings.is_file():
-        table = pd.read_csv(listings, encoding="utf-8-sig", **AS_GIVEN)
-        if not {"listing_id", "image"} <= set(table.columns):
-            raise HierError(f"{listings} must have columns listing_id,image (+ optional price, year, mileage...)")
+        table = read_table(listings, "listings CSV", ["listing_id", "image"], AS_GIVEN["dtype"])
         reserved = [c for c in table.columns if str(c).startswith(PREFIX)]
         if reserved:
             raise HierError(f"{listings}: column {reserved[0]!r} uses the prefix {PREFIX!r}, which hier keeps for "
                             "its own columns; rename it")
         require_cells(table, ["listing_id", "image"], listings)
+        repeat = first_repeat(table["listing_id"])
+        if repeat:
+            raise HierError(f"{listings}: listing_id {repeat[0]!r} repeats (rows {repeat[1] + 2} and {repeat[2] + 2})")
         table["image"] = [str((listings.parent / p).resolve()) for p in table["image"]]
         refuse_listed([Path(p) for p in table["image"]], listings)
     else:
         raise HierError(f"listings not found: {listings}")
-    if table["listing_id"].duplicated().any():
-        raise HierError(f"listing_id {table['listing_id'][table['listing_id'].duplicated()].iloc[0]!r} repeats")
     return table
 
 
-def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame]:
-    """Embeddings of the listing photos, and the table with hier's predicted class/brand/model."""
-    net, taxonomy = artifact.load(artifact_dir, device())
-    out = artifact_predictor(artifact_dir, net)([Path(p) for p in table["image"]], progress)
+def _artifact_stamp(artifact_dir: Path) -> tuple:
+    """(name, inode, mtime, size) of the files that decide an embedding and its predicted class: every
+    atomic save of the artifact (train, enroll, unenroll, export) changes it."""
+    out = []
+    for name in (artifact.WEIGHTS, artifact.CONFIG, artifact.TAXONOMY):
+        try:
+            st = (artifact_dir / name).stat()
+            out.append((name, st.st_ino, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            out.append((name, None))
+    return tuple(out)
+
+
+def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame, tuple]:
+    """Embeddings of the listing photos, the table with hier's predicted class/brand/model, and the
+    artifact's stamp they were computed with (``_artifact_stamp``). Only the model's load holds the
+    artifact's lock; the embedding runs unlocked."""
+    artifact_dir = Path(artifact_dir)
+    with artifact.locked(artifact_dir):
+        stamp = _artifact_stamp(artifact_dir)
+        net, taxonomy = artifact.load(artifact_dir, device())
+        predictor = artifact_predictor(artifact_dir, net)
+    out = predictor([Path(p) for p in table["image"]], progress)
     brand, model, fine = decode(out["probs"], taxonomy)      # the top-down answer, as `similar --same-brand`
     return out["embedding"], table.assign(**{CLASS: [taxonomy.classes[i] for i in fine],
                                             BRAND: [taxonomy.brands[i] for i in brand],
-                                            MODEL: [taxonomy.models[i] for i in model]})
+                                            MODEL: [taxonomy.models[i] for i in model]}), stamp
+
+
+def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, prepare=None):
+    """Embed ``table`` unlocked, then, under the artifact's lock, ``save(vectors, table, prepared)`` if the
+    artifact is still the one embedded with; embedded again when another command changed it meanwhile
+    (``EMBED_TRIES`` times, then one error line, nothing saved). ``prepare(vectors, table)`` runs unlocked
+    after each embedding (training a new index). Returns what ``save`` returns."""
+    for _ in range(EMBED_TRIES):
+        vectors, rows, stamp = embed_listings(artifact_dir, table, progress)
+        prepared = prepare(vectors, rows) if prepare else None
+        with artifact.locked(artifact_dir):
+            if _artifact_stamp(artifact_dir) == stamp:
+                return save(vectors, rows, prepared)
+    raise HierError(f"{artifact_dir} changed while its listings were embedded, {EMBED_TRIES} times (another "
+                    "command kept writing it); nothing was saved; run the command again when it is done")
+
+
+def saved_listing_ids(artifact_dir: str | Path) -> set[str]:
+    """The listing_ids of the saved gallery (one column read, under the lock); HierError without one."""
+    folder = Path(artifact_dir) / GALLERY
+    if not (folder / "index.faiss").is_file():
+        raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
+    with artifact.locked(artifact_dir):
+        ids = pd.read_csv(folder / "listings.csv", encoding="utf-8", usecols=["listing_id"], **AS_GIVEN)
+    return set(ids["listing_id"].astype(str))
+
+
+def refuse_clashes(artifact_dir: str | Path, table: pd.DataFrame) -> None:
+    """Listings to add whose listing_id is in the saved gallery: one line, before any embedding."""
+    clash = set(table["listing_id"].astype(str)) & saved_listing_ids(artifact_dir)
+    if clash:
+        raise HierError(f"listing {sorted(clash)[0]!r} is already in the index ({len(clash)} clashes); "
+                        "remove it first (`hier index remove`) or give it another listing_id")
 
 
 def _table(listings: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -182,23 +247,31 @@ def _table(listings: str | Path | pd.DataFrame) -> pd.DataFrame:
 
 def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: str = "flat",
           progress=None) -> Gallery:
-    """Embed listing photos (a folder, a CSV or ``read_listings``' table) and (re)build ARTIFACT/gallery."""
+    """Embed listing photos (a folder, a CSV or ``read_listings``' table) and (re)build ARTIFACT/gallery;
+    the embedding and the index's training run unlocked, the save under the lock."""
     factory_string(kind, 1)                   # an unknown kind fails before any work
     table = _table(listings)
-    with artifact.locked(artifact_dir):
-        gallery = Gallery.build(*embed_listings(Path(artifact_dir), table, progress), kind)
+
+    def save(vectors, rows, gallery: Gallery) -> Gallery:
         gallery.save(artifact_dir)
-    return gallery
+        return gallery
+    return _embed_and_save(Path(artifact_dir), table, progress, save,
+                           prepare=lambda vectors, rows: Gallery.build(vectors, rows, kind))
 
 
 def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=None) -> tuple[int, Gallery]:
-    """Add listings to the existing index (ids of the others stay as they are)."""
+    """Add listings to the existing index (ids of the others stay as they are). Clashing listing_ids
+    are refused before any embedding; the gallery is read, extended and saved under the lock, after the
+    unlocked embedding (so two adds at once both land)."""
     table = _table(listings)
-    with artifact.locked(artifact_dir):
+    refuse_clashes(artifact_dir, table)
+
+    def save(vectors, rows, _) -> Gallery:
         gallery = Gallery.load(artifact_dir)
-        gallery.add(*embed_listings(Path(artifact_dir), table, progress))
+        gallery.add(vectors, rows)
         gallery.save(artifact_dir)
-    return len(table), gallery
+        return gallery
+    return len(table), _embed_and_save(Path(artifact_dir), table, progress, save)
 
 
 def remove(artifact_dir: str | Path, ids: list[str]) -> tuple[int, Gallery]:

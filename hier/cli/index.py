@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from hier.cli.base import Format, app, console, err, print_frame
-from hier.errors import HierError
+from hier.errors import check_number
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
@@ -82,6 +82,5 @@ def similar(
     """Nearest listings to a photo: the seller's columns, hier's class and similarity."""
     from hier.recognizer import Recognizer
 
-    if k < 1:
-        raise HierError(f"--k must be at least 1, not {k}")
+    check_number("--k", k, 1, integer=True)
     print_frame(Recognizer(artifact).similar(image, k, same_brand), fmt)

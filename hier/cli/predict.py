@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 import typer
 
 from hier.cli.base import Format, app, console, err, print_frame
-from hier.errors import HierError
+from hier.errors import HierError, check_number
+
+MAX_BATCH = 4096          # photos per forward pass: more only fills memory
 
 
 @app.command()
@@ -33,11 +35,12 @@ def predict(
     """Write a competition submission (--test-csv) or print top-k answers for images."""
     from hier.artifact import atomic_write
     from hier.data import image_files, read_test_csv
+    from hier.infer import read_sample
     from hier.recognizer import Recognizer
     from hier.engine.trainer import progress_bar
 
-    if topk < 1:
-        raise HierError(f"--topk must be at least 1, not {topk}")
+    check_number("--topk", topk, 1, integer=True)
+    check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
     if (test_csv is None) == (not images):
         raise HierError("give either IMAGES... or --test-csv (with --sample-submission and --out)")
     if test_csv is not None and (sample_submission is None or out is None):
@@ -51,8 +54,9 @@ def predict(
     rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
     if test_csv is not None:
         inputs = read_test_csv(test_csv)                # checked before any progress output
+        sample = read_sample(sample_submission, inputs.ids, rec.taxonomy)   # ... and before any prediction
         with progress_bar(err) as progress:
-            table = rec.submission(inputs, sample_submission, out, tta, progress)
+            table = rec.submission(inputs, sample, out, tta, progress)
         console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
         return
     photos = image_files(images, strict)               # checked before any progress output
@@ -61,7 +65,7 @@ def predict(
     with progress_bar(err) as progress:
         answers = rec.predict(photos, topk, tta, progress).to_frame()     # checked once, above
     if out is not None:
-        atomic_write(out, lambda p: answers.to_csv(p, index=False))
+        atomic_write(out, lambda p: answers.to_csv(p, index=False, encoding="utf-8"))
     print_frame(answers, fmt)
     if explain is not None:
         err.print(f"saved {len(rec.explain(photos, explain))} activation map(s) in {explain}")

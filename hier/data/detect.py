@@ -39,6 +39,23 @@ def _import_yolo():
     return YOLO
 
 
+def _reason(e: Exception) -> str:
+    """ultralytics' message for a file it cannot load, as one short line (its first sentence: the rest
+    lists every format it knows)."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0].replace("ERROR ❌️", "").strip()
+    text = text.split(". Ultralytics supports")[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _read_cache(path: Path) -> dict:
+    """Boxes found before, by photo MD5; a damaged cache (a crash mid-write elsewhere) is started over."""
+    try:
+        cache = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
 def md5(path: Path) -> str:
     return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
@@ -51,17 +68,18 @@ class CarDetector:
         try:
             YOLO = _import_yolo()
             self.model = YOLO(str(weights), task="detect")
+            names = dict(self.model.names)      # ultralytics opens the weights lazily, here
         except (ImportError, ModuleNotFoundError) as e:
             raise HierError(f"cannot load detector {weights}: {e} (a .tflite detector needs "
                             "`pip install ai-edge-litert`)") from None
         except Exception as e:  # ultralytics raises many kinds for a file it cannot read
-            raise HierError(f"cannot load detector {weights}: {str(e).splitlines()[0][:200]}") from None
-        self.vehicle_ids = {i for i, n in self.model.names.items() if n in VEHICLES}
+            raise HierError(f"cannot load detector {weights}: {_reason(e)}") from None
+        self.vehicle_ids = {i for i, n in names.items() if n in VEHICLES}
         if not self.vehicle_ids:
-            raise HierError(f"detector {weights} has no car/bus/truck class (names: {list(self.model.names.values())[:5]}...)")
+            raise HierError(f"detector {weights} has no car/bus/truck class (names: {list(names.values())[:5]}...)")
         self.conf, self.imgsz = conf, imgsz
         self.cache_file = (cache or CACHE) / f"boxes-{md5(weights)[:12]}-{imgsz}-{conf}.json"
-        self._cache = json.loads(self.cache_file.read_text()) if self.cache_file.is_file() else {}
+        self._cache = _read_cache(self.cache_file)
 
     def boxes(self, paths: list[Path], batch: int = 16) -> list[tuple | None]:
         """The widened largest vehicle box of each photo (x1, y1, x2, y2 of the upright photo), or None."""
@@ -76,7 +94,7 @@ class CarDetector:
         if todo:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self._cache)
-            artifact.atomic_write(self.cache_file, lambda p: p.write_text(text))
+            artifact.atomic_write(self.cache_file, lambda p: p.write_text(text, encoding="utf-8"))
         return [tuple(self._cache[k]) if self._cache[k] else None for k in keys]
 
     def _largest(self, result, shape) -> list | None:
@@ -101,24 +119,49 @@ class CarDetector:
         return out, (sum(b is None for b in found.values()) / len(found) if found else 0.0)
 
 
+def crop_names(data: Path, paths: list[Path], out: Path) -> list[tuple[Path, str]]:
+    """Where each photo's crop goes, and in which format: the same path below ``out``, the same name, so
+    ``a.jpg`` and ``a.png`` stay two files; a format PIL cannot write (``.heic``) or an unknown name
+    gets ``.jpg`` appended. Two photos that would land on one name are refused before any work."""
+    formats = Image.registered_extensions()
+    names, where = [], {}
+    for path in paths:
+        dst = out / path.relative_to(data)
+        fmt = formats.get(dst.suffix.lower())
+        if fmt not in Image.SAVE:
+            dst, fmt = dst.with_name(dst.name + ".jpg"), "JPEG"
+        if dst in where:
+            raise HierError(f"{where[dst]} and {path} would both be cropped to {dst}; rename one")
+        where[dst] = path
+        names.append((dst, fmt))
+    return names
+
+
 def crop_folder(data: Path, out: Path, detector: CarDetector, progress=None) -> dict:
-    """Cropped copies of every photo under ``data`` (any layout; the tree is mirrored under ``out``),
-    full photos where nothing was detected. Returns counts and the fallback rate."""
+    """Cropped copies of every photo under ``data`` (any layout, symlinked folders followed; the tree is
+    mirrored under ``out`` with the same file names, ``crop_names``), full photos where nothing was
+    detected. A crop never overwrites a file. Returns counts and the fallback rate."""
     data, out = Path(data), Path(out)
     if out.exists() and any(out.iterdir()):
         raise HierError(f"{out} is not empty; choose another --out")
     if out.resolve().is_relative_to(data.resolve()):
         raise HierError(f"--out {out} is inside {data}; choose a folder outside the data")
     photos = image_files([data])
+    names = crop_names(data, photos.paths, out)
     task = progress.add_task("crop", total=len(photos.paths), info="") if progress else None
     fallback = 0
     for s in range(0, len(photos.paths), 64):
         chunk = photos.paths[s:s + 64]
-        for path, box in zip(chunk, detector.boxes(chunk)):
-            dst = out / path.relative_to(data)
+        for path, box, (dst, fmt) in zip(chunk, detector.boxes(chunk), names[s:s + 64]):
             dst.parent.mkdir(parents=True, exist_ok=True)
             fallback += box is None
-            Image.fromarray(to_rgb(Crop(path, box) if box else path)).save(dst.with_suffix(".jpg"), quality=95)
+            crop = Image.fromarray(to_rgb(Crop(path, box) if box else path))
+            try:
+                with dst.open("xb") as f:                  # exclusive: never over an existing file
+                    crop.save(f, format=fmt, **({"quality": 95} if fmt in ("JPEG", "WEBP") else {}))
+            except FileExistsError:
+                raise HierError(f"{dst} exists already (two photos map to one name on this disk); "
+                                f"the crops so far are in {out}") from None
         if progress:
             progress.advance(task, len(chunk))
     return {"photos": len(photos.paths), "fallback": fallback, "fallback_rate": fallback / len(photos.paths),

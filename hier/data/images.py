@@ -15,7 +15,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import albumentations as A
 import numpy as np
@@ -25,6 +25,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps, UnidentifiedImageError
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from hier.data.tables import first_repeat, read_table
 from hier.errors import HierError
 from hier.taxonomy import nfc
 
@@ -34,19 +35,66 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
 
 OK, NOT_IMAGE, UNREADABLE, TOO_LARGE = "ok", "not an image", "unreadable", "too large"
+REPEATED, DANGLING, REVISITED = "repeated", "dangling symlink", "folder reached twice"
 _SKIPPED = {UNREADABLE: "unreadable image(s)", NOT_IMAGE: "non-image file(s)",
-            TOO_LARGE: f"image(s) over PIL's {Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit"}
+            TOO_LARGE: f"image(s) over PIL's {Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit",
+            REPEATED: "repeat(s) of a file already given", DANGLING: "dangling symlink(s)",
+            REVISITED: "symlinked folder(s) already searched (a loop or a second link)"}
 
 
-def load_rgb(path: str | Path, size: int | None = None) -> np.ndarray:
-    """The photo as an upright RGB array (EXIF orientation applied). With ``size``, a JPEG is decoded
-    straight at the smallest 1/2, 1/4 or 1/8 scale still at least ``size`` pixels on each side (libjpeg
-    DCT scaling, PIL ``draft``): a 1600 x 1200 phone photo for a 224 px model decodes at 400 x 300,
-    several times faster, before the usual resize."""
+def load_rgb(path, size: int | None = None) -> np.ndarray:
+    """The photo (a path or a file object) as an upright RGB array (EXIF orientation applied). With
+    ``size``, a JPEG is decoded straight at the smallest 1/2, 1/4 or 1/8 scale still at least ``size``
+    pixels on each side (libjpeg DCT scaling, PIL ``draft``): a 1600 x 1200 phone photo for a 224 px
+    model decodes at 400 x 300, several times faster, before the usual resize."""
     with Image.open(path) as im:
         if size:
             im.draft("RGB", (size, size))
-        return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return pil_rgb(im)
+
+
+def pil_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image as an upright H x W x 3 uint8 array. 16-bit grey (``I;16*``), 32-bit int (``I``)
+    and float (``F``) images are scaled to 0..255 first (``to_uint8``): PIL's own ``convert("RGB")``
+    clips them, so a 16-bit photo came out white."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("I", "F") or im.mode.startswith("I;"):
+        grey = to_uint8(np.asarray(im))
+        return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1))
+    return np.asarray(im.convert("RGB"))
+
+
+def to_uint8(a: np.ndarray) -> np.ndarray:
+    """Pixel values as uint8, scaled by their type's range where it has one and by the data's where not:
+    uint8 as is; uint16 (a 16-bit PNG / TIFF) by 255/65535; other integers (32-bit TIFF, arrays after
+    arithmetic) as 8-bit when within 0..255, as 16-bit when within 0..65535, else stretched from their
+    min..max; floats as 0..1 when within it, 0..255 when within that, else min..max (nan -> the
+    minimum, +-inf -> the ends); bool as 0/255. A constant image out of those ranges becomes black."""
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == bool:
+        return a.astype(np.uint8) * 255
+    if a.dtype.kind == "u" and a.dtype.itemsize == 2:
+        return ((a.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+    if a.dtype.kind not in "iuf" or a.size == 0:
+        raise HierError(f"cannot read {a.dtype} pixels as an image (give uint8, uint16, int or float values)")
+    if a.dtype.kind == "f":
+        finite = np.isfinite(a)
+        if not finite.all():
+            vals = a[finite]
+            lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 0.0)
+            a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    lo, hi = float(a.min()), float(a.max())
+    floats = a.dtype.kind == "f"
+    if lo >= 0 and floats and hi <= 1:
+        scale, lo = 255.0, 0.0
+    elif lo >= 0 and hi <= 255:
+        scale, lo = 1.0, 0.0
+    elif lo >= 0 and hi <= 65535 and not floats:
+        scale, lo = 255.0 / 65535, 0.0
+    else:
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+    return np.clip(np.rint((a.astype(np.float32) - lo) * scale), 0, 255).astype(np.uint8)
 
 
 class Crop(NamedTuple):
@@ -68,20 +116,24 @@ class Crop(NamedTuple):
 
 
 def to_rgb(image, size: int | None = None) -> np.ndarray:
-    """A path, a ``Crop``, a PIL image or an array (H x W grey, H x W x 3 RGB, H x W x 4 RGBA; uint8)
-    as an upright H x W x 3 uint8 RGB array: what every transform and the predictor take. ``size``:
+    """A path, a ``Crop``, a PIL image or an array (H x W grey, H x W x 1, H x W x 3 RGB or H x W x 4
+    RGBA) as an upright H x W x 3 uint8 RGB array: what every transform and the predictor take. Arrays
+    of uint16, other integers or floats are scaled to 0..255 (``to_uint8``), never clipped. ``size``:
     decode a JPEG path at reduced scale, at least that large (``load_rgb``)."""
     if isinstance(image, Crop):
         return image.load()
     if isinstance(image, (str, Path)):
         return load_rgb(image, size)
     if isinstance(image, Image.Image):
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
-    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and (
-            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
-        return np.ascontiguousarray(np.stack([image] * 3, -1) if image.ndim == 2 else image[..., :3])
+        return pil_rgb(image)
+    if isinstance(image, np.ndarray) and image.size and (
+            image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (1, 3, 4))):
+        pixels = to_uint8(image if image.ndim == 2 else image[..., :3])
+        if pixels.ndim == 2 or pixels.shape[2] == 1:
+            pixels = np.repeat(pixels.reshape(pixels.shape[:2])[..., None], 3, axis=-1)
+        return np.ascontiguousarray(pixels)
     raise HierError(f"not an image: {type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}"
-                    .strip() + " (give a path, a PIL image or an H x W x 3 uint8 RGB array)")
+                    .strip() + " (give a path, a PIL image or an H x W, H x W x 3 or H x W x 4 array)")
 
 
 def check_image(path: Path) -> str:
@@ -155,6 +207,52 @@ def _files(folder: Path) -> list[Path]:
     return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith("."))
 
 
+def _file_key(path) -> tuple[int, int]:
+    """What makes two paths one file or folder: device and inode, symlinks followed."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def iter_files(root: str | Path, skipped: Counter | None = None) -> Iterator[Path]:
+    """Every file below ``root``, following symlinked folders (``Path.rglob`` does not, on Python 3.11,
+    so a folder of symlinked class folders looked empty), each real folder searched once: a symlink to
+    an ancestor or a second link to a folder already searched is skipped, so no tree loops. Hidden files
+    and folders (``.cache``, ``.DS_Store``) are left out. Paths stay below ``root`` as spelled (not
+    resolved), so ``relative_to(root)`` names them. Folders are walked in sorted order; ``skipped``
+    counts dangling symlinks and folders reached twice."""
+    root = Path(root)
+    skipped = Counter() if skipped is None else skipped
+    seen = {_file_key(root)}
+    for top, dirs, names in os.walk(root, followlinks=True):
+        kept = []
+        for d in sorted(dirs):
+            if d.startswith("."):
+                continue
+            try:
+                key = _file_key(os.path.join(top, d))
+            except OSError:
+                continue
+            if key in seen:
+                skipped[REVISITED] += 1
+                continue
+            seen.add(key)
+            kept.append(d)
+        dirs[:] = kept                          # os.walk descends into these only
+        for name in sorted(names):
+            if name.startswith("."):
+                continue
+            path = Path(top, name)
+            if path.is_file():
+                yield path
+            elif path.is_symlink() and not path.exists():
+                skipped[DANGLING] += 1
+
+
+def walk_files(root: str | Path, skipped: Counter | None = None) -> list[Path]:
+    """``iter_files`` sorted (the order ``Path.rglob`` + ``sorted`` gave)."""
+    return sorted(iter_files(root, skipped))
+
+
 def scan_folder(root: str | Path) -> ImageSet:
     """Folder-per-class layout -> checked image paths and class names. Folder names are read in NFC, so
     a folder copied from macOS (NFD) is the same class as the taxonomy's spelling, and NFC/NFD twin
@@ -191,14 +289,11 @@ def require_cells(table: pd.DataFrame, columns: list[str], where: str | Path) ->
 def read_test_csv(csv: str | Path) -> ImageSet:
     """``ID,img_path`` CSV (paths relative to the CSV's folder) -> checked image paths and IDs."""
     csv = Path(csv)
-    if not csv.is_file():
-        raise HierError(f"test CSV not found: {csv}")
-    table = pd.read_csv(csv, dtype=str, encoding="utf-8-sig")
-    if not {"ID", "img_path"} <= set(table.columns):
-        raise HierError(f"{csv} must have columns ID,img_path (found {','.join(table.columns)})")
+    table = read_table(csv, "test CSV", ["ID", "img_path"])
     require_cells(table, ["ID", "img_path"], csv)
-    if table["ID"].duplicated().any():
-        raise HierError(f"{csv} lists ID {table['ID'][table['ID'].duplicated()].iloc[0]!r} twice")
+    repeat = first_repeat(table["ID"])
+    if repeat:
+        raise HierError(f"{csv} lists ID {repeat[0]!r} twice (rows {repeat[1] + 2} and {repeat[2] + 2})")
     paths = [(csv.parent / p).resolve() for p in table["img_path"]]
     refuse_listed(paths, csv)
     return ImageSet(paths, ids=table["ID"].tolist())
@@ -224,17 +319,28 @@ def refuse_bad(paths: list[Path], where: str = "given") -> None:
 
 
 def image_files(inputs: list[str | Path], strict: bool = False) -> ImageSet:
-    """Explicit image files and folders of photos, searched recursively (``hier predict``, ``index``).
-    In folders, files that are no image (a README, .DS_Store) are skipped with a count, and so are
-    photos that do not decode or are too large unless ``strict``; an explicit file that is not a usable
-    image is always refused."""
+    """Explicit image files and folders of photos, searched recursively, symlinked folders included
+    (``iter_files``) (``hier predict``, ``index``, ``enroll``). In folders, files that are no image (a
+    README, .DS_Store) are skipped with a count, and so are photos that do not decode or are too large
+    unless ``strict``; an explicit file that is not a usable image is always refused. A file given twice
+    (twice by name, by a folder and by name, or through a symlink) is kept once, where it came first,
+    and counted."""
     paths: list[Path] = []
     explicit: list[Path] = []
     skipped: Counter = Counter()
+    seen: set[tuple[int, int]] = set()
+
+    def first_time(path: Path) -> bool:
+        key = _file_key(path)
+        if key in seen:
+            skipped[REPEATED] += 1
+            return False
+        seen.add(key)
+        return True
+
     for item in map(Path, inputs):
         if item.is_dir():
-            files = sorted(f for f in item.rglob("*") if f.is_file()
-                           and not any(part.startswith(".") for part in f.relative_to(item).parts))
+            files = [f for f in walk_files(item, skipped) if first_time(f)]
             status = check_images(files)
             bad = [(f, s) for f, s in zip(files, status) if s not in (OK, NOT_IMAGE)]
             if strict and bad:
@@ -243,8 +349,11 @@ def image_files(inputs: list[str | Path], strict: bool = False) -> ImageSet:
             skipped.update(s for s in status if s != OK)
             paths += [f for f, s in zip(files, status) if s == OK]
         elif item.is_file():
-            explicit.append(item)
-            paths.append(item)
+            if first_time(item):
+                explicit.append(item)
+                paths.append(item)
+        elif item.is_symlink():
+            raise HierError(f"{item} is a symlink that leads nowhere (dangling or a loop): -> {os.readlink(item)}")
         else:
             raise HierError(f"no such image or folder: {item}")
     refuse_bad(explicit)

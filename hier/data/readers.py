@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from hier.data import OK, Crop, ImageSet, check_images, scan_folder
+from hier.data import OK, Crop, ImageSet, check_images, iter_files, scan_folder, walk_files
 from hier.errors import HierError
 from hier.taxonomy import Taxonomy, nfc
 
@@ -32,8 +32,9 @@ _YEAR = re.compile(r"(19|20)\d\d")
 
 
 def detect_layout(root: Path) -> str:
-    """``aihub`` when the photos come with JSON labels, ``folder`` otherwise."""
-    return "aihub" if next(root.rglob("*.json"), None) is not None else "folder"
+    """``aihub`` when the photos come with JSON labels, ``folder`` otherwise (symlinked folders are
+    searched too, ``iter_files``)."""
+    return "aihub" if any(p.suffix.lower() == ".json" for p in iter_files(root)) else "folder"
 
 
 def create_reader(root: str | Path, layout: str = "auto"):
@@ -101,13 +102,13 @@ def _whole_car(label: dict):
 
 def read_aihub(root: Path) -> tuple[ImageSet, Taxonomy]:
     """Photos under ``root/<brand>/<model>/<year_...>/`` with their labels; see the module docstring."""
-    photos = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() != ".json"
-                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    photos = [p for p in photos if len(p.relative_to(root).parts) >= 4]
+    skipped: Counter = Counter()
+    photos = [p for p in walk_files(root, skipped)
+              if p.suffix.lower() != ".json" and len(p.relative_to(root).parts) >= 4]
     if not photos:
         raise HierError(f"{root} has no photos in the AI-hub layout <brand>/<model>/<year_color_trim>/*.jpg")
     status = check_images(photos)
-    skipped = Counter(s for s in status if s != OK)
+    skipped.update(s for s in status if s != OK)
     items, labels, rows = [], [], {}
     for photo in (p for p, s in zip(photos, status) if s == OK):
         brand_dir, model_dir, year_dir = photo.relative_to(root).parts[-4:-1]

@@ -5,19 +5,21 @@
 temporary name and renamed, so a crash mid-write never leaves a half-written artifact; and every reader
 and writer holds the artifact's lock file (``.hier.lock``), so two commands never interleave a
 read-modify-write (both enrolls land) and a reader never sees weights of one version with the taxonomy
-of another.
+of another. Text files (JSON, CSV) are UTF-8 whatever the locale.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save as safetensors_bytes
 
 from hier.errors import HierError
 from hier.models import HierNet, ModelConfig
@@ -27,6 +29,17 @@ WEIGHTS, CONFIG, TAXONOMY = "model.safetensors", "config.json", "taxonomy.csv"
 LOCK = ".hier.lock"
 LOCK_TIMEOUT = 600.0     # seconds a command waits for another one writing the same artifact
 _locks: dict[Path, FileLock] = {}
+
+
+def _read_umask() -> int:
+    """The process's umask. It can only be read by setting it, and it is process-global (a file another
+    thread created in between would get the mode set for that instant), so it is read once, at import."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _read_umask()
 
 
 @contextmanager
@@ -63,20 +76,62 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
     """Write every file to a temp name first and rename them only once all writes succeeded, so a
-    failure leaves the old files untouched and the new set lands together."""
+    failure leaves the old files untouched and the new set lands together.
+
+    Modes are those a plain ``open(path, "w")`` would give: a file that exists keeps its mode (a
+    ``chmod g+r`` for a web server's group sticks), a new one gets 0666 minus the umask (``mkstemp``
+    alone would make every file 0600, unreadable to any other account). A full disk (or quota) is one
+    line saying that nothing was replaced."""
     temps = {}
     try:
         for path, write in writers.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            temps[path] = Path(tmp)
-            write(temps[path])
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                os.close(fd)
+                temps[path] = Path(tmp)
+                try:
+                    mode = stat.S_IMODE(os.stat(path).st_mode)
+                except FileNotFoundError:
+                    mode = 0o666 & ~UMASK
+                write(temps[path])
+                os.chmod(tmp, mode)              # after writing: a kept 0444 must not stop the write
+            except OSError as e:
+                if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise HierError(f"no space left on device writing {path}: {_unchanged(path)}") from None
+                raise
         for path, tmp in temps.items():
             os.replace(tmp, path)
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+def _unchanged(path: Path) -> str:
+    """What a refused write left as it was: the artifact, when ``path`` is one of its files (or gallery's)."""
+    inside = any((folder / CONFIG).is_file() for folder in (path.parent, path.parent.parent))
+    return "the artifact is unchanged" if inside else f"{path} is unchanged"
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON file of hier's (config.json, train.json, metrics.json), UTF-8 whatever the locale."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise HierError(f"{path} is damaged: not UTF-8 JSON ({e})") from None
+
+
+def write_json(path: str | Path, obj) -> None:
+    """The writer of every JSON file of hier's: UTF-8, names kept readable (``ensure_ascii=False``).
+    Plain write: wrap it in ``atomic_write`` or pass it to ``atomic_write_all``. A path that is not
+    UTF-8 (surrogate-escaped bytes) is stored \\u-escaped, so the file stays valid UTF-8 JSON."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:
+        data = json.dumps(obj, indent=2).encode("utf-8")
+    Path(path).write_bytes(data)
 
 
 def save_npy(path: Path, array) -> None:
@@ -98,13 +153,14 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
         config.update(extra or {}, model=model.cfg.to_dict())
         if metrics is not None:
             config["metrics"] = metrics
-        atomic_write_all({out / WEIGHTS: lambda p: save_file(state, str(p)), out / TAXONOMY: taxonomy.to_csv,
-                          out / CONFIG: lambda p: p.write_text(json.dumps(config, indent=2, ensure_ascii=False)),
+        # bytes written by Python, not safetensors' own writer: a full disk then raises OSError(ENOSPC)
+        atomic_write_all({out / WEIGHTS: lambda p: p.write_bytes(safetensors_bytes(state)),
+                          out / TAXONOMY: taxonomy.to_csv, out / CONFIG: lambda p: write_json(p, config),
                           **{out / name: w for name, w in (files or {}).items()}})
 
 
 def read_config(path: str | Path) -> dict:
-    return json.loads((Path(path) / CONFIG).read_text())
+    return read_json(Path(path) / CONFIG)
 
 
 def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:

@@ -6,6 +6,8 @@ make brand/model answers consistent with the fine-class distribution.
 """
 from __future__ import annotations
 
+import csv
+import os
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -20,12 +22,46 @@ COLUMNS = ["class", "brand", "model", "year_start", "year_end"]
 REGISTRY = Path(__file__).resolve().parent.parent / "registry"
 
 _YEAR = re.compile(r"^(19|20)\d\d$")
+YEARS = (1886, 2100)          # the first car to a model year far enough ahead for any announcement
+NAME_COLUMNS = ("class", "brand", "model")
+_ESCAPED = re.compile("[\udc80-\udcff]")
 
 
 def nfc(name: str | None) -> str | None:
-    """Unicode NFC form of a class, brand or model name. macOS writes folder names in NFD (한 as
-    ㅎ+ㅏ+ㄴ), CSVs and typed names are NFC: both must be the same class."""
-    return unicodedata.normalize("NFC", name) if isinstance(name, str) else name
+    """The one spelling of a class, brand or model name. macOS writes folder names in NFD (한 as
+    ㅎ+ㅏ+ㄴ), CSVs and typed names are NFC: both must be the same class. Under an ASCII locale Python
+    hands over argv and folder names as surrogate-escaped bytes (신 as '\\udceb...'): UTF-8 bytes are
+    decoded back, so ``--class 신형모델_2025`` is the same name whatever the locale."""
+    if not isinstance(name, str):
+        return name
+    if _ESCAPED.search(name):
+        try:
+            name = os.fsencode(name).decode("utf-8")
+        except (UnicodeError, ValueError):
+            pass                              # not UTF-8: ``check_name`` refuses what is left
+    return unicodedata.normalize("NFC", name)
+
+
+def check_name(what: str, name: str) -> str:
+    """A new class, brand or model name that can be stored and typed again, else HierError: not empty,
+    no control characters or line breaks (a CSV cell, a terminal, a folder cannot all carry them),
+    no spaces around it (``'Nova '`` and ``'Nova'`` would be two models nobody can tell apart), valid
+    Unicode (``nfc`` first)."""
+    if not isinstance(name, str) or not name.strip():
+        raise HierError(f"{what} must not be empty, not {name!r}")
+    if name != name.strip():
+        raise HierError(f"{what} {name!r} starts or ends with spaces; give it without them")
+    bad = next((c for c in name if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")), None)
+    if bad is not None:
+        why = "bytes that are not UTF-8" if unicodedata.category(bad) == "Cs" else f"the control character {bad!r}"
+        raise HierError(f"{what} {name!r} holds {why}; names must be printable text")
+    return name
+
+
+def read_table(path: str | Path, **kw) -> pd.DataFrame:
+    """A registry/taxonomy CSV as strings, exactly as written: no cell is read as missing (a class,
+    brand or model may be called ``NA``, ``None`` or ``null``), a BOM is dropped."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig", **kw)
 
 
 def parse_hecto_name(name: str) -> dict:
@@ -89,9 +125,9 @@ class Taxonomy:
         if not path.is_file():
             raise HierError(f"taxonomy file not found: {path}")
         try:
-            table = pd.read_csv(path, dtype={"class": str, "brand": str, "model": str}, encoding="utf-8-sig")
+            table = read_table(path)
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-            raise HierError(f"cannot read taxonomy {path}: {e}") from None
+            raise HierError(f"cannot read taxonomy {path}: {str(e).strip().splitlines()[-1]}") from None
         return cls(table)
 
     @classmethod
@@ -103,7 +139,19 @@ class Taxonomy:
         return cls(pd.DataFrame(rows))
 
     def to_csv(self, path: str | Path) -> None:
-        self.table.to_csv(path, index=False)
+        """Write UTF-8 CSV and read it back: a name the file would not return exactly (a bare carriage
+        return is not quoted by the csv module) is refused here, before an atomic save renames the file
+        into an artifact that could then never be read."""
+        self.table.to_csv(path, index=False, encoding="utf-8", lineterminator="\n", quoting=csv.QUOTE_MINIMAL)
+        try:
+            same = Taxonomy.from_csv(path).table.to_dict("list") == self.table.to_dict("list")
+        except HierError:
+            same = False
+        if not same:
+            cells = self.table[[*NAME_COLUMNS, "generation"]].to_numpy().ravel().tolist()
+            odd = next((v for v in cells if "\r" in v or "\n" in v), None)
+            raise HierError(f"taxonomy.csv cannot store the name {odd!r}: it would not read back the same"
+                            if odd else "taxonomy.csv would not read back as written; refused")
 
     # --- queries ------------------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -157,7 +205,7 @@ def validate(table: pd.DataFrame) -> pd.DataFrame:
     table["generation"] = table["generation"].fillna("").astype(str)
     if table.empty:
         raise HierError("taxonomy has no classes")
-    for col in ("class", "brand", "model"):
+    for col in NAME_COLUMNS:
         if table[col].isna().any() or (table[col].astype(str).str.strip() == "").any():
             raise HierError(f"taxonomy has an empty {col!r} value")
         table[col] = table[col].astype(str).map(nfc)
@@ -170,11 +218,11 @@ def validate(table: pd.DataFrame) -> pd.DataFrame:
         m = brands_per_model[brands_per_model > 1].index[0]
         raise HierError(f"model {m!r} is under more than one brand: "
                         f"{sorted(table.loc[table['model'] == m, 'brand'].unique())}")
-    try:
-        table["year_start"] = table["year_start"].astype(int)
-        table["year_end"] = table["year_end"].astype(int)
-    except (ValueError, TypeError):
-        raise HierError("taxonomy year_start/year_end must be whole numbers") from None
+    for col in ("year_start", "year_end"):           # strings from a CSV, numbers from code
+        years = pd.to_numeric(table[col], errors="coerce")
+        if not np.isfinite(years).all() or (years != years.round()).any():
+            raise HierError("taxonomy year_start/year_end must be whole numbers")
+        table[col] = years.astype(np.int64)
     bad = table[table["year_start"] > table["year_end"]]
     if len(bad):
         raise HierError(f"class {bad['class'].iloc[0]!r} has year_start after year_end")
@@ -183,7 +231,7 @@ def validate(table: pd.DataFrame) -> pd.DataFrame:
 
 def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
     """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``)."""
-    table = pd.read_csv(path, encoding="utf-8-sig")
+    table = read_table(path)
     if list(table.columns[:2]) != ["class_a", "class_b"]:
         raise HierError(f"{path}: expected columns class_a,class_b")
-    return list(zip(table["class_a"], table["class_b"]))
+    return list(zip(table["class_a"].map(nfc), table["class_b"].map(nfc)))

@@ -84,10 +84,13 @@ def test_a_new_class_costs_at_most_its_base_drop_budget(art, demo_data, capsys):
 
 def test_re_enroll_adds_shots_and_unenroll_restores(art, demo_data, capsys):
     original = artifact.load(art)[0].fine.weight.detach().clone()
-    assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=3)[0] == 0
-    assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=5)[0] == 0
+    code, out, _ = _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=3)
+    assert code == 0 and f"enrolled '{NEW}' from 3 shot(s)" in out
+    code, out, _ = _enroll(art, demo_data, capsys, "--brand", "Zephyr", n=5)       # the first 3 again, 2 more
+    # before: "enrolled ... from 5 shot(s)" and 8 shots, the first three counted twice
+    assert code == 0 and f"added 2 shot(s) to '{NEW}' (5 in all); 3 duplicate photo(s) dropped" in out, out
     [entry] = artifact.read_config(art)["enrolled"]
-    assert (entry["class"], entry["shots"]) == (NEW, 8) and entry["offset"] >= 0       # re-fitted to the new row
+    assert (entry["class"], entry["shots"]) == (NEW, 5) and entry["offset"] >= 0       # re-fitted to the new row
     assert np.load(art / "enrolled.npy").shape == (1, 32)
     code, _, err = run_cli("unenroll", art, "--class", NEW, capsys=capsys)
     assert code == 0, err

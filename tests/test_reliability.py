@@ -100,9 +100,11 @@ def test_add_shots_needs_the_flag_every_time(art, demo_data, capsys):
     assert run_cli("enroll", art, "--class", target, *_imgs(shots), "--add-shots", capsys=capsys)[0] == 0
     code, _, err = run_cli("enroll", art, "--class", target, *_imgs(shots), capsys=capsys)
     assert _one_line_error(code, err) and "--add-shots" in err
-    code, _, err = run_cli("enroll", art, "--class", target, *_imgs(shots), "--add-shots", capsys=capsys)
+    more = [str(p) for p in _photos(demo_data, target)[3:6]]     # the same three again would add nothing
+    code, _, err = run_cli("enroll", art, "--class", target, *_imgs(more), "--add-shots", capsys=capsys)
     assert code == 0, err
-    assert artifact.read_config(art)["enrolled"] == [{"class": target, "shots": 6, "base": True}]
+    [entry] = artifact.read_config(art)["enrolled"]
+    assert (entry["class"], entry["shots"], entry["base"], len(set(entry["md5"]))) == (target, 6, True, 6)
 
 
 def test_add_shots_refused_without_prototypes(art, demo_data, capsys):
@@ -219,11 +221,14 @@ def test_fewer_photos_than_a_batch_still_train(cached, demo_data, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--epochs", "0"], "--epochs must be at least 1"),
-    (["--batch-size", "0"], "--batch-size must be at least 1"),
-    (["--accum", "0"], "--accum must be at least 1"),
-    (["--val-frac", "1"], "--val-frac must be in"),
+    (["--epochs", "0"], "--epochs must be a whole number from 1 to"),
+    (["--batch-size", "0"], "--batch-size must be a whole number from 1 to"),
+    (["--accum", "0"], "--accum must be a whole number from 1 to"),
+    (["--val-frac", "1"], "--val-frac must be below 1"),
     (["--lr", "-1"], "--lr must be positive"),
+    (["--lr", "inf"], "--lr must be a finite number"),
+    (["--val-frac", "nan"], "--val-frac must be a finite number from 0 to 1"),
+    (["--img-size", "0"], "--img-size must be a whole number from 16 to"),
     (["--val-frac", "0.05"], "each side needs one per class"),
     (["--fold", "0", "--folds", "12"], "--folds 12 needs at least 12 per class"),
 ])

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from hier.cli.base import app, console, err
 
@@ -24,18 +25,39 @@ def enroll(
         help="Points of accuracy on the known classes' held-out photos this class may cost")] = 0.5,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
+    from hier.enroll import OWN_SHOTS
     from hier.recognizer import Recognizer
 
     r = Recognizer(artifact).enroll(name, images, brand, model, years, add_shots, min_shots, calibrate,
                                     max_base_drop)
+    c = r["class"]
+    dropped = f"; {r['duplicates']} duplicate photo(s) dropped" if r["duplicates"] else ""
+    if not r["added"]:
+        console.print(f"added nothing to {c!r}: every photo given is already one of its {r['total']} shot(s)",
+                      markup=False)
+        return
     if r["base"]:
-        console.print(f"added {r['shots']} shot(s) to base class {r['class']!r} "
-                      f"(`hier unenroll --class {r['class']!r}` takes them back out)")
+        console.print(f"added {r['added']} shot(s) to base class {c!r} ({r['total']} in all{dropped}; "
+                      f"`hier unenroll --class {c!r}` takes them back out)", markup=False)
     else:
-        console.print(f"enrolled {r['class']!r} from {r['shots']} shot(s); {r['classes']} classes now"
+        console.print((f"enrolled {c!r} from {r['added']} shot(s)" if r["new"] else
+                       f"added {r['added']} shot(s) to {c!r} ({r['total']} in all)")
+                      + f"{dropped}; {r['classes']} classes now"
                       + (f" (score offset {r['offset']:.2f}: expected to cost at most {max_base_drop:g} point(s) "
-                         "of base accuracy)"
-                         if r["offset"] is not None else ""))
+                         "of base accuracy)" if r["offset"] is not None else ""), markup=False)
+    near, own = r["near_duplicate"], r["own_shots_answered"]
+    if near:
+        x = escape(repr(near["class"]))
+        err.print(f"[yellow]warning:[/] {escape(repr(c))} looks like a near-duplicate of class {x} (similarity "
+                  f"{near['similarity']:.2f}); its offset costs it {r['offset_cost']:.0%} of its own shots "
+                  f"({own:.0%} of them are answered as it). If they are photos of {x}, "
+                  f"`hier unenroll --class {escape(repr(c))}` and add them to it with --add-shots",
+                  highlight=False, soft_wrap=True)
+    elif not r["base"] and own < OWN_SHOTS:
+        err.print(f"[yellow]warning:[/] {escape(repr(c))} is answered on only {own:.0%} of its own shots"
+                  + (f"; its score offset {r['offset']:.2f} costs it {r['offset_cost']:.0%} of them"
+                     if r["offset"] else "") + "; more (and more varied) shots make it stronger",
+                  highlight=False, soft_wrap=True)
     if not r["base"] and not r["calibrated"]:
         err.print("[yellow]warning:[/] this artifact has no validation.npz (trained by an older hier), so the "
                   "new class's scores are not offset and it may take photos of known classes; retrain to bound that")
@@ -54,6 +76,6 @@ def unenroll(
 
     r = Recognizer(artifact).unenroll(name)
     if r["base"]:
-        console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back")
+        console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back", markup=False)
     else:
-        console.print(f"removed {r['class']!r}; {r['classes']} classes now")
+        console.print(f"removed {r['class']!r}; {r['classes']} classes now", markup=False)

@@ -8,7 +8,6 @@ makes fine-tuning a real trunk fit in minutes.
 from __future__ import annotations
 
 import csv
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from timm.utils import ModelEmaV3
 from hier import artifact
 from hier.data.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
-from hier.errors import HierError
+from hier.errors import HierError, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine.predictor import Predictor
 from hier.data.readers import create_reader
@@ -61,18 +60,28 @@ class TrainConfig:
     detector: str | None = None  # ultralytics weights for --crop yolo
 
     def __post_init__(self) -> None:
-        """Refuse settings that would train nothing or crash later (one error line, before any work)."""
-        for name, low in (("epochs", 1), ("batch_size", 1), ("accum", 1), ("cache_views", 0), ("workers", 0),
-                          ("folds", 2)):
-            if getattr(self, name) < low:
-                raise HierError(f"--{name.replace('_', '-')} must be at least {low}, not {getattr(self, name)}")
-        for name in ("lr", "head_lr"):
-            if not getattr(self, name) > 0:
-                raise HierError(f"--{name.replace('_', '-')} must be positive, not {getattr(self, name)}")
-        if not 0 <= self.val_frac < 1:
-            raise HierError(f"--val-frac must be in [0, 1), not {self.val_frac}")
+        """Refuse settings that would train nothing, crash later or put nan into the weights (one error
+        line, before any work): every number through ``check_number``, so nan and inf are refused too."""
+        for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 65_536), ("accum", 1, 4096),
+                                ("cache_views", 0, 1000), ("workers", 0, 256), ("folds", 2, 1000),
+                                ("seed", 0, 2 ** 32 - 1)):
+            setattr(self, name, check_number(_flag(name), getattr(self, name), low, high, integer=True))
+        if self.fold is not None:
+            self.fold = check_number("--fold", self.fold, 0, self.folds - 1, integer=True)
+        for name in ("lr", "head_lr"):          # no upper bound: a diverging run says so itself
+            if not check_number(_flag(name), getattr(self, name)) > 0:
+                raise HierError(f"{_flag(name)} must be positive, not {getattr(self, name)}")
+        for name, low, high in (("weight_decay", 0, 10), ("warmup_epochs", 0, 100_000), ("smoothing", 0, 1),
+                                ("aux", 0, 100), ("ema_decay", 0, 1), ("val_frac", 0, 1)):
+            setattr(self, name, check_number(_flag(name), getattr(self, name), low, high))
+        if self.val_frac == 1:
+            raise HierError("--val-frac must be below 1: no photo would be left to train on")
         if self.crop not in ("none", "yolo") or (self.crop == "yolo") != (self.detector is not None):
             raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
 
 
 # Named presets: flags that reached a measured result (see README "Benchmarks").
@@ -247,10 +256,13 @@ class Trainer:
 
     def _end_epoch(self, row: dict) -> None:
         self.history.append(row)
-        with open(self.out / "log.csv", "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(self.history[-1].keys()))
-            w.writeheader()
-            w.writerows(self.history)
+
+        def write_log(p: Path) -> None:
+            with p.open("w", newline="", encoding="utf-8") as f:
+                w = csv.DictWriter(f, fieldnames=list(self.history[-1].keys()))
+                w.writeheader()
+                w.writerows(self.history)
+        artifact.atomic_write(self.out / "log.csv", write_log)
         score = row.get("val_log_loss", -row["epoch"])     # no validation: the last epoch is the best
         if score < self.best:
             self.best = score
@@ -258,7 +270,7 @@ class Trainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
                  "epoch": self.epoch, "updates": self.updates, "best": self.best, "history": self.history}
-        artifact.atomic_write(self.out / CHECKPOINT, lambda p: torch.save(state, p))
+        artifact.atomic_write(self.out / CHECKPOINT, lambda p: _torch_save(state, p))
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.out / CHECKPOINT, map_location=self.dev, weights_only=False)
@@ -296,8 +308,15 @@ class Trainer:
         metrics["temperature"] = best.cfg.temperature
         metrics["best_epoch"] = artifact.read_config(self.out)["metrics"].get("best_epoch")
         artifact.save(self.out, best, self.taxonomy, metrics, files=prototypes)
-        (self.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        artifact.atomic_write(self.out / "metrics.json", lambda p: artifact.write_json(p, metrics))
         return metrics
+
+
+def _torch_save(obj, path: Path) -> None:
+    """torch.save through a Python file: given a name, its C++ writer turns a full disk into an opaque
+    RuntimeError; a file object's write raises OSError(ENOSPC), which ``atomic_write`` reports."""
+    with path.open("wb") as f:
+        torch.save(obj, f)
 
 
 def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
@@ -327,13 +346,19 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         if enrolled:
             raise HierError(f"{out} has {len(enrolled)} enrolled class(es) (e.g. {enrolled[0]!r}) whose rows were "
                             "made for the current weights; `hier unenroll` them first, or train into a new --out")
-        saved = json.loads((out / "train.json").read_text())
+        saved = artifact.read_json(out / "train.json")
         model_cfg = ModelConfig.from_dict(saved["model"])
         cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
         if taxonomy is None and (out / artifact.TAXONOMY).is_file():
             taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
     detector = CarDetector(cfg.detector) if cfg.crop == "yolo" else None     # a bad path fails before any work
     images, taxonomy = prepare(data_dir, taxonomy, cfg.layout)
+    if resume and (out / artifact.TAXONOMY).is_file():     # the checkpoint's heads have a row per class
+        run_classes = Taxonomy.from_csv(out / artifact.TAXONOMY).classes
+        missing = [c for c in run_classes if c not in taxonomy]
+        if missing:
+            raise HierError(f"--resume: {len(missing)} of the run's {len(run_classes)} classes have no photos in {data_dir} "
+                            f"(e.g. {missing[0]!r}); resume with the data the run was trained on")
     if detector:
         images.paths, rate = detector.crops(images.paths)
         console.print(f"car crops: {rate:.1%} of the photos had no vehicle box and are used whole")
@@ -346,12 +371,17 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         data_cfg = resolve_model_data_config(model.trunk)
         model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps({"model": model.cfg.to_dict(), "train": asdict(cfg),
-                                                "data": str(data_dir)}, indent=2, ensure_ascii=False))
+    run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir)}
+
+    def write_run() -> None:
+        artifact.atomic_write(out / "train.json", lambda p: artifact.write_json(p, run))
+    if not resume:
+        write_run()          # first: a run stopped in its first epoch is recognised by it
     trainer = Trainer(model, taxonomy, cfg, out, console)
     if images.skipped_message():
         trainer.console.print(f"[yellow]{images.skipped_message()}[/]")
     if resume:
         trainer.load_checkpoint()
+        write_run()          # only once the checkpoint fits: a refused resume leaves train.json as it was
     paths = images.paths
     return trainer.fit([paths[i] for i in tr], y[tr], [paths[i] for i in va], y[va])

@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hier.data.images import IMAGENET_MEAN, IMAGENET_STD
-from hier.errors import HierError
+from hier.errors import HierError, check_number
 from hier.taxonomy import Taxonomy
 
 
@@ -35,6 +35,23 @@ class ModelConfig:
     tta: bool = False            # serve with flipped views too (evaluate/predict default; T fitted so)
     mean: tuple = IMAGENET_MEAN  # replaced by the trunk's own (timm data config) when training starts
     std: tuple = IMAGENET_STD
+
+    def __post_init__(self) -> None:
+        """Refuse sizes and weights that would crash later or make every score nan (flags and saved
+        configs alike; the ranges are wide enough for any artifact hier has written)."""
+        for name, low, high in (("img_size", 16, 4096), ("embed_dim", 2, 65_536), ("freeze_stages", 0, 64)):
+            setattr(self, name, check_number(f"--{name.replace('_', '-')}", getattr(self, name), low, high,
+                                             integer=True))
+        for name, low, high in (("alpha", 0, 100), ("beta", 0, 100), ("drop", 0, 1)):
+            setattr(self, name, check_number(name, getattr(self, name), low, high))
+        for name in ("scale", "temperature"):
+            if not check_number(name, getattr(self, name), 0, 1e6) > 0:
+                raise HierError(f"{name} must be positive, not {getattr(self, name)}")
+        for name in ("mean", "std"):
+            values = tuple(check_number(name, v, -1e3, 1e3) for v in getattr(self, name))
+            if len(values) != 3 or (name == "std" and min(values) <= 0):
+                raise HierError(f"{name} must be three numbers (per RGB channel){', all positive' * (name == 'std')}")
+            setattr(self, name, values)
 
     def to_dict(self) -> dict:
         return asdict(self)

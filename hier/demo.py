@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +28,12 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from hier.errors import HierError
+
 __all__ = [
     "DemoData",
+    "claim_demo_folder",
+    "finish_demo_folder",
     "TAXONOMY",
     "NEW_STYLE_FROM",
     "make_demo_dataset",
@@ -353,3 +359,50 @@ def make_demo_dataset(
         taxonomy=taxonomy,
         classes=classes,
     )
+
+
+# --- the folder of a ``hier demo`` run -----------------------------------------------------------------
+DEMO_MARKER = ".hier-demo"
+DEMO_PARTS = ("data", "eval", "artifact", "submission.csv")     # everything a demo run writes
+
+
+def claim_demo_folder(out: Path) -> bool:
+    """Make ``out`` the folder of a new demo run and mark it unfinished; True when it held an unfinished
+    earlier run (only the demo's own parts and marker), which is cleared so a failed or interrupted run
+    can simply be run again. Anything else in a non-empty ``out`` is refused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HierError(f"--out {out} is a file, not a folder; choose another --out")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    started_over = False
+    if entries:
+        try:
+            unfinished = json.loads((out / DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is False
+        except (OSError, ValueError, KeyError, TypeError):
+            raise HierError(f"{out} is not empty; choose another --out") from None
+        if not unfinished:
+            raise HierError(f"{out} holds a finished demo; choose another --out")
+        other = [name for name in entries if name not in (DEMO_MARKER, *DEMO_PARTS)]
+        if other:
+            raise HierError(f"{out} holds an unfinished demo but also {other[0]!r}, which the demo did not write; "
+                            "move it out or choose another --out")
+        for name in DEMO_PARTS:
+            part = out / name
+            if part.is_dir() and not part.is_symlink():
+                shutil.rmtree(part)
+            else:
+                part.unlink(missing_ok=True)
+        started_over = True
+    _mark(out, finished=False)
+    return started_over
+
+
+def finish_demo_folder(out: Path) -> None:
+    """Mark the demo run in ``out`` finished: a rerun into it is refused from then on."""
+    _mark(Path(out), finished=True)
+
+
+def _mark(out: Path, finished: bool) -> None:
+    from hier import __version__
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text(json.dumps({"hier": __version__, "finished": finished}), encoding="utf-8")

@@ -96,12 +96,19 @@ class Gallery:
             self.index.nprobe = self.nprobe
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
+    def _by_id(self) -> pd.DataFrame:
+        """The listings indexed by FAISS id, built once per version of the table (a 100k-row
+        ``set_index`` per query would cost more than the search)."""
+        if getattr(self, "_by_id_of", None) is not self.listings:
+            self._by_id_of, self._by_id_frame = self.listings, self.listings.set_index(ID)
+        return self._by_id_frame
+
     def results(self, queries: np.ndarray, k: int = 10, where=None) -> list[pd.DataFrame]:
         """Metadata rows of the nearest listings per query, best first; ``where(rows)`` filters
         (e.g. same brand), searching deeper until k rows pass or the gallery is exhausted."""
         if k < 1:
             raise HierError(f"k must be at least 1, not {k}")
-        by_id = self.listings.set_index(ID)
+        by_id = self._by_id()
         out = []
         for q in np.atleast_2d(queries):
             depth = k

@@ -8,15 +8,20 @@
     rec.evaluate("data/val")
     Recognizer.train("data/train", out="runs/x", preset="cpu")
 
-The CLI, the demo (and later the service) are thin layers over it. Every photo goes through one
+The CLI, the demo and the service are thin layers over it. Every photo goes through one
 ``Predictor`` with the artifact's TTA and temperature. A long-lived recognizer notices when its artifact
-changed on disk (another process ran ``hier enroll``) and reloads before answering.
+changed on disk (another process ran ``hier enroll``) and reloads before answering; while another
+command holds the artifact's lock it keeps answering with the version it holds (``snapshot``), so a
+service never stalls behind a writer. The listing gallery is held the same way.
 """
 from __future__ import annotations
 
 import json
+import threading
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -25,10 +30,12 @@ from hier import artifact, enroll as enrollment, index as gallery_ops
 from hier.data import ImageSet, image_files, read_test_csv
 from hier.data.detect import CarDetector
 from hier.data.readers import create_reader
-from hier.errors import HierError
-from hier.infer import top_k, write_submission
-from hier.metrics import decode, evaluate_probs
 from hier.engine.predictor import Predictor, artifact_predictor, device
+from hier.errors import HierError
+from hier.infer import read_sample, top_k, write_submission
+from hier.metrics import decode, evaluate_probs
+from hier.models import HierNet
+from hier.taxonomy import Taxonomy
 
 
 @dataclass
@@ -74,6 +81,36 @@ def _name(image, i: int) -> str:
     return str(image) if isinstance(image, (str, Path)) else f"<image {i}>"
 
 
+class Snapshot(NamedTuple):
+    """One version of the artifact in memory: weights, taxonomy and predictor read under one lock, and
+    the stamp (inode, mtime) of the config.json they were read with."""
+
+    stamp: tuple
+    net: HierNet
+    taxonomy: Taxonomy
+    predictor: Predictor
+
+
+class HeldGallery(NamedTuple):
+    """The listing index in memory, its files' stamps, and each listing's photo path."""
+
+    stamp: tuple
+    gallery: gallery_ops.Gallery
+    photos: dict[str, str]
+
+
+def _stamp(*files: Path) -> tuple:
+    """(inode, mtime) of each file, None for a missing one: every atomic save changes it."""
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+            out.append((st.st_ino, st.st_mtime_ns))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
 class Recognizer:
     def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None,
                  backend: str = "auto"):
@@ -89,46 +126,115 @@ class Recognizer:
         missing = [f for f in (artifact.WEIGHTS, artifact.CONFIG, artifact.TAXONOMY) if not (self.path / f).is_file()]
         if missing:
             raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(missing)})")
-        self._loaded = None        # (stamp, net, taxonomy, predictor), read on first use
+        self._loaded: Snapshot | None = None          # read on first use
+        self._gallery: HeldGallery | None = None
+        self._reading, self._reading_gallery = threading.Lock(), threading.Lock()
 
     # --- the artifact in memory: read on first use, again whenever it changed on disk ----------------
-    def _disk_stamp(self):
-        try:
-            st = (self.path / artifact.CONFIG).stat()
-        except FileNotFoundError:
-            raise HierError(f"{self.path} is no longer a hier artifact") from None
-        return st.st_ino, st.st_mtime_ns
+    def _disk_stamp(self) -> tuple:
+        stamp = _stamp(self.path / artifact.CONFIG)
+        if stamp[0] is None:
+            raise HierError(f"{self.path} is no longer a hier artifact")
+        return stamp
+
+    def _gallery_stamp(self) -> tuple:
+        folder = self.path / gallery_ops.GALLERY
+        return _stamp(folder / "index.faiss", folder / "listings.csv", folder / "gallery.json")
 
     def reload(self) -> "Recognizer":
-        """Read the artifact now (done by itself on first use and whenever it changed on disk)."""
-        stamp = self._disk_stamp()
-        net, taxonomy = artifact.load(self.path, self.device)
-        self._loaded = (stamp, net, taxonomy, artifact_predictor(self.path, net, self.backend,
-                                                                 batch_size=self.batch_size))
+        """Read the artifact now (done by itself on first use and whenever it changed on disk); waits
+        for a command writing it, as every command does."""
+        self._read(force=True)
         return self
 
-    def _current(self):
-        if self._loaded is None or self._loaded[0] != self._disk_stamp():
-            self.reload()
+    def snapshot(self, wait_for_readers: bool = True) -> Snapshot:
+        """The version answers come from: read again first if the artifact changed on disk, unless
+        another command holds its lock (then the version in memory, read again on a later call). Only
+        the very first read waits for a writer, so a long-lived recognizer never stalls behind one.
+        ``wait_for_readers=False`` does not wait for another thread reading the new version either (a
+        health check)."""
+        loaded = self._loaded
+        if loaded is not None and loaded.stamp == self._disk_stamp():
+            return loaded
+        return self._read(block=wait_for_readers)
+
+    @property
+    def loaded(self) -> Snapshot | None:
+        """The version in memory, without looking at the disk (None before the first read)."""
         return self._loaded
 
     @property
-    def net(self):
-        return self._current()[1]
+    def stale(self) -> bool:
+        """The artifact changed on disk since the version in memory was read (a writer still holds it)."""
+        return self._loaded is None or self._loaded.stamp != self._disk_stamp()
+
+    def _read(self, force: bool = False, block: bool = True) -> Snapshot:
+        loaded = self._loaded
+        if not self._reading.acquire(blocking=block or force or loaded is None):
+            return loaded                         # another thread is reading it
+        try:                                      # one thread reads; the others use what it read
+            loaded = self._loaded
+            if not force and loaded is not None and loaded.stamp == self._disk_stamp():
+                return loaded
+            with ExitStack() as held:
+                if not _hold_lock(held, self.path, wait=force or loaded is None):
+                    return loaded                 # busy: answer with the version in memory
+                stamp = self._disk_stamp()
+                net, taxonomy = artifact.load(self.path, self.device)
+                predictor = artifact_predictor(self.path, net, self.backend, batch_size=self.batch_size)
+            self._loaded = Snapshot(stamp, net, taxonomy, predictor)
+            return self._loaded
+        finally:
+            self._reading.release()
+
+    def gallery(self) -> gallery_ops.Gallery:
+        """The listing index (``hier index build``), held in memory and read again when its files
+        change on disk, as ``snapshot`` (a busy artifact keeps the one in memory)."""
+        return self._held_gallery().gallery
+
+    def listing_photo(self, listing_id: str) -> str | None:
+        """The photo path of a listing of the gallery (None if it lists no such id)."""
+        return self._held_gallery().photos.get(listing_id)
+
+    def _held_gallery(self) -> HeldGallery:
+        held, stamp = self._gallery, self._gallery_stamp()
+        if held is not None and held.stamp == stamp:
+            return held
+        with self._reading_gallery:
+            held, stamp = self._gallery, self._gallery_stamp()
+            if held is not None and held.stamp == stamp:
+                return held
+            if stamp[0] is None:                      # no index (any more): Gallery.load says so
+                self._gallery = None
+                gallery_ops.Gallery.load(self.path)
+            with ExitStack() as locked:
+                if not _hold_lock(locked, self.path, wait=held is None):
+                    return held
+                stamp = self._gallery_stamp()
+                gallery = gallery_ops.Gallery.load(self.path)
+            listings = gallery.listings
+            photos = dict(zip(listings["listing_id"].astype(str), listings["image"].astype(str))) \
+                if "image" in listings else {}
+            self._gallery = HeldGallery(stamp, gallery, photos)
+            return self._gallery
 
     @property
-    def taxonomy(self):
-        return self._current()[2]
+    def net(self) -> HierNet:
+        return self.snapshot().net
+
+    @property
+    def taxonomy(self) -> Taxonomy:
+        return self.snapshot().taxonomy
 
     @property
     def predictor(self) -> Predictor:
-        return self._current()[3]
+        return self.snapshot().predictor
 
     @property
     def metrics(self) -> dict:
         """Validation figures written at the end of training (empty without a validation split)."""
         f = self.path / "metrics.json"
-        return json.loads(f.read_text()) if f.is_file() else {}
+        return artifact.read_json(f) if f.is_file() else {}
 
     def embed(self, images: list, progress=None, tta: bool | None = None) -> dict[str, np.ndarray]:
         """Raw predictor output for photos: embedding, joint/fine/model/brand logits, probs. ``tta``
@@ -138,7 +244,7 @@ class Recognizer:
 
     def _embed(self, images: list, progress=None, tta: bool | None = None):
         """Predictor output and the taxonomy of the very weights that produced it."""
-        _, net, taxonomy, predictor = self._current()
+        _, net, taxonomy, predictor = self.snapshot()
         if self.detector is not None:
             images, self.crop_fallback = self.detector.crops(list(images))
         if tta is not None and tta != predictor.tta:
@@ -156,14 +262,15 @@ class Recognizer:
         model_p, brand_p = tax.marginals(probs)
         brand, model, fine = decode(probs, tax)
         names = [_name(x, i) for i, x in enumerate(items)]
-        table = top_k(probs, tax, names, topk)
+        rows = top_k(probs, tax, names, topk).drop(columns="image").to_dict("records")
+        per = min(topk, len(tax.classes))           # top_k's rows: `per` per photo, in the photos' order
         results = Results()
         for i, name in enumerate(names):
             c = tax.classes[fine[i]]
             results.append(Prediction(
                 image=name, brand=tax.brands[brand[i]], model=tax.models[model[i]], fine=c, years=tax.years(c),
                 p=float(probs[i, fine[i]]), p_model=float(model_p[i, model[i]]), p_brand=float(brand_p[i, brand[i]]),
-                topk=table[table["image"] == name].drop(columns="image").to_dict("records")))
+                topk=rows[i * per:(i + 1) * per]))     # by position: a photo given twice gets its own rows
         return results
 
     def evaluate(self, data: str | Path, tta: bool | None = None, progress=None, layout: str = "auto") -> dict:
@@ -185,8 +292,9 @@ class Recognizer:
         """A competition submission in the sample file's column and row order (``test_csv``: the
         ``ID,img_path`` CSV, or ``read_test_csv``'s checked result)."""
         inputs = test_csv if isinstance(test_csv, ImageSet) else read_test_csv(test_csv)
+        sample = read_sample(sample_submission, inputs.ids, self.taxonomy)   # refused before any photo is predicted
         scores, tax = self._embed(inputs.paths, progress, tta)
-        return write_submission(scores["probs"], inputs.ids, tax, sample_submission, out)
+        return write_submission(scores["probs"], inputs.ids, tax, sample, out)
 
     def report(self, data: str | Path, out: str | Path, layout: str = "auto", progress=None) -> dict:
         """``out/index.html`` (+ PNGs, metrics.json) judging the artifact on labelled photos
@@ -215,7 +323,7 @@ class Recognizer:
 
     def similar(self, image, k: int = 10, same_brand: bool = False) -> pd.DataFrame:
         """The k nearest listings (sellers' columns + hier_*), best first (``Gallery.results`` checks k)."""
-        gallery = gallery_ops.Gallery.load(self.path)
+        gallery = self.gallery()
         out, tax = self._embed(_expand(image)[:1])
         where = None
         if same_brand:
@@ -254,7 +362,6 @@ class Recognizer:
         """Train on a folder-per-class dataset into ``out`` and hold the result. ``flags`` are the
         ``hier train`` options (``epochs=``, ``trunk=``, ``freeze_stages=``...); with ``resume`` only
         ``epochs`` (to extend the run) is taken."""
-        from hier.taxonomy import Taxonomy
         from hier.engine.trainer import TrainConfig, configs, train
 
         if isinstance(taxonomy, (str, Path)):
@@ -270,13 +377,25 @@ class Recognizer:
         return cls(out)
 
 
+def _hold_lock(stack: ExitStack, path: Path, wait: bool) -> bool:
+    """Enter the artifact's lock on ``stack``: waiting for a writer as commands do, or (``wait=False``)
+    only if it is free now. False when it is busy."""
+    try:
+        stack.enter_context(artifact.locked(path, timeout=None if wait else 0))
+    except HierError:
+        if wait:
+            raise
+        return False
+    return True
+
+
 def _check_resume_flags(out: Path, preset, taxonomy, flags: dict) -> None:
     """``--resume`` continues a run with its saved settings: repeating them is fine, changing one (other
     than a larger ``--epochs``) is refused rather than silently ignored."""
     if preset is not None or taxonomy is not None:
         raise HierError("--resume uses the run's saved settings and taxonomy; drop --preset / --taxonomy")
     saved_file = out / "train.json"
-    saved = json.loads(saved_file.read_text()) if saved_file.is_file() else {"model": {}, "train": {}}
+    saved = artifact.read_json(saved_file) if saved_file.is_file() else {"model": {}, "train": {}}
     for key, value in flags.items():
         if key == "epochs":
             continue

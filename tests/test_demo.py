@@ -228,3 +228,46 @@ def test_brand_is_linearly_separable_from_tiny_pixels(tmp_path: Path) -> None:
     acc = clf.score(feats([p for p, _ in test]), [b for _, b in test])
     # Chance is 1/3; measured 0.94-1.00 over seeds 0-7 with this exact setup.
     assert acc > 0.8, acc
+
+
+# --- `hier demo`: a failed or interrupted run can be run again into the same --out ---------------------
+
+@pytest.mark.slow
+def test_demo_reruns_into_the_folder_of_an_interrupted_run(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Before: a run stopped after drawing left --out full, and every rerun said "is not empty"."""
+    import json
+
+    from conftest import run_cli
+    from hier.recognizer import Recognizer
+    from test_cli import one_error_line, tree
+
+    out = tmp_path / "demo"
+    args = ("demo", "--out", out, "--epochs", "1", "--img-size", "32", "--images-per-class", "5")
+    real_train = Recognizer.__dict__["train"].__func__
+
+    def interrupted(cls, *a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Recognizer, "train", classmethod(interrupted))
+    code, _, _ = run_cli(*args, capsys=capsys)
+    assert code == 130 and len(list((out / "data" / "train").iterdir())) == 12     # drawn, then stopped
+
+    (out / "mine.txt").write_text("mine")          # a file of the user's beside the unfinished run: refused
+    before = tree(out)
+    code, _, err = run_cli(*args, capsys=capsys)
+    assert one_error_line(code, err) and "mine.txt" in err, err
+    assert tree(out) == before
+    (out / "mine.txt").unlink()
+
+    def tiny(cls, *a, **kw):                       # the 0.1 M-parameter test trunk: seconds, not minutes
+        return real_train(cls, *a, **{**kw, "trunk": "test_efficientnet", "pretrained": "none"})
+    monkeypatch.setattr(Recognizer, "train", classmethod(tiny))
+    code, stdout, err = run_cli(*args, capsys=capsys)
+    assert code == 0 and "unfinished demo run; starting over" in err, err
+    assert len(_rows(out / "submission.csv")) == 12 * 8 and "4/4" in stdout
+    assert json.loads((out / demo.DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is True
+    assert sorted(p.name for p in out.iterdir()) == sorted([demo.DEMO_MARKER, *demo.DEMO_PARTS])
+
+    before = tree(out)                             # a finished demo is the user's now: refused, untouched
+    code, _, err = run_cli(*args, capsys=capsys)
+    assert one_error_line(code, err) and "finished demo" in err, err
+    assert tree(out) == before

@@ -66,6 +66,7 @@ def test_topk_json_is_hierarchical(tiny_artifact, demo_data, capsys):
         assert r["p"] <= r["p_model"] + 1e-9 <= r["p_brand"] + 2e-9      # a class is inside its model and brand
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run(demo_data, tmp_path, capsys):
     out = tmp_path / "run"
     cfg = dict(batch_size=32, pretrained="none", ema=False, val_frac=0.25)
@@ -87,6 +88,7 @@ def test_no_validation_still_saves_prototypes(demo_data, tmp_path):
     assert np.load(out / "prototypes.npy").shape == (12, 32)      # enrollment needs them either way
 
 
+@pytest.mark.slow
 def test_cached_frozen_stages_train_with_tta(demo_data, tmp_path):
     m = train(demo_data.train_dir, tmp_path / "run", Taxonomy.from_csv(demo_data.taxonomy),
               ModelConfig(**{**vars(TINY), "freeze_stages": 2, "tta": True}),

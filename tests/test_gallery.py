@@ -12,6 +12,7 @@ import torch
 
 import hier.index
 from hier import artifact, index
+from hier.recognizer import Recognizer
 from hier.engine.predictor import Predictor
 from hier.errors import HierError
 
@@ -190,6 +191,9 @@ def test_a_sample_submission_that_does_not_fit_is_refused_before_predicting(case
     message = {"ids": "'TEST_99999' is only in the sample", "column": "'Nope_Car_2020_2020' is not a class",
                "missing class": "has no column"}[case]
     assert _one_line_error(code, err) and message in err, err
+    assert predicted == [] and not (tmp_path / "sub.csv").exists()
+    with pytest.raises(HierError, match=message.replace("'", ".")):          # the Python API checks first too
+        Recognizer(tiny_artifact[0]).submission(demo_data.test_csv, bad, tmp_path / "sub.csv")
     assert predicted == [] and not (tmp_path / "sub.csv").exists()
 
 

@@ -1,6 +1,8 @@
 """The Python API (``Recognizer``) and the one prediction path behind every command."""
 import json
 import shutil
+import threading
+import time
 
 import faiss
 import torch
@@ -42,7 +44,7 @@ def test_predict_takes_paths_pil_and_arrays(art, demo_data):
     assert len(frame) == 9 and list(frame.columns[:3]) == ["image", "rank", "class"]
     assert json.loads(preds.to_json())[0]["fine"] == preds[0].fine
     with pytest.raises(HierError, match="not an image"):
-        rec.predict([path, np.zeros((4, 4), dtype=np.float32)])
+        rec.predict([path, np.zeros((4, 4, 2), dtype=np.uint8)])     # float arrays are scaled now (#15.8)
 
 
 def test_every_command_computes_the_same_embedding_and_probability(art, demo_data, tmp_path, capsys):
@@ -137,3 +139,58 @@ def test_onnx_export_serves_the_same_answers(art, demo_data, capsys):
     assert Recognizer(art).predictor.session is None
     with pytest.raises(HierError, match="no up-to-date ONNX export"):
         Recognizer(art, backend="onnx").predictor
+
+
+def test_a_photo_given_twice_gets_its_own_rows_once(art, demo_data):
+    """Rows were picked by the photo's name: each copy of a file given twice (here beside an array, so
+    the copies are kept) got both copies' rows."""
+    a, b = _photos(demo_data, n=2)
+    preds = Recognizer(art).predict([a, np.asarray(Image.open(b).convert("RGB")), a], topk=3)
+    assert [p.image for p in preds] == [str(a), "<image 1>", str(a)]
+    assert [len(p.topk) for p in preds] == [3, 3, 3]
+    assert preds[0].topk == preds[2].topk and [r["rank"] for r in preds[0].topk] == [1, 2, 3]
+    assert preds[0].fine == preds[2].fine and preds[0].p == preds[2].p
+    assert len(preds.to_frame()) == 9
+
+
+def test_the_gallery_is_held_in_memory_until_its_files_change(art, demo_data, monkeypatch):
+    rec = Recognizer(art)
+    rec.index(demo_data.train_dir / "Cinder_Rook_2019_2023")
+    reads = []
+    real = faiss.read_index
+    monkeypatch.setattr(faiss, "read_index", lambda *a: (reads.append(a), real(*a))[1])
+    photo = _photos(demo_data)[0]
+    for _ in range(3):
+        assert rec.similar(photo, k=2)["listing_id"][0] == photo.stem
+    assert len(reads) == 1 and rec.listing_photo(photo.stem) == str(photo)
+    rec.index(demo_data.train_dir / "Borealis_Lynx_2019_2022")          # rebuilt: read again
+    assert rec.listing_photo(photo.stem) is None and len(reads) == 2
+
+
+def test_a_writer_holding_the_lock_does_not_stall_a_loaded_recognizer(art, demo_data):
+    """Once loaded, a recognizer answers with the version it holds while another thread (or process)
+    holds the artifact's lock, and reads the new version after it is released."""
+    rec = Recognizer(art)
+    photo = _photos(demo_data)[0]
+    before = rec.predict(photo)[0]
+    held, release = threading.Event(), threading.Event()
+
+    def writer():
+        with artifact.locked(art):
+            config = artifact.read_config(art)
+            artifact.atomic_write(art / artifact.CONFIG, lambda p: p.write_text(json.dumps(config)))
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        assert held.wait(30)
+        start = time.perf_counter()
+        assert rec.predict(photo)[0] == before and rec.stale                 # the version in memory
+        assert time.perf_counter() - start < 5
+    finally:
+        release.set()
+        t.join(30)
+    old = rec.loaded
+    assert rec.predict(photo)[0] == before and rec.loaded is not old and not rec.stale

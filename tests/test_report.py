@@ -1,19 +1,39 @@
 """`hier report` and `hier predict --explain`: figures that agree with `evaluate`, a page that loads
 in headless Chromium with every image present, activation maps that depend on the class, and bad
-input refused in one line with nothing half-written."""
+input refused in one line with nothing half-written; --out replaced only when it is hier's own earlier
+report, with the umask's modes; class names with mathtext and HTML in them shown as text."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
+import stat
+import subprocess
+import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from conftest import chromium, run_cli
+from test_cli import one_error_line, tree
 from hier import Recognizer
-from hier.report import grad_cam
+from hier.report import build, grad_cam
 
 
+@pytest.fixture(scope="module")
+def few(demo_data, tmp_path_factory):
+    """Two demo photos per class (24): a report in seconds."""
+    root = tmp_path_factory.mktemp("few") / "data"
+    for folder in sorted(demo_data.train_dir.iterdir()):
+        (root / folder.name).mkdir(parents=True)
+        for photo in sorted(folder.glob("*.jpg"))[:2]:
+            shutil.copy(photo, root / folder.name)
+    return root
+
+
+@pytest.mark.slow
 def test_report_agrees_with_evaluate_and_loads_in_chromium(tiny_artifact, demo_data, tmp_path, capsys):
     art, out = tiny_artifact[0], tmp_path / "report"
     code, stdout, err = run_cli("report", art, demo_data.train_dir, "--out", out, capsys=capsys)
@@ -59,6 +79,138 @@ def test_report_bad_input_is_one_line_and_writes_nothing(tiny_artifact, demo_dat
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
     assert [p.name for p in busy.iterdir()] == ["thesis.txt"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]       # no temporary folder left
+
+
+@pytest.mark.parametrize("case", ["site", "file", "cwd", "cwd_parent", "home", "holds_artifact", "data",
+                                  "holds_data"])
+def test_report_never_replaces_a_folder_it_did_not_write(case, art, few, tmp_path, monkeypatch, capsys):
+    """Before: any folder holding an index.html was deleted whole (exit 0), and --out . emptied the
+    working directory. Now each is refused in one line, with every byte under tmp_path as it was."""
+    site = tmp_path / "site"
+    (site / "blog").mkdir(parents=True)
+    (site / "index.html").write_text("<h1>my site</h1>")
+    (site / "blog" / "post.html").write_text("<p>post</p>")
+    (site / "notes.txt").write_text("notes")
+    data = tmp_path / "photos" / "data"
+    shutil.copytree(few, data)
+    (tmp_path / "photos" / "index.html").write_text("album")
+    (tmp_path / "a_file").write_text("mine")
+    home = tmp_path / "home"
+    (home / "work").mkdir(parents=True)
+    (home / "index.html").write_text("home page")
+    monkeypatch.setenv("HOME", str(home))
+    project = tmp_path / "project"                 # a folder of the user's holding the artifact
+    project.mkdir()
+    (project / "index.html").write_text("project page")
+    art = shutil.move(art, project / "artifact")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir({"cwd": site, "cwd_parent": site / "blog"}.get(case, tmp_path / "elsewhere"))
+    out, message = {"site": (site, "not an earlier hier report"), "file": (tmp_path / "a_file", "is a file"),
+                    "cwd": (".", "current folder"), "cwd_parent": ("..", "current folder"),
+                    "home": (home, "home folder"), "holds_artifact": (project, "holds the artifact"),
+                    "data": (data, "holds the data"), "holds_data": (tmp_path / "photos", "holds the data")}[case]
+    before = tree(tmp_path)
+    code, _, err = run_cli("report", art, data, "--out", out, capsys=capsys)
+    assert one_error_line(code, err) and message in err, err
+    assert tree(tmp_path) == before
+
+
+def failed_after_work(code, err) -> bool:
+    """A refusal once the photos were embedded: the progress bar, then one ``error:`` line."""
+    lines = err.strip().splitlines()
+    return code == 2 and lines[-1].startswith("error:") and not any(ln.startswith("error:") for ln in lines[:-1]) \
+        and "Traceback" not in err
+
+
+def _report(art, data, out, capsys):
+    code, _, err = run_cli("report", art, data, "--out", out, capsys=capsys)
+    assert code == 0, err
+    return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.slow
+def test_report_replaces_only_its_own_earlier_report(art, few, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "report"
+    out.mkdir()                                    # an empty folder is taken
+    first = _report(art, few, out, capsys)
+    marker = json.loads((out / build.MARKER).read_text(encoding="utf-8"))
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != build.MARKER)
+    assert marker["files"] == files and "index.html" in files and marker["hier"]
+    assert first["images"] == 24
+
+    # a file of the user's inside the earlier report: refused, nothing touched
+    (out / "cams" / "my notes.txt").write_text("keep me")
+    before = tree(tmp_path)
+    code, _, err = run_cli("report", art, few, "--out", out, capsys=capsys)
+    assert one_error_line(code, err) and "cams/my notes.txt" in err, err
+    assert tree(tmp_path) == before
+    (out / "cams" / "my notes.txt").unlink()
+
+    # the earlier report is replaced by the new one (other data, so other figures), nothing left aside
+    three = tmp_path / "three"
+    shutil.copytree(few, three)
+    for folder in three.iterdir():
+        shutil.copy(next(folder.glob("*.jpg")), folder / "copy.jpg")
+    second = _report(art, three, out, capsys)
+    assert second["images"] == 36 and json.loads((out / "metrics.json").read_text())["images"] == 36
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifact", "report", "three"]
+
+    # a file the user adds while the report is being built: found at the swap, the old report stays
+    write = build._write
+
+    def add_file_meanwhile(*args):
+        (out / "late.txt").write_text("added during the build")
+        return write(*args)
+    monkeypatch.setattr(build, "_write", add_file_meanwhile)
+    (out / "late.txt").unlink(missing_ok=True)
+    old = {k: v for k, v in tree(tmp_path).items()}
+    code, _, err = run_cli("report", art, few, "--out", out, capsys=capsys)
+    assert failed_after_work(code, err) and "late.txt" in err, err
+    assert {k: v for k, v in tree(tmp_path).items() if k != "report/late.txt"} == old
+    monkeypatch.setattr(build, "_write", write)
+    (out / "late.txt").unlink()
+
+    # disk full while writing: one line, the earlier report as it was, no temporary folder left
+    def full(self, name, *args):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.root / name))
+    monkeypatch.setattr(build._Page, "figure", full)
+    before = tree(tmp_path)
+    code, _, err = run_cli("report", art, few, "--out", out, capsys=capsys)
+    assert failed_after_work(code, err) and "No space left on device" in err and "as it was" in err, err
+    assert tree(tmp_path) == before
+
+
+@pytest.mark.slow
+def test_report_folder_modes_follow_the_umask(art, few, tmp_path):
+    """Before: the report folder was 0700 (mkdtemp) whatever the umask. A real process with umask 027."""
+    out = tmp_path / "report"
+    run = subprocess.run([sys.executable, "-m", "hier", "report", str(art), str(few), "--out", str(out)],
+                         capture_output=True, text=True, preexec_fn=lambda: os.umask(0o027))
+    assert run.returncode == 0, run.stderr
+    modes = {p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in [out, *out.rglob("*")]}
+    assert modes["report"] == 0o750 and modes["report/cams"] == 0o750
+    assert {m for k, m in modes.items() if (tmp_path / k).is_file()} == {0o640}
+
+
+def test_report_shows_mathtext_and_html_in_class_names_as_text(art, few, tmp_path, capsys):
+    """Before: a class named ``M$\\frac$ 2024`` crashed matplotlib's mathtext parser (traceback)."""
+    names = {"Aurora_Nova_2015_2018": "M$\\frac$ <b>2024", "Aurora_Nova_2019_2023": "$x^2$",
+             "Borealis_Lynx_2016_2018": "one $ sign & more"}
+    table = pd.read_csv(art / "taxonomy.csv", dtype=str, keep_default_na=False)
+    table["class"] = table["class"].replace(names)
+    table["brand"] = table["brand"].replace({"Aurora": "$\\alpha$ur<i>ora</i>"})
+    table.to_csv(art / "taxonomy.csv", index=False)
+    data = tmp_path / "data"
+    shutil.copytree(few, data)
+    for old, new in names.items():
+        (data / old).rename(data / new)
+    out = tmp_path / "report"
+    m = _report(art, data, out, capsys)
+    assert m["images"] == 24 and set(names.values()) <= {c["class"] for c in m["worst_classes"]}
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert "M$\\frac$ &lt;b&gt;2024" in html and "<b>2024" not in html      # a folder name holds no "/"
+    assert "one $ sign &amp; more" in html and "$x^2$" in html
+    assert (out / "confusion_brand.png").stat().st_size > 5000
 
 
 def test_predict_explain_saves_one_map_per_photo(tiny_artifact, demo_data, tmp_path, capsys):

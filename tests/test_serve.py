@@ -129,6 +129,7 @@ def test_fuzzed_uploads_never_break_the_service(client, demo_data, data):
     assert r.status_code in (200, 400, 413, 415), (kind, r.status_code, r.text)
 
 
+@pytest.mark.slow
 def test_bounded_load_test_on_loopback(art, demo_data):
     """2,000 requests from 8 concurrent clients against a real uvicorn server: zero errors, and the
     micro-batcher really batched (fewer forward passes than photos)."""

@@ -36,11 +36,29 @@ def print_metrics(metrics: dict, title: str) -> None:
     console.print(table)
 
 
+def _encodable(text: str) -> bool:
+    """Whether stdout's encoding (ASCII under ``LC_ALL=C``) can carry ``text`` as it is."""
+    try:
+        text.encode(sys.stdout.encoding or "utf-8")
+        return True
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
 def print_frame(frame, fmt: Format) -> None:
+    """JSON and CSV stay lossless whatever the locale: JSON falls back to \\u escapes, CSV to UTF-8 bytes
+    (the encoding of every file hier writes) when stdout's encoding cannot hold a class name."""
     if fmt is Format.json:
-        print(frame.to_json(orient="records", force_ascii=False, indent=1))
+        text = frame.to_json(orient="records", force_ascii=False, indent=1)
+        print(text if _encodable(text) else frame.to_json(orient="records", force_ascii=True, indent=1))
     elif fmt is Format.csv:
-        sys.stdout.write(frame.to_csv(index=False))
+        text = frame.to_csv(index=False)
+        if _encodable(text) or not hasattr(sys.stdout, "buffer"):
+            sys.stdout.write(text)
+        else:
+            sys.stdout.flush()
+            sys.stdout.buffer.write(text.encode("utf-8"))
+            sys.stdout.buffer.flush()
     else:
         table = Table()
         for col in frame.columns:
@@ -53,7 +71,16 @@ def print_frame(frame, fmt: Format) -> None:
 
 def main() -> None:
     """Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted (Ctrl-C), so
-    ``hier train ... && hier predict ...`` never goes on after a failed or interrupted step."""
+    ``hier train ... && hier predict ...`` never goes on after a failed or interrupted step.
+
+    Printing never fails: under an ASCII locale (``LC_ALL=C``) a Korean class name in a table or an
+    error line is written \\u-escaped (``errors="backslashreplace"``) instead of raising
+    UnicodeEncodeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):     # a replaced stream without reconfigure
+            pass
     try:
         code = app(standalone_mode=False)     # typer turns Ctrl-C into a returned 130, not an exception
         if isinstance(code, int) and code:

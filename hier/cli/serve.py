@@ -1,13 +1,28 @@
 """``hier serve``: the HTTP service over one artifact."""
 from __future__ import annotations
 
+import logging
+import socket
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from hier.cli.base import app, err
-from hier.errors import HierError
+from hier.errors import HierError, check_number
+
+
+def check_listen(host: str, port: int) -> None:
+    """Refuse a host or port the server could not listen on, before the model is read. SO_REUSEADDR,
+    as uvicorn sets it: a port whose last server just stopped (its connections still in TIME_WAIT) is
+    free to listen on again, only a port another server listens on is refused."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
+    except (OSError, ValueError) as e:          # in use, no such interface, a host that is no name
+        raise HierError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
 
 
 @app.command()
@@ -17,22 +32,29 @@ def serve(
     port: Annotated[int, typer.Option()] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted photo")] = 10.0,
     max_batch: Annotated[int, typer.Option(help="Concurrent photos answered in one forward pass")] = 16,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait for the model; more get 503")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its answer; then 503")] = 30.0,
+    max_enroll_files: Annotated[int, typer.Option(help="Photos one /enroll request may carry")] = 64,
+    access_log: Annotated[bool, typer.Option(help="One JSON line per request on stderr")] = True,
 ):
-    """HTTP API (/predict, /similar, /enroll, /health, /docs) and an upload page at /. /enroll needs
-    the header X-Admin-Token equal to the HIER_ADMIN_TOKEN environment variable."""
-    import socket
-
+    """HTTP API (/predict, /similar, /enroll, /health/live, /health/ready, /metrics, /docs) and an
+    upload page at /. /enroll needs the header X-Admin-Token equal to the HIER_ADMIN_TOKEN environment
+    variable."""
     import uvicorn
 
-    from hier.recognizer import Recognizer
     from hier.serve import create_app
 
-    rec = Recognizer(artifact)
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-        try:
-            probe.bind((host, port))
-        except OSError as e:
-            raise HierError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    check_number("--port", port, 1, 65535, integer=True)
+    service = create_app(artifact, max_upload_mb, max_batch, max_queue=max_queue, timeout_s=timeout,
+                         max_enroll_files=max_enroll_files)      # checks the flags and the folder only
+    check_listen(host, port)
+    if access_log:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        access = logging.getLogger("hier.access")
+        access.addHandler(handler)
+        access.setLevel(logging.INFO)
+        access.propagate = False
     err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
-    uvicorn.run(create_app(artifact, max_upload_mb, max_batch, recognizer=rec), host=host, port=port,
-                log_level="warning")
+    # accepted requests are answered within --timeout, so a stop waits that long for them, no longer
+    uvicorn.run(service, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout) + 5)

@@ -8,7 +8,11 @@ from typing import Annotated, Optional
 import typer
 
 from hier.cli.base import Format, app, console, err, print_frame, print_metrics
-from hier.errors import HierError
+from hier.errors import check_number
+
+
+MAX_BATCH = 65536
+DEMO_MIN_IMAGES = 5     # per class: the demo's stratified 20 % validation split needs one of each of its 12
 
 
 @app.command()
@@ -65,6 +69,7 @@ def evaluate(
     layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
 ):
     """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
+    check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
     from hier.recognizer import Recognizer
     from hier.engine.trainer import progress_bar
 
@@ -88,11 +93,14 @@ def demo(
     images_per_class: Annotated[int, typer.Option()] = 40,
 ):
     """Draw a small synthetic hierarchical car dataset, train on it (CPU, minutes) and predict."""
-    from hier.demo import make_demo_dataset
+    check_number("--epochs", epochs, 1, 1000, integer=True)         # every check before anything is drawn
+    check_number("--img-size", img_size, 32, 1024, integer=True)
+    check_number("--images-per-class", images_per_class, DEMO_MIN_IMAGES, 1000, integer=True)
+    from hier.demo import claim_demo_folder, finish_demo_folder, make_demo_dataset
     from hier.recognizer import Recognizer
 
-    if out.exists() and any(out.iterdir()):
-        raise HierError(f"{out} is not empty; choose another --out")
+    if claim_demo_folder(out):
+        err.print(f"[yellow]{out} held an unfinished demo run; starting over[/]")
     data = make_demo_dataset(out / "data", images_per_class=images_per_class, img_size=img_size)
     held_out = make_demo_dataset(out / "eval", images_per_class=8, test_images_per_class=1, img_size=img_size,
                                  seed=1)
@@ -108,6 +116,7 @@ def demo(
     console.print(f"wrote {out / 'submission.csv'}: {len(table)} rows x {table.shape[1] - 1} classes")
     console.print("[bold]4/4[/] top-3 answers for two images")
     print_frame(rec.predict(sorted((out / "data" / "test").glob("*.jpg"))[:2], topk=3).to_frame(), Format.table)
+    finish_demo_folder(out)
 
 
 @app.command()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import warnings
 from pathlib import Path
 
@@ -129,9 +128,8 @@ def export(path: str | Path) -> Path:
         net, _ = artifact.load(path)
         config = artifact.read_config(path)
         config["onnx"] = {"file": ONNX, "fingerprint": fingerprint(net), "views": 2 if net.cfg.tta else 1}
-        text = json.dumps(config, indent=2, ensure_ascii=False)
         artifact.atomic_write_all({path / ONNX: lambda p: export_onnx(net, p),
-                                   path / artifact.CONFIG: lambda p: p.write_text(text)})
+                                   path / artifact.CONFIG: lambda p: artifact.write_json(p, config)})
     return path / ONNX
 
 

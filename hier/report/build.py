@@ -2,10 +2,17 @@
 labelled photos: per-level accuracy and log loss, worst classes, most confused pairs (side by side,
 same-model-other-years flagged), brand and top-confused fine confusion matrices, reliability before and
 after temperature, coverage vs precision with back-off from year to model to brand, and class-activation
-maps of right and wrong answers. Built in a temporary folder and moved into place whole."""
+maps of right and wrong answers. Built in a temporary folder and moved into place whole.
+
+``--out`` is replaced only when it is an earlier hier report: every report carries a marker
+(``.hier-report``: hier's version and the files it wrote), and a folder without it, or holding anything
+the marker does not list, is refused rather than deleted."""
 from __future__ import annotations
 
+import errno
 import json
+import os
+import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,6 +26,7 @@ from sklearn.metrics import confusion_matrix, log_loss
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from hier import artifact  # noqa: E402
 from hier.data import to_rgb  # noqa: E402
 from hier.data.readers import create_reader  # noqa: E402
 from hier.errors import HierError  # noqa: E402
@@ -32,10 +40,10 @@ LEVELS = ("fine", "model", "brand")
 def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: int = 6, pairs: int = 12,
            progress=None) -> dict:
     """Write ``out/index.html``, its PNGs and ``metrics.json``; returns the metrics. Photos of classes
-    the artifact does not know are left out (and counted); none in common is an error."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "index.html").is_file())):
-        raise HierError(f"{out} exists and is not an earlier hier report; choose another --out")
+    the artifact does not know are left out (and counted); none in common is an error. ``out`` is
+    checked before any work (``_target``) and replaced only once the new report is complete."""
+    given = out
+    out = _target(out, data, rec.path)
     images, _ = create_reader(data, layout)()
     tax = rec.taxonomy
     known = [i for i, c in enumerate(images.labels) if c in tax]
@@ -48,17 +56,108 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
     y = np.array([tax.class_index[c] for c in labels])
     probs, logits = scores["probs"], scores["joint"]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))     # nothing half-written in out
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))     # nothing half-written in out
         metrics = _write(rec, tax, data, tmp, images, paths, probs, logits, y, cams, pairs)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+        _seal(tmp)
+        _swap(tmp, out, given)
+    except OSError as e:         # disk full, read-only or unwritable folder: out is as it was
+        raise HierError(f"could not write the report ({e.strerror or e}{f': {e.filename}' if e.filename else ''}); "
+                        f"{given} is as it was") from None
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return metrics
+
+
+# --- where the report goes: only an absent or empty folder, or an earlier hier report, is replaced ------
+MARKER = ".hier-report"
+
+
+def _target(out: str | Path, data: str | Path, artifact_dir: str | Path) -> Path:
+    """``out`` with its symbolic links resolved, when a report may replace it; else HierError (one line)."""
+    real = Path(os.path.realpath(out))
+    try:
+        home = Path.home().resolve()
+    except (RuntimeError, KeyError):
+        home = None
+    if Path.cwd().resolve().is_relative_to(real):
+        raise HierError(f"--out {out} is the current folder or holds it; give the report a folder of its own")
+    if home is not None and home.is_relative_to(real):
+        raise HierError(f"--out {out} is the home folder or holds it; give the report a folder of its own")
+    for what, folder in (("artifact", artifact_dir), ("data", data)):
+        if Path(folder).resolve().is_relative_to(real):
+            raise HierError(f"--out {out} is or holds the {what} folder {folder}; give the report a folder of its own")
+    if real.exists() and not real.is_dir():
+        raise HierError(f"--out {out} is a file, not a folder; choose another --out")
+    if real.is_dir():
+        _check_replaceable(real, out)
+    return real
+
+
+def _entries(folder: Path) -> set[str]:
+    """Every file and folder under ``folder`` (symbolic links as themselves, never followed)."""
+    def refuse(e: OSError):
+        raise HierError(f"cannot read {e.filename} ({e.strerror}); choose another --out")
+    found = set()
+    for top, dirs, files in os.walk(folder, onerror=refuse):
+        rel = Path(top).relative_to(folder)
+        found.update((rel / name).as_posix() for name in dirs + files)
+    return found
+
+
+def _check_replaceable(folder: Path, given) -> None:
+    """Pass for an empty folder, or one holding exactly the files its hier report marker lists."""
+    entries = _entries(folder)
+    if not entries:
+        return
+    try:
+        listed = json.loads((folder / MARKER).read_text(encoding="utf-8"))["files"]
+        assert isinstance(listed, list) and all(isinstance(f, str) for f in listed)
+    except (OSError, ValueError, KeyError, TypeError, AssertionError):
+        raise HierError(f"{given} exists and is not an earlier hier report (no {MARKER} marker in it); "
+                        "choose another --out") from None
+    allowed = {MARKER, *listed, *(p.as_posix() for f in listed for p in Path(f).parents if p != Path("."))}
+    extra = sorted(entries - allowed)
+    if extra:
+        raise HierError(f"{given} is an earlier hier report but also holds {extra[0]!r}"
+                        f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, which hier did not write; "
+                        "move it out or choose another --out")
+
+
+def _seal(folder: Path) -> None:
+    """Write the marker listing the report's files, and give files and folders the modes the umask gives
+    a plain open/mkdir (mkdtemp makes the folder 0700, which a web server's account could not read)."""
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    from hier import __version__
+    (folder / MARKER).write_text(json.dumps({"hier": __version__, "files": files}, indent=1, ensure_ascii=False),
+                                 encoding="utf-8")
+    os.chmod(folder, 0o777 & ~artifact.UMASK)
+    for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~artifact.UMASK)
+
+
+def _swap(new: Path, out: Path, given) -> None:
+    """Move the finished report ``new`` to ``out``: an absent or empty ``out`` is replaced in one rename;
+    an earlier report is checked again, renamed aside, the new one renamed in, then the old deleted, so
+    one of the two is always on disk."""
+    try:
+        os.replace(new, out)             # out absent, or an empty folder
+        return
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+    _check_replaceable(out, given)       # again: minutes may have passed since the first check
+    aside = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+    os.rename(out, aside)
+    try:
+        os.rename(new, out)
+    except OSError:
+        os.rename(aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def _write(rec, tax, data, tmp: Path, images, paths, probs, logits, y, cams: int, pairs: int) -> dict:
@@ -76,7 +175,8 @@ def _write(rec, tax, data, tmp: Path, images, paths, probs, logits, y, cams: int
     examples = _cams(rec.net, paths, probs, y, tax, page, cams)
     metrics.update(worst_classes=classes[:15], confused_pairs=[{k: v for k, v in p.items() if k != "png"}
                                                                for p in confused], coverage=coverage)
-    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False, default=float))
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False, default=float),
+                                      encoding="utf-8")
     html = _template().render(artifact=str(rec.path), data=str(data), m=metrics, classes=classes[:15],
                               pairs=confused, examples=examples, figures=page.figures, levels=LEVELS)
     (tmp / "index.html").write_text(html, encoding="utf-8")
@@ -90,9 +190,13 @@ class _Page:
         self.root, self.figures = root, {}
 
     def figure(self, name: str, draw, *args) -> None:
-        fig = draw(*args)
-        fig.savefig(self.root / name, dpi=110, bbox_inches="tight")
-        plt.close(fig)
+        """Drawn and saved with mathtext off: class names are text (``M$\\frac$ 2024``), not TeX."""
+        with plt.rc_context({"text.parse_math": False}):
+            fig = draw(*args)
+            try:
+                fig.savefig(self.root / name, dpi=110, bbox_inches="tight")
+            finally:
+                plt.close(fig)
         self.figures[name.removesuffix(".png")] = name
 
     def image(self, name: str, picture: Image.Image) -> str:

@@ -10,6 +10,7 @@ of another. Text files (JSON, CSV) are UTF-8 whatever the locale.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
@@ -105,6 +106,24 @@ def atomic_write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
+
+
+def file_stamp(*files: Path) -> tuple:
+    """(inode, mtime, size) of each file, None for a missing one: every atomic save changes it, so a
+    reader can tell cheaply whether what it holds is still what is on disk."""
+    out = []
+    for f in files:
+        try:
+            st = Path(f).stat()
+            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        except FileNotFoundError:
+            out.append(None)
+    return tuple(out)
+
+
+def file_md5(path: str | Path) -> str:
+    """MD5 of a file's bytes: what identifies a photo by content (detector cache, enrollment shots)."""
+    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 def _unchanged(path: Path) -> str:

@@ -14,7 +14,6 @@ similar base rows.
 """
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -274,7 +273,7 @@ def distinct_shots(images: list[str | Path]) -> tuple[list[Path], list[str], int
     first: dict[str, Path] = {}
     paths = image_files(images, strict=True).paths        # a broken shot is refused, never skipped
     for p in paths:
-        first.setdefault(hashlib.md5(Path(p).read_bytes()).hexdigest(), Path(p))
+        first.setdefault(artifact.file_md5(p), Path(p))
     return list(first.values()), list(first), len(paths) - len(first)
 
 

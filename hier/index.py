@@ -187,16 +187,10 @@ def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
 
 
 def _artifact_stamp(artifact_dir: Path) -> tuple:
-    """(name, inode, mtime, size) of the files that decide an embedding and its predicted class: every
-    atomic save of the artifact (train, enroll, unenroll, export) changes it."""
-    out = []
-    for name in (artifact.WEIGHTS, artifact.CONFIG, artifact.TAXONOMY):
-        try:
-            st = (artifact_dir / name).stat()
-            out.append((name, st.st_ino, st.st_mtime_ns, st.st_size))
-        except FileNotFoundError:
-            out.append((name, None))
-    return tuple(out)
+    """The stamp of the files that decide an embedding and its predicted class: every atomic save of
+    the artifact (train, enroll, unenroll, export) changes it."""
+    return artifact.file_stamp(*(artifact_dir / name for name in (artifact.WEIGHTS, artifact.CONFIG,
+                                                                  artifact.TAXONOMY)))
 
 
 def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame, tuple]:

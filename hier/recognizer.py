@@ -99,18 +99,6 @@ class HeldGallery(NamedTuple):
     photos: dict[str, str]
 
 
-def _stamp(*files: Path) -> tuple:
-    """(inode, mtime) of each file, None for a missing one: every atomic save changes it."""
-    out = []
-    for f in files:
-        try:
-            st = f.stat()
-            out.append((st.st_ino, st.st_mtime_ns))
-        except FileNotFoundError:
-            out.append(None)
-    return tuple(out)
-
-
 class Recognizer:
     def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None,
                  backend: str = "auto"):
@@ -132,14 +120,14 @@ class Recognizer:
 
     # --- the artifact in memory: read on first use, again whenever it changed on disk ----------------
     def _disk_stamp(self) -> tuple:
-        stamp = _stamp(self.path / artifact.CONFIG)
+        stamp = artifact.file_stamp(self.path / artifact.CONFIG)
         if stamp[0] is None:
             raise HierError(f"{self.path} is no longer a hier artifact")
         return stamp
 
     def _gallery_stamp(self) -> tuple:
         folder = self.path / gallery_ops.GALLERY
-        return _stamp(folder / "index.faiss", folder / "listings.csv", folder / "gallery.json")
+        return artifact.file_stamp(folder / "index.faiss", folder / "listings.csv", folder / "gallery.json")
 
     def reload(self) -> "Recognizer":
         """Read the artifact now (done by itself on first use and whenever it changed on disk); waits

@@ -9,7 +9,6 @@ counted. ``crop_folder`` writes cropped copies of a dataset (``hier crop``); ``c
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 from PIL import Image
 
 from hier import artifact
+from hier.artifact import file_md5 as md5
 from hier.data import Crop, image_files, to_rgb
 from hier.errors import HierError
 
@@ -54,10 +54,6 @@ def _read_cache(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return cache if isinstance(cache, dict) else {}
-
-
-def md5(path: Path) -> str:
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
 
 
 class CarDetector:

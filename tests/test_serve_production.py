@@ -466,3 +466,20 @@ def test_metrics_and_the_json_access_log(art, demo_data, odd_gallery, caplog):
     assert [(x["method"], x["path"], x["status"]) for x in lines[:3]] == [("POST", "/predict", 200)] * 3
     assert lines[3]["path"] == "/listings/a#1/photo" and lines[3]["route"] == "/listings/{listing_id:path}/photo"
     assert all(x["ms"] > 0 for x in lines) and lines[4]["status"] == 422
+
+
+def test_a_16_bit_listing_photo_gets_a_thumbnail_of_its_8_bit_version(tmp_path):
+    """Thumbnails go through the one decoder: a 16-bit photo is scaled, not clipped to white."""
+    from io import BytesIO
+
+    import numpy as np
+    from PIL import Image
+
+    from hier.serve.app import _thumbnail
+
+    ramp = np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (200, 1))
+    wide, narrow = tmp_path / "deep.png", tmp_path / "plain.png"
+    Image.fromarray(ramp).save(wide)
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(narrow)
+    deep, plain = (np.asarray(Image.open(BytesIO(_thumbnail(str(p), (1,))))).astype(float) for p in (wide, narrow))
+    assert abs(deep.mean() - plain.mean()) < 2 and deep.mean() < 200, (deep.mean(), plain.mean())

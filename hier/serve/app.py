@@ -48,14 +48,14 @@ from fastapi import (
 )
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from PIL import Image, ImageOps
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hier.artifact import locked
-from hier.data import NOT_IMAGE, TOO_LARGE, UNREADABLE, UploadRefused, decode_upload
+from hier.data import NOT_IMAGE, TOO_LARGE, UNREADABLE, UploadRefused, decode_upload, pil_rgb
 from hier.engine.predictor import fingerprint
 from hier.enroll import MAX_BASE_DROP
 from hier.errors import HierError, check_number
@@ -499,7 +499,7 @@ def _thumbnail(path: str, stamp: tuple) -> bytes | None:
             im.draft("RGB", (THUMB, THUMB))
             if im.width * im.height > THUMB_MAX_PIXELS:
                 return None
-            im = ImageOps.exif_transpose(im).convert("RGB")
+            im = Image.fromarray(pil_rgb(im))      # the one decoder: upright, 16-bit photos scaled, not clipped
             im.thumbnail((THUMB, THUMB))
             buf = BytesIO()
             im.save(buf, "JPEG", quality=85)

@@ -1,7 +1,8 @@
 """The artifact directory: the one thing that moves between commands.
 
-``model.safetensors`` + ``config.json`` (model config, temperature, metrics) + ``taxonomy.csv``
-(+ ``gallery/`` and ``prototypes.npy`` once enrollment and search are used). Every file is written to a
+``model.safetensors`` + ``config.json`` (model config, temperature, metrics, the weights' fingerprint)
++ ``taxonomy.csv`` + ``statistics.safetensors`` (the serving head's class statistics, written by
+``hier train`` and updated by ``hier enroll``) (+ ``gallery/`` once search is used). Every file is written to a
 temporary name and renamed, so a crash mid-write never leaves a half-written artifact; and every reader
 and writer holds the artifact's lock file (``.hier.lock``), so two commands never interleave a
 read-modify-write (both enrolls land) and a reader never sees weights of one version with the taxonomy
@@ -15,6 +16,7 @@ import json
 import os
 import stat
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,8 +24,9 @@ from typing import Callable, Iterator
 from filelock import FileLock, Timeout
 from safetensors.torch import load_file, save as safetensors_bytes
 
-from hier.errors import HierError
+from hier.errors import HierError, HierWarning
 from hier.models import HierNet, ModelConfig
+from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.taxonomy import Taxonomy
 
 WEIGHTS, CONFIG, TAXONOMY = "model.safetensors", "config.json", "taxonomy.csv"
@@ -169,7 +172,7 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with locked(out):
         config = read_config(out) if (out / CONFIG).is_file() else {"metrics": {}}
-        config.update(extra or {}, model=model.cfg.to_dict())
+        config.update(extra or {}, model=model.cfg.to_dict(), fingerprint=model.fingerprint())
         if metrics is not None:
             config["metrics"] = metrics
         # bytes written by Python, not safetensors' own writer: a full disk then raises OSError(ENOSPC)
@@ -192,6 +195,7 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
         config = read_config(path)
         taxonomy = Taxonomy.from_csv(path / TAXONOMY)
         state = load_file(path / WEIGHTS)
+        statistics = ClassStatistics.load(path / STATISTICS) if (path / STATISTICS).is_file() else None
     model = HierNet(ModelConfig.from_dict(config["model"]), taxonomy, pretrained="none")
     model.offsets = {e["class"]: e["offset"] for e in config.get("enrolled", []) if e.get("offset")}
     model.set_taxonomy(taxonomy)
@@ -200,4 +204,16 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
     except RuntimeError as e:
         raise HierError(f"{path} is damaged: its weights do not fit its taxonomy.csv "
                         f"({str(e).splitlines()[-1].strip()[:160]})") from None
+    if model.cfg.head != "statistics":
+        if "fingerprint" not in config:
+            warnings.warn(f"{path} was trained by an older hier, without class statistics: it answers with its "
+                          "trained head and enrolls by mapped prototypes; retrain it for the statistical head "
+                          "(better on base and enrolled classes alike)", HierWarning, stacklevel=2)
+        statistics = None
+    elif statistics is None or statistics.fingerprint != config.get("fingerprint"):
+        warnings.warn(f"{path}: {'its' if statistics is None else 'stale'} class statistics ({STATISTICS}) "
+                      f"{'are missing' if statistics is None else 'were computed for other weights'} (a training "
+                      "run that has not finished?), so it answers with its trained head", HierWarning, stacklevel=2)
+        statistics = None
+    model.set_statistics(statistics, taxonomy)
     return model.to(device).eval(), taxonomy

@@ -1,16 +1,18 @@
 """Few-shot enrollment: add a fine class from a handful of photos, with no retraining.
 
-The heads are cosine classifiers, so a class is a unit row: enrolling imprints the mean normalised
-embedding of the shots as a new fine row (and as a model or brand row when those are new too). Base
-rows are never modified, so old classes only lose images that now score higher on the new class.
+An artifact served by its class statistics (``hier.models.statistics``, what ``hier train`` writes)
+enrolls by adding the shots' embeddings to them: the new class is scored by the same LDA formula as
+every base class, in one geometry, and the base classes' statistics never change, so an old class only
+loses photos that now score higher on the new class. ``base_drop_offset`` then bounds that loss by a
+budget on held-out base photos, and may raise a new class where the budget allows (a five-shot mean
+scores low under the shared covariance).
 
-A raw mean embedding is not comparable with trained rows: trained cosine rows point along the
-directions that separate classes, while a mean embedding keeps the component every photo shares, so it
-scores high on all photos and swallows the base classes (measured: base accuracy 76% -> 0% after
-enrolling 20 classes). ``PrototypeMap`` fixes the frame: a ridge regression from the base classes' mean
-embeddings (``prototypes.npy``, saved by ``hier train``) to their trained rows, applied per head to the
-new prototypes. ``Calibration`` (TEEN, Wang et al. 2023) can additionally pull a prototype toward
-similar base rows.
+Artifacts served by their trained cosine head (written before the statistics, or ``--head trained``)
+enroll as before: a raw mean embedding is not comparable with trained rows (trained rows point along the
+directions that separate classes, a mean keeps the component every photo shares; measured: base
+accuracy 76% -> 0% after enrolling 20 classes), so ``PrototypeMap`` maps it into the rows' frame (a ridge
+regression from the base classes' mean embeddings, ``prototypes.npy``, to their trained rows), and
+``Calibration`` (TEEN, Wang et al. 2023) can pull it toward similar base rows.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from hier.data import image_files
 from hier.errors import HierError, check_number
 from hier.engine.predictor import artifact_predictor
 from hier.models import HierNet
+from hier.models.statistics import STATISTICS
 from hier.taxonomy import _YEAR, YEARS, Taxonomy, check_name, nfc, parse_class_name
 
 PROTOTYPES = "prototypes.npy"   # base-class mean embeddings, written by `hier train`
@@ -35,6 +38,7 @@ TRAINED_ROWS = "trained_rows.npy"   # per base class with added shots: its train
 VALIDATION = "validation.npz"   # held-out base photos: embeddings and classes, written by `hier train`
 BASE_PRIOR_SHOTS = 20           # photos a trained row counts for when added shots are blended into it
 MAX_BASE_DROP = 0.5             # default budget (points of base accuracy) one enrolled class may cost
+MAX_RAISE = 6.0                 # most an offset may raise a class's statistical score (a 5-shot mean scores low)
 OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this gets a warning
 NEAR_DUPLICATE = 0.9            # ... naming the base class whose prototype is this similar (``nearest_base``)
 
@@ -80,26 +84,35 @@ def read_validation(path: Path) -> tuple[torch.Tensor, torch.Tensor] | None:
 
 @torch.no_grad()
 def base_drop_offset(net: HierNet, c: int, validation: tuple[torch.Tensor, torch.Tensor], max_base_drop: float,
-                     floor: float = 0.1) -> float:
-    """Score offset for enrolled class ``c``: the smallest subtracted from its joint score such that the
-    held-out base photos answered right without it are expected to lose at most ``max_base_drop``
-    percent of all to ``c`` (at least ``floor`` photos, so that 0 stays finite).
+                     floor: float = 0.1, max_raise: float = 0.0) -> float:
+    """Score offset for enrolled class ``c`` of ``net`` (``budget_offset`` on its held-out base photos'
+    scores, ``c``'s own current offset taken out)."""
+    z, y = validation
+    joint = net.heads(z)["joint"]
+    joint[:, c] += net.fine_offset[c]
+    return budget_offset(joint, y, c, max_base_drop, floor, max_raise)
+
+
+def budget_offset(scores: torch.Tensor, y: torch.Tensor, c: int, max_base_drop: float, floor: float = 0.1,
+                  max_raise: float = 0.0) -> float:
+    """The smallest offset subtracted from column ``c`` of ``scores`` (held-out base photos, true classes
+    ``y``) such that the photos answered right without it are expected to lose at most ``max_base_drop``
+    percent of all to ``c`` (at least ``floor`` photos, so that 0 stays finite). Down to ``-max_raise``:
+    a negative offset raises a class the budget allows to score higher (a few-shot mean under the
+    shared covariance scores low, far below what its photos deserve).
 
     Each base class's photos are modelled as leads (``c``'s score minus the best other) drawn from a
     normal with that class's mean lead and the spread pooled over classes (widened for the class's few
     photos): the largest lead among a few validation photos understates how far unseen photos of a
     near sibling reach, and cost several times its budget on them (see README, enrollment benchmark).
     Each new class gets its own offset: one far from every base photo needs none, a next-year version
-    of a known model needs one. Held-out photos, not training ones: those sit closer to their own rows."""
-    z, y = validation
-    joint = net.heads(z)["joint"]
-    joint[:, c] += net.fine_offset[c]                          # c's score without its current offset
-    others = joint.clone()
+    of a known model needs one. Held-out photos, not training ones: those sit closer to their own class."""
+    others = scores.clone()
     others[:, c] = -torch.inf
     right = others.argmax(1) == y
-    lead = (joint[:, c] - others.max(1).values)[right].double()
+    lead = (scores[:, c] - others.max(1).values)[right].double()
     if not len(lead):
-        return 0.0
+        return -max_raise
     _, cls, n = torch.unique(y[right], return_inverse=True, return_counts=True)
     mean = torch.zeros(len(n), dtype=lead.dtype).index_add_(0, cls, lead) / n
     spread = ((lead - mean[cls]) ** 2).sum() / max(1, len(lead) - len(n))
@@ -109,10 +122,10 @@ def base_drop_offset(net: HierNet, c: int, validation: tuple[torch.Tensor, torch
     def taken(offset: float) -> float:                        # expected photos lost to c at this offset
         return float((n * torch.special.ndtr((mean - offset) / sd)).sum())
 
-    lo, hi = 0.0, float((mean + 8 * sd).max().clamp_min(0))
+    lo, hi = -max_raise, float((mean + 8 * sd).max().clamp_min(0))
     if taken(lo) <= allowed:
-        return 0.0
-    for _ in range(40):
+        return lo
+    for _ in range(50):
         mid = (lo + hi) / 2
         lo, hi = (lo, mid) if taken(mid) <= allowed else (mid, hi)
     return hi
@@ -161,6 +174,20 @@ def _enrolled(path: Path) -> tuple[list[dict], np.ndarray | None, np.ndarray | N
     sums = np.load(path / ENROLLED) if entries else None
     trained = np.load(path / TRAINED_ROWS) if any(e.get("base") for e in entries) else None
     return entries, sums, trained
+
+
+def _entries(path: Path) -> list[dict]:
+    """Enrolled entries (config.json): class, shots, their MD5s, offset, and whether it is a base class."""
+    return artifact.read_config(path).get("enrolled", [])
+
+
+def _save_statistics(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], stats) -> None:
+    """Save the taxonomy, the class statistics and the entries of an artifact served by its statistics
+    (the trained heads get a row per class too, so the weights keep fitting the taxonomy)."""
+    if not all(math.isfinite(e.get("offset") or 0.0) for e in entries):
+        raise HierError(f"refusing to save {path}: enrollment produced an offset that is not a finite number; "
+                        "the artifact is unchanged")
+    artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files={STATISTICS: stats.save})
 
 
 def prototype_map(path: Path, net: HierNet, taxonomy: Taxonomy) -> PrototypeMap | None:
@@ -323,21 +350,23 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
                         + (f" ({copies} more were copies of them)" if copies else "") + f"; --min-shots is {min_shots}")
     with artifact.locked(path):
         net, taxonomy = artifact.load(path)
-        entries, sums, trained = _enrolled(path)
+        stats = net.statistics                   # None: an artifact served by its trained head
+        entries, sums, trained = _enrolled(path) if stats is None else (_entries(path), None, None)
         names = [e["class"] for e in entries]
         is_base = name in taxonomy and (name not in names or entries[names.index(name)].get("base"))
         if is_base and not add_shots:
             raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots to add photos to it")
-        mapping = prototype_map(path, net, taxonomy)
-        if is_base and mapping is None:
+        mapping = prototype_map(path, net, taxonomy) if stats is None else None
+        if is_base and stats is None and mapping is None:
             raise HierError(f"{path} has no {PROTOTYPES} (trained by an older hier), so shots cannot be added to "
                             f"base class {name!r} without harming it; retrain, or enroll under a new name")
         row = None if name in taxonomy else new_row(name, taxonomy, brand, model, span)     # refusals first
         seen = set(entries[names.index(name)].get("md5", [])) if name in names else set()
         fresh = [i for i, d in enumerate(digests) if d not in seen]
         validation = read_validation(path)
-        result = {"class": name, "mapped": mapping is not None, "base": bool(is_base), "new": row is not None,
-                  "calibrated": validation is not None, "duplicates": copies + len(digests) - len(fresh)}
+        result = {"class": name, "head": "trained" if stats is None else "statistics", "mapped": mapping is not None,
+                  "base": bool(is_base), "new": row is not None, "calibrated": validation is not None,
+                  "duplicates": copies + len(digests) - len(fresh)}
         if not fresh:                             # every photo is already one of its shots: nothing to do
             entry = entries[names.index(name)]
             return {**result, "shots": 0, "added": 0, "total": entry["shots"], "classes": len(taxonomy),
@@ -345,43 +374,62 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
                     "near_duplicate": None}
         shots, digests = [shots[i] for i in fresh], [digests[i] for i in fresh]
         z = artifact_predictor(path, net)(shots)["embedding"]     # as the artifact serves: TTA included
-        frame = mapping or raw_frame
-        if row is None:
-            i = taxonomy.class_index[name]
-            rows = net.fine.weight.detach()
-            if name not in names:              # first shots for a base class: keep its trained row to restore
-                entries.append({"class": name, "shots": 0, "base": True})
-                sums = _stack(sums, np.zeros_like(z[:1]))
-                trained = _stack(trained, rows[i:i + 1].numpy())
-                names.append(name)
-            k = names.index(name)
-            sums[k] += z.sum(0)
-            entries[k]["shots"] += len(z)
-            proto = frame(torch.from_numpy(sums[k]), "fine")
-            if entries[k].get("base"):
-                trained_row = torch.from_numpy(trained[_trained_row(entries, k)])
-                new_fine = blend_shots(net, i, trained_row, proto, entries[k]["shots"], np.load(path / PROTOTYPES))
-            else:
-                new_fine = (calibration or Calibration())(proto, torch.cat([rows[:i], rows[i + 1:]]))
-            rebuild_heads(net, taxonomy, taxonomy, {name: new_fine})
-            new_taxonomy = taxonomy
+        if name not in names:
+            entries.append({"class": name, "shots": 0, **({"base": True} if is_base else {})})
+            names.append(name)
+        k = names.index(name)
+        if stats is not None:                    # one head for every class: the class's mean moves
+            stats.add_shots(name, z)
+            new_taxonomy = taxonomy if row is None else imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))})
+            net.set_statistics(stats, new_taxonomy)
         else:
-            new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))}, calibration, mapping)
-            entries.append({"class": name, "shots": len(z)})
-            sums = _stack(sums, z.sum(0, keepdims=True))
-            k = len(entries) - 1
+            new_taxonomy, sums, trained = _enroll_mapped(path, net, taxonomy, name, row, z, entries, k, sums,
+                                                         trained, mapping, calibration)
+        entries[k]["shots"] += len(z)
         entries[k]["md5"] = sorted(seen) + digests
-        if not is_base and validation is not None:          # the (new or changed) row's own offset
-            entries[k]["offset"] = base_drop_offset(net, new_taxonomy.class_index[name], validation, max_base_drop)
+        if not is_base and validation is not None:          # the (new or changed) class's own offset
+            entries[k]["offset"] = base_drop_offset(net, new_taxonomy.class_index[name], validation, max_base_drop,
+                                                    max_raise=MAX_RAISE if stats is not None else 0.0)
         own, cost = own_answers(net, new_taxonomy, name, entries[k].get("offset") or 0.0, z)
         near = None
-        if not is_base and own < OWN_SHOTS and mapping is not None:
-            x, similarity = nearest_base(np.load(path / PROTOTYPES), sums[k], taxonomy.classes)
+        if not is_base and own < OWN_SHOTS and (stats is not None or mapping is not None):
+            base_names = stats.base_classes() if stats is not None else taxonomy.classes
+            base_means = stats.means(base_names) if stats is not None else np.load(path / PROTOTYPES)
+            x, similarity = nearest_base(base_means, z.sum(0), base_names)
             near = {"class": x, "similarity": round(similarity, 3)} if similarity >= NEAR_DUPLICATE else None
-        _save(path, net, new_taxonomy, entries, sums, trained)
+        if stats is not None:
+            _save_statistics(path, net, new_taxonomy, entries, stats)
+        else:
+            _save(path, net, new_taxonomy, entries, sums, trained)
     return {**result, "shots": len(z), "added": len(z), "total": entries[k]["shots"], "classes": len(new_taxonomy),
             "offset": entries[k].get("offset"), "own_shots_answered": own, "offset_cost": cost,
             "near_duplicate": near}
+
+
+def _enroll_mapped(path: Path, net: HierNet, taxonomy: Taxonomy, name: str, row: dict | None, z: np.ndarray,
+                   entries: list[dict], k: int, sums, trained, mapping: PrototypeMap | None,
+                   calibration: Calibration | None):
+    """Enrollment into an artifact served by its trained head (trained before the class statistics, or
+    ``--head trained``): the shots' mean mapped into the trained rows' frame."""
+    frame = mapping or raw_frame
+    if len(entries) > (0 if sums is None else len(sums)):    # a new entry: its shot sum starts at zero
+        sums = _stack(sums, np.zeros_like(z[:1]))
+        if entries[k].get("base"):                          # first shots for a base class: keep its row
+            i = taxonomy.class_index[name]
+            trained = _stack(trained, net.fine.weight.detach()[i:i + 1].numpy())
+    sums[k] += z.sum(0)
+    if row is not None:
+        return imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))}, calibration, mapping), sums, trained
+    i = taxonomy.class_index[name]
+    rows = net.fine.weight.detach()
+    proto = frame(torch.from_numpy(sums[k]), "fine")
+    if entries[k].get("base"):
+        trained_row = torch.from_numpy(trained[_trained_row(entries, k)])
+        new_fine = blend_shots(net, i, trained_row, proto, entries[k]["shots"] + len(z), np.load(path / PROTOTYPES))
+    else:
+        new_fine = (calibration or Calibration())(proto, torch.cat([rows[:i], rows[i + 1:]]))
+    rebuild_heads(net, taxonomy, taxonomy, {name: new_fine})
+    return taxonomy, sums, trained
 
 
 @torch.no_grad()
@@ -429,13 +477,20 @@ def unenroll(path: str | Path, name: str) -> dict:
     path, name = Path(path), nfc(name)
     with artifact.locked(path):
         net, taxonomy = artifact.load(path)
-        entries, sums, trained = _enrolled(path)
+        stats = net.statistics
+        entries, sums, trained = _enrolled(path) if stats is None else (_entries(path), None, None)
         names = [e["class"] for e in entries]
         if name not in names:
             raise HierError(f"{name!r} is not an enrolled class"
                             + (" (it is a base class with no added shots)" if name in taxonomy else ""))
         k = names.index(name)
         base = bool(entries[k].get("base"))
+        if stats is not None:                     # its shots leave the statistics (a base class keeps its own)
+            stats.remove_shots(name)
+            new_taxonomy = taxonomy if base else taxonomy.drop(name)
+            rebuild_heads(net, taxonomy, new_taxonomy)
+            _save_statistics(path, net, new_taxonomy, entries[:k] + entries[k + 1:], stats)
+            return {"class": name, "classes": len(new_taxonomy), "base": base}
         if base:
             b = _trained_row(entries, k)
             rebuild_heads(net, taxonomy, taxonomy, {name: torch.from_numpy(trained[b])})

@@ -9,6 +9,11 @@ class HierError(Exception):
     """Bad input or state the user can fix (missing folder, unknown class, wrong CSV...)."""
 
 
+class HierWarning(UserWarning):
+    """Something the user should know once (an older artifact's missing parts); the CLI prints it as one
+    ``warning:`` line. Python shows each distinct message once per process."""
+
+
 def check_number(name: str, value, low: float | None = None, high: float | None = None,
                  integer: bool = False):
     """``value`` if it is a finite number in [low, high] (a whole one with ``integer``), else HierError.

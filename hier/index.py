@@ -1,6 +1,11 @@
 """Similar-listing search: a FAISS index of listing embeddings plus a metadata table.
 
-Embeddings are L2-normalised, so inner product is cosine similarity. Each listing image gets a stable
+Embeddings are L2-normalised, so inner product is cosine similarity. An artifact served by its class
+statistics searches in the *whitened* embedding (``S^-1/2 z``, renormalised, with ``S`` the base
+classes' shared within-class covariance): directions along which photos of one car differ count less,
+those that tell cars apart count more (README, enrollment benchmark: Recall@1 on unseen classes). The
+transform is inside the FAISS index (``IndexPreTransform``), so queries go in as plain embeddings and
+an older gallery keeps answering as it was built. Each listing image gets a stable
 int64 id (``add_with_ids``), so removing listings never renumbers the rest. The index lives in
 ``ARTIFACT/gallery/`` (``index.faiss`` + ``listings.csv`` + ``gallery.json``) and moves with the artifact.
 The seller's columns are kept as given; hier's own (FAISS id, predicted class/brand/model, similarity)
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import faiss
 import numpy as np
@@ -34,6 +40,7 @@ ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "bran
 # Sellers' cells come back as written: only an empty cell is missing ("n/a", "NA", "null" stay text).
 AS_GIVEN = dict(dtype={"listing_id": str}, keep_default_na=False, na_values=[""])
 EMBED_TRIES = 3                        # embeddings redone when the artifact changed meanwhile, then refused
+SEARCH_SHRINK = 0.1                    # covariance shrinkage of the search whitening (measured)
 
 
 def factory_string(kind: str, n: int) -> str:
@@ -56,11 +63,15 @@ class Gallery:
         self.nprobe = 16
 
     @classmethod
-    def build(cls, vectors: np.ndarray, listings: pd.DataFrame, kind: str = "flat") -> "Gallery":
+    def build(cls, vectors: np.ndarray, listings: pd.DataFrame, kind: str = "flat",
+              whitening: np.ndarray | None = None) -> "Gallery":
+        """A new gallery of ``vectors``; with ``whitening`` (D x D) it searches in ``normalise(z @ W)``."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = faiss.index_factory(vectors.shape[1], factory_string(kind, len(vectors)), faiss.METRIC_INNER_PRODUCT)
+        if whitening is not None:
+            index = whitened(index, whitening)
         if not index.is_trained:
-            if len(vectors) < index.nlist:
+            if len(vectors) < faiss.extract_index_ivf(index).nlist:
                 raise HierError(f"--index ivf needs at least {index.nlist} images to train; use flat")
             index.train(vectors)
         gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind)
@@ -92,8 +103,8 @@ class Gallery:
 
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, FAISS ids), each (n_queries, k); id -1 where fewer than k vectors exist."""
-        if hasattr(self.index, "nprobe"):
-            self.index.nprobe = self.nprobe
+        if self.kind == "ivf":
+            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", self.nprobe)
         return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
 
     def _by_id(self) -> pd.DataFrame:
@@ -152,6 +163,23 @@ class Gallery:
         return cls(to_gpu(index), listings, kind)
 
 
+def whitened(index: faiss.Index, whitening: np.ndarray) -> faiss.Index:
+    """``index`` behind the linear map ``z -> z @ W`` and a renormalisation (FAISS applies both to every
+    vector added and every query)."""
+    d = whitening.shape[0]
+    linear = faiss.LinearTransform(d, d, False)
+    faiss.copy_array_to_vector(np.ascontiguousarray(whitening.T, dtype=np.float32).ravel(), linear.A)
+    linear.is_trained = True
+    out = faiss.IndexPreTransform(faiss.NormalizationTransform(d, 2.0), index)
+    out.prepend_transform(linear)          # faiss's Python layer keeps both parts referenced
+    return out
+
+
+def search_whitening(net) -> np.ndarray | None:
+    """The whitening a new gallery of this artifact searches with (None: the trained head serves)."""
+    return None if net.statistics is None else net.statistics.whitening(SEARCH_SHRINK)
+
+
 def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
     """A folder of photos, searched recursively, symlinked folders included (listing_id = path below it
     without the extension), or a CSV ``listing_id,image[,price,...]`` (``read_table``), checked: images
@@ -193,10 +221,16 @@ def _artifact_stamp(artifact_dir: Path) -> tuple:
                                                                   artifact.TAXONOMY)))
 
 
-def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tuple[np.ndarray, pd.DataFrame, tuple]:
-    """Embeddings of the listing photos, the table with hier's predicted class/brand/model, and the
-    artifact's stamp they were computed with (``_artifact_stamp``). Only the model's load holds the
-    artifact's lock; the embedding runs unlocked."""
+class Embedded(NamedTuple):
+    vectors: np.ndarray          # the listing photos' embeddings
+    rows: pd.DataFrame           # the listings with hier's predicted class, brand and model
+    stamp: tuple                 # the artifact's stamp they were computed with (``_artifact_stamp``)
+    whitening: np.ndarray | None  # the artifact's search whitening (``search_whitening``)
+
+
+def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> Embedded:
+    """The listing photos embedded and answered; only the model's load holds the artifact's lock, the
+    embedding runs unlocked."""
     artifact_dir = Path(artifact_dir)
     with artifact.locked(artifact_dir):
         stamp = _artifact_stamp(artifact_dir)
@@ -204,22 +238,22 @@ def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> tu
         predictor = artifact_predictor(artifact_dir, net)
     out = predictor([Path(p) for p in table["image"]], progress)
     brand, model, fine = decode(out["probs"], taxonomy)      # the top-down answer, as `similar --same-brand`
-    return out["embedding"], table.assign(**{CLASS: [taxonomy.classes[i] for i in fine],
-                                            BRAND: [taxonomy.brands[i] for i in brand],
-                                            MODEL: [taxonomy.models[i] for i in model]}), stamp
+    rows = table.assign(**{CLASS: [taxonomy.classes[i] for i in fine], BRAND: [taxonomy.brands[i] for i in brand],
+                           MODEL: [taxonomy.models[i] for i in model]})
+    return Embedded(out["embedding"], rows, stamp, search_whitening(net))
 
 
 def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, prepare=None):
     """Embed ``table`` unlocked, then, under the artifact's lock, ``save(vectors, table, prepared)`` if the
     artifact is still the one embedded with; embedded again when another command changed it meanwhile
-    (``EMBED_TRIES`` times, then one error line, nothing saved). ``prepare(vectors, table)`` runs unlocked
-    after each embedding (training a new index). Returns what ``save`` returns."""
+    (``EMBED_TRIES`` times, then one error line, nothing saved). ``prepare(embedded)`` runs unlocked
+    after each embedding (training a new index) with ``embed_listings``' result. Returns what ``save`` returns."""
     for _ in range(EMBED_TRIES):
-        vectors, rows, stamp = embed_listings(artifact_dir, table, progress)
-        prepared = prepare(vectors, rows) if prepare else None
+        done = embed_listings(artifact_dir, table, progress)
+        prepared = prepare(done) if prepare else None
         with artifact.locked(artifact_dir):
-            if _artifact_stamp(artifact_dir) == stamp:
-                return save(vectors, rows, prepared)
+            if _artifact_stamp(artifact_dir) == done.stamp:
+                return save(done.vectors, done.rows, prepared)
     raise HierError(f"{artifact_dir} changed while its listings were embedded, {EMBED_TRIES} times (another "
                     "command kept writing it); nothing was saved; run the command again when it is done")
 
@@ -257,7 +291,7 @@ def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: s
         gallery.save(artifact_dir)
         return gallery
     return _embed_and_save(Path(artifact_dir), table, progress, save,
-                           prepare=lambda vectors, rows: Gallery.build(vectors, rows, kind))
+                           prepare=lambda e: Gallery.build(e.vectors, e.rows, kind, e.whitening))
 
 
 def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=None) -> tuple[int, Gallery]:

@@ -44,6 +44,7 @@ import httpx
 import numpy as np
 import pandas as pd
 
+from benchlib import machine
 from hier import Recognizer
 from hier.data import image_files
 from hier.index import BRAND, CLASS, GALLERY, MODEL, Gallery
@@ -58,15 +59,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def machine() -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                           text=True, cwd=Path(__file__).parent, check=False).stdout.strip()
-    return {"argv": sys.argv, "commit": commit + ("+uncommitted" if dirty else ""),
-            "loadavg": [round(x, 2) for x in os.getloadavg()], "cpus": os.cpu_count()}
 
 
 def copy_artifact(src: Path, work: Path) -> Path:

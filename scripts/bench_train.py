@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 
+from benchlib import machine
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
 from hier.metrics import evaluate_probs
 from hier.models import create_trunk
@@ -80,7 +81,8 @@ def main() -> None:
 
     table = Table(title=f"Stanford dev, 88 classes, stratified 80/20 split (seed {args.seed}), "
                         f"{torch.get_num_threads()} threads")
-    cols = ["top1", "model_acc", "brand_acc", "log_loss", "log_loss_before_temperature", "ece", "top5", "seconds"]
+    cols = ["top1", "model_acc", "brand_acc", "log_loss", "log_loss_before_temperature", "ece", "top5",
+            "trained_head_top1", "trained_head_log_loss", "statistics_s", "seconds"]
     table.add_column("method")
     for c in cols:
         table.add_column(c, justify="right")
@@ -89,6 +91,7 @@ def main() -> None:
     Console().print(table)
     print(f"total wall time {time.time() - t0:.0f} s")
     print(f"command: {command}")
+    print(json.dumps(machine()))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_train.json").write_text(json.dumps(rows, indent=2))
 

@@ -67,6 +67,43 @@ def art(tiny_artifact, tmp_path):
     return dst
 
 
+def make_legacy(path: Path, demo_data) -> Path:
+    """Turn an artifact into one an older hier wrote: served by its trained head, base-class prototypes
+    (mean embeddings of the training photos) instead of class statistics, no weights fingerprint."""
+    import numpy as np
+    from hier import artifact
+    from hier.engine.predictor import Predictor
+    from hier.enroll import PROTOTYPES, class_means
+    from hier.models.statistics import STATISTICS
+
+    net, tax = artifact.load(path)
+    photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
+    z = Predictor(net)(photos)["embedding"]
+    artifact.save_npy(path / PROTOTYPES, class_means(z, np.array([tax.class_index[p.parent.name] for p in photos]),
+                                                     len(tax)))
+    config = artifact.read_config(path)
+    config["model"].pop("head")
+    config.pop("fingerprint")
+    artifact.write_json(path / artifact.CONFIG, config)
+    (path / STATISTICS).unlink()
+    return path
+
+
+@pytest.fixture(scope="session")
+def legacy_artifact(tiny_artifact, demo_data, tmp_path_factory):
+    dst = tmp_path_factory.mktemp("legacy") / "artifact"
+    shutil.copytree(tiny_artifact[0], dst)
+    return make_legacy(dst, demo_data)
+
+
+@pytest.fixture
+def legacy_art(legacy_artifact, tmp_path):
+    """A copy of the tiny artifact as an older hier wrote it (trained head, prototypes.npy)."""
+    dst = tmp_path / "artifact"
+    shutil.copytree(legacy_artifact, dst)
+    return dst
+
+
 def write_bomb(path: Path, width=20000, height=10000) -> None:
     """A tiny PNG whose header claims width x height pixels (PIL's decompression-bomb check)."""
     Image.new("RGB", (8, 8)).save(path)

@@ -19,6 +19,7 @@ from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 from hier import artifact, enroll as enrollment
+from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.engine.trainer import TrainConfig
 from hier.errors import HierError
 from hier.models import ModelConfig
@@ -303,7 +304,8 @@ def test_copies_of_a_photo_are_one_shot_and_enrolling_again_adds(art, demo_data,
     before = _snapshot(art)
     code, out, _ = run_cli("enroll", art, "--class", "Neu_Wagen_2025_2025", "--images", shots, capsys=capsys)
     assert code == 0 and "added nothing" in out and _snapshot(art) == before
-    assert artifact.read_config(art)["enrolled"][0]["shots"] == 3 and np.load(art / "enrolled.npy").shape == (1, 32)
+    stats = ClassStatistics.load(art / STATISTICS)
+    assert artifact.read_config(art)["enrolled"][0]["shots"] == 3 == stats.shot_counts[stats.index["Neu_Wagen_2025_2025"]]
 
 
 def test_a_near_duplicate_of_a_known_class_is_reported(art, demo_data, capsys):
@@ -335,8 +337,10 @@ def test_a_class_unlike_any_known_one_is_not_a_near_duplicate(art, tmp_path, cap
     code, out, err = run_cli("enroll", art, "--class", "Stripes_2025_2025", "--brand", "Zephyr", "--images", shots,
                              capsys=capsys)
     assert code == 0 and "near-duplicate" not in err and "is answered on only 0% of its own shots" in err, err
-    assert enrollment.nearest_base(np.load(art / "prototypes.npy"), np.load(art / "enrolled.npy")[0],
-                                   artifact.load(art)[1].classes)[1] < enrollment.NEAR_DUPLICATE
+    stats = ClassStatistics.load(art / STATISTICS)
+    base = stats.base_classes()
+    assert enrollment.nearest_base(stats.means(base), stats.shot_sums[stats.index["Stripes_2025_2025"]],
+                                   base)[1] < enrollment.NEAR_DUPLICATE
 
 
 def test_demo_names_enroll_without_brand_or_model(art, demo_data, capsys):

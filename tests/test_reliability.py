@@ -21,6 +21,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
 from hier import artifact, enroll as enrollment, index
+from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.data import load_rgb, scan_folder
 from hier.errors import HierError
 from hier.engine.predictor import Predictor
@@ -60,7 +61,10 @@ def _tiny_train(data, out, taxonomy=None, **kw):
 
 # --- 1. add-shots ---------------------------------------------------------------------------------------
 
-def test_add_shots_keeps_the_class_and_the_model_and_can_be_undone(art, demo_data, capsys):
+@pytest.mark.parametrize("head", ["statistics", "trained"])
+def test_add_shots_keeps_the_class_and_the_model_and_can_be_undone(head, request, demo_data, capsys):
+    art = request.getfixturevalue("art" if head == "statistics" else "legacy_art")
+    stats_before = (art / STATISTICS).read_bytes() if head == "statistics" else None
     paths = sorted(demo_data.train_dir.glob("*/*.jpg"))
     target = "Aurora_Nova_2015_2018"
     net, tax = artifact.load(art)
@@ -85,9 +89,14 @@ def test_add_shots_keeps_the_class_and_the_model_and_can_be_undone(art, demo_dat
     assert taken(after) <= taken(before) + len(paths) // 20                  # measured: 2 -> 6 of 132
 
     code, out, err = run_cli("unenroll", art, "--class", target, capsys=capsys)
-    assert code == 0 and "trained row is back" in out, err
+    assert code == 0 and "it is as trained again" in out, err
     restored = artifact.load(art)[0].state_dict()
     assert all(torch.equal(restored[k], weights[k]) for k in weights)      # exactly the trained model
+    if stats_before is not None:                                           # and exactly its statistics
+        a, b = ClassStatistics.load(art / STATISTICS), stats_before
+        (art / "before.safetensors").write_bytes(b)
+        b = ClassStatistics.load(art / "before.safetensors")
+        assert a.classes == b.classes and np.array_equal(a.sums, b.sums) and not a.shot_counts.any()
     assert artifact.read_config(art)["enrolled"] == []
     assert not (art / "trained_rows.npy").exists() and not (art / "enrolled.npy").exists()
     code, _, err = run_cli("unenroll", art, "--class", target, capsys=capsys)
@@ -107,7 +116,8 @@ def test_add_shots_needs_the_flag_every_time(art, demo_data, capsys):
     assert (entry["class"], entry["shots"], entry["base"], len(set(entry["md5"]))) == (target, 6, True, 6)
 
 
-def test_add_shots_refused_without_prototypes(art, demo_data, capsys):
+def test_add_shots_refused_without_prototypes(legacy_art, demo_data, capsys):
+    art = legacy_art
     (art / "prototypes.npy").unlink()
     before = {p.name: p.read_bytes() for p in art.iterdir() if p.is_file() and p.name != ".hier.lock"}
     code, _, err = run_cli("enroll", art, "--class", "Aurora_Nova_2015_2018", "--add-shots",
@@ -490,6 +500,7 @@ def test_any_sequence_of_writers_leaves_a_consistent_artifact(ops, tiny_artifact
     assert {e["class"] for e in entries} == enrolled <= set(tax.classes)
     assert len(tax) == 12 + len(enrolled) == net.fine.weight.shape[0]
     assert net.model.weight.shape[0] == len(tax.models) and net.brand.weight.shape[0] == len(tax.brands)
-    assert (np.load(art / "enrolled.npy").shape[0] if entries else 0) == len(entries)
+    stats = ClassStatistics.load(art / STATISTICS)
+    assert set(stats.classes) == set(tax.classes) and int((stats.shot_counts > 0).sum()) == len(entries)
     gallery = index.Gallery.load(art)
     assert set(gallery.listings["listing_id"]) == listed and len(gallery) == len(listed)

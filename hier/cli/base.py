@@ -5,6 +5,7 @@ User mistakes raise HierError; ``main`` prints them as one red line and exits 2,
 from __future__ import annotations
 
 import sys
+import warnings
 from enum import Enum
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from hier.errors import HierError
+from hier.errors import HierError, HierWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Fine-grained car recognition: brand, model and year that never contradict.")
@@ -69,6 +70,17 @@ def print_frame(frame, fmt: Format) -> None:
         console.print(table)
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """hier's own warnings as one yellow line; others as Python prints them."""
+    if issubclass(category, HierWarning):
+        err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    else:
+        _python_showwarning(message, category, filename, lineno, file, line)
+
+
+_python_showwarning = warnings.showwarning
+
+
 def main() -> None:
     """Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted (Ctrl-C), so
     ``hier train ... && hier predict ...`` never goes on after a failed or interrupted step.
@@ -81,6 +93,7 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")
         except (AttributeError, ValueError, OSError):     # a replaced stream without reconfigure
             pass
+    warnings.showwarning = _show_warning
     try:
         code = app(standalone_mode=False)     # typer turns Ctrl-C into a returned 130, not an exception
         if isinstance(code, int) and code:

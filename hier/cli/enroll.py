@@ -20,7 +20,9 @@ def enroll(
     years: Annotated[Optional[str], typer.Option(help="e.g. 2025-2026; default: parsed from the name")] = None,
     add_shots: Annotated[bool, typer.Option(help="Allow adding photos to a base class")] = False,
     min_shots: Annotated[int, typer.Option(help="Refuse fewer shots than this")] = 1,
-    calibrate: Annotated[float, typer.Option(help="TEEN calibration strength toward similar base classes")] = 0.0,
+    calibrate: Annotated[float, typer.Option(
+        help="TEEN strength toward similar base classes (artifacts served by their trained head; the "
+             "statistical head calibrates every enrolled class by its own setting)")] = 0.0,
     max_base_drop: Annotated[float, typer.Option(
         help="Points of accuracy on the known classes' held-out photos this class may cost")] = 0.5,
 ):
@@ -43,7 +45,7 @@ def enroll(
         console.print((f"enrolled {c!r} from {r['added']} shot(s)" if r["new"] else
                        f"added {r['added']} shot(s) to {c!r} ({r['total']} in all)")
                       + f"{dropped}; {r['classes']} classes now"
-                      + (f" (score offset {r['offset']:.2f}: expected to cost at most {max_base_drop:g} point(s) "
+                      + (f" ({_offset(r['offset'])}: expected to cost at most {max_base_drop:g} point(s) "
                          "of base accuracy)" if r["offset"] is not None else ""), markup=False)
     near, own = r["near_duplicate"], r["own_shots_answered"]
     if near:
@@ -55,15 +57,20 @@ def enroll(
                   highlight=False, soft_wrap=True)
     elif not r["base"] and own < OWN_SHOTS:
         err.print(f"[yellow]warning:[/] {escape(repr(c))} is answered on only {own:.0%} of its own shots"
-                  + (f"; its score offset {r['offset']:.2f} costs it {r['offset_cost']:.0%} of them"
-                     if r["offset"] else "") + "; more (and more varied) shots make it stronger",
+                  + (f"; its {_offset(r['offset'])} costs it {r['offset_cost']:.0%} of them"
+                     if r["offset"] and r["offset"] > 0 else "") + "; more (and more varied) shots make it stronger",
                   highlight=False, soft_wrap=True)
     if not r["base"] and not r["calibrated"]:
         err.print("[yellow]warning:[/] this artifact has no validation.npz (trained by an older hier), so the "
                   "new class's scores are not offset and it may take photos of known classes; retrain to bound that")
-    if not r["mapped"]:
+    if r["head"] == "trained" and not r["mapped"]:
         err.print("[yellow]warning:[/] this artifact has no prototypes.npy (trained by an older hier), so the "
                   "shots were imprinted raw; retrain to enroll without hurting the base classes")
+
+
+def _offset(offset: float) -> str:
+    """A class's score offset in words: a positive one lowers its score, a negative one raises it."""
+    return f"score offset {offset:.2f}" if offset >= 0 else f"score offset {offset:.2f}, raised"
 
 
 @app.command()
@@ -76,6 +83,6 @@ def unenroll(
 
     r = Recognizer(artifact).unenroll(name)
     if r["base"]:
-        console.print(f"removed the added shots of base class {r['class']!r}; its trained row is back", markup=False)
+        console.print(f"removed the added shots of base class {r['class']!r}; it is as trained again", markup=False)
     else:
         console.print(f"removed {r['class']!r}; {r['classes']} classes now", markup=False)

@@ -35,6 +35,9 @@ def train(
         help="Precompute N augmented views of the frozen stages (needs --freeze-stages) [0]")] = None,
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta",
                                                 help="Calibrate and serve with flipped views too [off]")] = None,
+    head: Annotated[Optional[str], typer.Option(
+        help="What serves: statistics (LDA on class statistics, the same for enrolled classes) | trained "
+             "(the trained cosine heads) [statistics]")] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA")] = None,
     accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1]")] = None,

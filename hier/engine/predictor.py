@@ -6,7 +6,6 @@ probability for a photo is the same whichever command computed it.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import warnings
 from pathlib import Path
@@ -27,7 +26,8 @@ def device() -> str:
 
 
 class Predictor:
-    """``Predictor(net)(images)`` -> {"joint", "fine", "model", "brand", "embedding", "probs"}.
+    """``Predictor(net)(images)`` -> {"joint", "fine", "model", "brand", "embedding", "probs"} (and
+    ``trained``, the trained head's joint, when the class statistics serve).
 
     ``images``: paths, ``Crop`` boxes, PIL images or uint8 arrays. With TTA (the artifact's ``cfg.tta``
     unless overridden) the flipped view is added: joint scores are averaged as log-probabilities (a
@@ -71,8 +71,8 @@ class Predictor:
             zs = self._embeddings(x.to(dev))
             outs = [net.heads(z) for z in zs]
             out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("fine", "model", "brand")}
-            out["joint"] = torch.stack([torch.log_softmax(o["joint"], 1) for o in outs]).mean(0) if self.tta \
-                else outs[0]["joint"]
+            for k in ("joint", "trained")[:1 + ("trained" in outs[0])]:
+                out[k] = torch.stack([torch.log_softmax(o[k], 1) for o in outs]).mean(0) if self.tta else outs[0][k]
             out["embedding"] = F.normalize(torch.stack(zs).mean(0), dim=1)
             for k, v in out.items():
                 chunks.setdefault(k, []).append(v.float().cpu().numpy())
@@ -111,23 +111,13 @@ def export_onnx(net: HierNet, path: Path) -> None:
 ONNX = "model.onnx"
 
 
-def fingerprint(net: HierNet) -> str:
-    """MD5 of the trunk and embedding weights: what an ONNX export depends on (not the heads, which
-    enrollment changes)."""
-    h = hashlib.md5()
-    for name, t in net.state_dict().items():
-        if name.startswith(("trunk.", "neck.")):
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def export(path: str | Path) -> Path:
     """``hier export``: ARTIFACT/model.onnx, with the fingerprint of the weights it holds in config.json."""
     path = Path(path)
     with artifact.locked(path):
         net, _ = artifact.load(path)
         config = artifact.read_config(path)
-        config["onnx"] = {"file": ONNX, "fingerprint": fingerprint(net), "views": 2 if net.cfg.tta else 1}
+        config["onnx"] = {"file": ONNX, "fingerprint": net.fingerprint(), "views": 2 if net.cfg.tta else 1}
         artifact.atomic_write_all({path / ONNX: lambda p: export_onnx(net, p),
                                    path / artifact.CONFIG: lambda p: artifact.write_json(p, config)})
     return path / ONNX
@@ -142,7 +132,7 @@ def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **
     if backend == "torch":
         return Predictor(net, **kw)
     saved = artifact.read_config(path).get("onnx", {})
-    fresh = (path / ONNX).is_file() and saved.get("fingerprint") == fingerprint(net)
+    fresh = (path / ONNX).is_file() and saved.get("fingerprint") == net.fingerprint()
     if backend == "onnx" and not fresh:
         raise HierError(f"{path} has no up-to-date ONNX export; run `hier export {path}`")
     if fresh and importlib.util.find_spec("onnxruntime") is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,12 +24,13 @@ from timm.utils import ModelEmaV3
 from hier import artifact
 from hier.data.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
-from hier.errors import HierError, check_number
+from hier.errors import HierError, HierWarning, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine.predictor import Predictor
 from hier.data.readers import create_reader
 from hier.metrics import evaluate_probs, fit_temperature, softmax
 from hier.models import HierNet, HierTask, ModelConfig
+from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.taxonomy import Taxonomy
 
 CHECKPOINT = "checkpoint.pt"
@@ -282,32 +284,43 @@ class Trainer:
         self.epoch, self.updates, self.best, self.history = (state["epoch"], state["updates"], state["best"],
                                                              state["history"])
 
-    def _prototypes(self, net: HierNet, paths, y, progress=None):
-        """Writer of the base classes' mean embeddings over the training photos, which enrollment maps
-        into weight space: computed by the predictor that will embed enrolled shots (same views, same
-        TTA), so both live in one geometry."""
-        z = Predictor(net, workers=self.cfg.workers)(paths, progress)["embedding"]
-        means = class_means(z, np.asarray(y), len(self.taxonomy))
-        return lambda p: artifact.save_npy(p, means)
-
     def finish(self, train_paths, train_y, val_paths, val_y) -> dict:
-        """Reload the best weights, fit the temperature on validation and store it with the metrics."""
-        best, _ = artifact.load(self.out, self.dev)
+        """Reload the best weights, compute the class statistics that serve (``hier.models.statistics``)
+        from the training photos, fit the temperature of the served scores on validation and store it
+        with the metrics (and, beside them, the trained head's own figures on the same photos)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", HierWarning)        # the best weights have no statistics yet
+            best, _ = artifact.load(self.out, self.dev)
+        files = {}
         with progress_bar(self.console) as progress:
-            prototypes = {PROTOTYPES: self._prototypes(best, train_paths, train_y, progress)}
+            # by the predictor that will embed enrolled shots (same views, same TTA): one geometry
+            z = Predictor(best, workers=self.cfg.workers)(train_paths, progress)["embedding"]
+        t = time.time()
+        if best.cfg.head == "statistics":
+            stats = ClassStatistics.fit(z, [self.taxonomy.classes[i] for i in train_y], best.fingerprint())
+            best.set_statistics(stats, self.taxonomy)
+            files[STATISTICS] = stats.save
+        else:                        # the trained head serves: enrollment maps prototypes into its frame
+            means = class_means(z, np.asarray(train_y), len(self.taxonomy))
+            files[PROTOTYPES] = lambda p: artifact.save_npy(p, means)
+        statistics_s = time.time() - t
         if not len(val_paths):
-            artifact.save(self.out, best, self.taxonomy, files=prototypes)
+            artifact.save(self.out, best, self.taxonomy, files=files)
             return {}
         # calibrate exactly what will be served: whole photos through the predictor, TTA as configured
         logits = Predictor(best, workers=self.cfg.workers)(val_paths)
         best.cfg.temperature = fit_temperature(logits["joint"], val_y)
         # held-out photos' embeddings: what enrollment sets each new class's score offset on
-        prototypes[VALIDATION] = lambda p: save_validation(p, logits["embedding"], val_y)
+        files[VALIDATION] = lambda p: save_validation(p, logits["embedding"], val_y)
         metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
                                  logits=logits["joint"], heads=logits)
-        metrics["temperature"] = best.cfg.temperature
-        metrics["best_epoch"] = artifact.read_config(self.out)["metrics"].get("best_epoch")
-        artifact.save(self.out, best, self.taxonomy, metrics, files=prototypes)
+        if best.cfg.head == "statistics":
+            head = evaluate_probs(softmax(logits["trained"], fit_temperature(logits["trained"], val_y)), val_y,
+                                  self.taxonomy)
+            metrics.update(trained_head_top1=head["top1"], trained_head_log_loss=head["log_loss"])
+        metrics.update(head=best.cfg.head, statistics_s=round(statistics_s, 3), temperature=best.cfg.temperature,
+                       best_epoch=artifact.read_config(self.out)["metrics"].get("best_epoch"))
+        artifact.save(self.out, best, self.taxonomy, metrics, files=files)
         artifact.atomic_write(self.out / "metrics.json", lambda p: artifact.write_json(p, metrics))
         return metrics
 

@@ -1,13 +1,15 @@
-"""Trunk -> normalised embedding -> cosine heads for fine class, model and brand.
+"""Trunk -> normalised embedding -> cosine heads for fine class, model and brand (the training loss),
+and the statistical head that serves (``hier.models.statistics``).
 
-Every head is a matrix of unit rows times a learned scale, so a class is a direction in embedding
-space: enrolling a class appends a row (weight imprinting) without touching the others.
-The fine-class score adds its parent model's and grand-parent brand's scores
-(``fine + alpha * model[parent] + beta * brand[grandparent]``); one softmax over fine classes then
+Every trained head is a matrix of unit rows times a learned scale. The trained fine-class score adds
+its parent model's and grand-parent brand's scores (``fine + alpha * model[parent] + beta *
+brand[grandparent]``). Once ``hier train`` has computed the class statistics, the served fine score is
+their LDA score instead, for base and enrolled classes alike. Either way one softmax over fine classes
 gives brand and model probabilities as sums, so the three answers can never contradict.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass
 
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 
 from hier.data.images import IMAGENET_MEAN, IMAGENET_STD
 from hier.errors import HierError, check_number
+from hier.models.statistics import ClassStatistics
 from hier.taxonomy import Taxonomy
 
 
@@ -33,6 +36,7 @@ class ModelConfig:
     freeze_stages: int = 0       # trunk stages kept frozen (and cacheable) from the input side
     temperature: float = 1.0     # fitted on validation NLL after training
     tta: bool = False            # serve with flipped views too (evaluate/predict default; T fitted so)
+    head: str = "statistics"     # what serves: statistics (LDA on class statistics) | trained (cosine heads)
     mean: tuple = IMAGENET_MEAN  # replaced by the trunk's own (timm data config) when training starts
     std: tuple = IMAGENET_STD
 
@@ -47,6 +51,8 @@ class ModelConfig:
         for name in ("scale", "temperature"):
             if not check_number(name, getattr(self, name), 0, 1e6) > 0:
                 raise HierError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.head not in ("statistics", "trained"):
+            raise HierError(f"--head must be statistics or trained, not {self.head!r}")
         for name in ("mean", "std"):
             values = tuple(check_number(name, v, -1e3, 1e3) for v in getattr(self, name))
             if len(values) != 3 or (name == "std" and min(values) <= 0):
@@ -59,6 +65,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known.setdefault("head", "trained")          # artifacts written before the statistical head
         return cls(**known)
 
 
@@ -171,6 +178,7 @@ class HierNet(nn.Module):
         self.model = CosineHead(cfg.embed_dim, len(taxonomy.models), cfg.scale)
         self.brand = CosineHead(cfg.embed_dim, len(taxonomy.brands), cfg.scale)
         self.offsets: dict[str, float] = {}     # enrolled classes' score offsets (hier.enroll), by name
+        self.statistics: ClassStatistics | None = None   # the serving head, once hier train computed it
         self.set_taxonomy(taxonomy)
         # Plain lists, not ModuleLists: the modules are already registered under ``trunk``.
         self._frozen: list[nn.Module] = []
@@ -190,6 +198,23 @@ class HierNet(nn.Module):
         self.register_buffer("fine_to_brand", torch.tensor(taxonomy.fine_to_brand, device=dev), persistent=False)
         self.register_buffer("fine_offset", torch.tensor([self.offsets.get(c, 0.0) for c in taxonomy.classes],
                                                          device=dev), persistent=False)
+        weight, bias = self.statistics.linear_head(taxonomy.classes) if self.statistics else (None, None)
+        self.register_buffer("class_weight", None if weight is None else weight.to(dev), persistent=False)
+        self.register_buffer("class_bias", None if bias is None else bias.to(dev), persistent=False)
+
+    def set_statistics(self, statistics: ClassStatistics | None, taxonomy: Taxonomy) -> None:
+        """Serve from ``statistics`` (None: from the trained heads)."""
+        self.statistics = statistics
+        self.set_taxonomy(taxonomy)
+
+    def fingerprint(self) -> str:
+        """MD5 of the trunk and embedding weights: what an ONNX export and the class statistics depend on
+        (not the heads, which enrollment changes)."""
+        h = hashlib.md5()
+        for name, t in self.state_dict().items():
+            if name.startswith(("trunk.", "neck.")):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -217,11 +242,22 @@ class HierNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.frozen_features(x))
 
-    def heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    def trained_heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The trained cosine heads and their joint fine score (what training fits)."""
         fine, model, brand = self.fine(z), self.model(z), self.brand(z)
         joint = fine + self.cfg.alpha * model[:, self.fine_to_model] + self.cfg.beta * brand[:, self.fine_to_brand]
-        joint = joint - self.fine_offset
         return {"joint": joint, "fine": fine, "model": model, "brand": brand}
+
+    def heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Served scores: ``joint`` from the class statistics when there are some (the trained joint is
+        then ``trained``, for comparison), else the trained joint; minus each enrolled class's offset (a
+        negative offset raises it)."""
+        out = self.trained_heads(z)
+        if self.class_weight is not None:
+            out["trained"] = out["joint"]
+            out["joint"] = z @ self.class_weight.T + self.class_bias
+        out["joint"] = out["joint"] - self.fine_offset
+        return out
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.heads(self.embed(x))
@@ -241,7 +277,7 @@ class HierTask(nn.Module):
 
     def forward(self, features: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self.net
-        out = net.heads(net.embed_features(features))
+        out = net.trained_heads(net.embed_features(features))
         loss = F.cross_entropy(out["joint"], y, label_smoothing=self.smoothing)
         if self.aux:
             loss = loss + self.aux * (

@@ -56,7 +56,6 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hier.artifact import locked
 from hier.data import NOT_IMAGE, TOO_LARGE, UNREADABLE, UploadRefused, decode_upload, pil_rgb
-from hier.engine.predictor import fingerprint
 from hier.enroll import MAX_BASE_DROP
 from hier.errors import HierError, check_number
 from hier.index import GALLERY
@@ -402,7 +401,7 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
         snap = rec.loaded
         if snap is not None:
             if fingerprinted[0] is not snap:
-                fingerprinted[:] = snap, fingerprint(snap.net)
+                fingerprinted[:] = snap, snap.net.fingerprint()
             metrics.classes.set(len(snap.taxonomy))
             metrics.artifact.info({"path": str(rec.path), "fingerprint": fingerprinted[1]})
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -40,7 +40,7 @@ ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "bran
 # Sellers' cells come back as written: only an empty cell is missing ("n/a", "NA", "null" stay text).
 AS_GIVEN = dict(dtype={"listing_id": str}, keep_default_na=False, na_values=[""])
 EMBED_TRIES = 3                        # embeddings redone when the artifact changed meanwhile, then refused
-SEARCH_SHRINK = 0.1                    # covariance shrinkage of the search whitening (measured)
+SEARCH_SHRINK = 0.5                    # covariance shrinkage of the search whitening (measured: README)
 
 
 def factory_string(kind: str, n: int) -> str:

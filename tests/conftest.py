@@ -99,7 +99,7 @@ def legacy_artifact(tiny_artifact, demo_data, tmp_path_factory):
 @pytest.fixture
 def legacy_art(legacy_artifact, tmp_path):
     """A copy of the tiny artifact as an older hier wrote it (trained head, prototypes.npy)."""
-    dst = tmp_path / "artifact"
+    dst = tmp_path / "legacy"
     shutil.copytree(legacy_artifact, dst)
     return dst
 

@@ -9,6 +9,7 @@ import torch
 
 from hier import artifact
 from hier.enroll import MAX_RAISE, read_validation
+from hier.index import SEARCH_SHRINK
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.engine.predictor import Predictor
 
@@ -203,7 +204,7 @@ def test_a_gallery_searches_in_the_whitened_embedding(art, legacy_art, demo_data
         net = artifact.load(a)[0]
         z = Predictor(net)(photos)["embedding"]
         if whitened:
-            z = z @ net.statistics.whitening(0.1)
+            z = z @ net.statistics.whitening(SEARCH_SHRINK)
             z /= np.linalg.norm(z, axis=1, keepdims=True)
         expected = [f"L{i:03d}" for i in np.argsort(-(z[1:2] @ z.T)[0], kind="stable")[:6]]
         code, out, _ = run_cli("similar", a, photos[1], "--k", "6", "--format", "json", capsys=capsys)

@@ -44,7 +44,9 @@ def _imgs(paths):
 
 
 def _one_line_error(code, err):
-    return code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1
+    """Exit 2 and one ``error:`` line (after the one-line ``warning:`` an older artifact gets, if any)."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error:")
 
 
 def _ends_in_one_error(code, err):

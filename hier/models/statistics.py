@@ -145,7 +145,7 @@ class ClassStatistics:
         bias = -0.5 * np.einsum("cd,cd->c", mu, pm)
         return torch.from_numpy(pm.astype(np.float32)), torch.from_numpy(bias.astype(np.float32))
 
-    def whitening(self, shrink: float = 0.1) -> np.ndarray:
+    def whitening(self, shrink: float) -> np.ndarray:
         """S^-1/2 of the covariance: the map that makes within-class spread round (for search)."""
         vals, vecs = np.linalg.eigh(self.covariance(shrink))
         return ((vecs / np.sqrt(np.maximum(vals, 1e-12))) @ vecs.T).astype(np.float32)

@@ -176,6 +176,16 @@ def _enrolled(path: Path) -> tuple[list[dict], np.ndarray | None, np.ndarray | N
     return entries, sums, trained
 
 
+def _usable_statistics(path: Path, net: HierNet):
+    """The statistics enrollment updates; None for an artifact served by its trained head. One meant to
+    be served by statistics whose statistics are missing or stale is refused: enrolling into it would
+    mix the two heads."""
+    if net.cfg.head == "statistics" and net.statistics is None:
+        raise HierError(f"{path} has no up-to-date class statistics ({STATISTICS}: a training run that has not "
+                        "finished?); finish it with `hier train --resume` before enrolling")
+    return net.statistics
+
+
 def _entries(path: Path) -> list[dict]:
     """Enrolled entries (config.json): class, shots, their MD5s, offset, and whether it is a base class."""
     return artifact.read_config(path).get("enrolled", [])
@@ -350,7 +360,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
                         + (f" ({copies} more were copies of them)" if copies else "") + f"; --min-shots is {min_shots}")
     with artifact.locked(path):
         net, taxonomy = artifact.load(path)
-        stats = net.statistics                   # None: an artifact served by its trained head
+        stats = _usable_statistics(path, net)    # None: an artifact served by its trained head
         entries, sums, trained = _enrolled(path) if stats is None else (_entries(path), None, None)
         names = [e["class"] for e in entries]
         is_base = name in taxonomy and (name not in names or entries[names.index(name)].get("base"))
@@ -477,7 +487,7 @@ def unenroll(path: str | Path, name: str) -> dict:
     path, name = Path(path), nfc(name)
     with artifact.locked(path):
         net, taxonomy = artifact.load(path)
-        stats = net.statistics
+        stats = _usable_statistics(path, net)
         entries, sums, trained = _enrolled(path) if stats is None else (_entries(path), None, None)
         names = [e["class"] for e in entries]
         if name not in names:

@@ -71,8 +71,9 @@ class Gallery:
         if whitening is not None:
             index = whitened(index, whitening)
         if not index.is_trained:
-            if len(vectors) < faiss.extract_index_ivf(index).nlist:
-                raise HierError(f"--index ivf needs at least {index.nlist} images to train; use flat")
+            lists = faiss.extract_index_ivf(index).nlist
+            if len(vectors) < lists:
+                raise HierError(f"--index ivf needs at least {lists} images to train; use flat")
             index.train(vectors)
         gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind)
         gallery.add(vectors, listings)

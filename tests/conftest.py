@@ -67,6 +67,21 @@ def art(tiny_artifact, tmp_path):
     return dst
 
 
+def rename_classes(path: Path, names: dict[str, str], brands: dict[str, str] | None = None) -> None:
+    """Rename classes (and brands) of an artifact in place, in its taxonomy and its class statistics."""
+    import pandas as pd
+    from hier.models.statistics import STATISTICS, ClassStatistics
+
+    table = pd.read_csv(path / "taxonomy.csv", dtype=str, keep_default_na=False)
+    table["class"] = table["class"].replace(names)
+    table["brand"] = table["brand"].replace(brands or {})
+    table.to_csv(path / "taxonomy.csv", index=False, encoding="utf-8")
+    stats = ClassStatistics.load(path / STATISTICS)
+    stats.classes = [names.get(c, c) for c in stats.classes]
+    stats.index = {c: i for i, c in enumerate(stats.classes)}
+    stats.save(path / STATISTICS)
+
+
 def make_legacy(path: Path, demo_data) -> Path:
     """Turn an artifact into one an older hier wrote: served by its trained head, base-class prototypes
     (mean embeddings of the training photos) instead of class statistics, no weights fingerprint."""

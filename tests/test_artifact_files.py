@@ -73,9 +73,10 @@ def test_names_pandas_reads_as_missing_enroll_and_keep_working(cls, brand, model
     assert len(artifact.load(art)[1]) == 12
 
 
-def test_an_artifact_written_before_the_fix_with_na_names_loads(art):
+def test_an_artifact_written_before_the_fix_with_na_names_loads(legacy_art):
     """An already 'bricked' artifact: its taxonomy.csv holds NA cells written by the old writer
     (``to_csv(index=False)``); the reader takes them as the strings they are."""
+    art = legacy_art
     tax = artifact.load(art)[1]
     table = tax.table.copy()
     table.loc[0, "class"], table.loc[0, "brand"], table.loc[0, "model"] = "NA", "null", "None"
@@ -325,8 +326,9 @@ def test_a_near_duplicate_of_a_known_class_is_reported(art, demo_data, capsys):
 
 
 def test_a_class_unlike_any_known_one_is_not_a_near_duplicate(art, tmp_path, capsys):
-    """Stripes, nothing like a drawn car: no class named (centred similarity 0.79 measured), though the
-    tiny model answers them as a base class, which the warning says."""
+    """Stripes, nothing like a drawn car: no class named (centred similarity 0.79 measured). The trained
+    head answered them as a base class (a warning said so); the statistical head answers them as the
+    new class, so no warning at all."""
     shots = tmp_path / "stripes"
     shots.mkdir()
     rng = np.random.default_rng(0)
@@ -336,7 +338,7 @@ def test_a_class_unlike_any_known_one_is_not_a_near_duplicate(art, tmp_path, cap
         Image.fromarray(stripes).save(shots / f"s{i}.png")
     code, out, err = run_cli("enroll", art, "--class", "Stripes_2025_2025", "--brand", "Zephyr", "--images", shots,
                              capsys=capsys)
-    assert code == 0 and "near-duplicate" not in err and "is answered on only 0% of its own shots" in err, err
+    assert code == 0 and "warning" not in err, err
     stats = ClassStatistics.load(art / STATISTICS)
     base = stats.base_classes()
     assert enrollment.nearest_base(stats.means(base), stats.shot_sums[stats.index["Stripes_2025_2025"]],

@@ -12,7 +12,7 @@ import sys
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import rename_classes, run_cli
 
 
 def tree(folder) -> dict:
@@ -83,9 +83,8 @@ def hier_ascii(*args) -> subprocess.CompletedProcess:
 @pytest.fixture
 def korean(art):
     """The tiny artifact with Korean class names (the table is UTF-8 whatever the locale)."""
-    table = pd.read_csv(art / "taxonomy.csv", dtype=str, keep_default_na=False)
-    table["class"] = [f"신형모델_{i}" for i in range(len(table))]
-    table.to_csv(art / "taxonomy.csv", index=False, encoding="utf-8")
+    classes = pd.read_csv(art / "taxonomy.csv", dtype=str, keep_default_na=False)["class"]
+    rename_classes(art, {c: f"신형모델_{i}" for i, c in enumerate(classes)})
     encoding = subprocess.run([sys.executable, "-c", "import sys; print(sys.stdout.encoding)"], env=ASCII,
                               capture_output=True, text=True).stdout.strip()
     if encoding.lower() not in ("ascii", "ansi_x3.4-1968"):

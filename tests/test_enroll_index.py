@@ -229,3 +229,20 @@ def test_an_artifact_from_before_the_statistics_answers_as_before_and_says_so_on
                          capture_output=True, text=True)
     assert run.returncode == 0 and run.stderr.count("warning:") == 1 and "older hier" in run.stderr, run.stderr
 
+
+
+@pytest.mark.parametrize("damage", ["missing", "stale"])
+def test_enrolling_without_usable_statistics_is_refused_byte_identical(damage, art, demo_data, capsys):
+    """A run that has not finished (new weights, statistics of the old ones, or none yet): enrolling
+    would mix the trained head's geometry into the statistical one, so it is refused, nothing written."""
+    if damage == "missing":
+        (art / STATISTICS).unlink()
+    else:
+        config = artifact.read_config(art)
+        config["fingerprint"] = "0" * 32                     # as if the weights were saved by a later epoch
+        artifact.write_json(art / artifact.CONFIG, config)
+    before = _snapshot(art)
+    code, _, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr")
+    lines = [x for x in err.strip().splitlines() if not x.startswith("warning:")]
+    assert code == 2 and len(lines) == 1 and "hier train --resume" in lines[0], err
+    assert _snapshot(art) == before

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from hier import HierError, Recognizer, artifact
+from hier.index import SEARCH_SHRINK
 from hier.models.statistics import STATISTICS, ClassStatistics
 
 from conftest import TINY, run_cli
@@ -79,9 +80,10 @@ def test_every_command_computes_the_same_embedding_and_probability(art, demo_dat
     for i, p in enumerate(photos):
         shutil.copy(p, listings / f"L{i}.jpg")
     assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
-    index = faiss.read_index(str(art / "gallery" / "index.faiss"))
-    stored = np.stack([index.reconstruct(i) for i in range(3)])
-    np.testing.assert_allclose(stored, ref["embedding"], atol=1e-5)
+    index = faiss.read_index(str(art / "gallery" / "index.faiss"))       # whitened by the artifact's statistics
+    stored = np.stack([faiss.downcast_index(index.index).reconstruct(i) for i in range(3)])
+    whitened = ref["embedding"] @ rec.net.statistics.whitening(SEARCH_SHRINK)
+    np.testing.assert_allclose(stored, whitened / np.linalg.norm(whitened, axis=1, keepdims=True), atol=1e-5)
     rows = rec.similar(photos[1], k=3)
     assert rows["listing_id"][0] == "L1" and rows["hier_similarity"][0] == pytest.approx(1.0, abs=1e-5)
 
@@ -128,8 +130,8 @@ def test_onnx_export_serves_the_same_answers(art, demo_data, capsys):
     rec = Recognizer(art)
     assert rec.predictor.session is not None and rec.predictor.views == 2          # TTA inside the graph
     fast = rec.embed(photos)
-    for k in ("embedding", "joint", "probs"):
-        np.testing.assert_allclose(fast[k], eager[k], atol=1e-4)
+    for k, tolerance in (("embedding", 1e-4), ("joint", 1e-3), ("probs", 1e-4)):    # LDA scores run to ~20
+        np.testing.assert_allclose(fast[k], eager[k], atol=tolerance)
     # enrolling changes the heads only: the export stays in use and answers with the new class
     assert rec.enroll("Zephyr_Gale_2025_2025", _photos(demo_data, n=3), brand="Zephyr")["classes"] == 13
     assert rec.predictor.session is not None and rec.embed(photos)["probs"].shape == (4, 13)

@@ -29,7 +29,7 @@ from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 from hier.engine.trainer import CHECKPOINT, TrainConfig, prepare, train
 
-from conftest import TINY, run_cli, write_bomb
+from conftest import TINY, rename_classes, run_cli, write_bomb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -364,8 +364,7 @@ def test_nfd_folders_match_an_nfc_taxonomy_and_twins_merge(demo_data, tmp_path):
 
 
 def test_enrolling_the_nfd_spelling_of_a_base_class_is_the_base_class(art, demo_data, capsys):
-    table = (art / "taxonomy.csv").read_text().replace("Aurora_Nova_2015_2018", NFC_NAME)
-    (art / "taxonomy.csv").write_text(table)
+    rename_classes(art, {"Aurora_Nova_2015_2018": NFC_NAME})
     shots = _photos(demo_data, "Cinder_Rook_2019_2023")[:3]
     code, _, err = run_cli("enroll", art, "--class", NFD_NAME, *_imgs(shots), capsys=capsys)
     assert _one_line_error(code, err) and "is a base class" in err

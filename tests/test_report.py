@@ -13,10 +13,9 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from conftest import chromium, run_cli
+from conftest import chromium, rename_classes, run_cli
 from test_cli import one_error_line, tree
 from hier import Recognizer
 from hier.report import build, grad_cam
@@ -196,10 +195,7 @@ def test_report_shows_mathtext_and_html_in_class_names_as_text(art, few, tmp_pat
     """Before: a class named ``M$\\frac$ 2024`` crashed matplotlib's mathtext parser (traceback)."""
     names = {"Aurora_Nova_2015_2018": "M$\\frac$ <b>2024", "Aurora_Nova_2019_2023": "$x^2$",
              "Borealis_Lynx_2016_2018": "one $ sign & more"}
-    table = pd.read_csv(art / "taxonomy.csv", dtype=str, keep_default_na=False)
-    table["class"] = table["class"].replace(names)
-    table["brand"] = table["brand"].replace({"Aurora": "$\\alpha$ur<i>ora</i>"})
-    table.to_csv(art / "taxonomy.csv", index=False)
+    rename_classes(art, names, {"Aurora": "$\\alpha$ur<i>ora</i>"})
     data = tmp_path / "data"
     shutil.copytree(few, data)
     for old, new in names.items():

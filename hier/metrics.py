@@ -20,13 +20,21 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     return float(np.exp(minimize_scalar(nll, bounds=(-3, 3), method="bounded").x))
 
 
-def ece(probs: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
-    """Expected calibration error of the top-1 confidence, equal-width bins."""
+ECE_BINS = 15       # equal-width confidence bins: the one binning of every ECE figure and plot
+
+
+def calibration_bins(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> list[tuple[float, float, int]]:
+    """(mean top-1 confidence, accuracy, photos) of each non-empty equal-width confidence bin."""
     conf, hit = probs.max(1), probs.argmax(1) == y
     edges = np.linspace(0, 1, bins + 1)
     which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    return float(sum(abs(conf[which == b].mean() - hit[which == b].mean()) * (which == b).mean()
-                     for b in range(bins) if (which == b).any()))
+    return [(float(conf[which == b].mean()), float(hit[which == b].mean()), int((which == b).sum()))
+            for b in range(bins) if (which == b).any()]
+
+
+def ece(probs: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:
+    """Expected calibration error of the top-1 confidence over ``calibration_bins``."""
+    return float(sum(abs(c - a) * n for c, a, n in calibration_bins(probs, y, bins)) / len(y))
 
 
 def decode(probs: np.ndarray, taxonomy: Taxonomy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -45,6 +53,13 @@ def inconsistency_rate(brand: np.ndarray, model: np.ndarray, fine: np.ndarray, t
     return float(bad.mean())
 
 
+def top5(probs: np.ndarray, y: np.ndarray) -> float:
+    """Share of photos whose class is among the five likeliest (every photo when there are five or fewer)."""
+    if probs.shape[1] <= 5:
+        return 1.0
+    return float(top_k_accuracy_score(y, probs, k=5, labels=np.arange(probs.shape[1])))
+
+
 def evaluate_probs(probs: np.ndarray, y: np.ndarray, taxonomy: Taxonomy,
                    logits: np.ndarray | None = None, heads: dict | None = None) -> dict:
     """All figures ``hier evaluate`` reports. ``logits`` (joint, before temperature) adds ECE before T;
@@ -55,8 +70,7 @@ def evaluate_probs(probs: np.ndarray, y: np.ndarray, taxonomy: Taxonomy,
         "images": int(len(y)),
         "log_loss": float(log_loss(y, probs, labels=labels)),
         "top1": float((probs.argmax(1) == y).mean()),
-        "top5": float(top_k_accuracy_score(y, probs, k=min(5, len(labels) - 1), labels=labels))
-        if len(labels) > 2 else float((probs.argmax(1) == y).mean()),
+        "top5": top5(probs, y),
         "model_acc": float((model == taxonomy.fine_to_model[y]).mean()),
         "brand_acc": float((brand == taxonomy.fine_to_brand[y]).mean()),
         "full_path_acc": float(((fine == y) & (model == taxonomy.fine_to_model[y])

@@ -288,20 +288,14 @@ def _confusion_block(probs, y, tax, confused: list[dict], size: int = 30):
     return _matrix_figure(cm, names, f"fine classes of the most confused pairs ({len(names)})")
 
 
-def _bins(conf, hit, bins=10):
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
-    return [(conf[which == b].mean(), hit[which == b].mean(), (which == b).sum()) for b in range(bins) if (which == b).any()]
-
-
 def _reliability(logits, probs, y, temperature: float):
-    from hier.metrics import ece
+    from hier.metrics import ECE_BINS, calibration_bins, ece
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, p, title in ((axes[0], softmax(logits), "before temperature"),
                          (axes[1], probs, f"after temperature T={temperature:.2f}")):
-        b = _bins(p.max(1), p.argmax(1) == y)
+        b = calibration_bins(p, y)                    # the bins the ECE in the title is computed over
         ax.plot([0, 1], [0, 1], "--", color="grey")
-        ax.bar([c for c, _, _ in b], [a for _, a, _ in b], width=0.08, alpha=0.7, label="accuracy")
+        ax.bar([c for c, _, _ in b], [a for _, a, _ in b], width=0.8 / ECE_BINS, alpha=0.7, label="accuracy")
         ax.plot([c for c, _, _ in b], [a for _, a, _ in b], "o-")
         ax.set_title(f"{title}: ECE {ece(p, y):.3f}")
         ax.set_xlabel("confidence (top-1)")

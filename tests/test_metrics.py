@@ -28,3 +28,4 @@ def test_ece_is_computed_over_the_bins_the_report_draws():
     by_hand = sum(abs(conf[m].mean() - hit[m].mean()) * m.mean()
                   for m in ((conf >= lo) & ((conf < hi) | (hi == 1)) for lo, hi in zip(edges[:-1], edges[1:])) if m.any())
     assert abs(ece(probs, y) - by_hand) < 1e-9 and ece(probs, y) > 0.01
+

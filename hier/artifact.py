@@ -198,7 +198,6 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
         statistics = ClassStatistics.load(path / STATISTICS) if (path / STATISTICS).is_file() else None
     model = HierNet(ModelConfig.from_dict(config["model"]), taxonomy, pretrained="none")
     model.offsets = {e["class"]: e["offset"] for e in config.get("enrolled", []) if e.get("offset")}
-    model.set_taxonomy(taxonomy)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -215,5 +214,5 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
                       f"{'are missing' if statistics is None else 'were computed for other weights'} (a training "
                       "run that has not finished?), so it answers with its trained head", HierWarning, stacklevel=2)
         statistics = None
-    model.set_statistics(statistics, taxonomy)
+    model.set_statistics(statistics, taxonomy)          # the offsets and the serving head, once
     return model.to(device).eval(), taxonomy

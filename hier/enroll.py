@@ -167,10 +167,14 @@ def rebuild_heads(net: HierNet, old: Taxonomy, new: Taxonomy, fine_rows: dict | 
     net.set_taxonomy(new)
 
 
-def _enrolled(path: Path) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
-    """Enrolled entries (config.json), their shot sums and, for shots added to base classes, the
-    trained rows they replaced (so ``unenroll`` restores them exactly)."""
+def _enrolled(path: Path, stats) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
+    """Enrolled entries (config.json: class, shots, their MD5s, offset, whether it is a base class) and,
+    for an artifact served by its trained head (``stats`` None), their shot sums and, for shots added to
+    base classes, the trained rows they replaced (so ``unenroll`` restores them exactly). Class
+    statistics hold the shots themselves."""
     entries = artifact.read_config(path).get("enrolled", [])
+    if stats is not None:
+        return entries, None, None
     sums = np.load(path / ENROLLED) if entries else None
     trained = np.load(path / TRAINED_ROWS) if any(e.get("base") for e in entries) else None
     return entries, sums, trained
@@ -186,35 +190,26 @@ def _usable_statistics(path: Path, net: HierNet):
     return net.statistics
 
 
-def _entries(path: Path) -> list[dict]:
-    """Enrolled entries (config.json): class, shots, their MD5s, offset, and whether it is a base class."""
-    return artifact.read_config(path).get("enrolled", [])
-
-
-def _save_statistics(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], stats) -> None:
-    """Save the taxonomy, the class statistics and the entries of an artifact served by its statistics
-    (the trained heads get a row per class too, so the weights keep fitting the taxonomy)."""
-    if not all(math.isfinite(e.get("offset") or 0.0) for e in entries):
-        raise HierError(f"refusing to save {path}: enrollment produced an offset that is not a finite number; "
-                        "the artifact is unchanged")
-    artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files={STATISTICS: stats.save})
-
-
 def prototype_map(path: Path, net: HierNet, taxonomy: Taxonomy) -> PrototypeMap | None:
     """The artifact's map into weight space; None for artifacts trained before prototypes were saved."""
     return PrototypeMap(net, taxonomy, np.load(path / PROTOTYPES)) if (path / PROTOTYPES).is_file() else None
 
 
 def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sums: np.ndarray | None,
-          trained: np.ndarray | None) -> None:
-    """Save heads, taxonomy and enrollment state; a nan or inf anywhere in them (a score offset, a row)
-    would poison every later answer and enrollment, so it is refused here whatever produced it."""
+          trained: np.ndarray | None, stats=None) -> None:
+    """Save heads, taxonomy and enrollment state (the class statistics, or for an artifact served by its
+    trained head the shot sums and trained rows); a nan or inf anywhere in them (a score offset, a row)
+    would poison every later answer and enrollment, so it is refused here whatever produced it (the
+    statistics refuse their own in ``ClassStatistics.save``)."""
     finite = all(math.isfinite(e.get("offset") or 0.0) for e in entries) and all(
         bool(torch.isfinite(h.weight).all()) for h in (net.fine, net.model, net.brand)) and all(
         a is None or bool(np.isfinite(a).all()) for a in (sums, trained))
     if not finite:
         raise HierError(f"refusing to save {path}: enrollment produced a value that is not a finite number; "
                         "the artifact is unchanged")
+    if stats is not None:
+        artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files={STATISTICS: stats.save})
+        return
     files = {ENROLLED: lambda p: artifact.save_npy(p, sums)} if entries else {}
     if any(e.get("base") for e in entries):
         files[TRAINED_ROWS] = lambda p: artifact.save_npy(p, trained)
@@ -361,7 +356,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     with artifact.locked(path):
         net, taxonomy = artifact.load(path)
         stats = _usable_statistics(path, net)    # None: an artifact served by its trained head
-        entries, sums, trained = _enrolled(path) if stats is None else (_entries(path), None, None)
+        entries, sums, trained = _enrolled(path, stats)
         names = [e["class"] for e in entries]
         is_base = name in taxonomy and (name not in names or entries[names.index(name)].get("base"))
         if is_base and not add_shots:
@@ -390,8 +385,11 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
         k = names.index(name)
         if stats is not None:                    # one head for every class: the class's mean moves
             stats.add_shots(name, z)
-            new_taxonomy = taxonomy if row is None else imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))})
-            net.set_statistics(stats, new_taxonomy)
+            if row is None:
+                new_taxonomy = taxonomy
+                net.set_statistics(stats, taxonomy)        # its mean moved: score it again
+            else:                                        # heads rebuilt, the new class scored from stats
+                new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))})
         else:
             new_taxonomy, sums, trained = _enroll_mapped(path, net, taxonomy, name, row, z, entries, k, sums,
                                                          trained, mapping, calibration)
@@ -407,10 +405,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             base_means = stats.means(base_names) if stats is not None else np.load(path / PROTOTYPES)
             x, similarity = nearest_base(base_means, z.sum(0), base_names)
             near = {"class": x, "similarity": round(similarity, 3)} if similarity >= NEAR_DUPLICATE else None
-        if stats is not None:
-            _save_statistics(path, net, new_taxonomy, entries, stats)
-        else:
-            _save(path, net, new_taxonomy, entries, sums, trained)
+        _save(path, net, new_taxonomy, entries, sums, trained, stats)
     return {**result, "shots": len(z), "added": len(z), "total": entries[k]["shots"], "classes": len(new_taxonomy),
             "offset": entries[k].get("offset"), "own_shots_answered": own, "offset_cost": cost,
             "near_duplicate": near}
@@ -488,7 +483,7 @@ def unenroll(path: str | Path, name: str) -> dict:
     with artifact.locked(path):
         net, taxonomy = artifact.load(path)
         stats = _usable_statistics(path, net)
-        entries, sums, trained = _enrolled(path) if stats is None else (_entries(path), None, None)
+        entries, sums, trained = _enrolled(path, stats)
         names = [e["class"] for e in entries]
         if name not in names:
             raise HierError(f"{name!r} is not an enrolled class"
@@ -499,7 +494,7 @@ def unenroll(path: str | Path, name: str) -> dict:
             stats.remove_shots(name)
             new_taxonomy = taxonomy if base else taxonomy.drop(name)
             rebuild_heads(net, taxonomy, new_taxonomy)
-            _save_statistics(path, net, new_taxonomy, entries[:k] + entries[k + 1:], stats)
+            _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], None, None, stats)
             return {"class": name, "classes": len(new_taxonomy), "base": base}
         if base:
             b = _trained_row(entries, k)

@@ -78,6 +78,20 @@ class Gate:
         rec.predict = slow_predict
 
 
+@contextmanager
+def held_request(art, demo_data, **app_kw):
+    """A live service with one /predict request inside the model worker, held at a ``Gate``: yields
+    (http, server, app, gate, pending photo, the request's result function)."""
+    rec = Recognizer(art)
+    gate = Gate(rec)
+    photo = _photos(demo_data)[0]
+    app = create_app(art, recognizer=rec, **app_kw)
+    with live(app) as (http, server):
+        pending = _in_thread(lambda: _post_photo(http, photo))
+        assert gate.entered.wait(DEADLINE)
+        yield http, server, app, gate, photo, pending
+
+
 def _post_photo(http, path: Path, url="/predict", **kw):
     return http.post(url, files={"file": (path.name, path.read_bytes(), "image/jpeg")}, **kw)
 
@@ -249,12 +263,7 @@ def test_the_port_probe_reuses_a_port_whose_server_just_stopped():
 
 # --- a busy, slow or dead model worker -------------------------------------------------------------
 def test_health_answers_while_the_model_is_busy(art, demo_data):
-    rec = Recognizer(art)
-    gate = Gate(rec)
-    photo = _photos(demo_data)[0]
-    with live(create_app(art, recognizer=rec)) as (http, _):
-        pending = _in_thread(lambda: _post_photo(http, photo))
-        assert gate.entered.wait(DEADLINE)
+    with held_request(art, demo_data) as (http, _, _, gate, _, pending):
         for url in ("/health/live", "/health/ready", "/health"):
             t = time.perf_counter()
             r = http.get(url, timeout=3)
@@ -265,12 +274,7 @@ def test_health_answers_while_the_model_is_busy(art, demo_data):
 
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(art, demo_data):
-    rec = Recognizer(art)
-    gate = Gate(rec)
-    photo = _photos(demo_data)[0]
-    with live(create_app(art, recognizer=rec, max_batch=1, max_queue=2)) as (http, _):
-        first = _in_thread(lambda: _post_photo(http, photo))
-        assert gate.entered.wait(DEADLINE)
+    with held_request(art, demo_data, max_batch=1, max_queue=2) as (http, _, _, gate, photo, first):
         second = _in_thread(lambda: _post_photo(http, photo))
         while http.get("/health").json()["queue"] < 2:
             time.sleep(0.02)
@@ -300,13 +304,7 @@ def test_a_request_not_answered_in_time_gets_503(art, demo_data):
 
 
 def test_a_killed_batcher_is_restarted_and_its_requests_fail_fast(art, demo_data):
-    rec = Recognizer(art)
-    gate = Gate(rec)
-    photo = _photos(demo_data)[0]
-    app = create_app(art, recognizer=rec)
-    with live(app) as (http, _):
-        pending = _in_thread(lambda: _post_photo(http, photo))
-        assert gate.entered.wait(DEADLINE)
+    with held_request(art, demo_data) as (http, _, app, gate, photo, pending):
         loop = app.state.batcher.task.get_loop()
         t = time.perf_counter()
         loop.call_soon_threadsafe(app.state.batcher.task.cancel)      # the batcher dies mid-batch
@@ -320,12 +318,7 @@ def test_a_killed_batcher_is_restarted_and_its_requests_fail_fast(art, demo_data
 
 
 def test_shutdown_drains_the_accepted_requests(art, demo_data):
-    rec = Recognizer(art)
-    gate = Gate(rec)
-    photo = _photos(demo_data)[0]
-    with live(create_app(art, recognizer=rec)) as (http, server):
-        pending = _in_thread(lambda: _post_photo(http, photo))
-        assert gate.entered.wait(DEADLINE)
+    with held_request(art, demo_data) as (_, server, _, gate, _, pending):
         server.should_exit = True                                      # a stop while a request is in flight
         time.sleep(0.3)
         gate.open.set()

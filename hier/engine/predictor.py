@@ -71,7 +71,7 @@ class Predictor:
             zs = self._embeddings(x.to(dev))
             outs = [net.heads(z) for z in zs]
             out = {k: torch.stack([o[k] for o in outs]).mean(0) for k in ("fine", "model", "brand")}
-            for k in ("joint", "trained")[:1 + ("trained" in outs[0])]:
+            for k in [k for k in ("joint", "trained") if k in outs[0]]:
                 out[k] = torch.stack([torch.log_softmax(o[k], 1) for o in outs]).mean(0) if self.tta else outs[0][k]
             out["embedding"] = F.normalize(torch.stack(zs).mean(0), dim=1)
             for k, v in out.items():

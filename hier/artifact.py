@@ -1,7 +1,8 @@
 """The artifact directory: the one thing that moves between commands.
 
-``model.safetensors`` + ``config.json`` (model config, temperature, metrics, the weights' fingerprint)
-+ ``taxonomy.csv`` + ``statistics.safetensors`` (the serving head's class statistics, written by
+``model.safetensors`` (the trunk and embedding: immutable after training) + ``heads.safetensors`` (the
+rows that follow the taxonomy, keyed by class/model/brand name) + ``config.json`` (model config,
+temperature, metrics, the trunk's fingerprint) + ``taxonomy.csv`` + ``statistics.safetensors`` (the serving head's class statistics, written by
 ``hier train`` and updated by ``hier enroll``) (+ ``gallery/`` once search is used). Every file is written to a
 temporary name and renamed, so a crash mid-write never leaves a half-written artifact; and every reader
 and writer holds the artifact's lock file (``.hier.lock``), so two commands never interleave a
@@ -10,175 +11,98 @@ of another. Text files (JSON, CSV) are UTF-8 whatever the locale.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
-import os
-import stat
-import tempfile
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, NamedTuple
 
-from filelock import FileLock, Timeout
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save as safetensors_bytes
 
 from hier.errors import HierError, HierWarning
+from hier.fileio import atomic_write_all, file_stamp, locked, read_json, write_json
 from hier.models import HierNet, ModelConfig
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.taxonomy import Taxonomy
 
 WEIGHTS, CONFIG, TAXONOMY = "model.safetensors", "config.json", "taxonomy.csv"
-LOCK = ".hier.lock"
-LOCK_TIMEOUT = 600.0     # seconds a command waits for another one writing the same artifact
-_locks: dict[Path, FileLock] = {}
-
-
-def _read_umask() -> int:
-    """The process's umask. It can only be read by setting it, and it is process-global (a file another
-    thread created in between would get the mode set for that instant), so it is read once, at import."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-UMASK = _read_umask()
-
-
-@contextmanager
-def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
-    """Hold the artifact's lock: writers for the whole read-modify-write, readers while they read.
-
-    One ``FileLock`` per folder and process, so a writer that loads inside its own lock re-enters it;
-    other threads and processes wait (flock). A read-only folder cannot hold a lock file, and nobody
-    can write there either, so reading it unlocked is safe.
-    """
-    folder = Path(path).resolve()
-    if not folder.is_dir():
-        yield
-        return
-    lock = _locks.setdefault(folder, FileLock(folder / LOCK))
-    try:
-        lock.acquire(timeout=LOCK_TIMEOUT if timeout is None else timeout)
-    except Timeout:
-        raise HierError(f"{path} is busy: another hier command has been writing it for over "
-                        f"{LOCK_TIMEOUT if timeout is None else timeout:.0f} s; try again when it ends") from None
-    except PermissionError:
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temp file beside ``path``, then rename it over ``path``."""
-    atomic_write_all({Path(path): write})
-
-
-def atomic_write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
-    """Write every file to a temp name first and rename them only once all writes succeeded, so a
-    failure leaves the old files untouched and the new set lands together.
-
-    Modes are those a plain ``open(path, "w")`` would give: a file that exists keeps its mode (a
-    ``chmod g+r`` for a web server's group sticks), a new one gets 0666 minus the umask (``mkstemp``
-    alone would make every file 0600, unreadable to any other account). A full disk (or quota) is one
-    line saying that nothing was replaced."""
-    temps = {}
-    try:
-        for path, write in writers.items():
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-                os.close(fd)
-                temps[path] = Path(tmp)
-                try:
-                    mode = stat.S_IMODE(os.stat(path).st_mode)
-                except FileNotFoundError:
-                    mode = 0o666 & ~UMASK
-                write(temps[path])
-                os.chmod(tmp, mode)              # after writing: a kept 0444 must not stop the write
-            except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise HierError(f"no space left on device writing {path}: {_unchanged(path)}") from None
-                raise
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in temps.values():
-            tmp.unlink(missing_ok=True)
-
-
-def file_stamp(*files: Path) -> tuple:
-    """(inode, mtime, size) of each file, None for a missing one: every atomic save changes it, so a
-    reader can tell cheaply whether what it holds is still what is on disk."""
-    out = []
-    for f in files:
-        try:
-            st = Path(f).stat()
-            out.append((st.st_ino, st.st_mtime_ns, st.st_size))
-        except FileNotFoundError:
-            out.append(None)
-    return tuple(out)
-
-
-def file_md5(path: str | Path) -> str:
-    """MD5 of a file's bytes: what identifies a photo by content (detector cache, enrollment shots)."""
-    return hashlib.md5(Path(path).read_bytes()).hexdigest()
-
-
-def _unchanged(path: Path) -> str:
-    """What a refused write left as it was: the artifact, when ``path`` is one of its files (or gallery's)."""
-    inside = any((folder / CONFIG).is_file() for folder in (path.parent, path.parent.parent))
-    return "the artifact is unchanged" if inside else f"{path} is unchanged"
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON file of hier's (config.json, train.json, metrics.json), UTF-8 whatever the locale."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise HierError(f"{path} is damaged: not UTF-8 JSON ({e})") from None
-
-
-def write_json(path: str | Path, obj) -> None:
-    """The writer of every JSON file of hier's: UTF-8, names kept readable (``ensure_ascii=False``).
-    Plain write: wrap it in ``atomic_write`` or pass it to ``atomic_write_all``. A path that is not
-    UTF-8 (surrogate-escaped bytes) is stored \\u-escaped, so the file stays valid UTF-8 JSON."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False)
-    try:
-        data = text.encode("utf-8")
-    except UnicodeEncodeError:
-        data = json.dumps(obj, indent=2).encode("utf-8")
-    Path(path).write_bytes(data)
-
-
-def save_npy(path: Path, array) -> None:
-    """np.save through a file object: given a name, np.save would append .npy to a temp file's name."""
-    import numpy as np
-    with path.open("wb") as f:
-        np.save(f, np.asarray(array, dtype=np.float32))
+HEADS = "heads.safetensors"   # the rows that follow the taxonomy, keyed by name; all enrollment rewrites
+HEAD_PARTS = ("fine.", "model.", "brand.")     # HierNet's parameters in HEADS (the rest: the trunk, in WEIGHTS)
+ONNX = "model.onnx"           # ``hier export``: the trunk + embedding for ONNX Runtime
+GALLERY = "gallery"           # ``hier index``: index.faiss + listings.csv + gallery.json
 
 
 def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | None = None,
          extra: dict | None = None, files: dict[str, Callable[[Path], None]] | None = None) -> None:
-    """Write weights, taxonomy and config; keys of an existing config.json (metrics, enrolled classes)
-    are kept unless given again."""
+    """Write the heads, taxonomy and config, and the trunk weights when they are not already those on
+    disk (training; an artifact of the older one-file layout): enrolling rewrites kilobytes, not the
+    trunk. Keys of an existing config.json (metrics, enrolled classes) are kept unless given again."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    trunk = {k: v for k, v in state.items() if not k.startswith(HEAD_PARTS)}
+    heads = {k: v for k, v in state.items() if k.startswith(HEAD_PARTS)}
+    rows = {"fine": taxonomy.classes, "model": taxonomy.models, "brand": taxonomy.brands}
     with locked(out):
         config = read_config(out) if (out / CONFIG).is_file() else {"metrics": {}}
+        same_trunk = (out / HEADS).is_file() and (out / WEIGHTS).is_file() and \
+            config.get("fingerprint") == model.fingerprint()
         config.update(extra or {}, model=model.cfg.to_dict(), fingerprint=model.fingerprint())
         if metrics is not None:
             config["metrics"] = metrics
+        writes = {out / HEADS: lambda p: p.write_bytes(safetensors_bytes(
+                      heads, metadata={part: json.dumps(list(names), ensure_ascii=False) for part, names in rows.items()})),
+                  out / TAXONOMY: taxonomy.to_csv, out / CONFIG: lambda p: write_json(p, config),
+                  **{out / name: w for name, w in (files or {}).items()}}
+        if not same_trunk:
+            writes[out / WEIGHTS] = lambda p: p.write_bytes(safetensors_bytes(trunk))
         # bytes written by Python, not safetensors' own writer: a full disk then raises OSError(ENOSPC)
-        atomic_write_all({out / WEIGHTS: lambda p: p.write_bytes(safetensors_bytes(state)),
-                          out / TAXONOMY: taxonomy.to_csv, out / CONFIG: lambda p: write_json(p, config),
-                          **{out / name: w for name, w in (files or {}).items()}})
+        atomic_write_all(writes)
+
+
+def _heads_by_name(path: Path, taxonomy: Taxonomy) -> dict:
+    """``heads.safetensors`` with its rows put in ``taxonomy``'s order by their names (the file lists
+    the class, model and brand of each row): a row never lands on another class by position."""
+    with safe_open(path, "pt") as f:
+        names = {part: json.loads(v) for part, v in (f.metadata() or {}).items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    order = {"fine": taxonomy.classes, "model": taxonomy.models, "brand": taxonomy.brands}
+    for part, wanted in order.items():
+        saved = names.get(part, [])
+        where = {n: i for i, n in enumerate(saved)}
+        missing = [n for n in wanted if n not in where]
+        if missing or len(saved) != len(wanted):
+            raise HierError(f"{path.parent} is damaged: {HEADS} does not hold the {part} rows of its taxonomy.csv "
+                            f"({len(missing)} missing, e.g. {missing[0]!r})" if missing else
+                            f"{path.parent} is damaged: {HEADS} has {len(saved)} {part} rows, taxonomy.csv {len(wanted)}")
+        index = torch.tensor([where[n] for n in wanted], dtype=torch.long)
+        for k in [k for k in state if k.startswith(f"{part}.") and state[k].ndim >= 1]:
+            state[k] = state[k][index]
+    return state
+
+
+def stamp(path: str | Path) -> tuple:
+    """The version of the artifact on disk: every save (train, enroll, unenroll, export) rewrites
+    config.json in its atomic set, so its (inode, mtime, size) changes with each one."""
+    found = file_stamp(Path(path) / CONFIG)
+    if found[0] is None:
+        raise HierError(f"{path} is no longer a hier artifact (no {CONFIG})")
+    return found
+
+
+class Snapshot(NamedTuple):
+    """One version of the artifact in memory, read under one lock: what a call uses from start to end."""
+
+    stamp: tuple
+    net: HierNet
+    taxonomy: Taxonomy
+
+
+def snapshot(path: str | Path, device: str = "cpu") -> Snapshot:
+    """The artifact's version of now (``stamp``) with its net and taxonomy, read under its lock."""
+    with locked(path):
+        return Snapshot(stamp(path), *load(path, device))
 
 
 def read_config(path: str | Path) -> dict:
@@ -194,7 +118,13 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
     with locked(path):
         config = read_config(path)
         taxonomy = Taxonomy.from_csv(path / TAXONOMY)
-        state = load_file(path / WEIGHTS)
+        try:
+            state = load_file(path / WEIGHTS)
+            if (path / HEADS).is_file():            # else the one-file layout of older artifacts
+                state.update(_heads_by_name(path / HEADS, taxonomy))
+        except (SafetensorError, json.JSONDecodeError) as e:
+            raise HierError(f"{path} is damaged: its weights do not read ({str(e)[:120]}); copy it again or "
+                            "retrain") from None
         statistics = ClassStatistics.load(path / STATISTICS) if (path / STATISTICS).is_file() else None
     model = HierNet(ModelConfig.from_dict(config["model"]), taxonomy, pretrained="none")
     model.offsets = {e["class"]: e["offset"] for e in config.get("enrolled", []) if e.get("offset")}

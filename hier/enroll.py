@@ -17,17 +17,18 @@ regression from the base classes' mean embeddings, ``prototypes.npy``, to their 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hier import artifact
+from hier import artifact, fileio
 from hier.data import image_files
 from hier.errors import HierError, check_number
 from hier.engine.predictor import artifact_predictor
+from hier.metrics import answer
 from hier.models import HierNet
 from hier.models.statistics import STATISTICS
 from hier.taxonomy import _YEAR, YEARS, Taxonomy, check_name, nfc, parse_class_name
@@ -41,6 +42,41 @@ MAX_BASE_DROP = 0.5             # default budget (points of base accuracy) one e
 MAX_RAISE = 6.0                 # most an offset may raise a class's statistical score (a 5-shot mean scores low)
 OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this gets a warning
 NEAR_DUPLICATE = 0.9            # ... naming the base class whose prototype is this similar (``nearest_base``)
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    """What one ``enroll`` did: the CLI words it, the service returns ``to_dict()``."""
+
+    name: str
+    head: str                          # "statistics" or "trained": the head that scores the class
+    mapped: bool                       # trained head only: shots mapped through the prototypes (else raw)
+    base: bool                         # the shots went to a class the artifact was trained on
+    new: bool                          # a class that did not exist before
+    calibrated: bool                   # its offset was fitted on the artifact's validation photos
+    duplicates: int                    # photos given twice, or already among its shots: dropped
+    added: int                         # shots added now (0: every photo was one already)
+    total: int                         # its shots in all
+    classes: int                       # classes of the artifact after it
+    offset: float | None = None        # its score offset (positive: lowered to keep the base-drop budget)
+    own_shots_answered: float | None = None   # share of its own shots answered as it
+    offset_cost: float | None = None   # share of its own shots the offset costs it
+    near_duplicate: dict | None = None  # {"class", "similarity"} of a base class it looks like
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {"class": d.pop("name"), **d}
+
+
+@dataclass(frozen=True)
+class Unenrolled:
+    name: str
+    classes: int                       # classes of the artifact after it
+    base: bool                         # a base class's added shots were removed (the class stays)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {"class": d.pop("name"), **d}
 
 
 def class_means(z: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
@@ -210,9 +246,9 @@ def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sum
     if stats is not None:
         artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files={STATISTICS: stats.save})
         return
-    files = {ENROLLED: lambda p: artifact.save_npy(p, sums)} if entries else {}
+    files = {ENROLLED: lambda p: fileio.save_npy(p, sums)} if entries else {}
     if any(e.get("base") for e in entries):
-        files[TRAINED_ROWS] = lambda p: artifact.save_npy(p, trained)
+        files[TRAINED_ROWS] = lambda p: fileio.save_npy(p, trained)
     artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files=files)
     for name in {ENROLLED, TRAINED_ROWS} - set(files):
         (path / name).unlink(missing_ok=True)
@@ -305,7 +341,7 @@ def distinct_shots(images: list[str | Path]) -> tuple[list[Path], list[str], int
     first: dict[str, Path] = {}
     paths = image_files(images, strict=True).paths        # a broken shot is refused, never skipped
     for p in paths:
-        first.setdefault(artifact.file_md5(p), Path(p))
+        first.setdefault(fileio.file_md5(p), Path(p))
     return list(first.values()), list(first), len(paths) - len(first)
 
 
@@ -331,7 +367,7 @@ def imprint(net: HierNet, taxonomy: Taxonomy, rows: list[dict], protos: dict[str
 
 def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | None = None,
            model: str | None = None, years: str | None = None, add_shots: bool = False, min_shots: int = 1,
-           calibration: Calibration | None = None, max_base_drop: float = MAX_BASE_DROP) -> dict:
+           calibration: Calibration | None = None, max_base_drop: float = MAX_BASE_DROP) -> Enrolled:
     """Add (or add shots to) class ``name``. The artifact is locked from reading to the atomic save, so
     concurrent enrollments queue instead of losing each other's classes. A new class's scores are
     offset so that it is expected to cost at most ``max_base_drop`` points of accuracy on photos like the
@@ -353,7 +389,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     if len(shots) < min_shots:
         raise HierError(f"{len(shots)} shot(s) given for {name!r}"
                         + (f" ({copies} more were copies of them)" if copies else "") + f"; --min-shots is {min_shots}")
-    with artifact.locked(path):
+    with fileio.locked(path):
         net, taxonomy = artifact.load(path)
         stats = _usable_statistics(path, net)    # None: an artifact served by its trained head
         entries, sums, trained = _enrolled(path, stats)
@@ -369,14 +405,12 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
         seen = set(entries[names.index(name)].get("md5", [])) if name in names else set()
         fresh = [i for i, d in enumerate(digests) if d not in seen]
         validation = read_validation(path)
-        result = {"class": name, "head": "trained" if stats is None else "statistics", "mapped": mapping is not None,
-                  "base": bool(is_base), "new": row is not None, "calibrated": validation is not None,
-                  "duplicates": copies + len(digests) - len(fresh)}
+        result = dict(name=name, head="trained" if stats is None else "statistics", mapped=mapping is not None,
+                      base=bool(is_base), new=row is not None, calibrated=validation is not None,
+                      duplicates=copies + len(digests) - len(fresh))
         if not fresh:                             # every photo is already one of its shots: nothing to do
             entry = entries[names.index(name)]
-            return {**result, "shots": 0, "added": 0, "total": entry["shots"], "classes": len(taxonomy),
-                    "offset": entry.get("offset"), "own_shots_answered": None, "offset_cost": None,
-                    "near_duplicate": None}
+            return Enrolled(**result, added=0, total=entry["shots"], classes=len(taxonomy), offset=entry.get("offset"))
         shots, digests = [shots[i] for i in fresh], [digests[i] for i in fresh]
         z = artifact_predictor(path, net)(shots)["embedding"]     # as the artifact serves: TTA included
         if name not in names:
@@ -406,9 +440,8 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             x, similarity = nearest_base(base_means, z.sum(0), base_names)
             near = {"class": x, "similarity": round(similarity, 3)} if similarity >= NEAR_DUPLICATE else None
         _save(path, net, new_taxonomy, entries, sums, trained, stats)
-    return {**result, "shots": len(z), "added": len(z), "total": entries[k]["shots"], "classes": len(new_taxonomy),
-            "offset": entries[k].get("offset"), "own_shots_answered": own, "offset_cost": cost,
-            "near_duplicate": near}
+    return Enrolled(**result, added=len(z), total=entries[k]["shots"], classes=len(new_taxonomy),
+                    offset=entries[k].get("offset"), own_shots_answered=own, offset_cost=cost, near_duplicate=near)
 
 
 def _enroll_mapped(path: Path, net: HierNet, taxonomy: Taxonomy, name: str, row: dict | None, z: np.ndarray,
@@ -445,9 +478,10 @@ def own_answers(net: HierNet, taxonomy: Taxonomy, name: str, offset: float, z: n
     net.set_taxonomy(taxonomy)
     c = taxonomy.class_index[name]
     joint = net.heads(torch.from_numpy(z))["joint"]
-    own = float((joint.argmax(1) == c).float().mean())
+    answered = lambda j: float((answer(torch.softmax(j, 1).numpy(), taxonomy)[2] == c).mean())  # noqa: E731
+    own = answered(joint)
     joint[:, c] += offset
-    return own, max(0.0, float((joint.argmax(1) == c).float().mean()) - own)
+    return own, max(0.0, answered(joint) - own)
 
 
 def nearest_base(prototypes: np.ndarray, shot_sum: np.ndarray, classes: list[str]) -> tuple[str, float]:
@@ -476,11 +510,11 @@ def _stack(rows: np.ndarray | None, more: np.ndarray) -> np.ndarray:
     return more.astype(np.float32) if rows is None else np.vstack([rows, more]).astype(np.float32)
 
 
-def unenroll(path: str | Path, name: str) -> dict:
+def unenroll(path: str | Path, name: str) -> Unenrolled:
     """Remove an enrolled class (model/brand rows that no remaining class uses go with it), or the shots
     added to a base class (its trained row comes back exactly)."""
     path, name = Path(path), nfc(name)
-    with artifact.locked(path):
+    with fileio.locked(path):
         net, taxonomy = artifact.load(path)
         stats = _usable_statistics(path, net)
         entries, sums, trained = _enrolled(path, stats)
@@ -495,7 +529,7 @@ def unenroll(path: str | Path, name: str) -> dict:
             new_taxonomy = taxonomy if base else taxonomy.drop(name)
             rebuild_heads(net, taxonomy, new_taxonomy)
             _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], None, None, stats)
-            return {"class": name, "classes": len(new_taxonomy), "base": base}
+            return Unenrolled(name, len(new_taxonomy), base)
         if base:
             b = _trained_row(entries, k)
             rebuild_heads(net, taxonomy, taxonomy, {name: torch.from_numpy(trained[b])})
@@ -504,4 +538,4 @@ def unenroll(path: str | Path, name: str) -> dict:
             new_taxonomy = taxonomy.drop(name)
             rebuild_heads(net, taxonomy, new_taxonomy)
         _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], np.delete(sums, k, axis=0), trained)
-    return {"class": name, "classes": len(new_taxonomy), "base": base}
+    return Unenrolled(name, len(new_taxonomy), base)

@@ -27,13 +27,13 @@ import faiss
 import numpy as np
 import pandas as pd
 
-from hier import artifact
+from hier import artifact, fileio
+from hier.artifact import GALLERY
 from hier.data import image_files, read_table, refuse_listed, first_repeat, require_cells
 from hier.errors import HierError
-from hier.metrics import decode
+from hier.metrics import path_of
 from hier.engine.predictor import artifact_predictor, device
 
-GALLERY = "gallery"
 KINDS = ("flat", "ivf", "hnsw")
 PREFIX = "hier_"                       # hier's own listing columns; reserved in users' listings
 ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "brand", "model", "similarity"))
@@ -58,13 +58,26 @@ def factory_string(kind: str, n: int) -> str:
 class Gallery:
     """FAISS index + one metadata row per vector (column ``hier_id`` is the FAISS id)."""
 
-    def __init__(self, index: faiss.Index, listings: pd.DataFrame, kind: str):
+    def __init__(self, index: faiss.Index, listings: pd.DataFrame, kind: str, fingerprint: str | None = None):
+        """``index`` on the CPU (where it is edited and saved); ``fingerprint``: the artifact weights'
+        that embedded its vectors (None: a gallery from before it was recorded)."""
         self.index, self.listings, self.kind = index, listings.reset_index(drop=True), kind
+        self.fingerprint = fingerprint
         self.nprobe = 16
+        self.searcher = index              # the copy searches run on (``on_gpus``)
+        if kind == "ivf":                  # ids -> vectors (``vectors``) and remove_ids without a scan
+            faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
+
+    def on_gpus(self, gpus: int | None = None) -> "Gallery":
+        """Search on the GPUs when ``placement`` says so (edits and saves stay on the CPU index)."""
+        gpus = faiss_gpus() if gpus is None else gpus
+        if placement(self.kind, gpus, "search") == "gpu":
+            self.searcher = faiss.index_cpu_to_all_gpus(self.index)
+        return self
 
     @classmethod
     def build(cls, vectors: np.ndarray, listings: pd.DataFrame, kind: str = "flat",
-              whitening: np.ndarray | None = None) -> "Gallery":
+              whitening: np.ndarray | None = None, fingerprint: str | None = None) -> "Gallery":
         """A new gallery of ``vectors``; with ``whitening`` (D x D) it searches in ``normalise(z @ W)``."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = faiss.index_factory(vectors.shape[1], factory_string(kind, len(vectors)), faiss.METRIC_INNER_PRODUCT)
@@ -75,7 +88,7 @@ class Gallery:
             if len(vectors) < lists:
                 raise HierError(f"--index ivf needs at least {lists} images to train; use flat")
             index.train(vectors)
-        gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind)
+        gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind, fingerprint)
         gallery.add(vectors, listings)
         return gallery
 
@@ -105,8 +118,24 @@ class Gallery:
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, FAISS ids), each (n_queries, k); id -1 where fewer than k vectors exist."""
         if self.kind == "ivf":
-            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", self.nprobe)
-        return self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+            space = faiss.ParameterSpace() if self.searcher is self.index else faiss.GpuParameterSpace()
+            space.set_index_parameter(self.searcher, "nprobe", self.nprobe)
+        return self.searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        """The embeddings stored under FAISS ``ids``, as they went in (a whitened gallery keeps
+        ``normalise(z @ W)``; ``z`` is unit-length, so ``normalise(y @ W^-1)`` gives it back)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        index = faiss.downcast_index(self.index)
+        if not isinstance(index, faiss.IndexPreTransform):
+            return index.reconstruct_batch(ids)
+        y = faiss.downcast_index(index.index).reconstruct_batch(ids)
+        if getattr(self, "_unwhiten", None) is None:
+            linear = faiss.downcast_VectorTransform(index.chain.at(0))
+            a = faiss.vector_to_array(linear.A).reshape(linear.d_out, linear.d_in)     # y = z @ a.T
+            self._unwhiten = np.linalg.inv(a.T).astype(np.float32)
+        z = y @ self._unwhiten
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
 
     def _by_id(self) -> pd.DataFrame:
         """The listings indexed by FAISS id, built once per version of the table (a 100k-row
@@ -115,9 +144,12 @@ class Gallery:
             self._by_id_of, self._by_id_frame = self.listings, self.listings.set_index(ID)
         return self._by_id_frame
 
-    def results(self, queries: np.ndarray, k: int = 10, where=None) -> list[pd.DataFrame]:
-        """Metadata rows of the nearest listings per query, best first; ``where(rows)`` filters
-        (e.g. same brand), searching deeper until k rows pass or the gallery is exhausted."""
+    def results(self, queries: np.ndarray, k: int = 10, where=None, labels=None) -> list[pd.DataFrame]:
+        """Metadata rows of the nearest listings per query, best first. ``labels(vectors)``: hier's
+        class/brand/model columns of the candidates from their stored vectors, by the artifact's head of
+        now (a class enrolled after indexing is found), instead of the ones written when they were
+        indexed. ``where(rows)`` filters (e.g. same brand), searching deeper until k rows pass or the
+        gallery is exhausted."""
         if k < 1:
             raise HierError(f"k must be at least 1, not {k}")
         by_id = self._by_id()
@@ -126,7 +158,10 @@ class Gallery:
             depth = k
             while True:
                 sims, ids = self.search(q[None], min(depth, len(self)))
-                rows = by_id.loc[ids[0][ids[0] >= 0]].assign(**{SIMILARITY: sims[0][ids[0] >= 0]}).reset_index()
+                found = ids[0][ids[0] >= 0]
+                rows = by_id.loc[found].assign(**{SIMILARITY: sims[0][ids[0] >= 0]}).reset_index()
+                if labels is not None and len(found):
+                    rows = rows.assign(**labels(self.vectors(found)))
                 if where is not None:
                     rows = rows[where(rows)]
                 if len(rows) >= k or depth >= len(self):
@@ -139,29 +174,34 @@ class Gallery:
     def save(self, artifact_dir: str | Path) -> None:
         """Index, listings and kind land together (one atomic set), under the artifact's lock."""
         folder = Path(artifact_dir) / GALLERY
-        meta = json.dumps({"kind": self.kind})
-        with artifact.locked(artifact_dir):
-            artifact.atomic_write_all({
+        meta = json.dumps({"kind": self.kind, "fingerprint": self.fingerprint})
+        with fileio.locked(artifact_dir):
+            fileio.atomic_write_all({
                 # bytes written by Python, not FAISS's own writer: a full disk then raises OSError(ENOSPC)
-                folder / "index.faiss": lambda p: p.write_bytes(faiss.serialize_index(to_cpu(self.index)).tobytes()),
+                folder / "index.faiss": lambda p: p.write_bytes(faiss.serialize_index(self.index).tobytes()),
                 folder / "listings.csv": lambda p: self.listings.to_csv(p, index=False, encoding="utf-8"),
                 folder / "gallery.json": lambda p: p.write_text(meta, encoding="utf-8")})
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> "Gallery":
+        """The saved gallery on the CPU (``on_gpus`` for serving), refused when the artifact's weights
+        are no longer those that embedded it (``hier train --resume`` since): its vectors would not be
+        comparable with new queries."""
         folder = Path(artifact_dir) / GALLERY
         if not (folder / "index.faiss").is_file():
             raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
-        with artifact.locked(artifact_dir):
+        with fileio.locked(artifact_dir):
             listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
             index = faiss.read_index(str(folder / "index.faiss"))
-            meta = artifact.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
+            meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
+            weights = artifact.read_config(artifact_dir).get("fingerprint")
         if meta is None:        # written before hier_* columns: id/class/brand/model/kind were hier's
-            kind = listings.pop("kind").iloc[0] if len(listings) else "flat"
+            meta = {"kind": listings.pop("kind").iloc[0] if len(listings) else "flat"}
             listings = listings.rename(columns={c: PREFIX + c for c in ("id", "class", "brand", "model")})
-        else:
-            kind = meta["kind"]
-        return cls(to_gpu(index), listings, kind)
+        if meta.get("fingerprint") and weights and meta["fingerprint"] != weights:
+            raise HierError(f"{artifact_dir}/{GALLERY} was embedded by other weights than the artifact's (trained "
+                            f"again since?); re-embed its listings with `hier index rebuild {artifact_dir}`")
+        return cls(index, listings, meta["kind"], meta.get("fingerprint"))
 
 
 def whitened(index: faiss.Index, whitening: np.ndarray) -> faiss.Index:
@@ -215,33 +255,26 @@ def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
     return table
 
 
-def _artifact_stamp(artifact_dir: Path) -> tuple:
-    """The stamp of the files that decide an embedding and its predicted class: every atomic save of
-    the artifact (train, enroll, unenroll, export) changes it."""
-    return artifact.file_stamp(*(artifact_dir / name for name in (artifact.WEIGHTS, artifact.CONFIG,
-                                                                  artifact.TAXONOMY)))
-
-
 class Embedded(NamedTuple):
     vectors: np.ndarray          # the listing photos' embeddings
     rows: pd.DataFrame           # the listings with hier's predicted class, brand and model
-    stamp: tuple                 # the artifact's stamp they were computed with (``_artifact_stamp``)
+    stamp: tuple                 # the artifact's version they were computed with (``artifact.stamp``)
     whitening: np.ndarray | None  # the artifact's search whitening (``search_whitening``)
+    fingerprint: str             # of the weights that embedded them (``HierNet.fingerprint``)
 
 
 def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> Embedded:
     """The listing photos embedded and answered; only the model's load holds the artifact's lock, the
     embedding runs unlocked."""
     artifact_dir = Path(artifact_dir)
-    with artifact.locked(artifact_dir):
-        stamp = _artifact_stamp(artifact_dir)
-        net, taxonomy = artifact.load(artifact_dir, device())
+    with fileio.locked(artifact_dir):              # the weights and their export's config, one version
+        stamp, net, taxonomy = artifact.snapshot(artifact_dir, device())
         predictor = artifact_predictor(artifact_dir, net)
-    out = predictor([Path(p) for p in table["image"]], progress)
-    brand, model, fine = decode(out["probs"], taxonomy)      # the top-down answer, as `similar --same-brand`
+    out = predictor([Path(p) for p in table["image"]], progress, keep=("embedding", "answer"))
+    brand, model, fine = path_of(out["answer"], taxonomy)    # the answer, as `similar --same-brand`
     rows = table.assign(**{CLASS: [taxonomy.classes[i] for i in fine], BRAND: [taxonomy.brands[i] for i in brand],
                            MODEL: [taxonomy.models[i] for i in model]})
-    return Embedded(out["embedding"], rows, stamp, search_whitening(net))
+    return Embedded(out["embedding"], rows, stamp, search_whitening(net), net.fingerprint())
 
 
 def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, prepare=None):
@@ -252,8 +285,8 @@ def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, pre
     for _ in range(EMBED_TRIES):
         done = embed_listings(artifact_dir, table, progress)
         prepared = prepare(done) if prepare else None
-        with artifact.locked(artifact_dir):
-            if _artifact_stamp(artifact_dir) == done.stamp:
+        with fileio.locked(artifact_dir):
+            if artifact.stamp(artifact_dir) == done.stamp:
                 return save(done.vectors, done.rows, prepared)
     raise HierError(f"{artifact_dir} changed while its listings were embedded, {EMBED_TRIES} times (another "
                     "command kept writing it); nothing was saved; run the command again when it is done")
@@ -264,7 +297,7 @@ def saved_listing_ids(artifact_dir: str | Path) -> set[str]:
     folder = Path(artifact_dir) / GALLERY
     if not (folder / "index.faiss").is_file():
         raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
-    with artifact.locked(artifact_dir):
+    with fileio.locked(artifact_dir):
         ids = pd.read_csv(folder / "listings.csv", encoding="utf-8", usecols=["listing_id"], **AS_GIVEN)
     return set(ids["listing_id"].astype(str))
 
@@ -292,7 +325,25 @@ def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: s
         gallery.save(artifact_dir)
         return gallery
     return _embed_and_save(Path(artifact_dir), table, progress, save,
-                           prepare=lambda e: Gallery.build(e.vectors, e.rows, kind, e.whitening))
+                           prepare=lambda e: Gallery.build(e.vectors, e.rows, kind, e.whitening, e.fingerprint))
+
+
+def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) -> Gallery:
+    """Embed the gallery's listings again with the artifact's weights of now (after ``hier train
+    --resume``), keeping the sellers' columns and the kind unless ``kind`` is given. The listing photos
+    must still exist: a missing one is refused (one line) before any embedding."""
+    folder = Path(artifact_dir) / GALLERY
+    if not (folder / "index.faiss").is_file():
+        raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
+    with fileio.locked(artifact_dir):
+        listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
+        meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else {}
+    if "image" not in listings:
+        raise HierError(f"{folder}/listings.csv has no image column (a gallery of an older hier): build it "
+                        f"again from the listings, `hier index build {artifact_dir} LISTINGS`")
+    refuse_listed([Path(p) for p in listings["image"]], folder / "listings.csv")
+    table = listings.drop(columns=[c for c in listings.columns if str(c).startswith(PREFIX) or c == "kind"])
+    return build(artifact_dir, table, kind or meta.get("kind", "flat"), progress)
 
 
 def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=None) -> tuple[int, Gallery]:
@@ -312,25 +363,22 @@ def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=
 
 def remove(artifact_dir: str | Path, ids: list[str]) -> tuple[int, Gallery]:
     """Remove listings by listing_id."""
-    with artifact.locked(artifact_dir):
+    with fileio.locked(artifact_dir):
         gallery = Gallery.load(artifact_dir)
         n = gallery.remove(ids)
         gallery.save(artifact_dir)
     return n, gallery
 
 
-def to_gpu(index: faiss.Index) -> faiss.Index:
-    """Move the index to all GPUs when faiss-gpu sees any; unchanged on CPU builds."""
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        return faiss.index_cpu_to_all_gpus(index)
-    return index
+def faiss_gpus() -> int:
+    """GPUs faiss-gpu sees (0 with the CPU build)."""
+    return getattr(faiss, "get_num_gpus", lambda: 0)()
 
 
-def to_cpu(index: faiss.Index) -> faiss.Index:
-    """FAISS writes CPU indexes only; a GPU copy is brought back first."""
-    if getattr(faiss, "get_num_gpus", lambda: 0)() > 0:
-        try:
-            return faiss.index_gpu_to_cpu(index)
-        except (RuntimeError, TypeError):   # already a CPU index
-            return index
-    return index
+def placement(kind: str, gpus: int, purpose: str) -> str:
+    """Where a gallery's index lives (``cpu`` | ``gpu``) for ``purpose`` (``search`` | ``edit``): edits
+    and saves on the CPU (GPU indexes have no ``remove_ids`` and FAISS writes CPU indexes), HNSW always
+    on the CPU (FAISS has no GPU HNSW), searches on the GPUs when there are any. Pure: tested on CPU."""
+    if purpose not in ("search", "edit"):
+        raise ValueError(f"purpose is search or edit, not {purpose!r}")
+    return "gpu" if purpose == "search" and gpus > 0 and kind != "hnsw" else "cpu"

@@ -18,30 +18,33 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from hier import artifact, enroll as enrollment, index as gallery_ops
+from hier import artifact, enroll as enrollment, fileio, index as gallery_ops
 from hier.data import ImageSet, image_files, read_test_csv
 from hier.data.detect import CarDetector
 from hier.data.readers import create_reader
 from hier.engine.predictor import Predictor, artifact_predictor, device
 from hier.errors import HierError
-from hier.infer import read_sample, top_k, write_submission
-from hier.metrics import decode, evaluate_probs
+from hier.competitions.hecto import read_sample, write_submission
+from hier.metrics import answer, evaluate_probs
 from hier.models import HierNet
 from hier.taxonomy import Taxonomy
 
 
 @dataclass
 class Prediction:
-    """One photo's answer: the consistent top-down path (brand -> model -> fine class) with its
-    probabilities (P(fine) <= P(model) <= P(brand)), and the top-k fine classes."""
+    """One photo's answer, read top-down (``hier.metrics.answer``: the likeliest brand, its likeliest
+    model, that model's likeliest class) with the probabilities of each (P(fine) <= P(model) <= P(brand)),
+    the top-k fine classes (ranked by P(class), so the first can differ from ``fine``), and ``probs``,
+    the whole calibrated distribution over ``Results.classes`` (a view into ``Results.probs``)."""
 
     image: str
     brand: str
@@ -52,17 +55,51 @@ class Prediction:
     p_model: float
     p_brand: float
     topk: list[dict] = field(default_factory=list)
+    probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The answer as JSON-ready values (without the full distribution)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "probs"}
 
 
 class Results(list):
-    """A list of ``Prediction``, one per photo, with table and JSON views."""
+    """``Prediction`` per photo, in the order given (a photo given twice is answered twice), with the
+    (N, C) matrix ``probs`` over ``classes``, ``speed`` (milliseconds per photo for the whole call) and
+    one schema behind ``to_frame``, ``to_csv`` and ``to_json``."""
+
+    def __init__(self, predictions=(), probs: np.ndarray | None = None, classes: list[str] | None = None,
+                 speed: dict | None = None):
+        super().__init__(predictions)
+        self.probs, self.classes, self.speed = probs, classes or [], speed or {}
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (photo, rank), as ``hier predict --format csv`` prints."""
-        return pd.DataFrame([{"image": r.image, **row} for r in self for row in r.topk])
+        return pd.DataFrame([{"image": r.image, **row} for r in self for row in r.topk],
+                            columns=["image", *TOPK_COLUMNS])
+
+    def to_csv(self, path: str | Path) -> None:
+        """``to_frame`` as a UTF-8 CSV, written atomically."""
+        frame = self.to_frame()
+        fileio.atomic_write(path, lambda p: frame.to_csv(p, index=False, encoding="utf-8"))
 
     def to_json(self) -> str:
-        return json.dumps([asdict(r) for r in self], ensure_ascii=False, indent=1)
+        return json.dumps([r.to_dict() for r in self], ensure_ascii=False, indent=1)
+
+
+TOPK_COLUMNS = ["rank", "class", "brand", "model", "years", "p", "p_model", "p_brand"]
+
+
+def ranked(probs: np.ndarray, tax: Taxonomy, k: int) -> list[list[dict]]:
+    """Each photo's k likeliest fine classes, with their model's and brand's probability: one sort of
+    the whole matrix, rows built in one pass (linear in the photos)."""
+    model_p, brand_p = tax.marginals(probs)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    n = np.arange(len(probs))[:, None]
+    p, pm, pb = probs[n, top], model_p[n, tax.fine_to_model[top]], brand_p[n, tax.fine_to_brand[top]]
+    per_class = [{"class": c, "brand": tax.brands[tax.fine_to_brand[i]], "model": tax.models[tax.fine_to_model[i]],
+                  "years": tax.years(c)} for i, c in enumerate(tax.classes)]
+    return [[{"rank": r + 1, **per_class[c], "p": float(p[i, r]), "p_model": float(pm[i, r]), "p_brand": float(pb[i, r])}
+             for r, c in enumerate(top[i])] for i in range(len(probs))]
 
 
 def _expand(images) -> list:
@@ -82,8 +119,8 @@ def _name(image, i: int) -> str:
 
 
 class Snapshot(NamedTuple):
-    """One version of the artifact in memory: weights, taxonomy and predictor read under one lock, and
-    the stamp (inode, mtime) of the config.json they were read with."""
+    """One version of the artifact in memory (``artifact.Snapshot``) with its predictor, read under one
+    lock: what one call answers with from start to end, so it never mixes two versions."""
 
     stamp: tuple
     net: HierNet
@@ -119,15 +156,9 @@ class Recognizer:
         self._reading, self._reading_gallery = threading.Lock(), threading.Lock()
 
     # --- the artifact in memory: read on first use, again whenever it changed on disk ----------------
-    def _disk_stamp(self) -> tuple:
-        stamp = artifact.file_stamp(self.path / artifact.CONFIG)
-        if stamp[0] is None:
-            raise HierError(f"{self.path} is no longer a hier artifact")
-        return stamp
-
     def _gallery_stamp(self) -> tuple:
         folder = self.path / gallery_ops.GALLERY
-        return artifact.file_stamp(folder / "index.faiss", folder / "listings.csv", folder / "gallery.json")
+        return fileio.file_stamp(folder / "index.faiss", folder / "listings.csv", folder / "gallery.json")
 
     def reload(self) -> "Recognizer":
         """Read the artifact now (done by itself on first use and whenever it changed on disk); waits
@@ -142,7 +173,7 @@ class Recognizer:
         ``wait_for_readers=False`` does not wait for another thread reading the new version either (a
         health check)."""
         loaded = self._loaded
-        if loaded is not None and loaded.stamp == self._disk_stamp():
+        if loaded is not None and loaded.stamp == artifact.stamp(self.path):
             return loaded
         return self._read(block=wait_for_readers)
 
@@ -154,7 +185,7 @@ class Recognizer:
     @property
     def stale(self) -> bool:
         """The artifact changed on disk since the version in memory was read (a writer still holds it)."""
-        return self._loaded is None or self._loaded.stamp != self._disk_stamp()
+        return self._loaded is None or self._loaded.stamp != artifact.stamp(self.path)
 
     def _read(self, force: bool = False, block: bool = True) -> Snapshot:
         loaded = self._loaded
@@ -162,13 +193,12 @@ class Recognizer:
             return loaded                         # another thread is reading it
         try:                                      # one thread reads; the others use what it read
             loaded = self._loaded
-            if not force and loaded is not None and loaded.stamp == self._disk_stamp():
+            if not force and loaded is not None and loaded.stamp == artifact.stamp(self.path):
                 return loaded
             with ExitStack() as held:
                 if not _hold_lock(held, self.path, wait=force or loaded is None):
                     return loaded                 # busy: answer with the version in memory
-                stamp = self._disk_stamp()
-                net, taxonomy = artifact.load(self.path, self.device)
+                stamp, net, taxonomy = artifact.snapshot(self.path, self.device)
                 predictor = artifact_predictor(self.path, net, self.backend, batch_size=self.batch_size)
             self._loaded = Snapshot(stamp, net, taxonomy, predictor)
             return self._loaded
@@ -200,6 +230,7 @@ class Recognizer:
                     return held
                 stamp = self._gallery_stamp()
                 gallery = gallery_ops.Gallery.load(self.path)
+            gallery.on_gpus()                         # searches only: edits load their own CPU copy
             listings = gallery.listings
             photos = dict(zip(listings["listing_id"].astype(str), listings["image"].astype(str))) \
                 if "image" in listings else {}
@@ -222,7 +253,7 @@ class Recognizer:
     def metrics(self) -> dict:
         """Validation figures written at the end of training (empty without a validation split)."""
         f = self.path / "metrics.json"
-        return artifact.read_json(f) if f.is_file() else {}
+        return fileio.read_json(f) if f.is_file() else {}
 
     def embed(self, images: list, progress=None, tta: bool | None = None) -> dict[str, np.ndarray]:
         """Raw predictor output for photos: embedding, joint/fine/model/brand logits, probs. ``tta``
@@ -230,14 +261,15 @@ class Recognizer:
         the artifact was calibrated)."""
         return self._embed(images, progress, tta)[0]
 
-    def _embed(self, images: list, progress=None, tta: bool | None = None):
-        """Predictor output and the taxonomy of the very weights that produced it."""
-        _, net, taxonomy, predictor = self.snapshot()
+    def _embed(self, images: list, progress=None, tta: bool | None = None) -> tuple[dict, Snapshot]:
+        """Predictor output and the snapshot (weights, taxonomy) that produced it."""
+        snap = self.snapshot()
+        predictor = snap.predictor
         if self.detector is not None:
             images, self.crop_fallback = self.detector.crops(list(images))
         if tta is not None and tta != predictor.tta:
-            predictor = artifact_predictor(self.path, net, self.backend, tta=tta, batch_size=self.batch_size)
-        return predictor(images, progress), taxonomy
+            predictor = artifact_predictor(self.path, snap.net, self.backend, tta=tta, batch_size=self.batch_size)
+        return predictor(images, progress), snap
 
     # --- answers ------------------------------------------------------------------------------------
     def predict(self, images, topk: int = 5, tta: bool | None = None, progress=None) -> Results:
@@ -245,21 +277,30 @@ class Recognizer:
         if topk < 1:
             raise HierError(f"topk must be at least 1, not {topk}")
         items = _expand(images)
-        out, tax = self._embed(items, progress, tta)
-        probs = out["probs"]
+        start = time.perf_counter()
+        out, snap = self._embed(items, progress, tta)
+        probs, tax = out["probs"], snap.taxonomy
         model_p, brand_p = tax.marginals(probs)
-        brand, model, fine = decode(probs, tax)
-        names = [_name(x, i) for i, x in enumerate(items)]
-        rows = top_k(probs, tax, names, topk).drop(columns="image").to_dict("records")
-        per = min(topk, len(tax.classes))           # top_k's rows: `per` per photo, in the photos' order
-        results = Results()
-        for i, name in enumerate(names):
+        brand, model, fine = answer(probs, tax)
+        rows = ranked(probs, tax, topk)
+        results = Results(probs=probs, classes=list(tax.classes))
+        for i, x in enumerate(items):
             c = tax.classes[fine[i]]
             results.append(Prediction(
-                image=name, brand=tax.brands[brand[i]], model=tax.models[model[i]], fine=c, years=tax.years(c),
+                image=_name(x, i), brand=tax.brands[brand[i]], model=tax.models[model[i]], fine=c, years=tax.years(c),
                 p=float(probs[i, fine[i]]), p_model=float(model_p[i, model[i]]), p_brand=float(brand_p[i, brand[i]]),
-                topk=rows[i * per:(i + 1) * per]))     # by position: a photo given twice gets its own rows
+                topk=rows[i], probs=probs[i]))
+        results.speed = {"photos": len(items), "ms_per_photo": 1000 * (time.perf_counter() - start) / max(1, len(items))}
         return results
+
+    def predict_proba(self, images, tta: bool | None = None, progress=None) -> np.ndarray:
+        """(N, C) calibrated fine-class probabilities, columns in ``classes_`` order (scikit-learn's
+        convention); brand and model probabilities are sums of columns (``taxonomy.marginals``)."""
+        return self._embed(_expand(images), progress, tta)[0]["probs"]
+
+    @property
+    def classes_(self) -> list[str]:
+        return list(self.taxonomy.classes)
 
     def evaluate(self, data: str | Path, tta: bool | None = None, progress=None, layout: str = "auto") -> dict:
         """The figures ``hier evaluate`` prints, on a labelled dataset (``hier.data.readers`` layouts)."""
@@ -268,10 +309,10 @@ class Recognizer:
         if unknown:
             raise HierError(f"class {unknown[0]!r} of {data} is not in the artifact's taxonomy "
                             f"({len(unknown)} unknown)")
-        out, tax = self._embed(images.paths, progress, tta)
-        y = np.array([tax.class_index[c] for c in images.labels])
-        metrics = evaluate_probs(out["probs"], y, tax, logits=out["joint"], heads=out)
-        metrics["temperature"] = self.net.cfg.temperature
+        out, snap = self._embed(images.paths, progress, tta)
+        y = np.array([snap.taxonomy.class_index[c] for c in images.labels])
+        metrics = evaluate_probs(out["probs"], y, snap.taxonomy, logits=out["joint"], heads=out)
+        metrics["temperature"] = snap.net.cfg.temperature
         metrics["skipped"] = images.skipped_message()
         return metrics
 
@@ -281,8 +322,8 @@ class Recognizer:
         ``ID,img_path`` CSV, or ``read_test_csv``'s checked result)."""
         inputs = test_csv if isinstance(test_csv, ImageSet) else read_test_csv(test_csv)
         sample = read_sample(sample_submission, inputs.ids, self.taxonomy)   # refused before any photo is predicted
-        scores, tax = self._embed(inputs.paths, progress, tta)
-        return write_submission(scores["probs"], inputs.ids, tax, sample, out)
+        scores, snap = self._embed(inputs.paths, progress, tta)
+        return write_submission(scores["probs"], inputs.ids, snap.taxonomy, sample, out)
 
     def report(self, data: str | Path, out: str | Path, layout: str = "auto", progress=None) -> dict:
         """``out/index.html`` (+ PNGs, metrics.json) judging the artifact on labelled photos
@@ -312,25 +353,32 @@ class Recognizer:
     def similar(self, image, k: int = 10, same_brand: bool = False) -> pd.DataFrame:
         """The k nearest listings (sellers' columns + hier_*), best first (``Gallery.results`` checks k)."""
         gallery = self.gallery()
-        out, tax = self._embed(_expand(image)[:1])
+        out, snap = self._embed(_expand(image)[:1])
+        tax = snap.taxonomy
         where = None
         if same_brand:
-            brand = tax.brands[decode(out["probs"], tax)[0][0]]
+            brand = tax.brands[answer(out["probs"], tax)[0][0]]
             where = lambda rows: rows[gallery_ops.BRAND] == brand  # noqa: E731
-        return gallery.results(out["embedding"], k, where)[0].drop(columns=[gallery_ops.ID])
+
+        def labels(vectors: np.ndarray) -> dict:
+            """The listings' answers by the head of now (the snapshot that answered the query)."""
+            b, m, f = answer(snap.predictor.probs_of(vectors), tax)
+            return {gallery_ops.CLASS: [tax.classes[i] for i in f], gallery_ops.BRAND: [tax.brands[i] for i in b],
+                    gallery_ops.MODEL: [tax.models[i] for i in m]}
+        return gallery.results(out["embedding"], k, where, labels)[0].drop(columns=[gallery_ops.ID])
 
     # --- changes: each holds the artifact's lock from reading to its atomic save; the next answer sees
     # them, as the artifact changed on disk ------------------------------------------------------------
     def enroll(self, name: str, images, brand: str | None = None, model: str | None = None,
                years: str | None = None, add_shots: bool = False, min_shots: int = 1,
-               calibrate: float = 0.0, max_base_drop: float = enrollment.MAX_BASE_DROP) -> dict:
+               calibrate: float = 0.0, max_base_drop: float = enrollment.MAX_BASE_DROP) -> enrollment.Enrolled:
         """A new class from a few photos (``hier.enroll.enroll``): it is expected to cost at most
         ``max_base_drop`` points of accuracy on photos of the known classes."""
         images = images if isinstance(images, (list, tuple)) else [images]
         return enrollment.enroll(self.path, name, images, brand, model, years, add_shots, min_shots,
                                  enrollment.Calibration(calibrate), max_base_drop)
 
-    def unenroll(self, name: str) -> dict:
+    def unenroll(self, name: str) -> enrollment.Unenrolled:
         return enrollment.unenroll(self.path, name)
 
     def index(self, listings, kind: str = "flat", progress=None) -> gallery_ops.Gallery:
@@ -339,6 +387,10 @@ class Recognizer:
 
     def index_add(self, listings, progress=None) -> tuple[int, gallery_ops.Gallery]:
         return gallery_ops.add(self.path, listings, progress)
+
+    def index_rebuild(self, kind: str | None = None, progress=None) -> gallery_ops.Gallery:
+        """Re-embed the gallery's listings with the weights of now (a stale gallery is refused until then)."""
+        return gallery_ops.rebuild(self.path, kind, progress)
 
     def index_remove(self, ids: list[str]) -> tuple[int, gallery_ops.Gallery]:
         return gallery_ops.remove(self.path, ids)
@@ -369,7 +421,7 @@ def _hold_lock(stack: ExitStack, path: Path, wait: bool) -> bool:
     """Enter the artifact's lock on ``stack``: waiting for a writer as commands do, or (``wait=False``)
     only if it is free now. False when it is busy."""
     try:
-        stack.enter_context(artifact.locked(path, timeout=None if wait else 0))
+        stack.enter_context(fileio.locked(path, timeout=None if wait else 0))
     except HierError:
         if wait:
             raise
@@ -383,7 +435,7 @@ def _check_resume_flags(out: Path, preset, taxonomy, flags: dict) -> None:
     if preset is not None or taxonomy is not None:
         raise HierError("--resume uses the run's saved settings and taxonomy; drop --preset / --taxonomy")
     saved_file = out / "train.json"
-    saved = artifact.read_json(saved_file) if saved_file.is_file() else {"model": {}, "train": {}}
+    saved = fileio.read_json(saved_file) if saved_file.is_file() else {"model": {}, "train": {}}
     for key, value in flags.items():
         if key == "epochs":
             continue

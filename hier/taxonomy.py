@@ -58,7 +58,7 @@ def check_name(what: str, name: str) -> str:
     return name
 
 
-def read_table(path: str | Path, **kw) -> pd.DataFrame:
+def read_registry(path: str | Path, **kw) -> pd.DataFrame:
     """A registry/taxonomy CSV as strings, exactly as written: no cell is read as missing (a class,
     brand or model may be called ``NA``, ``None`` or ``null``), a BOM is dropped."""
     return pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding="utf-8-sig", **kw)
@@ -125,7 +125,7 @@ class Taxonomy:
         if not path.is_file():
             raise HierError(f"taxonomy file not found: {path}")
         try:
-            table = read_table(path)
+            table = read_registry(path)
         except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
             raise HierError(f"cannot read taxonomy {path}: {str(e).strip().splitlines()[-1]}") from None
         return cls(table)
@@ -227,11 +227,3 @@ def validate(table: pd.DataFrame) -> pd.DataFrame:
     if len(bad):
         raise HierError(f"class {bad['class'].iloc[0]!r} has year_start after year_end")
     return table[COLUMNS + ["generation"]].reset_index(drop=True)
-
-
-def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``)."""
-    table = read_table(path)
-    if list(table.columns[:2]) != ["class_a", "class_b"]:
-        raise HierError(f"{path}: expected columns class_a,class_b")
-    return list(zip(table["class_a"].map(nfc), table["class_b"].map(nfc)))

@@ -22,7 +22,7 @@ from rich.table import Table
 from hier import Recognizer
 from hier.data import scan_folder, split_indices
 from hier.data.detect import CarDetector
-from hier.demo import make_demo_dataset
+from hier.data.synthetic import make_demo_dataset
 from hier.metrics import evaluate_probs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -30,7 +30,8 @@ DETECTOR = SHARED / "models" / "yolov8n_int8.tflite"
 
 
 def scores(rec: Recognizer, paths, labels) -> dict:
-    out, tax = rec._embed(paths)
+    out, snap = rec._embed(paths)
+    tax = snap.taxonomy
     y = np.array([tax.class_index[c] for c in labels])
     m = evaluate_probs(out["probs"], y, tax)
     return {"top1": m["top1"], "log_loss": m["log_loss"], "brand_acc": m["brand_acc"],

@@ -48,7 +48,7 @@ from benchlib import machine
 from hier import Recognizer
 from hier.data import image_files
 from hier.index import BRAND, CLASS, GALLERY, MODEL, Gallery
-from hier.metrics import decode
+from hier.metrics import answer
 from hier.serve.loadtest import mixed_load, overload
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev" / "train"
@@ -74,7 +74,7 @@ def big_gallery(art: Path, photos: list[Path], n: int, seed: int) -> dict:
     rec = Recognizer(art)
     out = rec.embed(photos)
     tax = rec.taxonomy
-    brand, model, fine = decode(out["probs"], tax)
+    brand, model, fine = answer(out["probs"], tax)
     rng = np.random.default_rng(seed)
     base = np.arange(n) % len(photos)
     vectors = out["embedding"][base] + rng.normal(0, 0.05, (n, out["embedding"].shape[1])).astype(np.float32)

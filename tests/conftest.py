@@ -15,8 +15,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
+from hier import fileio
 from hier.cli import main
-from hier.demo import make_demo_dataset
+from hier.data.synthetic import make_demo_dataset
 from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 from hier.engine.trainer import TrainConfig, train
@@ -80,11 +81,22 @@ def rename_classes(path: Path, names: dict[str, str], brands: dict[str, str] | N
     stats.classes = [names.get(c, c) for c in stats.classes]
     stats.index = {c: i for i, c in enumerate(stats.classes)}
     stats.save(path / STATISTICS)
+    heads = path / "heads.safetensors"                # the head rows are stored under their names too
+    if heads.is_file():
+        import json
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        with safe_open(heads, "pt") as f:
+            meta, state = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        for part, renamed in (("fine", names), ("brand", brands or {})):
+            meta[part] = json.dumps([renamed.get(n, n) for n in json.loads(meta[part])], ensure_ascii=False)
+        save_file(state, heads, metadata=meta)
 
 
 def make_legacy(path: Path, demo_data) -> Path:
     """Turn an artifact into one an older hier wrote: served by its trained head, base-class prototypes
-    (mean embeddings of the training photos) instead of class statistics, no weights fingerprint."""
+    (mean embeddings of the training photos) instead of class statistics, no weights fingerprint, the
+    heads inside model.safetensors (no heads.safetensors)."""
     import numpy as np
     from hier import artifact
     from hier.engine.predictor import Predictor
@@ -94,13 +106,16 @@ def make_legacy(path: Path, demo_data) -> Path:
     net, tax = artifact.load(path)
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
     z = Predictor(net)(photos)["embedding"]
-    artifact.save_npy(path / PROTOTYPES, class_means(z, np.array([tax.class_index[p.parent.name] for p in photos]),
+    fileio.save_npy(path / PROTOTYPES, class_means(z, np.array([tax.class_index[p.parent.name] for p in photos]),
                                                      len(tax)))
     config = artifact.read_config(path)
     config["model"].pop("head")
     config.pop("fingerprint")
-    artifact.write_json(path / artifact.CONFIG, config)
+    fileio.write_json(path / artifact.CONFIG, config)
     (path / STATISTICS).unlink()
+    from safetensors.torch import load_file, save_file      # one weights file, the heads in it
+    save_file({**load_file(path / artifact.WEIGHTS), **load_file(path / artifact.HEADS)}, path / artifact.WEIGHTS)
+    (path / artifact.HEADS).unlink()
     return path
 
 
@@ -131,21 +146,28 @@ def write_bomb(path: Path, width=20000, height=10000) -> None:
 
 @contextmanager
 def served(app):
-    """The app on a real loopback port, in a thread; stopped on exit."""
+    """The app on a real loopback port, in a thread; stopped on exit. Start and stop each have a
+    deadline (SERVER_DEADLINE s): a server that never comes up, or never stops, fails the test."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + SERVER_DEADLINE
     while not server.started:
         assert thread.is_alive(), "server failed to start"
+        assert time.monotonic() < deadline, f"server not up after {SERVER_DEADLINE:.0f} s"
         time.sleep(0.05)
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(SERVER_DEADLINE)
         sock.close()
+        assert not thread.is_alive(), f"server still running {SERVER_DEADLINE:.0f} s after it was told to stop"
+
+
+SERVER_DEADLINE = 60.0
 
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")

@@ -1,4 +1,4 @@
-"""Tests for the synthetic demo dataset (hier.demo)."""
+"""Tests for the synthetic demo dataset (hier.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hier import demo
-from hier.demo import DemoData, draw_car, make_demo_dataset
+from hier.data import synthetic as demo
+from hier.data.synthetic import DemoData, draw_car, make_demo_dataset
 
 BOM = b"\xef\xbb\xbf"
 

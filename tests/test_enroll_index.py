@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from hier import artifact
+from hier import artifact, fileio
 from hier.enroll import MAX_RAISE, read_validation
 from hier.index import SEARCH_SHRINK
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.engine.predictor import Predictor
+from hier.recognizer import Recognizer
 
 from conftest import run_cli
 
@@ -213,6 +214,7 @@ def test_a_gallery_searches_in_the_whitened_embedding(art, legacy_art, demo_data
         assert got[0]["hier_similarity"] == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_an_artifact_from_before_the_statistics_answers_as_before_and_says_so_once(legacy_art, demo_data):
     import subprocess
     import sys
@@ -240,9 +242,73 @@ def test_enrolling_without_usable_statistics_is_refused_byte_identical(damage, a
     else:
         config = artifact.read_config(art)
         config["fingerprint"] = "0" * 32                     # as if the weights were saved by a later epoch
-        artifact.write_json(art / artifact.CONFIG, config)
+        fileio.write_json(art / artifact.CONFIG, config)
     before = _snapshot(art)
     code, _, err = _enroll(art, demo_data, capsys, "--brand", "Zephyr")
     lines = [x for x in err.strip().splitlines() if not x.startswith("warning:")]
     assert code == 2 and len(lines) == 1 and "hier train --resume" in lines[0], err
     assert _snapshot(art) == before
+
+
+def test_a_gallery_of_other_weights_is_refused_until_rebuilt(art, demo_data, tmp_path, capsys):
+    """Before: `train --resume` into an artifact with a gallery left the listings' vectors of the old
+    weights in it, searched silently against queries of the new ones."""
+    photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[::6]
+    listings = tmp_path / "listings.csv"
+    pd.DataFrame({"listing_id": [f"L{i:03d}" for i in range(len(photos))], "image": photos,
+                  "price": ["n/a"] + [str(i) for i in range(1, len(photos))]}).to_csv(listings, index=False)
+    assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
+    assert json.loads((art / "gallery" / "gallery.json").read_text())["fingerprint"] == artifact.read_config(art)["fingerprint"]
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", art, "--resume", "--epochs", "13", capsys=capsys)
+    assert code == 0 and f"hier index rebuild {art}" in err
+    code, _, err = run_cli("similar", art, photos[2], capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and f"hier index rebuild {art}" in err
+    assert run_cli("index", "rebuild", art, capsys=capsys)[0] == 0
+    code, out, _ = run_cli("similar", art, photos[2], "--k", "2", "--format", "json", capsys=capsys)
+    rows = json.loads(out)
+    assert code == 0 and rows[0]["listing_id"] == "L002" and rows[0]["hier_similarity"] == pytest.approx(1, abs=1e-4)
+    saved = pd.read_csv(art / "gallery" / "listings.csv", dtype=str, keep_default_na=False)
+    assert saved["price"].iloc[0] == "n/a" and len(saved) == len(photos)        # the sellers' cells as given
+
+
+def test_listings_are_labelled_by_the_head_of_now(art, demo_data, tmp_path, capsys):
+    """Before: hier_brand was written at index time, so after enrolling a new brand `similar
+    --same-brand` found none of its listings (the query said Zephyr, every listing an older brand)."""
+    shots = _shots(demo_data, "Cinder_Rook_2019_2023")
+    listings = tmp_path / "listings.csv"
+    others = sorted(demo_data.train_dir.glob("Aurora_*/*.jpg"))[:6]
+    pd.DataFrame({"listing_id": [f"S{i}" for i in range(len(shots))] + [f"O{i}" for i in range(len(others))],
+                  "image": shots + others}).to_csv(listings, index=False)
+    assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
+    assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--model", "Gale", "--max-base-drop", "100")[0] == 0
+    rec = Recognizer(art)
+    zephyr = [i for i, p in enumerate(rec.predict(shots)) if p.brand == "Zephyr"]
+    assert zephyr, "the enrolled class answers none of its own shots"
+    rows = rec.similar(shots[zephyr[0]], k=3, same_brand=True)
+    assert len(rows) >= 1 and set(rows["hier_brand"]) == {"Zephyr"} and rows["listing_id"][0] == f"S{zephyr[0]}"
+
+
+def test_enrolling_rewrites_the_heads_not_the_trunk_and_rows_follow_their_names(art, demo_data, capsys):
+    """Before: every enroll rewrote the whole model.safetensors (350 MB for a ConvNeXt-Base), and the
+    head rows were matched to taxonomy.csv by position. Now the trunk file is left as it is, and a
+    taxonomy.csv whose rows are reordered still gives each class its own row."""
+    trunk = art / artifact.WEIGHTS
+    stamp, data = fileio.file_stamp(trunk), trunk.read_bytes()
+    assert not any(k.startswith(artifact.HEAD_PARTS) for k in safetensors_keys(trunk))
+    assert _enroll(art, demo_data, capsys, "--brand", "Zephyr", "--model", "Gale")[0] == 0
+    assert fileio.file_stamp(trunk) == stamp and trunk.read_bytes() == data
+    assert (art / artifact.HEADS).stat().st_size < trunk.stat().st_size
+    photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[::5]
+    rec = Recognizer(art)
+    before = [(p.fine, round(p.p, 5)) for p in rec.predict(photos)]
+    before_order = rec.taxonomy.classes
+    table = pd.read_csv(art / artifact.TAXONOMY, dtype=str, keep_default_na=False)
+    table.iloc[::-1].to_csv(art / artifact.TAXONOMY, index=False)          # classes, models, brands reordered
+    assert Recognizer(art).taxonomy.classes[0] == before_order[-1]
+    assert [(p.fine, round(p.p, 5)) for p in Recognizer(art).predict(photos)] == before
+
+
+def safetensors_keys(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return list(f.keys())

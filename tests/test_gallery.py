@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import hier.index
-from hier import artifact, index
+from hier import artifact, fileio, index
 from hier.recognizer import Recognizer
 from hier.engine.predictor import Predictor
 from hier.errors import HierError
@@ -44,10 +44,10 @@ def calls(monkeypatch):
     def wrapped(*a, **k):
         predictor = real(*a, **k)
 
-        def call(images, progress=None):
+        def call(images, progress=None, **kw):
             Calls.n += 1
             Calls.before(Calls.n)
-            return predictor(images, progress)
+            return predictor(images, progress, **kw)
         return call
     monkeypatch.setattr(hier.index, "artifact_predictor", wrapped)
     return Calls
@@ -83,7 +83,7 @@ def test_a_reader_takes_the_lock_while_the_index_embeds(op, art, demo_data, tmp_
     t, box = _in_thread(index.build if op == "build" else index.add, art, folder)
     try:
         assert embedding.wait(60)
-        with artifact.locked(art, timeout=0.5):     # a reader (the service) gets in at once
+        with fileio.locked(art, timeout=0.5):     # a reader (the service) gets in at once
             net, tax = artifact.load(art)
     finally:
         go.set()
@@ -199,7 +199,7 @@ def test_a_sample_submission_that_does_not_fit_is_refused_before_predicting(case
 
 def test_read_sample_then_write_matches_writing_from_the_path(tiny_artifact, demo_data, tmp_path):
     from hier.data import read_test_csv
-    from hier.infer import read_sample, write_submission
+    from hier.competitions.hecto import read_sample, write_submission
     tax = artifact.load(tiny_artifact[0])[1]
     ids = read_test_csv(demo_data.test_csv).ids
     probs = np.random.default_rng(0).dirichlet(np.ones(len(tax)), len(ids))

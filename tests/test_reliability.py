@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from hier import artifact, enroll as enrollment, index
+from hier import artifact, enroll as enrollment, fileio, index
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.data import load_rgb, scan_folder
 from hier.errors import HierError
@@ -130,15 +131,19 @@ def test_add_shots_refused_without_prototypes(legacy_art, demo_data, capsys):
 
 # --- 2. concurrent writers ------------------------------------------------------------------------------
 
-def _hier(*args) -> subprocess.Popen:
+def _hier(*args, stderr=subprocess.PIPE) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "hier", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=stderr, text=True, env=env)
 
 
+@pytest.mark.slow
 def test_two_processes_writing_at_once_both_land(art, demo_data, tmp_path):
-    """Two `hier enroll` and two `hier index add` started together on one artifact: before the lock,
-    both enrolls exited 0 and one class was gone (3 of 3 trials), and index adds lost listings (6 of 6)."""
+    """Two `hier enroll` and two `hier index add` started together on one artifact while another
+    command holds its lock: each says it waits, none writes until the lock is free, then all land.
+    Before the lock, both enrolls exited 0 and one class was gone (3 of 3 trials), and index adds lost
+    listings (6 of 6)."""
+    from filelock import FileLock
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
     assert run_cli("index", "build", art, demo_data.train_dir / "Aurora_Nova_2015_2018")[0] == 0
     n0 = len(index.Gallery.load(art))
@@ -150,10 +155,25 @@ def test_two_processes_writing_at_once_both_land(art, demo_data, tmp_path):
             shutil.copy(p, folder / f"B{b}_{i}.jpg")
         batches.append(folder)
     shots = _photos(demo_data, "Cinder_Rook_2019_2023")[:4]
-    procs = [_hier("enroll", art, "--class", f"Zephyr_Gale{i}_2025_2025", "--brand", "Zephyr", *_imgs(shots))
-             for i in range(2)] + [_hier("index", "add", art, folder) for folder in batches]
-    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
-    assert all(code == 0 for *_, code in results), [err[-300:] for _, err, _ in results]
+    commands = [("enroll", art, "--class", f"Zephyr_Gale{i}_2025_2025", "--brand", "Zephyr", *_imgs(shots))
+                for i in range(2)] + [("index", "add", art, folder) for folder in batches]
+    logs = [tmp_path / f"stderr{i}.txt" for i in range(len(commands))]
+    before = artifact.read_config(art)
+    holder = FileLock(art / ".hier.lock", thread_local=False)
+    with ThreadPoolExecutor(1) as pool:           # the lock held as another command would
+        pool.submit(holder.acquire).result()
+        try:
+            procs = [_hier(*c, stderr=log.open("w")) for c, log in zip(commands, logs)]
+            deadline = time.monotonic() + 240
+            while not all("waiting for it" in log.read_text() for log in logs):
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), \
+                    [log.read_text()[-300:] for log in logs]
+                time.sleep(0.2)
+            assert artifact.read_config(art) == before                   # nobody wrote meanwhile
+        finally:
+            pool.submit(holder.release).result()
+    results = [p.communicate(timeout=300)[0:1] + (p.returncode,) for p in procs]
+    assert all(code == 0 for *_, code in results), [log.read_text()[-300:] for log in logs]
     net, tax = artifact.load(art)
     assert {"Zephyr_Gale0_2025_2025", "Zephyr_Gale1_2025_2025"} <= set(tax.classes)
     assert len(tax) == 14 and net.fine.weight.shape[0] == 14
@@ -165,7 +185,7 @@ def test_two_processes_writing_at_once_both_land(art, demo_data, tmp_path):
 
 def test_a_busy_artifact_is_refused_with_one_line_after_the_timeout(art, monkeypatch, capsys):
     from filelock import FileLock
-    monkeypatch.setattr(artifact, "LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(fileio, "LOCK_TIMEOUT", 0.2)
     holder = FileLock(art / ".hier.lock", thread_local=False)
     with ThreadPoolExecutor(1) as pool:        # another thread holds the lock, as another process would
         pool.submit(holder.acquire).result()
@@ -313,6 +333,7 @@ def test_a_run_interrupted_in_its_first_epoch_can_start_over(demo_data, tmp_path
     assert _one_line_error(code, err) and "not empty" in err
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_real_process_exits_130_and_the_run_resumes(demo_data, tmp_path):
     import signal
     import time

@@ -62,7 +62,8 @@ def test_similar_needs_an_index_then_returns_listings_with_photos(client, art, d
     thumb = client.get(rows[0]["photo_url"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
-    assert client.get("/listings/../../etc/passwd/photo").status_code == 404
+    escape = client.get("/listings/..%2F..%2F..%2Fetc%2Fpasswd/photo")      # reaches the handler as one id
+    assert escape.status_code == 404 and "no photo for listing '../../../etc/passwd'" in escape.json()["detail"]
     assert client.get("/health").json()["gallery"] is True
 
 
@@ -139,7 +140,7 @@ def test_bounded_load_test_on_loopback(art, demo_data):
         health = httpx.get(url + "/health").json()
     print(f"\nload test: {stats}")
     assert stats["requests"] == 2000 and stats["errors"] == 0, stats["first_error"]
-    assert stats["p95_ms"] >= stats["p50_ms"] > 0 and stats["throughput_rps"] > 0
+    assert stats["p95_ms"] < 10_000 and stats["throughput_rps"] > 2000 / 600     # no request near a stall
     assert health["batched_photos"] == 2000 and health["batches"] < 2000
 
 
@@ -153,6 +154,7 @@ def test_serve_refuses_a_port_in_use_in_one_line(art, capsys):
     assert code == 2 and "is not a hier artifact" in err
 
 
+@pytest.mark.slow
 def test_upload_page_in_headless_chromium(art, demo_data, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait

@@ -25,7 +25,7 @@ from conftest import run_cli
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from hier import HierError, Recognizer, artifact
+from hier import HierError, Recognizer, artifact, fileio
 from hier.cli.serve import check_listen
 from hier.serve import ADMIN_TOKEN_ENV, create_app
 
@@ -196,7 +196,7 @@ def test_enroll_checks_the_token_before_reading_the_body(art, monkeypatch):
 
 
 def _files(folder: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file() and f.name != artifact.LOCK}
+    return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file() and f.name != fileio.LOCK}
 
 
 def test_enroll_refuses_too_many_files_and_bad_numbers_leaving_the_artifact_as_it_was(art, demo_data, monkeypatch):
@@ -337,7 +337,7 @@ def test_the_service_answers_while_another_process_holds_the_artifact(art, demo_
         assert _post_photo(http, photo).status_code == 200
         holder = subprocess.Popen([sys.executable, "-c", (
             "import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); lock.acquire(); "
-            "print('held', flush=True); time.sleep(120)"), str(art / artifact.LOCK)], stdout=subprocess.PIPE, text=True)
+            "print('held', flush=True); time.sleep(120)"), str(art / fileio.LOCK)], stdout=subprocess.PIPE, text=True)
         try:
             assert holder.stdout.readline().strip() == "held"
             for name in (artifact.CONFIG, "gallery/listings.csv"):     # saved under the lock: new inodes

@@ -5,7 +5,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hier.errors import HierError
-from hier.taxonomy import REGISTRY, Taxonomy, load_equivalent_pairs, parse_class_name
+from hier.competitions.hecto import load_equivalent_pairs
+from hier.taxonomy import REGISTRY, Taxonomy, parse_class_name
 
 from conftest import SHARED
 

@@ -32,38 +32,38 @@ def enroll(
 
     r = Recognizer(artifact).enroll(name, images, brand, model, years, add_shots, min_shots, calibrate,
                                     max_base_drop)
-    c = r["class"]
-    dropped = f"; {r['duplicates']} duplicate photo(s) dropped" if r["duplicates"] else ""
-    if not r["added"]:
-        console.print(f"added nothing to {c!r}: every photo given is already one of its {r['total']} shot(s)",
+    c = r.name
+    dropped = f"; {r.duplicates} duplicate photo(s) dropped" if r.duplicates else ""
+    if not r.added:
+        console.print(f"added nothing to {c!r}: every photo given is already one of its {r.total} shot(s)",
                       markup=False)
         return
-    if r["base"]:
-        console.print(f"added {r['added']} shot(s) to base class {c!r} ({r['total']} in all{dropped}; "
+    if r.base:
+        console.print(f"added {r.added} shot(s) to base class {c!r} ({r.total} in all{dropped}; "
                       f"`hier unenroll --class {c!r}` takes them back out)", markup=False)
     else:
-        console.print((f"enrolled {c!r} from {r['added']} shot(s)" if r["new"] else
-                       f"added {r['added']} shot(s) to {c!r} ({r['total']} in all)")
-                      + f"{dropped}; {r['classes']} classes now"
-                      + (f" ({_offset(r['offset'])}: expected to cost at most {max_base_drop:g} point(s) "
-                         "of base accuracy)" if r["offset"] is not None else ""), markup=False)
-    near, own = r["near_duplicate"], r["own_shots_answered"]
+        console.print((f"enrolled {c!r} from {r.added} shot(s)" if r.new else
+                       f"added {r.added} shot(s) to {c!r} ({r.total} in all)")
+                      + f"{dropped}; {r.classes} classes now"
+                      + (f" ({_offset(r.offset)}: expected to cost at most {max_base_drop:g} point(s) "
+                         "of base accuracy)" if r.offset is not None else ""), markup=False)
+    near, own = r.near_duplicate, r.own_shots_answered
     if near:
         x = escape(repr(near["class"]))
         err.print(f"[yellow]warning:[/] {escape(repr(c))} looks like a near-duplicate of class {x} (similarity "
-                  f"{near['similarity']:.2f}); its offset costs it {r['offset_cost']:.0%} of its own shots "
+                  f"{near['similarity']:.2f}); its offset costs it {r.offset_cost:.0%} of its own shots "
                   f"({own:.0%} of them are answered as it). If they are photos of {x}, "
                   f"`hier unenroll --class {escape(repr(c))}` and add them to it with --add-shots",
                   highlight=False, soft_wrap=True)
-    elif not r["base"] and own < OWN_SHOTS:
+    elif not r.base and own < OWN_SHOTS:
         err.print(f"[yellow]warning:[/] {escape(repr(c))} is answered on only {own:.0%} of its own shots"
-                  + (f"; its {_offset(r['offset'])} costs it {r['offset_cost']:.0%} of them"
-                     if r["offset"] and r["offset"] > 0 else "") + "; more (and more varied) shots make it stronger",
+                  + (f"; its {_offset(r.offset)} costs it {r.offset_cost:.0%} of them"
+                     if r.offset and r.offset > 0 else "") + "; more (and more varied) shots make it stronger",
                   highlight=False, soft_wrap=True)
-    if not r["base"] and not r["calibrated"]:
+    if not r.base and not r.calibrated:
         err.print("[yellow]warning:[/] this artifact has no validation.npz (trained by an older hier), so the "
                   "new class's scores are not offset and it may take photos of known classes; retrain to bound that")
-    if r["head"] == "trained" and not r["mapped"]:
+    if r.head == "trained" and not r.mapped:
         err.print("[yellow]warning:[/] this artifact has no prototypes.npy (trained by an older hier), so the "
                   "shots were imprinted raw; retrain to enroll without hurting the base classes")
 
@@ -82,7 +82,7 @@ def unenroll(
     from hier.recognizer import Recognizer
 
     r = Recognizer(artifact).unenroll(name)
-    if r["base"]:
-        console.print(f"removed the added shots of base class {r['class']!r}; it is as trained again", markup=False)
+    if r.base:
+        console.print(f"removed the added shots of base class {r.name!r}; it is as trained again", markup=False)
     else:
-        console.print(f"removed {r['class']!r}; {r['classes']} classes now", markup=False)
+        console.print(f"removed {r.name!r}; {r.classes} classes now", markup=False)

@@ -1,4 +1,4 @@
-"""``hier index build/add/remove`` and ``hier similar``: the similar-listing gallery."""
+"""``hier index build/add/rebuild/remove`` and ``hier similar``: the similar-listing gallery."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,6 +57,24 @@ def index_add(
     with progress_bar(err) as progress:
         added, gallery = rec.index_add(table, progress)
     console.print(f"added {added}; {len(gallery)} in the index")
+
+
+@index_app.command("rebuild")
+def index_rebuild(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    kind: Annotated[str | None, typer.Option("--index", help="flat | ivf | hnsw (default: the gallery's)")] = None,
+):
+    """Embed the gallery's listings again with the artifact's current weights (after `hier train --resume`)."""
+    from hier.index import factory_string
+    from hier.recognizer import Recognizer
+    from hier.engine.trainer import progress_bar
+
+    if kind is not None:
+        factory_string(kind, 1)
+    rec = Recognizer(artifact)
+    with progress_bar(err) as progress:
+        gallery = rec.index_rebuild(kind, progress)
+    console.print(f"re-embedded {len(gallery)} listing image(s) ({gallery.kind}) in {artifact}/gallery")
 
 
 @index_app.command("remove")

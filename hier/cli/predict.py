@@ -33,9 +33,9 @@ def predict(
         help="Also save each photo's class-activation map (top-1 answer) as DIR/<photo>.png")] = None,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
-    from hier.artifact import atomic_write
+    from hier.fileio import atomic_write
     from hier.data import image_files, read_test_csv
-    from hier.infer import read_sample
+    from hier.competitions.hecto import read_sample
     from hier.recognizer import Recognizer
     from hier.engine.trainer import progress_bar
 

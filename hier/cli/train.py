@@ -71,7 +71,7 @@ def evaluate(
     as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
     layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
 ):
-    """Log loss, top-1/top-5, brand/model/full-path accuracy, inconsistency, ECE before/after T."""
+    """Log loss, top-1/top-5 and brand/model accuracy of the answers, ECE before/after T."""
     check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
     from hier.recognizer import Recognizer
     from hier.engine.trainer import progress_bar
@@ -99,7 +99,7 @@ def demo(
     check_number("--epochs", epochs, 1, 1000, integer=True)         # every check before anything is drawn
     check_number("--img-size", img_size, 32, 1024, integer=True)
     check_number("--images-per-class", images_per_class, DEMO_MIN_IMAGES, 1000, integer=True)
-    from hier.demo import claim_demo_folder, finish_demo_folder, make_demo_dataset
+    from hier.data.synthetic import claim_demo_folder, finish_demo_folder, make_demo_dataset
     from hier.recognizer import Recognizer
 
     if claim_demo_folder(out):

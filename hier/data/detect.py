@@ -15,8 +15,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from hier import artifact
-from hier.artifact import file_md5 as md5
+from hier import fileio
+from hier.fileio import file_md5 as md5
 from hier.data import Crop, image_files, to_rgb
 from hier.errors import HierError
 
@@ -90,7 +90,7 @@ class CarDetector:
         if todo:
             self.cache_file.parent.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self._cache)
-            artifact.atomic_write(self.cache_file, lambda p: p.write_text(text, encoding="utf-8"))
+            fileio.atomic_write(self.cache_file, lambda p: p.write_text(text, encoding="utf-8"))
         return [tuple(self._cache[k]) if self._cache[k] else None for k in keys]
 
     def _largest(self, result, shape) -> list | None:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import importlib.util
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hier import artifact
+from hier import artifact, fileio
 from hier.data import ImageDataset, eval_transform, loader
 from hier.errors import HierError
-from hier.metrics import softmax
+from hier.metrics import answer_class, softmax
 from hier.models import HierNet
 
 
@@ -26,8 +27,8 @@ def device() -> str:
 
 
 class Predictor:
-    """``Predictor(net)(images)`` -> {"joint", "fine", "model", "brand", "embedding", "probs"} (and
-    ``trained``, the trained head's joint, when the class statistics serve).
+    """``Predictor(net)(images)`` -> {"joint", "fine", "model", "brand", "embedding", "probs", "answer"}
+    (and ``trained``, the trained head's joint, when the class statistics serve).
 
     ``images``: paths, ``Crop`` boxes, PIL images or uint8 arrays. With TTA (the artifact's ``cfg.tta``
     unless overridden) the flipped view is added: joint scores are averaged as log-probabilities (a
@@ -60,13 +61,15 @@ class Predictor:
         return [self.net.embed(v) for v in ([x, x.flip(3)] if self.tta else [x])]
 
     @torch.no_grad()
-    def __call__(self, images: list, progress=None) -> dict[str, np.ndarray]:
+    def batches(self, images: list, progress=None) -> Iterator[dict[str, np.ndarray]]:
+        """The outputs batch by batch (``__call__``'s keys), so a caller that keeps only some of them
+        never holds every photo's logits (a gallery of 1M photos: the embeddings, not 6 GB of scores)."""
         net, cfg = self.net, self.net.cfg
         dev = next(net.parameters()).device
         data = loader(ImageDataset(list(images), None, eval_transform(cfg.img_size, cfg.mean, cfg.std), cfg.img_size),
                       self.batch_size, workers=self.workers)
         task = progress.add_task("predict", total=len(images), info="") if progress else None
-        chunks: dict[str, list] = {}
+        maps = (net.fine_to_model.cpu().numpy(), net.fine_to_brand.cpu().numpy())
         for x, _ in data:
             zs = self._embeddings(x.to(dev))
             outs = [net.heads(z) for z in zs]
@@ -74,15 +77,29 @@ class Predictor:
             for k in [k for k in ("joint", "trained") if k in outs[0]]:
                 out[k] = torch.stack([torch.log_softmax(o[k], 1) for o in outs]).mean(0) if self.tta else outs[0][k]
             out["embedding"] = F.normalize(torch.stack(zs).mean(0), dim=1)
-            for k, v in out.items():
-                chunks.setdefault(k, []).append(v.float().cpu().numpy())
+            out = {k: v.float().cpu().numpy() for k, v in out.items()}
+            out["probs"] = softmax(out["joint"], cfg.temperature)
+            out["answer"] = answer_class(out["probs"], *maps)          # ``metrics.answer``'s fine class
             if progress:
                 progress.advance(task, len(x))
-        if not chunks:
-            return {}
-        out = {k: np.concatenate(v) for k, v in chunks.items()}
-        out["probs"] = softmax(out["joint"], cfg.temperature)
-        return out
+            yield out
+
+    def __call__(self, images: list, progress=None, keep: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """Every photo's outputs, concatenated; ``keep`` names the ones to hold (all by default)."""
+        chunks: dict[str, list] = {}
+        for out in self.batches(images, progress):
+            for k, v in out.items():
+                if keep is None or k in keep:
+                    chunks.setdefault(k, []).append(v)
+        return {k: np.concatenate(v) for k, v in chunks.items()}
+
+    @torch.no_grad()
+    def probs_of(self, embeddings: np.ndarray) -> np.ndarray:
+        """Calibrated fine-class probabilities of stored embeddings (a gallery's listings, answered again
+        by the head of now): the heads on the (view-averaged) embedding, the artifact's temperature."""
+        dev = next(self.net.parameters()).device
+        joint = self.net.heads(torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)).to(dev))["joint"]
+        return softmax(joint.float().cpu().numpy(), self.net.cfg.temperature)
 
 
 class ViewEmbedder(torch.nn.Module):
@@ -108,20 +125,19 @@ def export_onnx(net: HierNet, path: Path) -> None:
                           dynamic_axes={"images": {0: "n"}, "embeddings": {1: "n"}})
 
 
-ONNX = "model.onnx"
 BACKENDS = ("auto", "torch", "onnx")
 
 
 def export(path: str | Path) -> Path:
     """``hier export``: ARTIFACT/model.onnx, with the fingerprint of the weights it holds in config.json."""
     path = Path(path)
-    with artifact.locked(path):
+    with fileio.locked(path):
         net, _ = artifact.load(path)
         config = artifact.read_config(path)
-        config["onnx"] = {"file": ONNX, "fingerprint": net.fingerprint(), "views": 2 if net.cfg.tta else 1}
-        artifact.atomic_write_all({path / ONNX: lambda p: export_onnx(net, p),
-                                   path / artifact.CONFIG: lambda p: artifact.write_json(p, config)})
-    return path / ONNX
+        config["onnx"] = {"file": artifact.ONNX, "fingerprint": net.fingerprint(), "views": 2 if net.cfg.tta else 1}
+        fileio.atomic_write_all({path / artifact.ONNX: lambda p: export_onnx(net, p),
+                                   path / artifact.CONFIG: lambda p: fileio.write_json(p, config)})
+    return path / artifact.ONNX
 
 
 def choose_backend(requested: str, export_fresh: bool, providers: list[str], device: str) -> tuple[str, tuple]:
@@ -162,9 +178,9 @@ def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **
     if backend == "torch":
         return Predictor(net, **kw)
     saved = artifact.read_config(path).get("onnx", {})
-    fresh = (path / ONNX).is_file() and saved.get("fingerprint") == net.fingerprint()
+    fresh = (path / artifact.ONNX).is_file() and saved.get("fingerprint") == net.fingerprint()
     try:
         kind, providers = choose_backend(backend, fresh, onnx_providers(), str(next(net.parameters()).device))
     except HierError as e:
         raise HierError(f"{path}: {e}") from None
-    return Predictor(net, onnx=path / ONNX, providers=providers, **kw) if kind == "onnx" else Predictor(net, **kw)
+    return Predictor(net, onnx=path / artifact.ONNX, providers=providers, **kw) if kind == "onnx" else Predictor(net, **kw)

@@ -18,17 +18,19 @@ import torch
 from rich.console import Console
 from sklearn.metrics import log_loss
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 
-from hier import artifact
+from hier import artifact, fileio
+from hier.artifact import GALLERY, ONNX
 from hier.data.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError, HierWarning, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine.predictor import Predictor
 from hier.data.readers import create_reader
-from hier.metrics import evaluate_probs, fit_temperature, softmax
+from hier.metrics import answer, evaluate_probs, fit_temperature, softmax
 from hier.models import HierNet, HierTask, ModelConfig
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.taxonomy import Taxonomy
@@ -132,6 +134,17 @@ def prepare(data_dir: str | Path, taxonomy: Taxonomy | None, layout: str = "auto
     return images, taxonomy.subset([c for c in taxonomy.classes if c in set(names)])
 
 
+def param_groups(model: HierNet, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: the trunk at ``lr``, the embedding and heads at ``head_lr``, each split by timm's
+    rule into decayed weights and undecayed biases, norm layers and ``model.no_weight_decay()`` (the
+    cosine heads' scales): weight decay no longer pulls those toward 0. Trunk groups first, so group
+    0's lr is the trunk's (``log.csv``)."""
+    trunk = {id(p) for p in model.trunk.parameters()}
+    by_decay = param_groups_weight_decay(model, cfg.weight_decay, model.no_weight_decay())
+    return [{**g, "params": ps, "lr": lr} for in_trunk, lr in ((True, cfg.lr), (False, cfg.head_lr)) for g in by_decay
+            if (ps := [p for p in g["params"] if (id(p) in trunk) == in_trunk])]
+
+
 class Trainer:
     def __init__(self, model: HierNet, taxonomy: Taxonomy, cfg: TrainConfig, out: Path,
                  console: Console | None = None):
@@ -144,10 +157,7 @@ class Trainer:
         self.task = HierTask(model, cfg.smoothing, cfg.aux)
         if self.dev == "cuda":
             self.model.to(memory_format=torch.channels_last)
-        head_params = [p for n, p in model.named_parameters() if not n.startswith("trunk.") and p.requires_grad]
-        trunk_params = [p for n, p in model.named_parameters() if n.startswith("trunk.") and p.requires_grad]
-        self.opt = torch.optim.AdamW([{"params": trunk_params, "lr": cfg.lr},
-                                      {"params": head_params, "lr": cfg.head_lr}], weight_decay=cfg.weight_decay)
+        self.opt = create_optimizer_v2(param_groups(model, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
         self.epoch, self.updates, self.best, self.history = 0, 0, float("inf"), []
@@ -230,7 +240,7 @@ class Trainer:
                     logits = self.validate(val_paths, val_feats, tf_eval)
                     row.update(val_log_loss=float(log_loss(val_y, softmax(logits["joint"]),
                                                            labels=np.arange(len(self.taxonomy)))),
-                               val_top1=float((logits["joint"].argmax(1) == val_y).mean()))
+                               val_top1=float((answer(softmax(logits["joint"]), self.taxonomy)[2] == val_y).mean()))
                 progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
                 self.epoch = epoch + 1
                 self._end_epoch(row)
@@ -264,7 +274,7 @@ class Trainer:
                 w = csv.DictWriter(f, fieldnames=list(self.history[-1].keys()))
                 w.writeheader()
                 w.writerows(self.history)
-        artifact.atomic_write(self.out / "log.csv", write_log)
+        fileio.atomic_write(self.out / "log.csv", write_log)
         score = row.get("val_log_loss", -row["epoch"])     # no validation: the last epoch is the best
         if score < self.best:
             self.best = score
@@ -272,12 +282,16 @@ class Trainer:
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
                  "epoch": self.epoch, "updates": self.updates, "best": self.best, "history": self.history}
-        artifact.atomic_write(self.out / CHECKPOINT, lambda p: _torch_save(state, p))
+        fileio.atomic_write(self.out / CHECKPOINT, lambda p: _torch_save(state, p))
 
     def load_checkpoint(self) -> None:
         state = torch.load(self.out / CHECKPOINT, map_location=self.dev, weights_only=False)
         self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["opt"])
+        try:
+            self.opt.load_state_dict(state["opt"])
+        except ValueError:          # a checkpoint of an older hier: two parameter groups, not four
+            warnings.warn(f"{self.out / CHECKPOINT} was written by an older hier: the run goes on from its weights "
+                          "with a fresh optimizer state (AdamW moments restart)", HierWarning, stacklevel=2)
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
@@ -302,7 +316,7 @@ class Trainer:
             files[STATISTICS] = stats.save
         else:                        # the trained head serves: enrollment maps prototypes into its frame
             means = class_means(z, np.asarray(train_y), len(self.taxonomy))
-            files[PROTOTYPES] = lambda p: artifact.save_npy(p, means)
+            files[PROTOTYPES] = lambda p: fileio.save_npy(p, means)
         statistics_s = time.time() - t
         if not len(val_paths):
             artifact.save(self.out, best, self.taxonomy, files=files)
@@ -321,7 +335,7 @@ class Trainer:
         metrics.update(head=best.cfg.head, statistics_s=round(statistics_s, 3), temperature=best.cfg.temperature,
                        best_epoch=artifact.read_config(self.out)["metrics"].get("best_epoch"))
         artifact.save(self.out, best, self.taxonomy, metrics, files=files)
-        artifact.atomic_write(self.out / "metrics.json", lambda p: artifact.write_json(p, metrics))
+        fileio.atomic_write(self.out / "metrics.json", lambda p: fileio.write_json(p, metrics))
         return metrics
 
 
@@ -330,6 +344,17 @@ def _torch_save(obj, path: Path) -> None:
     RuntimeError; a file object's write raises OSError(ENOSPC), which ``atomic_write`` reports."""
     with path.open("wb") as f:
         torch.save(obj, f)
+
+
+def resume_invalidates(out: Path) -> list[str]:
+    """What was made with the current weights and must be made again after a resumed run: the gallery's
+    vectors (refused until rebuilt) and the ONNX export (ignored while stale)."""
+    stale = []
+    if (out / GALLERY / "index.faiss").is_file():
+        stale.append(f"{out}/{GALLERY} will be refused until `hier index rebuild {out}` re-embeds it")
+    if (out / ONNX).is_file():
+        stale.append(f"{out}/{ONNX} will be ignored (eager PyTorch runs) until `hier export {out}`")
+    return stale
 
 
 def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
@@ -359,7 +384,7 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         if enrolled:
             raise HierError(f"{out} has {len(enrolled)} enrolled class(es) (e.g. {enrolled[0]!r}) whose rows were "
                             "made for the current weights; `hier unenroll` them first, or train into a new --out")
-        saved = artifact.read_json(out / "train.json")
+        saved = fileio.read_json(out / "train.json")
         model_cfg = ModelConfig.from_dict(saved["model"])
         cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
         if taxonomy is None and (out / artifact.TAXONOMY).is_file():
@@ -387,7 +412,7 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
     run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir)}
 
     def write_run() -> None:
-        artifact.atomic_write(out / "train.json", lambda p: artifact.write_json(p, run))
+        fileio.atomic_write(out / "train.json", lambda p: fileio.write_json(p, run))
     if not resume:
         write_run()          # first: a run stopped in its first epoch is recognised by it
     trainer = Trainer(model, taxonomy, cfg, out, console)
@@ -396,5 +421,7 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
     if resume:
         trainer.load_checkpoint()
         write_run()          # only once the checkpoint fits: a refused resume leaves train.json as it was
+        for stale in resume_invalidates(out):
+            trainer.console.print(f"[yellow]--resume changes the weights: {stale}[/]", soft_wrap=True)
     paths = images.paths
     return trainer.fit([paths[i] for i in tr], y[tr], [paths[i] for i in va], y[va])

@@ -242,6 +242,13 @@ class HierNet(nn.Module):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.embed_features(self.frozen_features(x))
 
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names weight decay must leave alone (timm's convention): the cosine heads' learned
+        scales and whatever the trunk names itself (position embeddings of a ViT)."""
+        own = {n for n, _ in self.named_parameters() if n.endswith("log_scale")}
+        trunk = getattr(self.trunk, "no_weight_decay", lambda: set())()
+        return own | {f"trunk.{n}" for n in trunk}
+
     def trained_heads(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
         """The trained cosine heads and their joint fine score (what training fits)."""
         fine, model, brand = self.fine(z), self.model(z), self.brand(z)

@@ -26,11 +26,11 @@ from sklearn.metrics import confusion_matrix, log_loss
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hier import artifact  # noqa: E402
+from hier import fileio  # noqa: E402
 from hier.data import to_rgb  # noqa: E402
 from hier.data.readers import create_reader  # noqa: E402
 from hier.errors import HierError  # noqa: E402
-from hier.metrics import decode, evaluate_probs, softmax  # noqa: E402
+from hier.metrics import answer, evaluate_probs, softmax  # noqa: E402
 from hier.report.cam import grad_cam, overlay  # noqa: E402
 
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.05), 2)
@@ -52,7 +52,8 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
                         f"e.g. {images.labels[0]!r}); is it the right artifact?")
     paths = [images.paths[i] for i in known]
     labels = [images.labels[i] for i in known]
-    scores, tax = rec._embed(paths, progress)         # the taxonomy of the very weights that answered
+    scores, snap = rec._embed(paths, progress)         # the taxonomy of the very weights that answered
+    tax = snap.taxonomy
     y = np.array([tax.class_index[c] for c in labels])
     probs, logits = scores["probs"], scores["joint"]
 
@@ -60,7 +61,7 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))     # nothing half-written in out
-        metrics = _write(rec, tax, data, tmp, images, paths, probs, logits, y, cams, pairs)
+        metrics = _write(rec.path, snap, data, tmp, images, paths, probs, logits, y, cams, pairs)
         _seal(tmp)
         _swap(tmp, out, given)
     except OSError as e:         # disk full, read-only or unwritable folder: out is as it was
@@ -134,9 +135,9 @@ def _seal(folder: Path) -> None:
     from hier import __version__
     (folder / MARKER).write_text(json.dumps({"hier": __version__, "files": files}, indent=1, ensure_ascii=False),
                                  encoding="utf-8")
-    os.chmod(folder, 0o777 & ~artifact.UMASK)
+    os.chmod(folder, 0o777 & ~fileio.UMASK)
     for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~artifact.UMASK)
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~fileio.UMASK)
 
 
 def _swap(new: Path, out: Path, given) -> None:
@@ -160,24 +161,24 @@ def _swap(new: Path, out: Path, given) -> None:
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _write(rec, tax, data, tmp: Path, images, paths, probs, logits, y, cams: int, pairs: int) -> dict:
-    page = _Page(tmp)
+def _write(artifact_dir: Path, snap, data, tmp: Path, images, paths, probs, logits, y, cams: int, pairs: int) -> dict:
+    page, tax = _Page(tmp), snap.taxonomy
     metrics = _metrics(probs, logits, y, tax)
     metrics["images"], metrics["unknown_class_images"] = len(y), len(images.paths) - len(y)
-    metrics["skipped"], metrics["temperature"] = images.skipped_message(), rec.net.cfg.temperature
+    metrics["skipped"], metrics["temperature"] = images.skipped_message(), snap.net.cfg.temperature
     classes = _per_class(probs, y, tax)
     confused = _confused_pairs(probs, y, tax, paths, page, pairs)
     page.figure("confusion_brand.png", _confusion_brand, probs, y, tax)
     page.figure("confusion_fine_block.png", _confusion_block, probs, y, tax, confused)
-    page.figure("reliability.png", _reliability, logits, probs, y, rec.net.cfg.temperature)
+    page.figure("reliability.png", _reliability, logits, probs, y, snap.net.cfg.temperature)
     coverage = _coverage(probs, y, tax)
     page.figure("coverage.png", _plot_coverage, coverage)
-    examples = _cams(rec.net, paths, probs, y, tax, page, cams)
+    examples = _cams(snap.net, paths, probs, y, tax, page, cams)
     metrics.update(worst_classes=classes[:15], confused_pairs=[{k: v for k, v in p.items() if k != "png"}
                                                                for p in confused], coverage=coverage)
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=1, ensure_ascii=False, default=float),
                                       encoding="utf-8")
-    html = _template().render(artifact=str(rec.path), data=str(data), m=metrics, classes=classes[:15],
+    html = _template().render(artifact=str(artifact_dir), data=str(data), m=metrics, classes=classes[:15],
                               pairs=confused, examples=examples, figures=page.figures, levels=LEVELS)
     (tmp / "index.html").write_text(html, encoding="utf-8")
     return metrics
@@ -215,7 +216,7 @@ def _metrics(probs, logits, y, tax) -> dict:
 
 def _per_class(probs, y, tax) -> list[dict]:
     """Classes by accuracy, worst first, with their most frequent wrong answer."""
-    pred = probs.argmax(1)
+    pred = answer(probs, tax)[2]
     rows = []
     for c in np.unique(y):
         hit = pred[y == c] == c
@@ -234,7 +235,7 @@ def _thumb(path, size: int = 160) -> Image.Image:
 def _confused_pairs(probs, y, tax, paths, page: _Page, n: int) -> list[dict]:
     """The n most frequent (true, answered) pairs, each with a photo of the true class taken for the
     other beside a photo of the other class (when the data has one). Same model, other years: flagged."""
-    pred = probs.argmax(1)
+    pred = answer(probs, tax)[2]
     wrong = pred != y
     pairs, counts = np.unique(np.stack([y[wrong], pred[wrong]], 1), axis=0, return_counts=True) \
         if wrong.any() else (np.zeros((0, 2), int), np.zeros(0, int))
@@ -270,7 +271,7 @@ def _matrix_figure(cm: np.ndarray, names: list[str], title: str):
 
 
 def _confusion_brand(probs, y, tax):
-    brand, _, _ = decode(probs, tax)
+    brand, _, _ = answer(probs, tax)
     used = np.unique(np.concatenate([tax.fine_to_brand[y], brand]))
     cm = confusion_matrix(tax.fine_to_brand[y], brand, labels=used)
     return _matrix_figure(cm, [tax.brands[b] for b in used], "brand confusion (rows: share of the true brand)")
@@ -282,7 +283,7 @@ def _confusion_block(probs, y, tax, confused: list[dict], size: int = 30):
     if not names:
         names = [tax.classes[c] for c in np.unique(y)[:size]]
     idx = [tax.class_index[c] for c in names]
-    pred = probs.argmax(1)
+    pred = answer(probs, tax)[2]
     keep = np.isin(y, idx)
     cm = confusion_matrix(y[keep], pred[keep], labels=idx)
     return _matrix_figure(cm, names, f"fine classes of the most confused pairs ({len(names)})")
@@ -305,8 +306,8 @@ def _reliability(logits, probs, y, temperature: float):
 
 def _coverage(probs, y, tax) -> dict:
     """Per threshold: share answered and precision when answering only above it, per level; and
-    back-off (answer the fine class, else its model, else its brand, when sure enough)."""
-    brand, model, fine = decode(probs, tax)
+    back-off (the answer's fine class, else its model, else its brand, when sure enough)."""
+    brand, model, fine = answer(probs, tax)
     model_p, brand_p = tax.marginals(probs)
     n = np.arange(len(y))
     conf = {"fine": probs[n, fine], "model": model_p[n, model], "brand": brand_p[n, brand]}
@@ -341,7 +342,7 @@ def _plot_coverage(coverage: dict):
 
 def _cams(net, paths, probs, y, tax, page: _Page, n: int) -> list[dict]:
     """Activation maps of the top-1 answer for up to n right and n wrong photos (evenly sampled)."""
-    pred = probs.argmax(1)
+    pred = answer(probs, tax)[2]
     out = []
     for kind, where in (("right", np.flatnonzero(pred == y)), ("wrong", np.flatnonzero(pred != y))):
         pick = where[np.linspace(0, len(where) - 1, min(n, len(where))).astype(int)] if len(where) else []

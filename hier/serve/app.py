@@ -27,7 +27,6 @@ import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
 from functools import lru_cache
 from io import BytesIO
 from pathlib import Path
@@ -54,7 +53,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hier.artifact import locked
+from hier.fileio import locked
 from hier.data import NOT_IMAGE, TOO_LARGE, UNREADABLE, UploadRefused, decode_upload, pil_rgb
 from hier.enroll import MAX_BASE_DROP
 from hier.errors import HierError, check_number
@@ -481,7 +480,7 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
                 paths = [Path(tmp) / f"shot{i}.png" for i in range(len(shots))]
                 for path, image in zip(paths, shots):
                     Image.fromarray(image).save(path)
-                return rec.enroll(name, paths, brand, model, years, max_base_drop=max_base_drop)
+                return rec.enroll(name, paths, brand, model, years, max_base_drop=max_base_drop).to_dict()
         return await model_lane.run(lambda: in_model_thread(enroll_shots), bounded=False)
 
     app.include_router(admin)
@@ -508,6 +507,6 @@ def _thumbnail(path: str, stamp: tuple) -> bytes | None:
 
 
 def _answer(prediction) -> dict:
-    out = asdict(prediction)
+    out = prediction.to_dict()
     out.pop("image")
     return out

@@ -1,4 +1,10 @@
-"""Competition submissions, per-image top-k answers and ensembles of probability matrices."""
+"""The 2025 Hecto used-car challenge (Dacon): its submission file and the class pairs it scores as one.
+
+A submission is one row per test ID in the sample file's row order, one column per class in its column
+order, probabilities floored at ``EPS`` (log loss punishes a confident 0 without limit) and written in
+the sample's encoding (UTF-8 with BOM). The organiser scores five pairs of classes as one
+(``registry/hecto2025_equivalent.csv``).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,12 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy.special import log_softmax
 
-from hier.artifact import atomic_write
 from hier.data import read_table, require_cells
 from hier.errors import HierError
-from hier.taxonomy import Taxonomy, nfc
+from hier.fileio import atomic_write
+from hier.taxonomy import Taxonomy, nfc, read_registry
 
 EPS = 1e-6   # submission floor: log loss punishes a confident 0 without limit
 
@@ -73,21 +78,9 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
     return table
 
 
-def top_k(probs: np.ndarray, taxonomy: Taxonomy, paths: list, k: int = 5) -> pd.DataFrame:
-    """One row per (image, rank): class, brand, model, years, P(class) and its P(model), P(brand)."""
-    model_p, brand_p = taxonomy.marginals(probs)
-    rows = []
-    for i, path in enumerate(paths):
-        for rank, c in enumerate(np.argsort(-probs[i])[:k], 1):
-            r = taxonomy.row(taxonomy.classes[c])
-            m, b = taxonomy.fine_to_model[c], taxonomy.fine_to_brand[c]
-            rows.append({"image": str(path), "rank": rank, "class": r["class"], "brand": r["brand"],
-                         "model": r["model"], "years": taxonomy.years(r["class"]),
-                         "p": float(probs[i, c]), "p_model": float(model_p[i, m]), "p_brand": float(brand_p[i, b])})
-    return pd.DataFrame(rows)
-
-
-def geometric_mean(prob_list: list[np.ndarray]) -> np.ndarray:
-    """Ensemble of probability matrices as a normalised geometric mean (mean of log-probabilities)."""
-    logp = np.mean([np.log(np.clip(p, 1e-12, 1)) for p in prob_list], axis=0)
-    return np.exp(log_softmax(logp, axis=1))
+def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
+    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``)."""
+    table = read_registry(path)
+    if list(table.columns[:2]) != ["class_a", "class_b"]:
+        raise HierError(f"{path}: expected columns class_a,class_b")
+    return list(zip(table["class_a"].map(nfc), table["class_b"].map(nfc)))

@@ -1,0 +1,1 @@
+"""Competition formats: each one's submission writer and scoring rules (``hecto``)."""

@@ -161,7 +161,10 @@ class Gallery:
                 found = ids[0][ids[0] >= 0]
                 rows = by_id.loc[found].assign(**{SIMILARITY: sims[0][ids[0] >= 0]}).reset_index()
                 if labels is not None and len(found):
-                    rows = rows.assign(**labels(self.vectors(found)))
+                    try:
+                        rows = rows.assign(**labels(self.vectors(found)))
+                    except RuntimeError:     # an index that cannot give its vectors back: labels as indexed
+                        labels = None
                 if where is not None:
                     rows = rows[where(rows)]
                 if len(rows) >= k or depth >= len(self):

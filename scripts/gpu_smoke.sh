@@ -31,10 +31,10 @@ except ImportError:
     print("onnxruntime: not installed (the export runs in PyTorch)")
 EOF
 
-python -c "from pathlib import Path; from hier.data.synthetic import make_demo_dataset; make_demo_dataset(Path('$WORK/data'), 24, 4)"
+python -c "from pathlib import Path; from hier.data.synthetic import make_demo_dataset; make_demo_dataset(Path('$WORK/data'), 12, 2)"
 ART="$WORK/art"
 set -x
-hier train "$WORK/data/train" --out "$ART" --taxonomy "$WORK/data/taxonomy.csv" --epochs 1 --pretrained none --amp
+hier train "$WORK/data/train" --out "$ART" --taxonomy "$WORK/data/taxonomy.csv" --epochs 1 --pretrained none --img-size 128 --amp
 hier export "$ART"
 for backend in auto torch onnx; do
   hier predict "$ART" "$WORK/data/test" --topk 2 --backend "$backend" --format csv > "$WORK/predict_$backend.csv"

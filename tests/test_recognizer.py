@@ -172,8 +172,9 @@ def test_a_photo_given_twice_gets_its_own_rows_once(art, demo_data):
     preds = Recognizer(art).predict([a, np.asarray(Image.open(b).convert("RGB")), a], topk=3)
     assert [p.image for p in preds] == [str(a), "<image 1>", str(a)]
     assert [len(p.topk) for p in preds] == [3, 3, 3]
-    assert preds[0].topk == preds[2].topk and [r["rank"] for r in preds[0].topk] == [1, 2, 3]
-    assert preds[0].fine == preds[2].fine and preds[0].p == preds[2].p
+    assert [r["class"] for r in preds[0].topk] == [r["class"] for r in preds[2].topk]
+    assert [r["rank"] for r in preds[0].topk] == [1, 2, 3]        # (p equal to float noise: batch positions)
+    assert preds[0].fine == preds[2].fine and preds[0].p == pytest.approx(preds[2].p, abs=1e-5)
     assert len(preds.to_frame()) == 9
 
 

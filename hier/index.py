@@ -194,8 +194,12 @@ class Gallery:
         if not (folder / "index.faiss").is_file():
             raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
         with fileio.locked(artifact_dir):
-            listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
-            index = faiss.read_index(str(folder / "index.faiss"))
+            try:
+                listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
+                index = faiss.read_index(str(folder / "index.faiss"))
+            except (OSError, RuntimeError, ValueError) as e:      # a missing, cut or foreign file
+                raise HierError(f"{folder} is damaged ({str(e).splitlines()[0][:120]}); build it again with "
+                                f"`hier index build {artifact_dir} LISTINGS`") from None
             meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
             weights = artifact.read_config(artifact_dir).get("fingerprint")
         if meta is None:        # written before hier_* columns: id/class/brand/model/kind were hier's
@@ -339,7 +343,11 @@ def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) ->
     if not (folder / "index.faiss").is_file():
         raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
     with fileio.locked(artifact_dir):
-        listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
+        try:
+            listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
+        except (OSError, ValueError) as e:
+            raise HierError(f"{folder} has no readable listings.csv ({str(e).splitlines()[0][:120]}); build it again "
+                            f"with `hier index build {artifact_dir} LISTINGS`") from None
         meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else {}
     if "image" not in listings:
         raise HierError(f"{folder}/listings.csv has no image column (a gallery of an older hier): build it "

@@ -312,3 +312,19 @@ def safetensors_keys(path):
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         return list(f.keys())
+
+
+@pytest.mark.parametrize("damage", ["listings.csv gone", "index.faiss cut short"])
+def test_a_damaged_gallery_is_one_line(damage, art, demo_data, capsys):
+    """A gallery folder missing a file, or with its index cut short: one line naming the rebuild
+    (it was a FileNotFoundError / RuntimeError traceback)."""
+    folder = demo_data.train_dir / "Aurora_Nova_2015_2018"
+    assert run_cli("index", "build", art, folder, capsys=capsys)[0] == 0
+    if damage == "listings.csv gone":
+        (art / "gallery" / "listings.csv").unlink()
+    else:
+        index = art / "gallery" / "index.faiss"
+        index.write_bytes(index.read_bytes()[:100])
+    code, _, err = run_cli("similar", art, sorted(folder.glob("*.jpg"))[0], capsys=capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "is damaged" in lines[0] and "hier index build" in lines[0], err

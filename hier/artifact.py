@@ -122,12 +122,14 @@ def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
             state = load_file(path / WEIGHTS)
             if (path / HEADS).is_file():            # else the one-file layout of older artifacts
                 state.update(_heads_by_name(path / HEADS, taxonomy))
-        except (SafetensorError, json.JSONDecodeError) as e:
+        except (SafetensorError, json.JSONDecodeError, IndexError, TypeError, ValueError) as e:
             raise HierError(f"{path} is damaged: its weights do not read ({str(e)[:120]}); copy it again or "
                             "retrain") from None
         statistics = ClassStatistics.load(path / STATISTICS) if (path / STATISTICS).is_file() else None
     model = HierNet(ModelConfig.from_dict(config["model"]), taxonomy, pretrained="none")
     model.offsets = {e["class"]: e["offset"] for e in config.get("enrolled", []) if e.get("offset")}
+    if not (path / HEADS).is_file() and not any(k.startswith(HEAD_PARTS) for k in state):
+        raise HierError(f"{path} is damaged: {HEADS} is missing (the head rows); copy the artifact again")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

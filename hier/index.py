@@ -20,6 +20,7 @@ once both land.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,7 +31,7 @@ import pandas as pd
 from hier import artifact, fileio
 from hier.artifact import GALLERY
 from hier.data import image_files, read_table, refuse_listed, first_repeat, require_cells
-from hier.errors import HierError
+from hier.errors import HierError, HierWarning
 from hier.metrics import path_of
 from hier.engine.predictor import artifact_predictor, device
 
@@ -152,6 +153,9 @@ class Gallery:
         gallery is exhausted."""
         if k < 1:
             raise HierError(f"k must be at least 1, not {k}")
+        if not len(self):                    # every listing removed: nothing is near
+            return [self.listings.iloc[:0].assign(**{SIMILARITY: pd.Series(dtype=np.float32)})
+                    for _ in np.atleast_2d(queries)]
         by_id = self._by_id()
         out = []
         for q in np.atleast_2d(queries):
@@ -202,12 +206,20 @@ class Gallery:
                                 f"`hier index build {artifact_dir} LISTINGS`") from None
             meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
             weights = artifact.read_config(artifact_dir).get("fingerprint")
-        if meta is None:        # written before hier_* columns: id/class/brand/model/kind were hier's
+        if meta is None and ID not in listings and "kind" in listings:
+            # written before hier_* columns and gallery.json: id/class/brand/model/kind were hier's
             meta = {"kind": listings.pop("kind").iloc[0] if len(listings) else "flat"}
             listings = listings.rename(columns={c: PREFIX + c for c in ("id", "class", "brand", "model")})
+        if not isinstance(meta, dict) or meta.get("kind") not in KINDS or ID not in listings:
+            raise HierError(f"{folder} is damaged (gallery.json {'missing' if meta is None else 'unreadable'}, or "
+                            f"listings.csv without {ID}); build it again with `hier index build {artifact_dir} LISTINGS`")
         if meta.get("fingerprint") and weights and meta["fingerprint"] != weights:
             raise HierError(f"{artifact_dir}/{GALLERY} was embedded by other weights than the artifact's (trained "
                             f"again since?); re-embed its listings with `hier index rebuild {artifact_dir}`")
+        if not meta.get("fingerprint"):
+            warnings.warn(f"{artifact_dir}/{GALLERY} was built by an older hier, which did not record the weights it "
+                          f"embedded with; if the artifact was trained again since, `hier index rebuild {artifact_dir}`",
+                          HierWarning, stacklevel=2)
         return cls(index, listings, meta["kind"], meta.get("fingerprint"))
 
 
@@ -353,7 +365,10 @@ def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) ->
         raise HierError(f"{folder}/listings.csv has no image column (a gallery of an older hier): build it "
                         f"again from the listings, `hier index build {artifact_dir} LISTINGS`")
     refuse_listed([Path(p) for p in listings["image"]], folder / "listings.csv")
-    table = listings.drop(columns=[c for c in listings.columns if str(c).startswith(PREFIX) or c == "kind"])
+    if not len(listings):
+        raise HierError(f"{folder} lists no listings (all removed); build it from listings with "
+                        f"`hier index build {artifact_dir} LISTINGS`")
+    table = listings.drop(columns=[c for c in listings.columns if str(c).startswith(PREFIX)])
     return build(artifact_dir, table, kind or meta.get("kind", "flat"), progress)
 
 

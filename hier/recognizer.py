@@ -63,7 +63,8 @@ class Prediction:
 
 
 class Results(list):
-    """``Prediction`` per photo, in the order given (a photo given twice is answered twice), with the
+    """``Prediction`` per photo, in the order given (an in-memory image given twice is answered twice; a
+    path given twice once, as ``image_files`` reads each file once), with the
     (N, C) matrix ``probs`` over ``classes``, ``speed`` (milliseconds per photo for the whole call) and
     one schema behind ``to_frame``, ``to_csv`` and ``to_json``."""
 
@@ -73,9 +74,12 @@ class Results(list):
         self.probs, self.classes, self.speed = probs, classes or [], speed or {}
 
     def to_frame(self) -> pd.DataFrame:
-        """One row per (photo, rank), as ``hier predict --format csv`` prints."""
-        return pd.DataFrame([{"image": r.image, **row} for r in self for row in r.topk],
-                            columns=["image", *TOPK_COLUMNS])
+        """One row per (photo, rank), as ``hier predict --format csv`` prints, each with the photo's
+        answer (``answer``, ``answer_brand``, ``answer_model``: read top-down, so it can differ from
+        rank 1, the likeliest single class)."""
+        return pd.DataFrame([{"image": r.image, **row, "answer": r.fine, "answer_brand": r.brand,
+                              "answer_model": r.model} for r in self for row in r.topk],
+                            columns=["image", *TOPK_COLUMNS, "answer", "answer_brand", "answer_model"])
 
     def to_csv(self, path: str | Path) -> None:
         """``to_frame`` as a UTF-8 CSV, written atomically."""

@@ -256,7 +256,7 @@ def test_a_gallery_of_other_weights_is_refused_until_rebuilt(art, demo_data, tmp
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[::6]
     listings = tmp_path / "listings.csv"
     pd.DataFrame({"listing_id": [f"L{i:03d}" for i in range(len(photos))], "image": photos,
-                  "price": ["n/a"] + [str(i) for i in range(1, len(photos))]}).to_csv(listings, index=False)
+                  "price": ["n/a"] + [str(i) for i in range(1, len(photos))], "kind": "sedan"}).to_csv(listings, index=False)
     assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
     assert json.loads((art / "gallery" / "gallery.json").read_text())["fingerprint"] == artifact.read_config(art)["fingerprint"]
     code, _, err = run_cli("train", demo_data.train_dir, "--out", art, "--resume", "--epochs", "13", capsys=capsys)
@@ -269,6 +269,7 @@ def test_a_gallery_of_other_weights_is_refused_until_rebuilt(art, demo_data, tmp
     assert code == 0 and rows[0]["listing_id"] == "L002" and rows[0]["hier_similarity"] == pytest.approx(1, abs=1e-4)
     saved = pd.read_csv(art / "gallery" / "listings.csv", dtype=str, keep_default_na=False)
     assert saved["price"].iloc[0] == "n/a" and len(saved) == len(photos)        # the sellers' cells as given
+    assert (saved["kind"] == "sedan").all()                    # a seller's `kind` column is the seller's
 
 
 def test_listings_are_labelled_by_the_head_of_now(art, demo_data, tmp_path, capsys):
@@ -328,3 +329,15 @@ def test_a_damaged_gallery_is_one_line(damage, art, demo_data, capsys):
     code, _, err = run_cli("similar", art, sorted(folder.glob("*.jpg"))[0], capsys=capsys)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "is damaged" in lines[0] and "hier index build" in lines[0], err
+
+
+def test_an_emptied_gallery_answers_nothing_and_rebuild_says_why(art, demo_data, capsys):
+    """Every listing removed: `similar` returned an AssertionError and `rebuild` a KeyError."""
+    folder = demo_data.train_dir / "Aurora_Nova_2015_2018"
+    assert run_cli("index", "build", art, folder, capsys=capsys)[0] == 0
+    ids = [p.stem for p in sorted(folder.glob("*.jpg"))]
+    assert run_cli("index", "remove", art, *ids, capsys=capsys)[0] == 0
+    code, out, _ = run_cli("similar", art, sorted(folder.glob("*.jpg"))[0], "--format", "json", capsys=capsys)
+    assert code == 0 and json.loads(out) == []
+    code, _, err = run_cli("index", "rebuild", art, capsys=capsys)
+    assert code == 2 and "lists no listings" in err and err.count("error:") == 1

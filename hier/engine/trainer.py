@@ -351,9 +351,9 @@ def resume_invalidates(out: Path) -> list[str]:
     vectors (refused until rebuilt) and the ONNX export (ignored while stale)."""
     stale = []
     if (out / GALLERY / "index.faiss").is_file():
-        stale.append(f"{out}/{GALLERY} will be refused until `hier index rebuild {out}` re-embeds it")
+        stale.append(f"if its best weights change, {out}/{GALLERY} is refused until `hier index rebuild {out}`")
     if (out / ONNX).is_file():
-        stale.append(f"{out}/{ONNX} will be ignored (eager PyTorch runs) until `hier export {out}`")
+        stale.append(f"if its best weights change, {out}/{ONNX} is ignored (eager PyTorch) until `hier export {out}`")
     return stale
 
 

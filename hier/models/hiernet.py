@@ -262,7 +262,10 @@ class HierNet(nn.Module):
         out = self.trained_heads(z)
         if self.class_weight is not None:
             out["trained"] = out["joint"]
-            out["joint"] = z @ self.class_weight.T + self.class_bias
+            # LDA scores run to ~1e5 (-μᵀS⁻¹μ/2 is not centred): in float32 an answer could change with the
+            # batch size. Computed in float64 and shifted by each row's maximum (softmax and argmax unchanged).
+            joint = z.double() @ self.class_weight.double().T + self.class_bias.double()
+            out["joint"] = (joint - joint.max(1, keepdim=True).values.detach()).to(z.dtype)   # grads (CAMs) kept
         out["joint"] = out["joint"] - self.fine_offset
         return out
 

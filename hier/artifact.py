@@ -43,7 +43,6 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     trunk = {k: v for k, v in state.items() if not k.startswith(HEAD_PARTS)}
     heads = {k: v for k, v in state.items() if k.startswith(HEAD_PARTS)}
-    rows = {"fine": taxonomy.classes, "model": taxonomy.models, "brand": taxonomy.brands}
     with locked(out):
         config = read_config(out) if (out / CONFIG).is_file() else {"metrics": {}}
         same_trunk = (out / HEADS).is_file() and (out / WEIGHTS).is_file() and \
@@ -52,7 +51,8 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
         if metrics is not None:
             config["metrics"] = metrics
         writes = {out / HEADS: lambda p: p.write_bytes(safetensors_bytes(
-                      heads, metadata={part: json.dumps(list(names), ensure_ascii=False) for part, names in rows.items()})),
+                      heads, metadata={part: json.dumps(list(names), ensure_ascii=False)
+                                       for part, names in head_rows(taxonomy).items()})),
                   out / TAXONOMY: taxonomy.to_csv, out / CONFIG: lambda p: write_json(p, config),
                   **{out / name: w for name, w in (files or {}).items()}}
         if not same_trunk:
@@ -61,14 +61,18 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
         atomic_write_all(writes)
 
 
+def head_rows(taxonomy: Taxonomy) -> dict[str, list[str]]:
+    """The names of each head's rows, in order: what ``HEADS`` stores beside the rows."""
+    return {"fine": taxonomy.classes, "model": taxonomy.models, "brand": taxonomy.brands}
+
+
 def _heads_by_name(path: Path, taxonomy: Taxonomy) -> dict:
     """``heads.safetensors`` with its rows put in ``taxonomy``'s order by their names (the file lists
     the class, model and brand of each row): a row never lands on another class by position."""
     with safe_open(path, "pt") as f:
         names = {part: json.loads(v) for part, v in (f.metadata() or {}).items()}
         state = {k: f.get_tensor(k) for k in f.keys()}
-    order = {"fine": taxonomy.classes, "model": taxonomy.models, "brand": taxonomy.brands}
-    for part, wanted in order.items():
+    for part, wanted in head_rows(taxonomy).items():
         saved = names.get(part, [])
         where = {n: i for i, n in enumerate(saved)}
         missing = [n for n in wanted if n not in where]

@@ -44,8 +44,15 @@ OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots tha
 NEAR_DUPLICATE = 0.9            # ... naming the base class whose prototype is this similar (``nearest_base``)
 
 
+class _Report:
+    def to_dict(self) -> dict:
+        """As the service returns it: ``name`` under the key ``class``, first."""
+        d = asdict(self)
+        return {"class": d.pop("name"), **d}
+
+
 @dataclass(frozen=True)
-class Enrolled:
+class Enrolled(_Report):
     """What one ``enroll`` did: the CLI words it, the service returns ``to_dict()``."""
 
     name: str
@@ -63,20 +70,12 @@ class Enrolled:
     offset_cost: float | None = None   # share of its own shots the offset costs it
     near_duplicate: dict | None = None  # {"class", "similarity"} of a base class it looks like
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {"class": d.pop("name"), **d}
-
 
 @dataclass(frozen=True)
-class Unenrolled:
+class Unenrolled(_Report):
     name: str
     classes: int                       # classes of the artifact after it
     base: bool                         # a base class's added shots were removed (the class stays)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        return {"class": d.pop("name"), **d}
 
 
 def class_means(z: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:

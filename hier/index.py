@@ -194,16 +194,11 @@ class Gallery:
         """The saved gallery on the CPU (``on_gpus`` for serving), refused when the artifact's weights
         are no longer those that embedded it (``hier train --resume`` since): its vectors would not be
         comparable with new queries."""
-        folder = Path(artifact_dir) / GALLERY
-        if not (folder / "index.faiss").is_file():
-            raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
+        folder = saved_gallery(artifact_dir)
         with fileio.locked(artifact_dir):
-            try:
-                listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
-                index = faiss.read_index(str(folder / "index.faiss"))
-            except (OSError, RuntimeError, ValueError) as e:      # a missing, cut or foreign file
-                raise HierError(f"{folder} is damaged ({str(e).splitlines()[0][:120]}); build it again with "
-                                f"`hier index build {artifact_dir} LISTINGS`") from None
+            listings = read_saved(folder, artifact_dir, lambda: pd.read_csv(folder / "listings.csv", encoding="utf-8",
+                                                                               **AS_GIVEN))
+            index = read_saved(folder, artifact_dir, lambda: faiss.read_index(str(folder / "index.faiss")))
             meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
             weights = artifact.read_config(artifact_dir).get("fingerprint")
         if meta is None and ID not in listings and "kind" in listings:
@@ -311,13 +306,30 @@ def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, pre
                     "command kept writing it); nothing was saved; run the command again when it is done")
 
 
-def saved_listing_ids(artifact_dir: str | Path) -> set[str]:
-    """The listing_ids of the saved gallery (one column read, under the lock); HierError without one."""
+def saved_gallery(artifact_dir: str | Path) -> Path:
+    """ARTIFACT/gallery, or one line saying there is no index yet."""
     folder = Path(artifact_dir) / GALLERY
     if not (folder / "index.faiss").is_file():
         raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
+    return folder
+
+
+def read_saved(folder: Path, artifact_dir, read):
+    """``read()`` of one of the gallery's files; a missing, cut or foreign file is one line naming the
+    rebuild, not a pandas or FAISS traceback."""
+    try:
+        return read()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise HierError(f"{folder} is damaged ({str(e).splitlines()[0][:120]}); build it again with "
+                        f"`hier index build {artifact_dir} LISTINGS`") from None
+
+
+def saved_listing_ids(artifact_dir: str | Path) -> set[str]:
+    """The listing_ids of the saved gallery (one column read, under the lock); HierError without one."""
+    folder = saved_gallery(artifact_dir)
     with fileio.locked(artifact_dir):
-        ids = pd.read_csv(folder / "listings.csv", encoding="utf-8", usecols=["listing_id"], **AS_GIVEN)
+        ids = read_saved(folder, artifact_dir, lambda: pd.read_csv(folder / "listings.csv", encoding="utf-8",
+                                                                      usecols=["listing_id"], **AS_GIVEN))
     return set(ids["listing_id"].astype(str))
 
 
@@ -351,15 +363,10 @@ def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) ->
     """Embed the gallery's listings again with the artifact's weights of now (after ``hier train
     --resume``), keeping the sellers' columns and the kind unless ``kind`` is given. The listing photos
     must still exist: a missing one is refused (one line) before any embedding."""
-    folder = Path(artifact_dir) / GALLERY
-    if not (folder / "index.faiss").is_file():
-        raise HierError(f"{artifact_dir} has no index; run `hier index build {artifact_dir} LISTINGS` first")
+    folder = saved_gallery(artifact_dir)
     with fileio.locked(artifact_dir):
-        try:
-            listings = pd.read_csv(folder / "listings.csv", encoding="utf-8", **AS_GIVEN)
-        except (OSError, ValueError) as e:
-            raise HierError(f"{folder} has no readable listings.csv ({str(e).splitlines()[0][:120]}); build it again "
-                            f"with `hier index build {artifact_dir} LISTINGS`") from None
+        listings = read_saved(folder, artifact_dir, lambda: pd.read_csv(folder / "listings.csv", encoding="utf-8",
+                                                                           **AS_GIVEN))
         meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else {}
     if "image" not in listings:
         raise HierError(f"{folder}/listings.csv has no image column (a gallery of an older hier): build it "

@@ -38,8 +38,9 @@ from hier.engine.predictor import artifact_predictor, device
 KINDS = ("flat", "ivf", "hnsw")
 PREFIX = "hier_"                       # hier's own listing columns; reserved in users' listings
 ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "brand", "model", "similarity"))
-# Sellers' cells come back as written: only an empty cell is missing ("n/a", "NA", "null" stay text).
-AS_GIVEN = dict(dtype={"listing_id": str}, keep_default_na=False, na_values=[""])
+# Sellers' cells come back as written, as text ("01234" stays "01234"): only an empty cell is missing
+# ("n/a", "NA", "null" stay text).
+AS_GIVEN = dict(dtype=str, keep_default_na=False, na_values=[""])
 EMBED_TRIES = 3                        # embeddings redone when the artifact changed meanwhile, then refused
 SEARCH_SHRINK = 0.5                    # covariance shrinkage of the search whitening (measured: README)
 
@@ -215,7 +216,11 @@ class Gallery:
             warnings.warn(f"{artifact_dir}/{GALLERY} was built by an older hier, which did not record the weights it "
                           f"embedded with; if the artifact was trained again since, `hier index rebuild {artifact_dir}`",
                           HierWarning, stacklevel=2)
-        return cls(index, listings, meta["kind"], meta.get("fingerprint"))
+        ids = pd.to_numeric(listings[ID], errors="coerce")
+        if ids.isna().any():
+            raise HierError(f"{folder}/listings.csv has a {ID} that is not a number; build it again with "
+                            f"`hier index build {artifact_dir} LISTINGS`")
+        return cls(index, listings.assign(**{ID: ids.astype(np.int64)}), meta["kind"], meta.get("fingerprint"))
 
 
 def whitened(index: faiss.Index, whitening: np.ndarray) -> faiss.Index:

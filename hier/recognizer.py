@@ -389,6 +389,17 @@ class Recognizer:
         """(Re)build the similar-listing index from a folder, a CSV or a ``read_listings`` table."""
         return gallery_ops.build(self.path, listings, kind, progress)
 
+    def embed_shard(self, listings, out: str | Path, shard: tuple[int, int] = (0, 1), progress=None) -> Path:
+        """Shard ``i`` of ``N`` of the listings' embeddings as Parquet (``hier.embed``)."""
+        from hier import embed
+        return embed.embed(self.path, gallery_ops._table(listings), out, shard, self.backend, self.batch_size,
+                           progress=progress)
+
+    def index_from_embeddings(self, folder: str | Path, kind: str = "flat") -> gallery_ops.Gallery:
+        """(Re)build the index from ``hier embed`` shards, without running the network."""
+        from hier import embed
+        return embed.build_gallery(self.path, folder, kind)
+
     def index_add(self, listings, progress=None) -> tuple[int, gallery_ops.Gallery]:
         return gallery_ops.add(self.path, listings, progress)
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
 from hier.cli.base import Format, app, console, err, print_frame
-from hier.errors import check_number
+from hier.errors import HierError, check_number
 
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
@@ -25,17 +25,27 @@ def _listings(listings: Path, strict: bool):
 @index_app.command("build")
 def index_build(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
-    listings: Annotated[Path, typer.Argument(help="Folder of listing photos, or CSV listing_id,image[,price,...]")],
+    listings: Annotated[Optional[Path], typer.Argument(
+        help="Folder of listing photos, or CSV listing_id,image[,price,...]")] = None,
     kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
+    from_embeddings: Annotated[Optional[Path], typer.Option(
+        help="Folder of `hier embed` shards: build from their vectors, without running the network")] = None,
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
     from hier.index import factory_string
     from hier.recognizer import Recognizer
     from hier.engine.trainer import progress_bar
 
+    if (listings is None) == (from_embeddings is None):
+        raise HierError("give LISTINGS (photos to embed) or --from-embeddings EMB/ (shards of `hier embed`), one of them")
     rec = Recognizer(artifact)
     factory_string(kind, 1)
+    if from_embeddings is not None:
+        from hier.embed import build_gallery
+        gallery = build_gallery(artifact, from_embeddings, kind)
+        console.print(f"indexed {len(gallery)} listing image(s) ({kind}) from {from_embeddings} in {artifact}/gallery")
+        return
     table = _listings(listings, strict)      # bad input stops here, before any progress output
     with progress_bar(err) as progress:
         gallery = rec.index(table, kind, progress)

@@ -54,9 +54,12 @@ def train(
 ):
     """Train a hierarchical model and write an artifact directory."""
     flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
+    from hier.engine.distributed import world_from_env
     from hier.recognizer import Recognizer
 
     rec = Recognizer.train(data, out, preset, taxonomy, resume, console=err, trunk=model, **flags)
+    if not world_from_env().main:        # under torchrun, rank 0 speaks for the run
+        return
     if rec.metrics:
         print_metrics(rec.metrics, f"validation ({out})")
     console.print(f"artifact: {out}")

@@ -430,7 +430,8 @@ def _reseed_worker(_: int) -> None:
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool = False,
-           workers: int = 0, drop_last: bool = False) -> torch.utils.data.DataLoader:
+           workers: int = 0, drop_last: bool = False, sampler=None) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                                       sampler=sampler,
                                        drop_last=drop_last, persistent_workers=workers > 0,
                                        pin_memory=torch.cuda.is_available(), worker_init_fn=_reseed_worker)

@@ -1,5 +1,6 @@
 """Fit a HierNet: AdamW + warmup/cosine (timm scheduler), EMA, AMP on CUDA, gradient accumulation,
-best checkpoint by validation log loss, resume, temperature scaling at the end.
+best checkpoint by validation log loss, resume, temperature scaling at the end; on one process or as
+one rank of ``torchrun`` (``hier.engine.distributed``: DDP, rank 0 validates and writes).
 
 With ``freeze_stages`` > 0 and ``cache_views`` > 0 the frozen stem runs once per augmented view
 before training and the trainable tail learns from the cached activations: on a CPU this is what
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import time
+from contextlib import nullcontext
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,7 +22,9 @@ from sklearn.metrics import log_loss
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
-from timm.utils import ModelEmaV3
+from timm.utils import ModelEmaV3, distribute_bn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
 
 from hier import artifact, fileio
 from hier.artifact import GALLERY, ONNX
@@ -28,6 +32,8 @@ from hier.data.detect import CarDetector
 from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError, HierWarning, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
+from hier.engine import distributed
+from hier.engine.distributed import World
 from hier.engine.predictor import Predictor
 from hier.data.readers import create_reader
 from hier.metrics import answer, evaluate_probs, fit_temperature, softmax
@@ -147,40 +153,50 @@ def param_groups(model: HierNet, cfg: TrainConfig) -> list[dict]:
 
 class Trainer:
     def __init__(self, model: HierNet, taxonomy: Taxonomy, cfg: TrainConfig, out: Path,
-                 console: Console | None = None):
-        self.model, self.taxonomy, self.cfg, self.out = model, taxonomy, cfg, Path(out)
+                 console: Console | None = None, world: World = World()):
+        """``world``: this process's rank in a torchrun launch (its process group already joined)."""
+        self.model, self.taxonomy, self.cfg, self.out, self.world = model, taxonomy, cfg, Path(out), world
         self.console = console or Console(stderr=True)
-        self.dev = "cuda" if torch.cuda.is_available() else "cpu"
-        self.amp = cfg.amp and self.dev == "cuda"
+        self.dev = distributed.device_for(world, torch.cuda.device_count())
+        self.rank_batch = distributed.rank_batch(cfg.batch_size, world)
+        self.amp = cfg.amp and self.dev.startswith("cuda")
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.model.to(self.dev)
         self.task = HierTask(model, cfg.smoothing, cfg.aux)
-        if self.dev == "cuda":
+        if self.dev.startswith("cuda"):
             self.model.to(memory_format=torch.channels_last)
+        # the module each training step calls: DDP averages the ranks' gradients in backward
+        self.step = DistributedDataParallel(self.task, device_ids=[self.dev] if self.dev != "cpu" else None) \
+            if world.distributed else self.task
         self.opt = create_optimizer_v2(param_groups(model, cfg), "adamw", lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
         self.epoch, self.updates, self.best, self.history = 0, 0, float("inf"), []
 
     # --- data ---------------------------------------------------------------------------------------
-    def _features(self, paths, transform, views: int, progress, what: str) -> torch.Tensor:
-        """Frozen-stem activations for ``views`` passes of ``transform`` over the images: (V, N, ...)."""
-        ds = ImageDataset(paths, None, transform, self.model.cfg.img_size)
-        task = progress.add_task(what, total=views * len(paths), info="")
+    def _features(self, paths, transform, views: int, progress, what: str, shared: bool = False) -> torch.Tensor:
+        """Frozen-stem activations for ``views`` passes of ``transform`` over the images: (V, N, ...).
+        ``shared``: each rank computes every ``size``-th photo and they exchange, so the cache is built
+        once however many processes train on it."""
+        world = self.world if shared else World()
+        mine = paths[world.rank::world.size]
+        ds = ImageDataset(mine, None, transform, self.model.cfg.img_size)
+        task = progress.add_task(what, total=views * len(mine), info="")
         out = []
         for _ in range(views):
             chunks = []
             for x, _ in loader(ds, 64, workers=self.cfg.workers):
                 chunks.append(self.model.frozen_features(x.to(self.dev)).half().cpu())
                 progress.advance(task, len(x))
-            out.append(torch.cat(chunks))
+            out.append(distributed.gather_rows(torch.cat(chunks), len(paths), world))
         return torch.stack(out)
 
     def _cached_batches(self, feats: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
-        n = feats.shape[1]
+        """Global batches of (view, photo) draws, the same on every rank; each rank takes its share."""
+        n, batch, world = feats.shape[1], self.cfg.batch_size, self.world
         order, view = torch.randperm(n, generator=gen), torch.randint(0, feats.shape[0], (n,), generator=gen)
-        for s in range(0, n - self.cfg.batch_size + 1 if n >= self.cfg.batch_size else 1, self.cfg.batch_size):
-            b = order[s:s + self.cfg.batch_size]
+        for s in range(0, n - batch + 1 if n >= batch else 1, batch):
+            b = order[s:s + batch][world.rank::world.size]
             yield feats[view[b], b].to(self.dev).float(), y[b]
 
     # --- loop ---------------------------------------------------------------------------------------
@@ -192,25 +208,32 @@ class Trainer:
         cached = cfg.cache_views > 0 and model.cfg.freeze_stages > 0
         if len(train_paths) < 2:
             raise HierError(f"{len(train_paths)} training photo(s) after the validation split; need at least 2")
+        world, validates = self.world, self.world.main and len(val_paths) > 0     # rank 0 alone validates
+        dev_type = self.dev.split(":")[0]
+        train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)
+        # Every rank's share of one permutation per epoch (seed + epoch): the global batches of one
+        # process, split, whatever the number of processes.
+        sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
         # Full batches only (BatchNorm cannot train on a batch of one), but never zero of them: fewer
         # photos than --batch-size train as one smaller batch. An optimizer step after every ``accum``
         # batches and after the last one.
-        batches = max(1, len(train_paths) // cfg.batch_size)
+        train_loader = None if cached else loader(train_set, max(1, min(cfg.batch_size, len(train_paths)) // world.size),
+                                                  workers=cfg.workers, drop_last=True, sampler=sampler)
+        batches = max(1, len(train_paths) // cfg.batch_size) if cached else len(train_loader)
         steps_per_epoch = -(-batches // cfg.accum)
         sched = CosineLRScheduler(self.opt, t_initial=cfg.epochs * steps_per_epoch, lr_min=1e-6,
                                   warmup_t=int(cfg.warmup_epochs * steps_per_epoch), warmup_lr_init=1e-5,
                                   t_in_epochs=False)
         gen = torch.Generator().manual_seed(cfg.seed)
         with progress_bar(self.console) as progress:
-            feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train") if cached else None
+            feats = self._features(train_paths, tf_train, cfg.cache_views, progress, "cache train",
+                                   shared=True) if cached else None
             val_feats = (self._features(val_paths, tf_eval, 1, progress, "cache val")[0]
-                         if model.cfg.freeze_stages and len(val_paths) else None)
-            train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)
-            train_loader = None if cached else loader(train_set, min(cfg.batch_size, len(train_paths)), shuffle=True,
-                                                      workers=cfg.workers, drop_last=True)
+                         if model.cfg.freeze_stages and validates else None)
             for epoch in range(self.epoch, cfg.epochs):
                 gen.manual_seed(cfg.seed * 1000 + epoch)   # a resumed run sees the same batches
                 torch.manual_seed(cfg.seed * 1000 + epoch)
+                sampler.set_epoch(epoch)
                 t0, losses = time.time(), []
                 model.train()
                 batches_of_epoch = self._cached_batches(feats, ytr, gen) if cached else \
@@ -218,13 +241,17 @@ class Trainer:
                 task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, info="")
                 for i, (f, y) in enumerate(batches_of_epoch):
                     y = y.to(self.dev)
-                    with torch.autocast(self.dev, dtype=self.amp_dtype, enabled=self.amp):
-                        loss = self.task(f, y)["loss"]
-                    if not torch.isfinite(loss):
-                        raise HierError(f"training diverged: the loss is {loss.item()} at epoch {epoch + 1}, batch "
-                                        f"{i + 1}; lower --lr / --head-lr (the artifact keeps the last good epoch)")
-                    self.scaler.scale(loss / cfg.accum).backward()
-                    if (i + 1) % cfg.accum == 0 or i + 1 == batches:
+                    steps = (i + 1) % cfg.accum == 0 or i + 1 == batches
+                    # DDP exchanges gradients only on the batch that steps
+                    syncs = nullcontext() if steps or not world.distributed else self.step.no_sync()
+                    with syncs:
+                        with torch.autocast(dev_type, dtype=self.amp_dtype, enabled=self.amp):
+                            loss = self.step(f, y)["loss"]
+                        if distributed.any_rank(not torch.isfinite(loss), world, self.dev):
+                            raise HierError(f"training diverged: the loss is not finite at epoch {epoch + 1}, batch "
+                                            f"{i + 1}; lower --lr / --head-lr (the artifact keeps the last good epoch)")
+                        self.scaler.scale(loss / cfg.accum).backward()
+                    if steps:
                         self.scaler.step(self.opt)
                         self.scaler.update()
                         self.opt.zero_grad(set_to_none=True)
@@ -234,16 +261,24 @@ class Trainer:
                             self.ema.update(model, step=self.updates)
                     losses.append(loss.item())
                     progress.update(task, advance=1, info=f"loss {np.mean(losses[-20:]):.3f}")
-                row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"], "train_loss": float(np.mean(losses)),
+                if world.distributed:      # as timm: the ranks' BatchNorm running statistics averaged
+                    distribute_bn(model, world.size, reduce=True)
+                    if self.ema:
+                        distribute_bn(self.ema.module, world.size, reduce=True)
+                row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"], "train_loss": distributed.mean_over_ranks(float(np.mean(losses)), world, self.dev),
                        "seconds": round(time.time() - t0, 1)}
-                if len(val_paths):
+                self.epoch = epoch + 1
+                if not world.main:
+                    continue
+                if validates:
                     logits = self.validate(val_paths, val_feats, tf_eval)
                     row.update(val_log_loss=float(log_loss(val_y, softmax(logits["joint"]),
                                                            labels=np.arange(len(self.taxonomy)))),
                                val_top1=float((answer(softmax(logits["joint"]), self.taxonomy)[2] == val_y).mean()))
                 progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
-                self.epoch = epoch + 1
                 self._end_epoch(row)
+        if not world.main:             # rank 0 computes the statistics and calibrates: one artifact
+            return {}
         return self.finish(train_paths, train_y, val_paths, val_y)
 
     @torch.no_grad()
@@ -361,10 +396,20 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
           model_cfg: ModelConfig | None = None, cfg: TrainConfig | None = None, resume: bool = False,
           console: Console | None = None) -> dict:
     """Train on a folder-per-class dataset and write the artifact directory ``out``. With ``resume`` the
-    run's saved settings (split included) are used; a given ``cfg`` only extends its ``epochs``."""
+    run's saved settings (split included) are used; a given ``cfg`` only extends its ``epochs``. Under
+    torchrun every rank runs this; rank 0 alone writes and prints."""
+    world = distributed.world_from_env()
+    with distributed.joined(world, distributed.device_for(world, torch.cuda.device_count())):
+        console = console or Console(stderr=True)
+        metrics = _train(data_dir, out, taxonomy, model_cfg, cfg, resume,
+                         console if world.main else Console(quiet=True), world)
+        distributed.barrier(world)       # every rank returns once rank 0 has written the whole artifact
+        return metrics
+
+
+def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: World) -> dict:
     extend_to = cfg.epochs if cfg is not None else None
     model_cfg, cfg, out = model_cfg or ModelConfig(), cfg or TrainConfig(), Path(out)
-    console = console or Console(stderr=True)
     # a run stopped in its first epoch leaves train.json (and maybe log.csv), no checkpoint, no weights
     started = (out / "train.json").is_file() and not any((out / f).exists() for f in (CHECKPOINT, artifact.WEIGHTS))
     if resume and started:
@@ -376,8 +421,10 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         if not started:
             raise HierError(f"{out} is not empty; pass --resume to continue that run or choose another --out")
         console.print(f"[yellow]{out} holds a run that stopped before its first epoch ended; starting over[/]")
+        distributed.barrier(world)       # every rank has seen the folder as it was before it is cleared
         for name in ("train.json", "log.csv"):
-            (out / name).unlink(missing_ok=True)
+            if world.main:
+                (out / name).unlink(missing_ok=True)
     if resume:
         enrolled = [e["class"] for e in artifact.read_config(out).get("enrolled", [])] \
             if (out / artifact.CONFIG).is_file() else []
@@ -408,14 +455,18 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
         from timm.data import resolve_model_data_config
         data_cfg = resolve_model_data_config(model.trunk)
         model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
-    out.mkdir(parents=True, exist_ok=True)
-    run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir)}
+    run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir),
+           "world_size": world.size, "global_batch": cfg.batch_size * cfg.accum}
+    trainer = Trainer(model, taxonomy, cfg, out, console, world)      # a batch that does not split: refused here
+    distributed.barrier(world)           # every rank has checked the folder before rank 0 writes to it
 
     def write_run() -> None:
-        fileio.atomic_write(out / "train.json", lambda p: fileio.write_json(p, run))
+        if world.main:
+            fileio.atomic_write(out / "train.json", lambda p: fileio.write_json(p, run))
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
     if not resume:
         write_run()          # first: a run stopped in its first epoch is recognised by it
-    trainer = Trainer(model, taxonomy, cfg, out, console)
     if images.skipped_message():
         trainer.console.print(f"[yellow]{images.skipped_message()}[/]")
     if resume:

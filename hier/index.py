@@ -287,8 +287,9 @@ def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> Em
     embedding runs unlocked."""
     artifact_dir = Path(artifact_dir)
     with fileio.locked(artifact_dir):              # the weights and their export's config, one version
-        stamp, net, taxonomy = artifact.snapshot(artifact_dir, device())
+        _, net, taxonomy = artifact.snapshot(artifact_dir, device())
         predictor = artifact_predictor(artifact_dir, net)
+        stamp = artifact.stamp(artifact_dir)       # after an export on first use
     out = predictor([Path(p) for p in table["image"]], progress, keep=("embedding", "answer"))
     brand, model, fine = path_of(out["answer"], taxonomy)    # the answer, as `similar --same-brand`
     rows = table.assign(**{CLASS: [taxonomy.classes[i] for i in fine], BRAND: [taxonomy.brands[i] for i in brand],

@@ -202,8 +202,9 @@ class Recognizer:
             with ExitStack() as held:
                 if not _hold_lock(held, self.path, wait=force or loaded is None):
                     return loaded                 # busy: answer with the version in memory
-                stamp, net, taxonomy = artifact.snapshot(self.path, self.device)
+                _, net, taxonomy = artifact.snapshot(self.path, self.device)
                 predictor = artifact_predictor(self.path, net, self.backend, batch_size=self.batch_size)
+                stamp = artifact.stamp(self.path)   # after an export on first use
             self._loaded = Snapshot(stamp, net, taxonomy, predictor)
             return self._loaded
         finally:

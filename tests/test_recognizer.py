@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from hier import HierError, Recognizer, artifact, fileio
+from hier.errors import HierWarning
 from hier.index import SEARCH_SHRINK
 from hier.models.statistics import STATISTICS, ClassStatistics
 
@@ -158,14 +159,24 @@ def test_onnx_export_serves_the_same_answers(art, demo_data, capsys):
     # enrolling changes the heads only: the export stays in use and answers with the new class
     assert rec.enroll("Zephyr_Gale_2025_2025", _photos(demo_data, n=3), brand="Zephyr").classes == 13
     assert rec.predictor.session is not None and rec.embed(photos)["probs"].shape == (4, 13)
-    # retrained weights make the export stale: ignored by auto, refused when asked for
+    # retrained weights make the export stale: refused when asked for, exported again by auto on first use
     net, tax = artifact.load(art)
     with torch.no_grad():
         net.trunk.conv_stem.weight.mul_(1.5)
     artifact.save(art, net, tax)
-    assert Recognizer(art).predictor.session is None
     with pytest.raises(HierError, match="no up-to-date ONNX export"):
         Recognizer(art, backend="onnx").predictor
+    retrained = Recognizer(art, backend="torch").embed(photos)["embedding"]
+    rec = Recognizer(art)
+    assert rec.predictor.session is not None
+    assert artifact.read_config(art)["onnx"]["fingerprint"] == net.fingerprint()
+    np.testing.assert_allclose(rec.embed(photos)["embedding"], retrained, atol=1e-4)
+    assert np.abs(retrained - eager["embedding"]).max() > 1e-2          # the weights did change
+    # an export that cannot be written (here a folder in its place) answers on eager PyTorch, one warning
+    (art / "model.onnx").unlink()
+    (art / "model.onnx").mkdir()
+    with pytest.warns(HierWarning, match="could not write its ONNX export"):
+        assert Recognizer(art).predictor.session is None
 
 
 def test_a_photo_given_twice_gets_its_own_rows_once(art, demo_data):

@@ -40,6 +40,8 @@ def train(
              "(the trained cosine heads) [statistics]")] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA")] = None,
+    export: Annotated[Optional[bool], typer.Option("--export/--no-export",
+                                                   help="Write the ONNX export `hier predict` runs on [on]")] = None,
     accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1]")] = None,
     val_frac: Annotated[Optional[float], typer.Option(help="Stratified validation share [0.2]")] = None,
     fold: Annotated[Optional[int], typer.Option(help="Use fold K of --folds as validation (k-fold)")] = None,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hier import artifact, fileio
 from hier.data import ImageDataset, eval_transform, loader
-from hier.errors import HierError
+from hier.errors import HierError, HierWarning
 from hier.metrics import answer_class, softmax
 from hier.models import HierNet
 
@@ -169,18 +169,41 @@ def onnx_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def export_is_fresh(path: Path, net: HierNet) -> bool:
+    """The artifact holds an ONNX export of these very weights."""
+    saved = artifact.read_config(path).get("onnx", {})
+    return (path / artifact.ONNX).is_file() and saved.get("fingerprint") == net.fingerprint()
+
+
+def export_on_first_use(path: Path) -> bool:
+    """Export a missing or stale ONNX file now (under the artifact's lock, as ``hier export``), so
+    ``auto`` is fast without the user knowing about ONNX; an artifact that cannot be written (read-only,
+    disk full) answers on eager PyTorch with one warning."""
+    try:
+        export(path)
+        return True
+    except (HierError, OSError, RuntimeError) as e:
+        warnings.warn(f"{path}: could not write its ONNX export ({str(e).splitlines()[0][:120]}); answering with "
+                      "eager PyTorch, slower", HierWarning, stacklevel=3)
+        return False
+
+
 def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **kw) -> Predictor:
-    """The artifact's predictor, on the backend ``choose_backend`` picks: ONNX Runtime when the artifact
-    holds an export of these very weights and it runs on the net's device, eager PyTorch otherwise."""
+    """The artifact's predictor, on the backend ``choose_backend`` picks: ONNX Runtime when it runs on
+    the net's device, eager PyTorch otherwise. ``auto`` exports the weights first when the export is
+    missing or stale (after ``hier train --resume``); ``onnx`` refuses a stale export. The caller holds
+    the artifact's lock when it compares versions (``artifact.stamp``) across this call."""
     path = Path(path)
     if backend not in BACKENDS:
         raise HierError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
     if backend == "torch":
         return Predictor(net, **kw)
-    saved = artifact.read_config(path).get("onnx", {})
-    fresh = (path / artifact.ONNX).is_file() and saved.get("fingerprint") == net.fingerprint()
+    providers, where = onnx_providers(), str(next(net.parameters()).device)
+    fresh = export_is_fresh(path, net)
+    if not fresh and backend == "auto" and choose_backend("auto", True, providers, where)[0] == "onnx":
+        fresh = export_on_first_use(path)
     try:
-        kind, providers = choose_backend(backend, fresh, onnx_providers(), str(next(net.parameters()).device))
+        kind, providers = choose_backend(backend, fresh, providers, where)
     except HierError as e:
         raise HierError(f"{path}: {e}") from None
     return Predictor(net, onnx=path / artifact.ONNX, providers=providers, **kw) if kind == "onnx" else Predictor(net, **kw)

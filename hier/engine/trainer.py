@@ -34,7 +34,7 @@ from hier.errors import HierError, HierWarning, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine import distributed
 from hier.engine.distributed import World
-from hier.engine.predictor import Predictor
+from hier.engine.predictor import Predictor, export, onnx_providers
 from hier.data.readers import create_reader
 from hier.metrics import answer, evaluate_probs, fit_temperature, softmax
 from hier.models import HierNet, HierTask, ModelConfig
@@ -68,6 +68,7 @@ class TrainConfig:
     layout: str = "auto"        # how the training data is laid out on disk (hier.data.readers)
     crop: str = "none"          # none | yolo: train on the largest vehicle box of each photo
     detector: str | None = None  # ultralytics weights for --crop yolo
+    export: bool = True         # write the ONNX export at the end (what `hier predict` runs on)
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing, crash later or put nan into the weights (one error
@@ -355,6 +356,7 @@ class Trainer:
         statistics_s = time.time() - t
         if not len(val_paths):
             artifact.save(self.out, best, self.taxonomy, files=files)
+            self._export()
             return {}
         # calibrate exactly what will be served: whole photos through the predictor, TTA as configured
         logits = Predictor(best, workers=self.cfg.workers)(val_paths)
@@ -371,7 +373,14 @@ class Trainer:
                        best_epoch=artifact.read_config(self.out)["metrics"].get("best_epoch"))
         artifact.save(self.out, best, self.taxonomy, metrics, files=files)
         fileio.atomic_write(self.out / "metrics.json", lambda p: fileio.write_json(p, metrics))
+        self._export()
         return metrics
+
+    def _export(self) -> None:
+        if self.cfg.export and onnx_providers():
+            t = time.time()
+            export(self.out)
+            self.console.print(f"ONNX export for `hier predict`: {self.out / ONNX} ({time.time() - t:.0f} s)")
 
 
 def _torch_save(obj, path: Path) -> None:

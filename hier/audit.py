@@ -75,6 +75,7 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
     if out.is_relative_to(data.resolve()):
         raise HierError(f"--out {given} is inside the data folder {data} (it would be read as a class); "
                         "choose a folder outside it")
+    _writable(out, given)
     exclude_file = _exclude_target(write_exclude, out, force) if write_exclude is not None else None
     rec = None
     if artifact is not None:
@@ -118,6 +119,18 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
     if exclude_file is not None:
         _write_exclude(exclude_file, listed, force, write_exclude)
     return report
+
+
+def _writable(out: Path, given) -> None:
+    """Refuse, before minutes of embedding, an ``out`` whose nearest existing folder is a file or not
+    writable (the audit is built beside ``out``)."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HierError(f"--out {given}: {parent} is a file, not a folder; choose another --out")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HierError(f"--out {given}: folder {parent} is not writable; choose another --out")
 
 
 # --- reading: the files the reader left out, and every kept photo's bytes, size and brightness --------
@@ -427,13 +440,13 @@ def _plot_counts(files: pd.DataFrame):
 
 def _plot_sizes(files: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter(files["width"], files["height"], s=6, alpha=0.4, color="#4a7fb5")
-    ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.scatter(files["width"], files["height"], s=6, alpha=0.4, color="#4a7fb5")   # linear: log ticks are mathtext,
+    ax.set_xlim(left=0)                                                             # which the page turns off
+    ax.set_ylim(bottom=0)
     ax.set_xlabel("width (px, upright)")
     ax.set_ylabel("height (px)")
     ax.set_title(f"image sizes: median {int(files['width'].median())} x {int(files['height'].median())}")
-    ax.grid(alpha=0.3, which="both")
+    ax.grid(alpha=0.3)
     return fig
 
 

@@ -143,6 +143,7 @@ def test_audit_bad_input_is_one_line_and_writes_nothing(faulty, stand_in, tmp_pa
                           ([root, "--out", report], "is not an earlier hier audit"),
                           ([root, "--out", root / "audit"], "inside the data folder"),
                           ([root, "--out", tmp_path / "a", "--near", "2"], "--near must be"),
+                          ([root, "--out", busy / "thesis.txt" / "audit"], "is a file, not a folder"),
                           ([root, "--out", tmp_path / "a", "--layout", "flat"], "unknown layout"),
                           ([root, "--out", tmp_path / "a", "--artifact", busy], "is not a hier artifact"),
                           ([root, "--out", tmp_path / "a", "--write-exclude", tmp_path / "no" / "x.txt"],

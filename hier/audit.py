@@ -226,7 +226,7 @@ def find(files: pd.DataFrame, z: np.ndarray, near: float) -> dict:
     cos, score = outlier_scores(z, files["class"].to_numpy())
     order = np.lexsort((cos, np.where(np.isnan(score), np.inf, score)))      # lowest z first, nan last
     ranked = [{"path": paths[i], "class": classes[i], "cosine": round(float(cos[i]), 4),
-               "z": None if np.isnan(score[i]) else round(float(score[i]), 2),
+               "z": round(float(score[i]), 2),
                "flagged": bool(score[i] < OUTLIER_Z)} for i in order if not np.isnan(score[i])]
     return {"exact": exact, "near": near_rows, "cosine": cos, "z": score, "ranked_outliers": ranked}
 

@@ -77,8 +77,9 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
 MARKER = ".hier-report"
 
 
-def _target(out: str | Path, data: str | Path, artifact_dir: str | Path) -> Path:
-    """``out`` with its symbolic links resolved, when a report may replace it; else HierError (one line)."""
+def _target(out: str | Path, data: str | Path, artifact_dir: str | Path | None, marker: str = MARKER) -> Path:
+    """``out`` with its symbolic links resolved, when a report may replace it; else HierError (one line).
+    ``marker``: the kind of earlier folder that may be replaced (``hier audit`` has its own)."""
     real = Path(os.path.realpath(out))
     try:
         home = Path.home().resolve()
@@ -89,12 +90,12 @@ def _target(out: str | Path, data: str | Path, artifact_dir: str | Path) -> Path
     if home is not None and home.is_relative_to(real):
         raise HierError(f"--out {out} is the home folder or holds it; give the report a folder of its own")
     for what, folder in (("artifact", artifact_dir), ("data", data)):
-        if Path(folder).resolve().is_relative_to(real):
+        if folder is not None and Path(folder).resolve().is_relative_to(real):
             raise HierError(f"--out {out} is or holds the {what} folder {folder}; give the report a folder of its own")
     if real.exists() and not real.is_dir():
         raise HierError(f"--out {out} is a file, not a folder; choose another --out")
     if real.is_dir():
-        _check_replaceable(real, out)
+        _check_replaceable(real, out, marker)
     return real
 
 
@@ -109,38 +110,39 @@ def _entries(folder: Path) -> set[str]:
     return found
 
 
-def _check_replaceable(folder: Path, given) -> None:
+def _check_replaceable(folder: Path, given, marker: str = MARKER) -> None:
     """Pass for an empty folder, or one holding exactly the files its hier report marker lists."""
     entries = _entries(folder)
     if not entries:
         return
+    kind = "hier " + marker.removeprefix(".hier-")
     try:
-        listed = json.loads((folder / MARKER).read_text(encoding="utf-8"))["files"]
+        listed = json.loads((folder / marker).read_text(encoding="utf-8"))["files"]
         assert isinstance(listed, list) and all(isinstance(f, str) for f in listed)
     except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise HierError(f"{given} exists and is not an earlier hier report (no {MARKER} marker in it); "
+        raise HierError(f"{given} exists and is not an earlier {kind} (no {marker} marker in it); "
                         "choose another --out") from None
-    allowed = {MARKER, *listed, *(p.as_posix() for f in listed for p in Path(f).parents if p != Path("."))}
+    allowed = {marker, *listed, *(p.as_posix() for f in listed for p in Path(f).parents if p != Path("."))}
     extra = sorted(entries - allowed)
     if extra:
-        raise HierError(f"{given} is an earlier hier report but also holds {extra[0]!r}"
+        raise HierError(f"{given} is an earlier {kind} but also holds {extra[0]!r}"
                         f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, which hier did not write; "
                         "move it out or choose another --out")
 
 
-def _seal(folder: Path) -> None:
+def _seal(folder: Path, marker: str = MARKER) -> None:
     """Write the marker listing the report's files, and give files and folders the modes the umask gives
     a plain open/mkdir (mkdtemp makes the folder 0700, which a web server's account could not read)."""
     files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     from hier import __version__
-    (folder / MARKER).write_text(json.dumps({"hier": __version__, "files": files}, indent=1, ensure_ascii=False),
+    (folder / marker).write_text(json.dumps({"hier": __version__, "files": files}, indent=1, ensure_ascii=False),
                                  encoding="utf-8")
     os.chmod(folder, 0o777 & ~fileio.UMASK)
     for p in folder.rglob("*"):
         os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~fileio.UMASK)
 
 
-def _swap(new: Path, out: Path, given) -> None:
+def _swap(new: Path, out: Path, given, marker: str = MARKER) -> None:
     """Move the finished report ``new`` to ``out``: an absent or empty ``out`` is replaced in one rename;
     an earlier report is checked again, renamed aside, the new one renamed in, then the old deleted, so
     one of the two is always on disk."""
@@ -150,7 +152,7 @@ def _swap(new: Path, out: Path, given) -> None:
     except OSError as e:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
-    _check_replaceable(out, given)       # again: minutes may have passed since the first check
+    _check_replaceable(out, given, marker)       # again: minutes may have passed since the first check
     aside = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
     os.rename(out, aside)
     try:

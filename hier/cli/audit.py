@@ -1,0 +1,45 @@
+"""``hier audit``: duplicates, near-duplicates, outliers and unreadable files of a labelled dataset."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from hier.cli.base import app, console, err
+
+
+@app.command()
+def audit(
+    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
+    out: Annotated[Path, typer.Option(help="Audit folder (audit.html, audit.json, PNGs, exclude.txt)")] = Path("audit"),
+    artifact: Annotated[Optional[Path], typer.Option(
+        help="Artifact whose embeddings judge similarity (default: the offline ImageNet efficientnet_lite0)")] = None,
+    layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
+    near: Annotated[float, typer.Option(help="Embedding cosine from which two photos are near-duplicates")] = 0.93,
+    outliers: Annotated[int, typer.Option(help="Photos on the outlier contact sheet")] = 48,
+    exclude_outliers: Annotated[int, typer.Option(help="Also list the N most outlying photos for exclusion")] = 0,
+    exclude_near: Annotated[bool, typer.Option(
+        help="Also list both photos of every near-duplicate pair across classes for exclusion")] = False,
+    write_exclude: Annotated[Optional[Path], typer.Option(
+        help="Write the paths to drop (relative to DATA, one per line) to this file")] = None,
+    force: Annotated[bool, typer.Option(help="Let --write-exclude replace an existing file")] = False,
+    batch_size: Annotated[int, typer.Option()] = 64,
+):
+    """One HTML page on a dataset before training: per-class counts, sizes and brightness, exact
+    duplicates (within and across classes), near-duplicates, outliers (a contact sheet), unreadable files."""
+    from hier.audit import audit as run
+    from hier.engine.trainer import progress_bar
+
+    with progress_bar(err) as progress:
+        r = run(data, out, artifact, layout, near, outliers, exclude_outliers, exclude_near, write_exclude, force,
+                batch_size, progress)
+    c = r["counts"]
+    if r["skipped"]:
+        err.print(f"[yellow]{r['skipped']}[/]")
+    console.print(f"{c['images']} photos in {c['classes']} classes: {c['exact_extra_copies']} extra exact cop(ies) "
+                  f"in {c['exact_groups']} group(s) within classes, {c['cross_class_groups']} group(s) across classes "
+                  f"({c['cross_class_files']} photos), {c['near_pairs']} near-duplicate pair(s) (cosine >= {near}), "
+                  f"{c['outliers']} outlier(s), {c['unreadable']} unreadable file(s)", highlight=False)
+    console.print(f"wrote {out / 'audit.html'}" + (f" and {write_exclude} ({c['excluded']} paths)" if write_exclude else
+                                                    f" ({c['excluded']} paths in exclude.txt)"), highlight=False)

@@ -160,3 +160,22 @@ def _one_class_taxonomy(demo_data, tmp_path):
 def test_usage_errors_have_no_traceback(capsys):
     code, _, err = run_cli("enroll", capsys=capsys)
     assert code == 2 and "Missing" in err and "Traceback" not in err
+
+
+def test_train_leaves_out_the_photos_an_exclude_file_lists(demo_data, tmp_path, capsys):
+    """`hier audit --write-exclude` lists photos below DATA; training leaves them out and says how many of
+    the names it did not find. A missing exclude file stops before anything is written."""
+    photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
+    assert len(photos) == 144
+    exclude = tmp_path / "exclude.txt"
+    exclude.write_text("\n".join(p.relative_to(demo_data.train_dir).as_posix() for p in photos[:3])
+                       + "\nno/such.jpg\n# a comment\n", encoding="utf-8")
+    flags = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "none", "--epochs", "1",
+             "--batch-size", "16", "--no-export", "--val-frac", "0.5"]
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "a", *flags, "--exclude", exclude,
+                           capsys=capsys)
+    assert code == 0 and "--exclude: 3 photo(s) left out; 1 name(s)" in " ".join(err.split())
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["images"] in {70, 71}   # half of 141
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "b", *flags, "--exclude",
+                           tmp_path / "none.txt", capsys=capsys)
+    assert code == 2 and "cannot read exclude file" in err and not (tmp_path / "b").exists()

@@ -40,6 +40,8 @@ def train(
              "(the trained cosine heads) [statistics]")] = None,
     ema: Annotated[Optional[bool], typer.Option("--ema/--no-ema")] = None,
     amp: Annotated[Optional[bool], typer.Option("--amp/--no-amp", help="Mixed precision on CUDA")] = None,
+    exclude: Annotated[Optional[str], typer.Option(
+        help="File of photos not to train on, one path below DATA per line (`hier audit --write-exclude`)")] = None,
     export: Annotated[Optional[bool], typer.Option("--export/--no-export",
                                                    help="Write the ONNX export `hier predict` runs on [on]")] = None,
     accum: Annotated[Optional[int], typer.Option(help="Gradient accumulation steps [1]")] = None,

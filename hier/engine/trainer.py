@@ -69,6 +69,7 @@ class TrainConfig:
     crop: str = "none"          # none | yolo: train on the largest vehicle box of each photo
     detector: str | None = None  # ultralytics weights for --crop yolo
     export: bool = True         # write the ONNX export at the end (what `hier predict` runs on)
+    exclude: str | None = None  # file of photos (paths below DATA) not to train on: `hier audit --write-exclude`
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing, crash later or put nan into the weights (one error
@@ -447,6 +448,12 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
             taxonomy = Taxonomy.from_csv(out / artifact.TAXONOMY)
     detector = CarDetector(cfg.detector) if cfg.crop == "yolo" else None     # a bad path fails before any work
     images, taxonomy = prepare(data_dir, taxonomy, cfg.layout)
+    if cfg.exclude:
+        from hier.audit import apply_exclude, read_exclude       # the audit's plotting stack, only when asked
+        before = len(images.paths)
+        images, absent = apply_exclude(images, read_exclude(cfg.exclude, data_dir))
+        console.print(f"--exclude: {before - len(images.paths)} photo(s) left out" +
+                      (f"; {absent} name(s) in {cfg.exclude} are not in {data_dir}" if absent else ""))
     if resume and (out / artifact.TAXONOMY).is_file():     # the checkpoint's heads have a row per class
         run_classes = Taxonomy.from_csv(out / artifact.TAXONOMY).classes
         missing = [c for c in run_classes if c not in taxonomy]

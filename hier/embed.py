@@ -58,7 +58,8 @@ class BatchEmbedder:
     ``hier_embedding`` and the answer. The artifact is read once (under its lock); ``fingerprint``
     names the weights."""
 
-    def __init__(self, artifact_dir: str | Path, backend: str = "auto", batch_size: int = 64, workers: int = 0):
+    def __init__(self, artifact_dir: str | Path, backend: str = "auto", batch_size: int = 64,
+                 workers: int | None = None):
         artifact_dir = Path(artifact_dir)
         with fileio.locked(artifact_dir):
             _, net, self.taxonomy = artifact.snapshot(artifact_dir, device())
@@ -91,7 +92,7 @@ def _arrow(rows: pd.DataFrame, dim: int) -> pa.Table:
 
 
 def embed(artifact_dir: str | Path, listings: pd.DataFrame, out: str | Path, shard: tuple[int, int] = (0, 1),
-          backend: str = "auto", batch_size: int = 64, workers: int = 0, progress=None) -> Path:
+          backend: str = "auto", batch_size: int = 64, workers: int | None = None, progress=None) -> Path:
     """Embed shard ``i`` of ``N`` of ``listings`` (``hier.index.read_listings``' table: every N-th row
     from row i) into ``out/part-i-of-N.parquet``, written atomically; an existing part is refused."""
     i, n = shard

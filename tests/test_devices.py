@@ -46,3 +46,9 @@ def test_edits_never_touch_a_gpu(art, demo_data, monkeypatch, capsys):
     assert run_cli("index", "remove", art, first, capsys=capsys)[0] == 0 and moved == []
     Recognizer(art).similar(sorted(photos.glob("*.jpg"))[1], k=2)
     assert len(moved) == 1
+
+
+def test_decoding_workers_start_only_where_they_pay():
+    from hier.engine.predictor import decode_workers
+    assert [decode_workers(1, 2), decode_workers(63, 2), decode_workers(64, 2)] == [0, 0, 1]
+    assert [decode_workers(10_000, 1), decode_workers(10_000, None), decode_workers(10_000, 16)] == [0, 0, 4]

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -18,13 +18,15 @@ def embed(
     shard: Annotated[str, typer.Option(help="i/N: embed every N-th listing from the i-th (one machine of N)")] = "0/1",
     backend: Annotated[str, typer.Option(help="auto | torch | onnx")] = "auto",
     batch_size: Annotated[int, typer.Option()] = 64,
-    workers: Annotated[int, typer.Option(help="Photo decoding processes beside the network [0]")] = 0,
+    workers: Annotated[Optional[int], typer.Option(
+        help="Photo decoding processes beside the network [one per spare core, at most 4]")] = None,
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
 ):
     """Embed listing photos into Parquet shards; `hier index build ARTIFACT --from-embeddings OUT` makes the
     gallery from them without running the network again."""
     check_number("--batch-size", batch_size, 1, 65536, integer=True)
-    check_number("--workers", workers, 0, 256, integer=True)
+    if workers is not None:
+        check_number("--workers", workers, 0, 256, integer=True)
     from hier.cli.index import _listings
     from hier.embed import embed as embed_shard, parse_shard
     from hier.engine.trainer import progress_bar

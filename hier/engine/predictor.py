@@ -7,6 +7,7 @@ probability for a photo is the same whichever command computed it.
 from __future__ import annotations
 
 import importlib.util
+import os
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -26,6 +27,15 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def decode_workers(photos: int, cpus: int | None) -> int:
+    """Decoding processes beside the network when a caller does not say: none for a handful of photos
+    (starting one costs more than it saves), else one per spare core, at most 4. Measured on 2 cores with
+    ONNX Runtime: 1 worker decodes the next batch while the network runs, +13% photos/s (README)."""
+    if photos < 2 * 32 or not cpus or cpus < 2:
+        return 0
+    return min(4, cpus - 1)
+
+
 class Predictor:
     """``Predictor(net)(images)`` -> {"joint", "fine", "model", "brand", "embedding", "probs", "answer"}
     (and ``trained``, the trained head's joint, when the class statistics serve).
@@ -40,7 +50,7 @@ class Predictor:
     outputs equal the eager model's to ~1e-6.
     """
 
-    def __init__(self, net: HierNet, tta: bool | None = None, batch_size: int = 64, workers: int = 0,
+    def __init__(self, net: HierNet, tta: bool | None = None, batch_size: int = 64, workers: int | None = None,
                  onnx: str | Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
         self.net = net.eval()
         self.tta = net.cfg.tta if tta is None else tta
@@ -66,8 +76,10 @@ class Predictor:
         never holds every photo's logits (a gallery of 1M photos: the embeddings, not 6 GB of scores)."""
         net, cfg = self.net, self.net.cfg
         dev = next(net.parameters()).device
-        data = loader(ImageDataset(list(images), None, eval_transform(cfg.img_size, cfg.mean, cfg.std), cfg.img_size),
-                      self.batch_size, workers=self.workers)
+        images = list(images)
+        workers = decode_workers(len(images), os.cpu_count()) if self.workers is None else self.workers
+        data = loader(ImageDataset(images, None, eval_transform(cfg.img_size, cfg.mean, cfg.std), cfg.img_size),
+                      self.batch_size, workers=workers)
         task = progress.add_task("predict", total=len(images), info="") if progress else None
         maps = (net.fine_to_model.cpu().numpy(), net.fine_to_brand.cpu().numpy())
         for x, _ in data:

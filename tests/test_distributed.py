@@ -43,8 +43,9 @@ def test_device_backend_and_batch_are_pure_choices():
         distributed.rank_batch(64, World(0, 3))
 
 
-def test_ranks_share_the_global_batches_of_one_process():
-    """The sampler the trainer uses: rank shares of batch j are one process's batch j, split."""
+def test_ranks_share_whole_global_batches():
+    """The sampler the trainer uses under torchrun: the ranks' shares of batch j are batch j of the
+    epoch's one seeded permutation, split (every photo once per epoch, the global batch size kept)."""
     data, batch = list(range(103)), 16
 
     def batches(size, rank):

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 
 from hier import artifact
 from hier.recognizer import Recognizer
@@ -19,8 +20,11 @@ from conftest import TINY, run_cli
 def test_training_writes_a_complete_artifact(tiny_artifact):
     out, metrics = tiny_artifact
     for name in ("model.safetensors", "config.json", "taxonomy.csv", "log.csv", "metrics.json", CHECKPOINT,
-                 STATISTICS, "validation.npz"):
+                 STATISTICS, "validation.npz", "model.onnx"):
         assert (out / name).is_file(), name
+    with Image.open(out / "curves.png") as im:          # log.csv drawn: two panels side by side
+        assert im.format == "PNG" and im.width > 1.5 * im.height > 150
+    assert artifact.read_config(out)["onnx"]["fingerprint"] == artifact.read_config(out)["fingerprint"]
     stats = ClassStatistics.load(out / STATISTICS)            # the serving head: one mean per class ...
     means = stats.means(stats.classes)
     assert means.shape == (12, 32) and 0.3 < np.linalg.norm(means, axis=1).min() <= 1 + 1e-5

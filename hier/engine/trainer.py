@@ -42,6 +42,7 @@ from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.taxonomy import Taxonomy
 
 CHECKPOINT = "checkpoint.pt"
+CURVES = "curves.png"          # log.csv drawn at the end of the run
 
 
 @dataclass
@@ -213,14 +214,17 @@ class Trainer:
         world, validates = self.world, self.world.main and len(val_paths) > 0     # rank 0 alone validates
         dev_type = self.dev.split(":")[0]
         train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)
-        # Every rank's share of one permutation per epoch (seed + epoch): the global batches of one
-        # process, split, whatever the number of processes.
-        sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        # Under torchrun every rank takes its share of one permutation per epoch (seed + epoch), so the ranks
+        # together step on whole global batches; one process keeps its own shuffle (the measured presets'
+        # exact order).
+        sampler = DistributedSampler(train_set, world.size, world.rank, shuffle=True, seed=cfg.seed, drop_last=True) \
+            if world.distributed else None
         # Full batches only (BatchNorm cannot train on a batch of one), but never zero of them: fewer
         # photos than --batch-size train as one smaller batch. An optimizer step after every ``accum``
         # batches and after the last one.
         train_loader = None if cached else loader(train_set, max(1, min(cfg.batch_size, len(train_paths)) // world.size),
-                                                  workers=cfg.workers, drop_last=True, sampler=sampler)
+                                                  shuffle=sampler is None, workers=cfg.workers, drop_last=True,
+                                                  sampler=sampler)
         batches = max(1, len(train_paths) // cfg.batch_size) if cached else len(train_loader)
         steps_per_epoch = -(-batches // cfg.accum)
         sched = CosineLRScheduler(self.opt, t_initial=cfg.epochs * steps_per_epoch, lr_min=1e-6,
@@ -235,7 +239,8 @@ class Trainer:
             for epoch in range(self.epoch, cfg.epochs):
                 gen.manual_seed(cfg.seed * 1000 + epoch)   # a resumed run sees the same batches
                 torch.manual_seed(cfg.seed * 1000 + epoch)
-                sampler.set_epoch(epoch)
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
                 t0, losses = time.time(), []
                 model.train()
                 batches_of_epoch = self._cached_batches(feats, ytr, gen) if cached else \
@@ -281,6 +286,9 @@ class Trainer:
                 self._end_epoch(row)
         if not world.main:             # rank 0 computes the statistics and calibrates: one artifact
             return {}
+        if self.history:
+            from hier.report.curves import plot_curves
+            plot_curves(self.history, self.out / CURVES)
         return self.finish(train_paths, train_y, val_paths, val_y)
 
     @torch.no_grad()

@@ -160,7 +160,7 @@ def build_gallery(artifact_dir: str | Path, folder: str | Path, kind: str = "fla
     """``hier index build ARTIFACT --from-embeddings EMB/``: the gallery of the shards' vectors, no network
     run. Their answers are those of the artifact's head of now (an enrolled class included); the index
     is trained unlocked and saved under the lock if the artifact is still the one read."""
-    from hier.index import PREFIX, Gallery, factory_string, search_whitening
+    from hier.index import PREFIX, Gallery, answers_digest, factory_string, search_whitening
 
     artifact_dir = Path(artifact_dir)
     factory_string(kind, 1)
@@ -173,7 +173,7 @@ def build_gallery(artifact_dir: str | Path, folder: str | Path, kind: str = "fla
                               for s in range(0, len(vectors), 65536)]) if len(vectors) else np.zeros(0, int)
     rows = rows.drop(columns=[c for c in rows.columns if str(c).startswith(PREFIX)])
     gallery = Gallery.build(vectors, rows.assign(**answer_columns(answers, taxonomy)), kind, search_whitening(net),
-                            net.fingerprint())
+                            net.fingerprint(), answers_digest(net, taxonomy))
     with fileio.locked(artifact_dir):
         if artifact.stamp(artifact_dir) != stamp:
             raise HierError(f"{artifact_dir} changed while the gallery was built; run the command again")

@@ -19,6 +19,7 @@ once both land.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from pathlib import Path
@@ -32,10 +33,10 @@ from hier import artifact, fileio
 from hier.artifact import GALLERY
 from hier.data import image_files, read_table, refuse_listed, first_repeat, require_cells
 from hier.errors import HierError, HierWarning
-from hier.metrics import path_of
-from hier.engine.predictor import artifact_predictor, device
+from hier.metrics import answer, path_of
+from hier.engine.predictor import Predictor, artifact_predictor, device
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "hnsw", "pq")
 PREFIX = "hier_"                       # hier's own listing columns; reserved in users' listings
 ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "brand", "model", "similarity"))
 # Sellers' cells come back as written, as text ("01234" stays "01234"): only an empty cell is missing
@@ -43,32 +44,124 @@ ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "bran
 AS_GIVEN = dict(dtype=str, keep_default_na=False, na_values=[""])
 EMBED_TRIES = 3                        # embeddings redone when the artifact changed meanwhile, then refused
 SEARCH_SHRINK = 0.5                    # covariance shrinkage of the search whitening (measured: README)
+# Searches' defaults per kind (each call may give its own): nprobe of the IVF kinds, efSearch of HNSW;
+# pq's from scripts/bench_gallery.py (README: the smallest nprobe at which Recall@10 levels off).
+NPROBE = {"ivf": 16, "pq": 32}
+EF_SEARCH = 64
+PQ_DIMS, PQ_BITS = 4, 6               # pq: one 6-bit code per 4 dimensions (256-d: 48 bytes + 8 of id; README)
+PQ_MIN = 39 * 2 ** PQ_BITS             # pq trains 64 centroids per sub-quantizer: FAISS asks 39 points each
+TRAIN_PER_LIST, TRAIN_MIN = 50, 100_000  # IVF training sample: 50 vectors per list, at least 100k (or all)
+LABEL_CHUNK = 65_536                   # listings labelled per call of ``labels`` (memory of one chunk)
+PROBES = 64                            # fixed random embeddings whose answers stand for a head (``answers_digest``)
 
 
-def factory_string(kind: str, n: int) -> str:
-    """FAISS ``index_factory`` string: exact flat search by default, IVF or HNSW for large galleries."""
+def lists(n: int) -> int:
+    """IVF lists for n vectors: 4 * sqrt(n), at most 4096, at least 39 training points per list (FAISS's
+    minimum)."""
+    return max(1, min(4096, int(4 * np.sqrt(n)), n // 39))
+
+
+def factory_string(kind: str, n: int, d: int = 256) -> str:
+    """FAISS ``index_factory`` string for n vectors of d dimensions: exact flat search by default, IVF or
+    HNSW for large galleries, pq (an IVF of product-quantised residuals, ``PQ_BITS`` bits per
+    ``PQ_DIMS`` dimensions) for millions."""
     if kind == "flat":
         return "IDMap2,Flat"
     if kind == "ivf":
-        # 4 * sqrt(n) lists, at most 4096, and at least 39 training points per list (FAISS's minimum)
-        return f"IVF{max(1, min(4096, int(4 * np.sqrt(n)), n // 39))},Flat"
+        return f"IVF{lists(n)},Flat"
     if kind == "hnsw":
         return "IDMap2,HNSW32"
+    if kind == "pq":
+        # chosen by scripts/bench_gallery.py among the codes of at most 64 bytes per listing (README);
+        # "np": no polysemous training (hier never searches by Hamming distance, and it costs minutes)
+        m = next(m for m in range(max(1, d // PQ_DIMS), 0, -1) if d % m == 0)
+        return f"IVF{lists(n)},PQ{m}x{PQ_BITS}np"
     raise HierError(f"unknown index kind {kind!r}; choose from {', '.join(KINDS)}")
+
+
+def check_size(kind: str, n: int) -> None:
+    """One line when n listing images are too few to train an index of ``kind``: IVF needs a vector per
+    list, pq ``PQ_MIN`` (FAISS's 39 training points per centroid of its sub-quantizers)."""
+    need = PQ_MIN if kind == "pq" else lists(n) if kind == "ivf" else 0
+    if n < need:
+        raise HierError(f"--index {kind} needs at least {need:,} listing images to train, not {n:,}; use flat")
+
+
+def training_sample(vectors: np.ndarray, n_lists: int, seed: int = 0) -> np.ndarray:
+    """The vectors an IVF index trains on: a seeded random sample of ``max(TRAIN_MIN, TRAIN_PER_LIST *
+    lists)`` (all of them when fewer); k-means on more costs time and moves the centroids little."""
+    size = max(TRAIN_MIN, TRAIN_PER_LIST * n_lists)
+    if len(vectors) <= size:
+        return vectors
+    pick = np.sort(np.random.default_rng(seed).choice(len(vectors), size, replace=False))
+    return np.ascontiguousarray(vectors[pick])
+
+
+def ivf_of(index: faiss.Index):
+    """The IndexIVF inside ``index`` (behind any pre-transform), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
+
+
+def whitening_of(index: faiss.Index):
+    """hier's whitening pre-transform (``whitened``: a linear map, then a renormalisation) of ``index``:
+    (the linear map, the index behind it), or None (another pre-transform, e.g. an OPQ rotation, is
+    no whitening)."""
+    index = faiss.downcast_index(index)
+    if not isinstance(index, faiss.IndexPreTransform) or index.chain.size() != 2:
+        return None
+    if not isinstance(faiss.downcast_VectorTransform(index.chain.at(1)), faiss.NormalizationTransform):
+        return None
+    return faiss.downcast_VectorTransform(index.chain.at(0)), faiss.downcast_index(index.index)
+
+
+def search_parameters(index: faiss.Index, keep: list, nprobe: int | None = None, ef_search: int | None = None,
+                      sel: faiss.IDSelector | None = None) -> faiss.SearchParameters:
+    """FAISS's per-call ``SearchParameters`` for ``index``: through each ``IndexPreTransform``
+    (``SearchParametersPreTransform``, whose inner parameters FAISS applies to the inner index) and
+    ``IndexIDMap2`` (which translates ``sel`` to its inner positions itself) down to the IVF
+    (``SearchParametersIVF(nprobe, sel)``), the HNSW (``SearchParametersHNSW(efSearch, sel)``) or a
+    flat index (``SearchParameters(sel)``). ``keep`` holds the objects the C++ parameters point to for
+    as long as the search runs (SWIG does not)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        params = faiss.SearchParametersPreTransform()
+        params.index_params = search_parameters(index.index, keep, nprobe, ef_search, sel)
+    elif isinstance(index, (faiss.IndexIDMap, faiss.IndexIDMap2)):
+        return search_parameters(index.index, keep, nprobe, ef_search, sel)
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe or index.nprobe)
+    elif isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW()
+        params.efSearch = int(ef_search or index.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters()
+    if sel is not None and not isinstance(params, faiss.SearchParametersPreTransform):
+        params.sel = sel
+    keep.append(params)
+    return params
 
 
 class Gallery:
     """FAISS index + one metadata row per vector (column ``hier_id`` is the FAISS id)."""
 
-    def __init__(self, index: faiss.Index, listings: pd.DataFrame, kind: str, fingerprint: str | None = None):
+    def __init__(self, index: faiss.Index, listings: pd.DataFrame, kind: str, fingerprint: str | None = None,
+                 labels_digest: str | None = None):
         """``index`` on the CPU (where it is edited and saved); ``fingerprint``: the artifact weights'
-        that embedded its vectors (None: a gallery from before it was recorded)."""
+        that embedded its vectors (None: a gallery from before it was recorded); ``labels_digest``: the
+        ``answers_digest`` of the head that wrote every listing's hier_class/brand/model (None: unknown,
+        or listings labelled by different heads)."""
         self.index, self.listings, self.kind = index, listings.reset_index(drop=True), kind
-        self.fingerprint = fingerprint
-        self.nprobe = 16
+        self.fingerprint, self.labels_digest = fingerprint, labels_digest
+        self.nprobe = NPROBE.get(kind, NPROBE["ivf"])    # searches' defaults; each call may give its own
+        self.ef_search = EF_SEARCH
         self.searcher = index              # the copy searches run on (``on_gpus``)
-        if kind == "ivf":                  # ids -> vectors (``vectors``) and remove_ids without a scan
-            faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
+        ivf = ivf_of(index)
+        if ivf is not None:                # ids -> vectors (``vectors``) and remove_ids without a scan
+            ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
     def on_gpus(self, gpus: int | None = None) -> "Gallery":
         """Search on the GPUs when ``placement`` says so (edits and saves stay on the CPU index)."""
@@ -79,18 +172,21 @@ class Gallery:
 
     @classmethod
     def build(cls, vectors: np.ndarray, listings: pd.DataFrame, kind: str = "flat",
-              whitening: np.ndarray | None = None, fingerprint: str | None = None) -> "Gallery":
-        """A new gallery of ``vectors``; with ``whitening`` (D x D) it searches in ``normalise(z @ W)``."""
+              whitening: np.ndarray | None = None, fingerprint: str | None = None,
+              labels_digest: str | None = None, factory: str | None = None) -> "Gallery":
+        """A new gallery of ``vectors``; with ``whitening`` (D x D) it searches in ``normalise(z @ W)``.
+        IVF kinds train on ``training_sample`` (in the whitened space, through the pre-transform).
+        ``factory``: another ``index_factory`` string than the kind's (benchmarks compare candidates)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        index = faiss.index_factory(vectors.shape[1], factory_string(kind, len(vectors)), faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(vectors.shape[1], factory or factory_string(kind, len(vectors), vectors.shape[1]),
+                                    faiss.METRIC_INNER_PRODUCT)
         if whitening is not None:
             index = whitened(index, whitening)
         if not index.is_trained:
-            lists = faiss.extract_index_ivf(index).nlist
-            if len(vectors) < lists:
-                raise HierError(f"--index ivf needs at least {lists} images to train; use flat")
-            index.train(vectors)
-        gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind, fingerprint)
+            check_size(kind, len(vectors))
+            index.train(training_sample(vectors, faiss.extract_index_ivf(index).nlist))
+        gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind, fingerprint,
+                      labels_digest)
         gallery.add(vectors, listings)
         return gallery
 
@@ -117,23 +213,48 @@ class Gallery:
         self.listings = self.listings[keep].reset_index(drop=True)
         return int(removed)
 
-    def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """(similarities, FAISS ids), each (n_queries, k); id -1 where fewer than k vectors exist."""
-        if self.kind == "ivf":
-            space = faiss.ParameterSpace() if self.searcher is self.index else faiss.GpuParameterSpace()
-            space.set_index_parameter(self.searcher, "nprobe", self.nprobe)
-        return self.searcher.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+    def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, ef_search: int | None = None,
+               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, FAISS ids), each (n_queries, k); id -1 where fewer than k vectors (of those
+        ``allowed``) exist. ``nprobe`` (IVF kinds) and ``ef_search`` (HNSW) hold for this call only
+        (default: the gallery's ``nprobe`` / ``ef_search``), passed as FAISS ``SearchParameters``, so
+        searches at once with different settings do not meddle; ``allowed``: FAISS ids the search is
+        restricted to (an ``IDSelectorBitmap`` inside the one search). On the GPUs (``on_gpus``) nprobe is
+        set on the GPU copy and ``allowed`` is refused (FAISS's GPU indexes take no selector)."""
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if self.searcher is not self.index:
+            if allowed is not None:
+                raise HierError("a search restricted to some listings runs on the CPU index, not the GPUs")
+            if ivf_of(self.index) is not None:
+                faiss.GpuParameterSpace().set_index_parameter(self.searcher, "nprobe", int(nprobe or self.nprobe))
+            return self.searcher.search(queries, k)
+        keep: list = []
+        sel = None
+        if allowed is not None:
+            # a bitmap over the ids (FAISS's IDSelectorBitmap): 0.07 ms for 90k allowed of 1M ids, where
+            # an IDSelectorBatch (a hash set) takes 20 ms to build
+            allowed = np.asarray(allowed, dtype=np.int64)
+            bits = np.zeros(int(allowed.max()) + 1 if len(allowed) else 1, dtype=bool)
+            bits[allowed] = True
+            bitmap = np.packbits(bits, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+            keep.append(bitmap)
+        params = search_parameters(self.index, keep, nprobe or self.nprobe, ef_search or self.ef_search, sel)
+        return self.index.search(queries, k, params=params)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """The embeddings stored under FAISS ``ids``, as they went in (a whitened gallery keeps
-        ``normalise(z @ W)``; ``z`` is unit-length, so ``normalise(y @ W^-1)`` gives it back)."""
+        ``normalise(z @ W)``; ``z`` is unit-length, so ``normalise(y @ W^-1)`` gives it back). The pq kind
+        keeps codes, not vectors: it gives back their reconstruction, renormalised (within the PQ's
+        error of the embedding: README)."""
         ids = np.asarray(ids, dtype=np.int64)
-        index = faiss.downcast_index(self.index)
-        if not isinstance(index, faiss.IndexPreTransform):
-            return index.reconstruct_batch(ids)
-        y = faiss.downcast_index(index.index).reconstruct_batch(ids)
+        w = whitening_of(self.index)
+        if w is None:
+            z = self.index.reconstruct_batch(ids)
+            return z / np.linalg.norm(z, axis=1, keepdims=True) if self.kind == "pq" else z
+        linear, inner = w
+        y = inner.reconstruct_batch(ids)
         if getattr(self, "_unwhiten", None) is None:
-            linear = faiss.downcast_VectorTransform(index.chain.at(0))
             a = faiss.vector_to_array(linear.A).reshape(linear.d_out, linear.d_in)     # y = z @ a.T
             self._unwhiten = np.linalg.inv(a.T).astype(np.float32)
         z = y @ self._unwhiten
@@ -141,54 +262,115 @@ class Gallery:
 
     def _by_id(self) -> pd.DataFrame:
         """The listings indexed by FAISS id, built once per version of the table (a 100k-row
-        ``set_index`` per query would cost more than the search)."""
+        ``set_index`` per query would cost more than the search), hier's labels as categories (a filter's
+        ``== brand`` over 1M listings: 0.3 ms, not 12)."""
         if getattr(self, "_by_id_of", None) is not self.listings:
-            self._by_id_of, self._by_id_frame = self.listings, self.listings.set_index(ID)
+            self._by_id_of, self._by_id_frame = self.listings, _categories(self.listings.set_index(ID))
         return self._by_id_frame
 
-    def results(self, queries: np.ndarray, k: int = 10, where=None, labels=None) -> list[pd.DataFrame]:
+    def labelled(self, labels, key=None) -> pd.DataFrame:
+        """Every listing with the columns ``labels(vectors)`` gives of its stored vector (the head of now),
+        indexed by FAISS id; kept for the next call with the same ``key`` on this version of the table
+        (None: computed every call). An index that cannot give its vectors back: the labels as indexed."""
+        cached = getattr(self, "_labelled", None)
+        if key is not None and cached is not None and cached[0] is self.listings and cached[1] == key:
+            return cached[2]
+        ids = self.listings[ID].to_numpy(np.int64)
+        try:
+            parts = [labels(self.vectors(ids[s:s + LABEL_CHUNK])) for s in range(0, len(ids), LABEL_CHUNK)]
+            columns = {c: np.concatenate([np.asarray(p[c], dtype=object) for p in parts]) for c in parts[0]} \
+                if parts else {}
+            frame = _categories(self.listings.assign(**columns).set_index(ID))
+        except RuntimeError:
+            frame = self._by_id()
+        if key is not None:
+            self._labelled = (self.listings, key, frame)
+        return frame
+
+    def results(self, queries: np.ndarray, k: int = 10, where=None, labels=None, labels_key=None,
+                nprobe: int | None = None) -> list[pd.DataFrame]:
         """Metadata rows of the nearest listings per query, best first. ``labels(vectors)``: hier's
-        class/brand/model columns of the candidates from their stored vectors, by the artifact's head of
+        class/brand/model columns of the listings from their stored vectors, by the artifact's head of
         now (a class enrolled after indexing is found), instead of the ones written when they were
-        indexed. ``where(rows)`` filters (e.g. same brand), searching deeper until k rows pass or the
-        gallery is exhausted."""
+        indexed. ``where(rows)`` filters (e.g. same brand): it is asked once of every listing (labelled
+        by ``labels``, once per ``labels_key``: ``labelled``; it sees the listings' columns indexed by
+        ``hier_id``, not the similarity), and the queries are one FAISS search restricted to the
+        listings it keeps (an ID selector), so k rows come back whenever k listings pass and the search
+        reaches them. On the GPUs, which take no selector, the search goes deeper until k rows pass."""
         if k < 1:
             raise HierError(f"k must be at least 1, not {k}")
+        queries = np.atleast_2d(queries)
         if not len(self):                    # every listing removed: nothing is near
-            return [self.listings.iloc[:0].assign(**{SIMILARITY: pd.Series(dtype=np.float32)})
-                    for _ in np.atleast_2d(queries)]
-        by_id = self._by_id()
-        out = []
-        for q in np.atleast_2d(queries):
-            depth = k
-            while True:
-                sims, ids = self.search(q[None], min(depth, len(self)))
-                found = ids[0][ids[0] >= 0]
-                rows = by_id.loc[found].assign(**{SIMILARITY: sims[0][ids[0] >= 0]}).reset_index()
-                if labels is not None and len(found):
-                    try:
-                        rows = rows.assign(**labels(self.vectors(found)))
-                    except RuntimeError:     # an index that cannot give its vectors back: labels as indexed
-                        labels = None
-                if where is not None:
-                    rows = rows[where(rows)]
-                if len(rows) >= k or depth >= len(self):
-                    break
-                depth *= 4
-            out.append(rows.head(k).reset_index(drop=True))
-        return out
+            return [self.listings.iloc[:0].assign(**{SIMILARITY: pd.Series(dtype=np.float32)}) for _ in queries]
+        if where is not None and self.searcher is not self.index:
+            return [self._deepening(q, k, where, labels, nprobe) for q in queries]
+        by_id, allowed = self._by_id(), None
+        if where is not None:
+            by_id = self.labelled(labels, labels_key) if labels is not None else by_id
+            allowed = by_id.index.to_numpy(np.int64)[np.asarray(where(by_id), dtype=bool)]
+            if not len(allowed):
+                return [_plain(by_id.iloc[:0].reset_index()).assign(**{SIMILARITY: pd.Series(dtype=np.float32)})
+                        for _ in queries]
+        sims, ids = self.search(queries, min(k, len(self) if allowed is None else len(allowed)), nprobe,
+                                allowed=allowed)
+        found = [row[row >= 0] for row in ids]
+        rows = [_plain(by_id.loc[f].assign(**{SIMILARITY: s[r >= 0]}).reset_index())
+                for f, s, r in zip(found, sims, ids)]
+        if labels is not None and where is None:       # the candidates alone labelled, in one call
+            every = np.concatenate(found)
+            if len(every):
+                try:
+                    columns = labels(self.vectors(every))
+                except RuntimeError:                   # an index that cannot give its vectors back
+                    columns = None
+                if columns is not None:
+                    starts = np.cumsum([0] + [len(f) for f in found])
+                    rows = [r.assign(**{c: list(v[a:b]) for c, v in columns.items()})
+                            for r, a, b in zip(rows, starts, starts[1:])]
+        return rows
+
+    def _deepening(self, q: np.ndarray, k: int, where, labels, nprobe) -> pd.DataFrame:
+        """One query's k rows that pass ``where``, searching deeper until k pass or the gallery is
+        exhausted (the GPUs' way: they take no ID selector)."""
+        by_id, depth = self._by_id(), k
+        while True:
+            sims, ids = self.search(q[None], min(depth, len(self)), nprobe)
+            found = ids[0][ids[0] >= 0]
+            rows = _plain(by_id.loc[found].assign(**{SIMILARITY: sims[0][ids[0] >= 0]}).reset_index())
+            if labels is not None and len(found):
+                try:
+                    rows = rows.assign(**labels(self.vectors(found)))
+                except RuntimeError:     # an index that cannot give its vectors back: labels as indexed
+                    labels = None
+            rows = rows[where(rows)]
+            if len(rows) >= k or depth >= len(self):
+                return rows.head(k).reset_index(drop=True)
+            depth *= 4
 
     # --- persistence --------------------------------------------------------------------------------
     def save(self, artifact_dir: str | Path) -> None:
         """Index, listings and kind land together (one atomic set), under the artifact's lock."""
         folder = Path(artifact_dir) / GALLERY
-        meta = json.dumps({"kind": self.kind, "fingerprint": self.fingerprint})
+        meta = json.dumps({"kind": self.kind, "fingerprint": self.fingerprint, "labels": self.labels_digest})
         with fileio.locked(artifact_dir):
             fileio.atomic_write_all({
                 # bytes written by Python, not FAISS's own writer: a full disk then raises OSError(ENOSPC)
-                folder / "index.faiss": lambda p: p.write_bytes(faiss.serialize_index(self.index).tobytes()),
+                folder / "index.faiss": lambda p: p.write_bytes(self._index_bytes()),
                 folder / "listings.csv": lambda p: self.listings.to_csv(p, index=False, encoding="utf-8"),
                 folder / "gallery.json": lambda p: p.write_text(meta, encoding="utf-8")})
+
+    def _index_bytes(self) -> bytes:
+        """The index serialised without the IVF kinds' id -> position hash table (16 bytes a listing in
+        the file, a quarter of the pq kind's size; rebuilt from the lists on load)."""
+        ivf = ivf_of(self.index)
+        if ivf is None or ivf.direct_map.type == faiss.DirectMap.NoMap:
+            return faiss.serialize_index(self.index).tobytes()
+        kind = ivf.direct_map.type
+        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+        try:
+            return faiss.serialize_index(self.index).tobytes()
+        finally:
+            ivf.set_direct_map_type(kind)
 
     @classmethod
     def load(cls, artifact_dir: str | Path) -> "Gallery":
@@ -220,7 +402,18 @@ class Gallery:
         if ids.isna().any():
             raise HierError(f"{folder}/listings.csv has a {ID} that is not a number; build it again with "
                             f"`hier index build {artifact_dir} LISTINGS`")
-        return cls(index, listings.assign(**{ID: ids.astype(np.int64)}), meta["kind"], meta.get("fingerprint"))
+        return cls(index, listings.assign(**{ID: ids.astype(np.int64)}), meta["kind"], meta.get("fingerprint"),
+                   meta.get("labels"))
+
+
+def _categories(frame: pd.DataFrame) -> pd.DataFrame:
+    """hier's label columns as pandas categories (in the in-memory frames filters run on)."""
+    return frame.astype({c: "category" for c in (CLASS, BRAND, MODEL) if c in frame})
+
+
+def _plain(rows: pd.DataFrame) -> pd.DataFrame:
+    """Result rows with hier's label columns as plain text again (as they were read)."""
+    return rows.astype({c: object for c in (CLASS, BRAND, MODEL) if c in rows})
 
 
 def whitened(index: faiss.Index, whitening: np.ndarray) -> faiss.Index:
@@ -238,6 +431,31 @@ def whitened(index: faiss.Index, whitening: np.ndarray) -> faiss.Index:
 def search_whitening(net) -> np.ndarray | None:
     """The whitening a new gallery of this artifact searches with (None: the trained head serves)."""
     return None if net.statistics is None else net.statistics.whitening(SEARCH_SHRINK)
+
+
+def answers_digest(net, taxonomy) -> str:
+    """A digest of what labels a stored vector: the head's answers (log-probabilities to 3 decimals) on
+    ``PROBES`` fixed random unit embeddings, and the taxonomy's classes, models and brands. A gallery
+    whose listings were labelled under the artifact's digest of now has current hier_class/brand/model
+    columns (filters read them, nothing is labelled again); any change of a head row, offset, temperature
+    or class moves the answers, and a digest that differs only costs labelling every listing again."""
+    probe = np.random.default_rng(20240917).normal(size=(PROBES, net.cfg.embed_dim)).astype(np.float32)
+    probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+    probs = Predictor(net).probs_of(probe)           # the heads alone, as listings are labelled again
+    logp = np.round(np.log(np.maximum(np.asarray(probs, dtype=np.float64), 1e-30)), 3) + 0.0
+    h = hashlib.md5(json.dumps([taxonomy.classes, taxonomy.models, taxonomy.brands,
+                                taxonomy.fine_to_model.tolist(), taxonomy.fine_to_brand.tolist()]).encode())
+    h.update(logp.tobytes())
+    return h.hexdigest()
+
+
+def label_columns(probs: np.ndarray, taxonomy) -> dict:
+    """hier_class / hier_brand / hier_model of listings from their fine-class probabilities (*the*
+    answer, as ``similar --same-brand`` reads the query's)."""
+    brand, model, fine = answer(probs, taxonomy)
+    return {CLASS: np.asarray(taxonomy.classes, dtype=object)[fine],
+            BRAND: np.asarray(taxonomy.brands, dtype=object)[brand],
+            MODEL: np.asarray(taxonomy.models, dtype=object)[model]}
 
 
 def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
@@ -280,6 +498,7 @@ class Embedded(NamedTuple):
     stamp: tuple                 # the artifact's version they were computed with (``artifact.stamp``)
     whitening: np.ndarray | None  # the artifact's search whitening (``search_whitening``)
     fingerprint: str             # of the weights that embedded them (``HierNet.fingerprint``)
+    labels_digest: str           # of the head that labelled them (``answers_digest``)
 
 
 def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> Embedded:
@@ -294,11 +513,12 @@ def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> Em
     brand, model, fine = path_of(out["answer"], taxonomy)    # the answer, as `similar --same-brand`
     rows = table.assign(**{CLASS: [taxonomy.classes[i] for i in fine], BRAND: [taxonomy.brands[i] for i in brand],
                            MODEL: [taxonomy.models[i] for i in model]})
-    return Embedded(out["embedding"], rows, stamp, search_whitening(net), net.fingerprint())
+    return Embedded(out["embedding"], rows, stamp, search_whitening(net), net.fingerprint(),
+                    answers_digest(net, taxonomy))
 
 
 def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, prepare=None):
-    """Embed ``table`` unlocked, then, under the artifact's lock, ``save(vectors, table, prepared)`` if the
+    """Embed ``table`` unlocked, then, under the artifact's lock, ``save(embedded, prepared)`` if the
     artifact is still the one embedded with; embedded again when another command changed it meanwhile
     (``EMBED_TRIES`` times, then one error line, nothing saved). ``prepare(embedded)`` runs unlocked
     after each embedding (training a new index) with ``embed_listings``' result. Returns what ``save`` returns."""
@@ -307,7 +527,7 @@ def _embed_and_save(artifact_dir: Path, table: pd.DataFrame, progress, save, pre
         prepared = prepare(done) if prepare else None
         with fileio.locked(artifact_dir):
             if artifact.stamp(artifact_dir) == done.stamp:
-                return save(done.vectors, done.rows, prepared)
+                return save(done, prepared)
     raise HierError(f"{artifact_dir} changed while its listings were embedded, {EMBED_TRIES} times (another "
                     "command kept writing it); nothing was saved; run the command again when it is done")
 
@@ -357,12 +577,14 @@ def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: s
     the embedding and the index's training run unlocked, the save under the lock."""
     factory_string(kind, 1)                   # an unknown kind fails before any work
     table = _table(listings)
+    check_size(kind, len(table))              # so do too few images to train it
 
-    def save(vectors, rows, gallery: Gallery) -> Gallery:
+    def save(_, gallery: Gallery) -> Gallery:
         gallery.save(artifact_dir)
         return gallery
     return _embed_and_save(Path(artifact_dir), table, progress, save,
-                           prepare=lambda e: Gallery.build(e.vectors, e.rows, kind, e.whitening, e.fingerprint))
+                           prepare=lambda e: Gallery.build(e.vectors, e.rows, kind, e.whitening, e.fingerprint,
+                                                           e.labels_digest))
 
 
 def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) -> Gallery:
@@ -392,9 +614,11 @@ def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=
     table = _table(listings)
     refuse_clashes(artifact_dir, table)
 
-    def save(vectors, rows, _) -> Gallery:
+    def save(done: Embedded, _) -> Gallery:
         gallery = Gallery.load(artifact_dir)
-        gallery.add(vectors, rows)
+        if gallery.labels_digest != done.labels_digest:     # old rows labelled by another head: mixed
+            gallery.labels_digest = None
+        gallery.add(done.vectors, done.rows)
         gallery.save(artifact_dir)
         return gallery
     return len(table), _embed_and_save(Path(artifact_dir), table, progress, save)
@@ -417,7 +641,8 @@ def faiss_gpus() -> int:
 def placement(kind: str, gpus: int, purpose: str) -> str:
     """Where a gallery's index lives (``cpu`` | ``gpu``) for ``purpose`` (``search`` | ``edit``): edits
     and saves on the CPU (GPU indexes have no ``remove_ids`` and FAISS writes CPU indexes), HNSW always
-    on the CPU (FAISS has no GPU HNSW), searches on the GPUs when there are any. Pure: tested on CPU."""
+    on the CPU (FAISS has no GPU HNSW), pq too (its IVFPQ of 6-bit codes never ran on a GPU here, and its filtered
+    searches need the CPU's ID selectors), searches on the GPUs when there are any. Pure: tested on CPU."""
     if purpose not in ("search", "edit"):
         raise ValueError(f"purpose is search or edit, not {purpose!r}")
-    return "gpu" if purpose == "search" and gpus > 0 and kind != "hnsw" else "cpu"
+    return "gpu" if purpose == "search" and gpus > 0 and kind not in ("hnsw", "pq") else "cpu"

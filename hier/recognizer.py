@@ -356,7 +356,10 @@ class Recognizer:
         return out
 
     def similar(self, image, k: int = 10, same_brand: bool = False) -> pd.DataFrame:
-        """The k nearest listings (sellers' columns + hier_*), best first (``Gallery.results`` checks k)."""
+        """The k nearest listings (sellers' columns + hier_*), best first (``Gallery.results`` checks k).
+        hier_class/brand/model (and ``same_brand``'s filter) are the head of now's: the gallery's columns
+        when its listings were labelled by this very head (``answers_digest``), else every candidate (or,
+        to filter, every listing, once per version of the artifact) answered again from its stored vector."""
         gallery = self.gallery()
         out, snap = self._embed(_expand(image)[:1])
         tax = snap.taxonomy
@@ -364,13 +367,20 @@ class Recognizer:
         if same_brand:
             brand = tax.brands[answer(out["probs"], tax)[0][0]]
             where = lambda rows: rows[gallery_ops.BRAND] == brand  # noqa: E731
+        current = gallery.labels_digest is not None and gallery.labels_digest == self._answers_digest(snap)
 
         def labels(vectors: np.ndarray) -> dict:
             """The listings' answers by the head of now (the snapshot that answered the query)."""
-            b, m, f = answer(snap.predictor.probs_of(vectors), tax)
-            return {gallery_ops.CLASS: [tax.classes[i] for i in f], gallery_ops.BRAND: [tax.brands[i] for i in b],
-                    gallery_ops.MODEL: [tax.models[i] for i in m]}
-        return gallery.results(out["embedding"], k, where, labels)[0].drop(columns=[gallery_ops.ID])
+            return gallery_ops.label_columns(snap.predictor.probs_of(vectors), tax)
+        return gallery.results(out["embedding"], k, where, None if current else labels,
+                               labels_key=snap.stamp)[0].drop(columns=[gallery_ops.ID])
+
+    def _answers_digest(self, snap: Snapshot) -> str:
+        """``answers_digest`` of the snapshot's head, computed once per version of the artifact."""
+        held = getattr(self, "_digest", None)
+        if held is None or held[0] != snap.stamp:
+            held = self._digest = (snap.stamp, gallery_ops.answers_digest(snap.net, snap.taxonomy))
+        return held[1]
 
     # --- changes: each holds the artifact's lock from reading to its atomic save; the next answer sees
     # them, as the artifact changed on disk ------------------------------------------------------------

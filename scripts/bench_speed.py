@@ -1,5 +1,6 @@
 """Prediction speed, side by side in one run: a plain PyTorch loop, the model's pure forward, and
-`hier predict` as a whole command (start-up included) on its eager and ONNX Runtime backends; on the
+`hier predict` as a whole command (start-up included) eager and with its defaults (ONNX Runtime, decoding
+workers beside the network); on the
 dev photos and on full-size 1600 x 1200 JPEGs made from them (written outside the repo).
 
     python scripts/bench_speed.py --out /tmp/bench_speed
@@ -25,6 +26,7 @@ from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
+from benchlib import machine
 from hier import artifact
 from hier.engine.predictor import Predictor, artifact_predictor, export
 from hier.models import HierNet, ModelConfig, load_efficientnet_lite0
@@ -74,8 +76,8 @@ def hier_predict(art: Path, folder: Path, backend: str, out: Path) -> float:
     """`hier predict` as a user runs it, in a fresh process: start-up, reading, decoding, writing."""
     t = time.time()
     subprocess.run([sys.executable, "-m", "hier", "predict", str(art), str(folder), "--topk", "1", "--format", "csv",
-                    "--out", str(out), "--backend", backend], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
+                    "--out", str(out), *(["--backend", backend] if backend else [])], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return len(list(folder.iterdir())) / (time.time() - t)
 
 
@@ -123,10 +125,10 @@ def main() -> None:
         paths = sorted(folder.iterdir())
         plain = plain_loop(paths)
         eager = hier_predict(art, folder, "torch", args.out / "eager.csv")
-        fast = hier_predict(art, folder, "onnx", args.out / "onnx.csv")
+        fast = hier_predict(art, folder, None, args.out / "defaults.csv")      # ONNX Runtime + decode workers
         rows.append({"photos": name, "n": len(paths), "plain loop img/s": plain, "pure forward img/s": forward,
-                     "hier predict eager img/s": eager, "hier predict onnx img/s": fast,
-                     "onnx / plain": fast / plain})
+                     "hier predict eager img/s": eager, "hier predict (defaults) img/s": fast,
+                     "defaults / plain": fast / plain})
         net, _ = artifact.load(art)
         check = paths if args.artifact else paths[:128]      # a trained artifact: its accuracy on all of them
         p_eager = Predictor(net)(check)["probs"]
@@ -158,8 +160,7 @@ def main() -> None:
         table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
     Console(width=160).print(table)
     print(json.dumps(checks, indent=2))
-    print("command: python scripts/bench_speed.py --out", args.out,
-          *(["--artifact", str(args.artifact)] if args.artifact else []))
+    print(json.dumps(machine()))
     (args.out / "bench_speed.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))
 
 

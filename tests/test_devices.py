@@ -24,9 +24,9 @@ def test_where_a_gallery_lives():
     """Before: every load moved the index to the GPUs, edits included (no remove_ids there) and HNSW
     (no GPU version): `index remove` and `similar` on HNSW raised on a GPU host."""
     from hier.index import placement
-    assert [placement(k, 2, "search") for k in ("flat", "ivf", "hnsw")] == ["gpu", "gpu", "cpu"]
-    assert {placement(k, g, "edit") for k in ("flat", "ivf", "hnsw") for g in (0, 1, 8)} == {"cpu"}
-    assert {placement(k, 0, "search") for k in ("flat", "ivf", "hnsw")} == {"cpu"}
+    assert [placement(k, 2, "search") for k in ("flat", "ivf", "hnsw", "pq")] == ["gpu", "gpu", "cpu", "cpu"]
+    assert {placement(k, g, "edit") for k in ("flat", "ivf", "hnsw", "pq") for g in (0, 1, 8)} == {"cpu"}
+    assert {placement(k, 0, "search") for k in ("flat", "ivf", "hnsw", "pq")} == {"cpu"}
     with pytest.raises(ValueError):
         placement("flat", 1, "serve")
 

@@ -27,7 +27,7 @@ def index_build(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
     listings: Annotated[Optional[Path], typer.Argument(
         help="Folder of listing photos, or CSV listing_id,image[,price,...]")] = None,
-    kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw")] = "flat",
+    kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw | pq (millions: 60 bytes a listing)")] = "flat",
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
     from_embeddings: Annotated[Optional[Path], typer.Option(
         help="Folder of `hier embed` shards: build from their vectors, without running the network")] = None,
@@ -72,7 +72,7 @@ def index_add(
 @index_app.command("rebuild")
 def index_rebuild(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
-    kind: Annotated[str | None, typer.Option("--index", help="flat | ivf | hnsw (default: the gallery's)")] = None,
+    kind: Annotated[str | None, typer.Option("--index", help="flat | ivf | hnsw | pq (default: the gallery's)")] = None,
 ):
     """Embed the gallery's listings again with the artifact's current weights (after `hier train --resume`)."""
     from hier.index import factory_string

@@ -446,7 +446,7 @@ def test_sellers_columns_are_kept(art, demo_data, tmp_path, capsys):
     rows = json.loads(out)
     assert code == 0 and rows[0]["listing_id"] == "a"
     assert {(r["brand"], r["model"], r["id"], r["kind"], r["class"], r["similarity"]) for r in rows} == \
-        {("Kia", "K5", i, "sedan", "x", "n/a") for i in (11, 12, 13, 14)}
+        {("Kia", "K5", str(i), "sedan", "x", "n/a") for i in (11, 12, 13, 14)}   # as written, as text
     assert rows[0]["hier_brand"] in artifact.load(art)[1].brands and rows[0]["hier_similarity"] > 0.99
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"listing_id": ["a"], "image": photos[:1], "hier_brand": ["x"]}).to_csv(bad, index=False)

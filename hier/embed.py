@@ -25,7 +25,8 @@ from hier import artifact, fileio
 from hier.data import first_repeat
 from hier.engine.predictor import artifact_predictor, device
 from hier.errors import HierError
-from hier.metrics import answer_class, path_of
+from hier.index import LABEL_CHUNK, PREFIX, Gallery, answer_columns, answers_digest, factory_string, label_columns, \
+    search_whitening
 
 EMBEDDING = "hier_embedding"
 CHUNK = 2048                    # rows embedded and written per row group
@@ -43,14 +44,6 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def part_name(shard: int, shards: int) -> str:
     return f"part-{shard:05d}-of-{shards:05d}.parquet"
-
-
-def answer_columns(answers: np.ndarray, taxonomy) -> dict[str, list[str]]:
-    """hier's answer columns of listings (``metrics.answer``'s fine class -> its class, brand and model)."""
-    from hier.index import BRAND, CLASS, MODEL
-    brand, model, fine = path_of(answers, taxonomy)
-    return {CLASS: [taxonomy.classes[i] for i in fine], BRAND: [taxonomy.brands[i] for i in brand],
-            MODEL: [taxonomy.models[i] for i in model]}
 
 
 class BatchEmbedder:
@@ -160,20 +153,18 @@ def build_gallery(artifact_dir: str | Path, folder: str | Path, kind: str = "fla
     """``hier index build ARTIFACT --from-embeddings EMB/``: the gallery of the shards' vectors, no network
     run. Their answers are those of the artifact's head of now (an enrolled class included); the index
     is trained unlocked and saved under the lock if the artifact is still the one read."""
-    from hier.index import PREFIX, Gallery, answers_digest, factory_string, search_whitening
-
     artifact_dir = Path(artifact_dir)
     factory_string(kind, 1)
     with fileio.locked(artifact_dir):
         stamp, net, taxonomy = artifact.snapshot(artifact_dir, device())
     vectors, rows = read_embeddings(folder, net.fingerprint())
     predictor = artifact_predictor(artifact_dir, net, "torch")
-    answers = np.concatenate([answer_class(predictor.probs_of(vectors[s:s + 65536]),
-                                           net.fine_to_model.cpu().numpy(), net.fine_to_brand.cpu().numpy())
-                              for s in range(0, len(vectors), 65536)]) if len(vectors) else np.zeros(0, int)
+    labels = [label_columns(predictor.probs_of(vectors[s:s + LABEL_CHUNK]), taxonomy)
+              for s in range(0, len(vectors), LABEL_CHUNK)] or [answer_columns(np.zeros(0, int), taxonomy)]
     rows = rows.drop(columns=[c for c in rows.columns if str(c).startswith(PREFIX)])
-    gallery = Gallery.build(vectors, rows.assign(**answer_columns(answers, taxonomy)), kind, search_whitening(net),
-                            net.fingerprint(), answers_digest(net, taxonomy))
+    rows = rows.assign(**{c: np.concatenate([part[c] for part in labels]) for c in labels[0]})
+    gallery = Gallery.build(vectors, rows, kind, search_whitening(net), net.fingerprint(),
+                            answers_digest(net, taxonomy))
     with fileio.locked(artifact_dir):
         if artifact.stamp(artifact_dir) != stamp:
             raise HierError(f"{artifact_dir} changed while the gallery was built; run the command again")

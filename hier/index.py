@@ -452,7 +452,12 @@ def answers_digest(net, taxonomy) -> str:
 def label_columns(probs: np.ndarray, taxonomy) -> dict:
     """hier_class / hier_brand / hier_model of listings from their fine-class probabilities (*the*
     answer, as ``similar --same-brand`` reads the query's)."""
-    brand, model, fine = answer(probs, taxonomy)
+    return answer_columns(answer(probs, taxonomy)[2], taxonomy)
+
+
+def answer_columns(fine: np.ndarray, taxonomy) -> dict:
+    """hier_class / hier_brand / hier_model of listings from their answers' fine classes."""
+    brand, model, fine = path_of(fine, taxonomy)
     return {CLASS: np.asarray(taxonomy.classes, dtype=object)[fine],
             BRAND: np.asarray(taxonomy.brands, dtype=object)[brand],
             MODEL: np.asarray(taxonomy.models, dtype=object)[model]}
@@ -510,9 +515,7 @@ def embed_listings(artifact_dir: Path, table: pd.DataFrame, progress=None) -> Em
         predictor = artifact_predictor(artifact_dir, net)
         stamp = artifact.stamp(artifact_dir)       # after an export on first use
     out = predictor([Path(p) for p in table["image"]], progress, keep=("embedding", "answer"))
-    brand, model, fine = path_of(out["answer"], taxonomy)    # the answer, as `similar --same-brand`
-    rows = table.assign(**{CLASS: [taxonomy.classes[i] for i in fine], BRAND: [taxonomy.brands[i] for i in brand],
-                           MODEL: [taxonomy.models[i] for i in model]})
+    rows = table.assign(**answer_columns(out["answer"], taxonomy))    # the answer, as `similar --same-brand`
     return Embedded(out["embedding"], rows, stamp, search_whitening(net), net.fingerprint(),
                     answers_digest(net, taxonomy))
 

@@ -347,7 +347,7 @@ class Recognizer:
     def export(self, format: str = "onnx") -> Path:
         """ARTIFACT/model.onnx: the trunk and embedding (with the flipped view when the artifact serves
         with TTA), run by ONNX Runtime from then on; the heads stay in PyTorch, so enrolling needs no
-        re-export, retraining does (a stale export is ignored)."""
+        re-export, retraining does (a stale export is written again on first use)."""
         if format != "onnx":
             raise HierError(f"unknown export format {format!r}; onnx is the one supported")
         from hier.engine.predictor import export

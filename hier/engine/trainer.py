@@ -161,7 +161,7 @@ class Trainer:
         self.model, self.taxonomy, self.cfg, self.out, self.world = model, taxonomy, cfg, Path(out), world
         self.console = console or Console(stderr=True)
         self.dev = distributed.device_for(world, torch.cuda.device_count())
-        self.rank_batch = distributed.rank_batch(cfg.batch_size, world)
+        distributed.rank_batch(cfg.batch_size, world)      # a global batch that does not split: refused now
         self.amp = cfg.amp and self.dev.startswith("cuda")
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.model.to(self.dev)
@@ -272,7 +272,8 @@ class Trainer:
                     distribute_bn(model, world.size, reduce=True)
                     if self.ema:
                         distribute_bn(self.ema.module, world.size, reduce=True)
-                row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"], "train_loss": distributed.mean_over_ranks(float(np.mean(losses)), world, self.dev),
+                row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"],
+                       "train_loss": distributed.mean_over_ranks(float(np.mean(losses)), world, self.dev),
                        "seconds": round(time.time() - t0, 1)}
                 self.epoch = epoch + 1
                 if not world.main:
@@ -401,12 +402,12 @@ def _torch_save(obj, path: Path) -> None:
 
 def resume_invalidates(out: Path) -> list[str]:
     """What was made with the current weights and must be made again after a resumed run: the gallery's
-    vectors (refused until rebuilt) and the ONNX export (ignored while stale)."""
+    vectors (refused until rebuilt) and the ONNX export (written again by the next ``auto`` use)."""
     stale = []
     if (out / GALLERY / "index.faiss").is_file():
         stale.append(f"if its best weights change, {out}/{GALLERY} is refused until `hier index rebuild {out}`")
     if (out / ONNX).is_file():
-        stale.append(f"if its best weights change, {out}/{ONNX} is ignored (eager PyTorch) until `hier export {out}`")
+        stale.append(f"if its best weights change, {out}/{ONNX} is written again on first use (or `hier export {out}`)")
     return stale
 
 

@@ -6,11 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from scipy.special import logsumexp
 
 from hier import artifact
 from hier.recognizer import Recognizer
 from hier.models.statistics import STATISTICS, ClassStatistics
-from hier.engine.trainer import CHECKPOINT, TrainConfig, train
+from hier.engine.trainer import CHECKPOINT, OOF, TrainConfig, read_oof, train
 from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 
@@ -41,6 +42,11 @@ def test_training_writes_a_complete_artifact(tiny_artifact):
     assert metrics["log_loss"] <= metrics["log_loss_before_temperature"] + 1e-9   # T is fitted on this NLL
     # it learned: chance is 1/3 for brand and 1/12 for the class (measured 0.86 and 0.24)
     assert metrics["brand_acc"] > 0.6 and metrics["top1"] > 0.15
+    oof = read_oof(out / OOF)         # the validation photos' served scores: the reported figures again
+    assert len(oof["paths"]) == len(oof["labels"]) == 29 and list(oof["classes"]) == Taxonomy.from_csv(
+        out / "taxonomy.csv").classes
+    probs = np.exp(oof["logits"] / metrics["temperature"] - logsumexp(oof["logits"] / metrics["temperature"], 1, keepdims=True))
+    assert abs(-np.log(probs[np.arange(29), oof["labels"]]).mean() - metrics["log_loss"]) < 1e-3
 
 
 def test_evaluate_json(tiny_artifact, demo_data, capsys):

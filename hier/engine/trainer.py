@@ -43,6 +43,20 @@ from hier.taxonomy import Taxonomy
 
 CHECKPOINT = "checkpoint.pt"
 CURVES = "curves.png"          # log.csv drawn at the end of the run
+OOF = "oof.npz"                # the validation photos' served scores: what `hier ensemble` fits weights on
+
+
+def save_oof(path: Path, paths: list, labels: np.ndarray, logits: np.ndarray, classes: list[str]) -> None:
+    """Out-of-fold predictions of a run: photo paths as given, true class indices, the served joint scores
+    before the temperature (what the predictor computes, TTA as configured) and the class order."""
+    with path.open("wb") as f:
+        np.savez(f, paths=np.asarray([str(p) for p in paths]), labels=np.asarray(labels, dtype=np.int32),
+                 logits=np.asarray(logits, dtype=np.float32), classes=np.asarray(classes))
+
+
+def read_oof(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as saved:
+        return {k: saved[k] for k in ("paths", "labels", "logits", "classes")}
 
 
 @dataclass
@@ -373,6 +387,7 @@ class Trainer:
         best.cfg.temperature = fit_temperature(logits["joint"], val_y)
         # held-out photos' embeddings: what enrollment sets each new class's score offset on
         files[VALIDATION] = lambda p: save_validation(p, logits["embedding"], val_y)
+        files[OOF] = lambda p: save_oof(p, val_paths, val_y, logits["joint"], self.taxonomy.classes)
         metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
                                  logits=logits["joint"], heads=logits)
         if best.cfg.head == "statistics":

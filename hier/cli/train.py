@@ -54,6 +54,18 @@ def train(
         help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
     crop: Annotated[Optional[str], typer.Option(help="none | yolo: train on each photo's largest vehicle box")] = None,
     detector: Annotated[Optional[str], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
+    aug: Annotated[Optional[str], typer.Option(help="Augmentation: none | light | seed | randaug [light]")] = None,
+    mixup: Annotated[Optional[float], typer.Option(help="MixUp alpha on each batch [0: off]")] = None,
+    cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha on each batch [0: off]")] = None,
+    loss: Annotated[Optional[str], typer.Option(help="ce | focal | poly1 | penalty (confidence penalty) [ce]")] = None,
+    smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing [0.1]")] = None,
+    swa_epochs: Annotated[Optional[int], typer.Option(
+        help="Average the weights of the last N epochs (kept if it validates better) [0]")] = None,
+    layer_decay: Annotated[Optional[float], typer.Option(help="Layer-wise LR decay of the trunk, e.g. 0.85")] = None,
+    low_res: Annotated[Optional[int], typer.Option(help="Progressive resizing: this size for the first epochs")] = None,
+    low_res_epochs: Annotated[Optional[int], typer.Option(help="... for this many epochs, then --img-size")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option(
+        "--tensorboard/--no-tensorboard", help="TensorBoard scalars in OUT/tensorboard")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a hierarchical model and write an artifact directory."""

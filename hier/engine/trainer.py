@@ -20,16 +20,18 @@ import torch
 from rich.console import Console
 from sklearn.metrics import log_loss
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from timm.optim import create_optimizer_v2, param_groups_weight_decay
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
+from timm.data import Mixup
 from timm.utils import ModelEmaV3, distribute_bn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DistributedSampler
 
 from hier import artifact, fileio
 from hier.artifact import GALLERY, ONNX
 from hier.data.detect import CarDetector
-from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
+from hier.data import AUG_POLICIES, ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
 from hier.errors import HierError, HierWarning, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine import distributed
@@ -38,6 +40,7 @@ from hier.engine.predictor import Predictor, export, onnx_providers
 from hier.data.readers import create_reader
 from hier.metrics import answer, evaluate_probs, fit_temperature, softmax
 from hier.models import HierNet, HierTask, ModelConfig
+from hier.models.losses import LOSSES
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.taxonomy import Taxonomy
 
@@ -85,13 +88,24 @@ class TrainConfig:
     detector: str | None = None  # ultralytics weights for --crop yolo
     export: bool = True         # write the ONNX export at the end (what `hier predict` runs on)
     exclude: str | None = None  # file of photos (paths below DATA) not to train on: `hier audit --write-exclude`
+    # the competitors' recipe (README "Training recipe"; each lever measured by scripts/bench_recipe.py)
+    aug: str = "light"          # augmentation policy: none | light | seed | randaug (hier.data.train_transform)
+    mixup: float = 0.0          # MixUp alpha on the batch (timm Mixup; 0: off)
+    cutmix: float = 0.0         # CutMix alpha (with --mixup too: one or the other per batch)
+    loss: str = "ce"            # ce | focal | poly1 | penalty (hier.models.losses)
+    swa_epochs: int = 0         # average the weights of the last N epochs (SWA); kept if it validates better
+    layer_decay: float | None = None   # layer-wise LR decay of the trunk (timm's, per block; e.g. 0.85)
+    low_res: int = 0            # progressive resizing: the first --low-res-epochs at this size ...
+    low_res_epochs: int = 0     # ... then the rest at --img-size
+    tensorboard: bool = False   # TensorBoard scalars in OUT/tensorboard (pip install tensorboard)
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing, crash later or put nan into the weights (one error
         line, before any work): every number through ``check_number``, so nan and inf are refused too."""
         for name, low, high in (("epochs", 1, 100_000), ("batch_size", 1, 65_536), ("accum", 1, 4096),
                                 ("cache_views", 0, 1000), ("workers", 0, 256), ("folds", 2, 1000),
-                                ("seed", 0, 2 ** 32 - 1)):
+                                ("seed", 0, 2 ** 32 - 1), ("swa_epochs", 0, self.epochs),
+                                ("low_res", 0, 4096), ("low_res_epochs", 0, self.epochs - 1)):
             setattr(self, name, check_number(_flag(name), getattr(self, name), low, high, integer=True))
         if self.fold is not None:
             self.fold = check_number("--fold", self.fold, 0, self.folds - 1, integer=True)
@@ -99,8 +113,19 @@ class TrainConfig:
             if not check_number(_flag(name), getattr(self, name)) > 0:
                 raise HierError(f"{_flag(name)} must be positive, not {getattr(self, name)}")
         for name, low, high in (("weight_decay", 0, 10), ("warmup_epochs", 0, 100_000), ("smoothing", 0, 1),
-                                ("aux", 0, 100), ("ema_decay", 0, 1), ("val_frac", 0, 1)):
+                                ("aux", 0, 100), ("ema_decay", 0, 1), ("val_frac", 0, 1), ("mixup", 0, 100),
+                                ("cutmix", 0, 100)):
             setattr(self, name, check_number(_flag(name), getattr(self, name), low, high))
+        if self.layer_decay is not None:
+            self.layer_decay = check_number("--layer-decay", self.layer_decay, 0, 1)
+            if not self.layer_decay > 0:
+                raise HierError("--layer-decay must be above 0 (1: every layer at --lr)")
+        if self.aug not in AUG_POLICIES:
+            raise HierError(f"--aug must be one of {', '.join(AUG_POLICIES)}, not {self.aug!r}")
+        if self.loss not in LOSSES:
+            raise HierError(f"--loss must be one of {', '.join(LOSSES)}, not {self.loss!r}")
+        if bool(self.low_res) != bool(self.low_res_epochs):
+            raise HierError("--low-res SIZE and --low-res-epochs N go together (progressive resizing)")
         if self.val_frac == 1:
             raise HierError("--val-frac must be below 1: no photo would be left to train on")
         if self.crop not in ("none", "yolo") or (self.crop == "yolo") != (self.detector is not None):
@@ -161,11 +186,19 @@ def param_groups(model: HierNet, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: the trunk at ``lr``, the embedding and heads at ``head_lr``, each split by timm's
     rule into decayed weights and undecayed biases, norm layers and ``model.no_weight_decay()`` (the
     cosine heads' scales): weight decay no longer pulls those toward 0. Trunk groups first, so group
-    0's lr is the trunk's (``log.csv``)."""
+    0's lr is the trunk's (``log.csv``). With ``layer_decay`` the trunk's groups are timm's layer-wise
+    ones instead (block i of n at ``lr * layer_decay ** (n - i)``, as ``lr_scale``, which timm's
+    scheduler applies)."""
     trunk = {id(p) for p in model.trunk.parameters()}
     by_decay = param_groups_weight_decay(model, cfg.weight_decay, model.no_weight_decay())
-    return [{**g, "params": ps, "lr": lr} for in_trunk, lr in ((True, cfg.lr), (False, cfg.head_lr)) for g in by_decay
-            if (ps := [p for p in g["params"] if (id(p) in trunk) == in_trunk])]
+    heads = [{**g, "params": ps, "lr": cfg.head_lr} for g in by_decay
+             if (ps := [p for p in g["params"] if id(p) not in trunk])]
+    if cfg.layer_decay is not None:
+        skip = {n.removeprefix("trunk.") for n in model.no_weight_decay() if n.startswith("trunk.")}
+        layered = param_groups_layer_decay(model.trunk, cfg.weight_decay, skip, layer_decay=cfg.layer_decay)
+        return [{**g, "lr": cfg.lr} for g in sorted(layered, key=lambda g: -g["lr_scale"])] + heads
+    return [{**g, "params": ps, "lr": cfg.lr} for g in by_decay
+            if (ps := [p for p in g["params"] if id(p) in trunk])] + heads
 
 
 class Trainer:
@@ -179,7 +212,17 @@ class Trainer:
         self.amp = cfg.amp and self.dev.startswith("cuda")
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.model.to(self.dev)
-        self.task = HierTask(model, cfg.smoothing, cfg.aux)
+        self.task = HierTask(model, cfg.smoothing, cfg.aux, cfg.loss)
+        # MixUp/CutMix on each batch (of photos, or of cached frozen-stage maps), soft targets label-smoothed
+        self.mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
+                         num_classes=len(taxonomy)) if cfg.mixup or cfg.cutmix else None
+        self.board = None
+        if cfg.tensorboard and world.main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise HierError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.board = SummaryWriter(str(self.out / "tensorboard"))
         if self.dev.startswith("cuda"):
             self.model.to(memory_format=torch.channels_last)
         # the module each training step calls: DDP averages the ranks' gradients in backward
@@ -189,6 +232,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.amp_dtype == torch.float16)
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
         self.epoch, self.updates, self.best, self.history = 0, 0, float("inf"), []
+        self.swa: AveragedModel | None = None       # the running average of the last epochs' weights (SWA)
 
     # --- data ---------------------------------------------------------------------------------------
     def _features(self, paths, transform, views: int, progress, what: str, shared: bool = False) -> torch.Tensor:
@@ -219,12 +263,14 @@ class Trainer:
     # --- loop ---------------------------------------------------------------------------------------
     def fit(self, train_paths, train_y, val_paths, val_y) -> dict:
         cfg, model = self.cfg, self.model
-        tf_train = train_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std, seed=cfg.seed)
+        tf_train = train_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std, seed=cfg.seed, policy=cfg.aug)
         tf_eval = eval_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
         ytr = torch.as_tensor(train_y)
         cached = cfg.cache_views > 0 and model.cfg.freeze_stages > 0
         if len(train_paths) < 2:
             raise HierError(f"{len(train_paths)} training photo(s) after the validation split; need at least 2")
+        if cached and cfg.low_res:
+            raise HierError("--low-res trains on photos, not on cached frozen-stage maps: add --cache-views 0")
         world, validates = self.world, self.world.main and len(val_paths) > 0     # rank 0 alone validates
         dev_type = self.dev.split(":")[0]
         train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)
@@ -236,9 +282,14 @@ class Trainer:
         # Full batches only (BatchNorm cannot train on a batch of one), but never zero of them: fewer
         # photos than --batch-size train as one smaller batch. An optimizer step after every ``accum``
         # batches and after the last one.
-        train_loader = None if cached else loader(train_set, max(1, min(cfg.batch_size, len(train_paths)) // world.size),
-                                                  shuffle=sampler is None, workers=cfg.workers, drop_last=True,
-                                                  sampler=sampler)
+        def photo_loader(dataset):
+            return loader(dataset, max(1, min(cfg.batch_size, len(train_paths)) // world.size), shuffle=sampler is None,
+                          workers=cfg.workers, drop_last=True, sampler=sampler)
+        train_loader = None if cached else photo_loader(train_set)
+        # progressive resizing: the first epochs on smaller photos (decoded small too), the same batches
+        low_loader = photo_loader(ImageDataset(train_paths, train_y, train_transform(
+            cfg.low_res, model.cfg.mean, model.cfg.std, seed=cfg.seed, policy=cfg.aug), cfg.low_res)) \
+            if cfg.low_res else None
         batches = max(1, len(train_paths) // cfg.batch_size) if cached else len(train_loader)
         steps_per_epoch = -(-batches // cfg.accum)
         sched = CosineLRScheduler(self.opt, t_initial=cfg.epochs * steps_per_epoch, lr_min=1e-6,
@@ -257,11 +308,16 @@ class Trainer:
                     sampler.set_epoch(epoch)
                 t0, losses = time.time(), []
                 model.train()
+                low = epoch < cfg.low_res_epochs
                 batches_of_epoch = self._cached_batches(feats, ytr, gen) if cached else \
-                    ((model.frozen_features(x.to(self.dev)), y) for x, y in train_loader)
-                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, info="")
-                for i, (f, y) in enumerate(batches_of_epoch):
-                    y = y.to(self.dev)
+                    low_loader if low else train_loader
+                task = progress.add_task(f"epoch {epoch + 1}/{cfg.epochs}" + f" at {cfg.low_res} px" * low,
+                                         total=batches, info="")
+                for i, (x, y) in enumerate(batches_of_epoch):
+                    x, y = x.to(self.dev), y.to(self.dev)
+                    if self.mix is not None and len(x) % 2 == 0:        # timm's Mixup pairs the batch with its reverse
+                        x, y = self.mix(x, y)
+                    f = x if cached else model.frozen_features(x)
                     steps = (i + 1) % cfg.accum == 0 or i + 1 == batches
                     # DDP exchanges gradients only on the batch that steps
                     syncs = nullcontext() if steps or not world.distributed else self.step.no_sync()
@@ -286,6 +342,9 @@ class Trainer:
                     distribute_bn(model, world.size, reduce=True)
                     if self.ema:
                         distribute_bn(self.ema.module, world.size, reduce=True)
+                if epoch >= cfg.epochs - cfg.swa_epochs:
+                    self.swa = self.swa or AveragedModel(model)
+                    self.swa.update_parameters(model)
                 row = {"epoch": epoch + 1, "lr": self.opt.param_groups[0]["lr"],
                        "train_loss": distributed.mean_over_ranks(float(np.mean(losses)), world, self.dev),
                        "seconds": round(time.time() - t0, 1)}
@@ -301,16 +360,51 @@ class Trainer:
                 self._end_epoch(row)
         if not world.main:             # rank 0 computes the statistics and calibrates: one artifact
             return {}
+        if self.swa is not None:
+            self._finish_swa(feats, ytr, gen, train_loader, val_paths, val_y, val_feats, tf_eval, validates)
+        if self.board is not None:
+            self.board.close()
         if self.history:
             from hier.report.curves import plot_curves
             plot_curves(self.history, self.out / CURVES)
         return self.finish(train_paths, train_y, val_paths, val_y)
 
     @torch.no_grad()
-    def validate(self, paths, feats, transform) -> dict[str, np.ndarray]:
+    def _finish_swa(self, feats, ytr, gen, train_loader, val_paths, val_y, val_feats, tf_eval, validates) -> None:
+        """The averaged weights of the last ``swa_epochs`` epochs: BatchNorm statistics recomputed for them
+        on one pass of training batches (averaged weights do not fit any epoch's running statistics), then
+        saved as the artifact's weights if they validate better than the best epoch (or without validation)."""
+        net = self.swa.module
+        norms = {m: m.momentum for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                 and any(p.requires_grad for p in m.parameters())}
+        for m in norms:                # cumulative averages over the pass (torch's update_bn, trainable part only)
+            m.reset_running_stats()
+            m.momentum = None
+        net.train()
+        batches = self._cached_batches(feats, ytr, gen) if feats is not None else train_loader
+        for x, _ in batches:
+            x = x.to(self.dev)
+            net.embed_features(x if feats is not None else net.frozen_features(x))
+        for m, momentum in norms.items():
+            m.momentum = momentum
+        first = self.cfg.epochs - self.cfg.swa_epochs + 1
+        row = {"best_epoch": f"swa {first}-{self.cfg.epochs}", "epoch": self.cfg.epochs}
+        if validates:
+            logits = self.validate(val_paths, val_feats, tf_eval, net)
+            row["val_log_loss"] = float(log_loss(val_y, softmax(logits["joint"]), labels=np.arange(len(self.taxonomy))))
+            row["val_top1"] = float((answer(softmax(logits["joint"]), self.taxonomy)[2] == val_y).mean())
+        kept = not validates or row["val_log_loss"] < self.best
+        self.console.print(f"SWA of epochs {first}-{self.cfg.epochs}: " + (
+            f"validation log loss {row['val_log_loss']:.4f}, top-1 {row['val_top1']:.4f} vs best epoch {self.best:.4f}; "
+            if validates else "") + ("kept" if kept else "not kept (the best epoch serves)"))
+        if kept:
+            artifact.save(self.out, net, self.taxonomy, row)
+
+    @torch.no_grad()
+    def validate(self, paths, feats, transform, net: HierNet | None = None) -> dict[str, np.ndarray]:
         """Per-epoch validation for choosing the best epoch: on the cached frozen features when there
         are some (the served figures come from the predictor in ``finish``)."""
-        net = self._eval_net().eval()
+        net = (net or self._eval_net()).eval()
         if feats is not None:
             batches = (feats[s:s + 128].to(self.dev).float() for s in range(0, len(feats), 128))
         else:
@@ -328,6 +422,11 @@ class Trainer:
 
     def _end_epoch(self, row: dict) -> None:
         self.history.append(row)
+        if self.board is not None:
+            for name, value in row.items():
+                if name != "epoch":
+                    self.board.add_scalar(name, value, row["epoch"])
+            self.board.flush()
 
         def write_log(p: Path) -> None:
             with p.open("w", newline="", encoding="utf-8") as f:
@@ -341,6 +440,7 @@ class Trainer:
             artifact.save(self.out, self._eval_net(), self.taxonomy, {"best_epoch": row["epoch"], **row})
         state = {"model": self.model.state_dict(), "opt": self.opt.state_dict(),
                  "ema": self.ema.state_dict() if self.ema else None, "scaler": self.scaler.state_dict(),
+                 "swa": self.swa.state_dict() if self.swa is not None else None,
                  "epoch": self.epoch, "updates": self.updates, "best": self.best, "history": self.history}
         fileio.atomic_write(self.out / CHECKPOINT, lambda p: _torch_save(state, p))
 
@@ -355,6 +455,9 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.ema and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if state.get("swa") is not None:
+            self.swa = AveragedModel(self.model)
+            self.swa.load_state_dict(state["swa"])
         self.epoch, self.updates, self.best, self.history = (state["epoch"], state["updates"], state["best"],
                                                              state["history"])
 

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hier.data.images import IMAGENET_MEAN, IMAGENET_STD
+from hier.models.losses import classification_loss, coarser
 from hier.errors import HierError, check_number
 from hier.models.statistics import ClassStatistics
 from hier.taxonomy import Taxonomy
@@ -276,21 +277,25 @@ class HierNet(nn.Module):
 class HierTask(nn.Module):
     """The training step as one module (as timm's ``task/``): ``forward(features, y) -> {"loss", ...}``.
 
-    CE on the joint fine score plus CE on the model and brand heads (each level learns its own rows).
-    It takes the frozen stem's output (cached or computed), so DDP can wrap this one module and the
-    trainer loop only calls it, backpropagates and steps.
+    The loss (``hier.models.losses``) on the joint fine score plus, weighted by ``aux``, on the model and
+    brand heads (each level learns its own rows). ``y``: class indices, or target distributions from
+    MixUp/CutMix, which are summed into model and brand targets. It takes the frozen stem's output
+    (cached or computed), so DDP can wrap this one module and the trainer loop only calls it,
+    backpropagates and steps.
     """
 
-    def __init__(self, net: HierNet, smoothing: float = 0.1, aux: float = 0.5):
+    def __init__(self, net: HierNet, smoothing: float = 0.1, aux: float = 0.5, loss: str = "ce"):
         super().__init__()
-        self.net, self.smoothing, self.aux = net, smoothing, aux
+        self.net, self.smoothing, self.aux, self.loss = net, smoothing, aux, loss
 
     def forward(self, features: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
         net = self.net
         out = net.trained_heads(net.embed_features(features))
-        loss = F.cross_entropy(out["joint"], y, label_smoothing=self.smoothing)
+        loss = classification_loss(out["joint"], y, self.loss, self.smoothing)
         if self.aux:
-            loss = loss + self.aux * (
-                F.cross_entropy(out["model"], net.fine_to_model[y], label_smoothing=self.smoothing)
-                + F.cross_entropy(out["brand"], net.fine_to_brand[y], label_smoothing=self.smoothing))
+            # soft targets already carry the smoothing (timm's Mixup applies it); class indices get it here
+            smoothing = 0.0 if y.dtype.is_floating_point else self.smoothing
+            loss = loss + self.aux * sum(
+                classification_loss(out[level], coarser(y, parent, out[level].shape[1]), self.loss, smoothing)
+                for level, parent in (("model", net.fine_to_model), ("brand", net.fine_to_brand)))
         return {"loss": loss, **out}

@@ -326,9 +326,14 @@ class Recognizer:
         """A competition submission in the sample file's column and row order (``test_csv``: the
         ``ID,img_path`` CSV, or ``read_test_csv``'s checked result)."""
         inputs = test_csv if isinstance(test_csv, ImageSet) else read_test_csv(test_csv)
-        sample = read_sample(sample_submission, inputs.ids, self.taxonomy)   # refused before any photo is predicted
+        sample = read_sample(sample_submission, inputs.ids, self.taxonomy, self.merged_classes)   # before any photo
         scores, snap = self._embed(inputs.paths, progress, tta)
-        return write_submission(scores["probs"], inputs.ids, snap.taxonomy, sample, out)
+        return write_submission(scores["probs"], inputs.ids, snap.taxonomy, sample, out, self.merged_classes)
+
+    @property
+    def merged_classes(self) -> dict[str, str]:
+        """Classes learned as an equivalent one (``hier train --merge-classes``): submission column -> class."""
+        return artifact.read_config(self.path).get("merged_classes", {})
 
     def report(self, data: str | Path, out: str | Path, layout: str = "auto", progress=None) -> dict:
         """``out/index.html`` (+ PNGs, metrics.json) judging the artifact on labelled photos

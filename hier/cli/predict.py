@@ -54,7 +54,7 @@ def predict(
     rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
     if test_csv is not None:
         inputs = read_test_csv(test_csv)                # checked before any progress output
-        sample = read_sample(sample_submission, inputs.ids, rec.taxonomy)   # ... and before any prediction
+        sample = read_sample(sample_submission, inputs.ids, rec.taxonomy, rec.merged_classes)   # ... and before any prediction
         with progress_bar(err) as progress:
             table = rec.submission(inputs, sample, out, tta, progress)
         console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")

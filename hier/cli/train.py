@@ -66,6 +66,9 @@ def train(
     low_res_epochs: Annotated[Optional[int], typer.Option(help="... for this many epochs, then --img-size")] = None,
     tensorboard: Annotated[Optional[bool], typer.Option(
         "--tensorboard/--no-tensorboard", help="TensorBoard scalars in OUT/tensorboard")] = None,
+    merge_classes: Annotated[Optional[str], typer.Option(
+        help="class_a,class_b CSV of classes scored as one (registry/hecto2025_equivalent.csv): learned as one, "
+             "split evenly in submissions")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a hierarchical model and write an artifact directory."""

@@ -33,18 +33,21 @@ class Sample:
     encoding: str
 
 
-def read_sample(sample: str | Path | Sample, ids: list[str], taxonomy: Taxonomy) -> Sample:
+def read_sample(sample: str | Path | Sample, ids: list[str], taxonomy: Taxonomy,
+                merged: dict[str, str] | None = None) -> Sample:
     """The sample submission, checked against the test IDs and the artifact's classes *before* any
     photo is predicted: one error line for a file that cannot be read (``read_table``), a class column
     the artifact lacks or the other way round, or IDs other than the test CSV's. A ``Sample`` read
-    before is checked again (against a taxonomy that may have changed since), not read again."""
+    before is checked again (against a taxonomy that may have changed since), not read again.
+    ``merged``: columns the artifact learned as another class (``hier train --merge-classes``)."""
+    merged = merged or {}
     if not isinstance(sample, Sample):
         path = Path(sample)
         table = read_table(path, "sample submission", usecols=[0])      # the IDs; the classes are its header
         require_cells(table, [table.columns[0]], path)
         header = table.attrs["header"]
         sample = Sample(path, header[0], header[1:], table.iloc[:, 0].tolist(), table.attrs["encoding"])
-    unknown = [c for c in sample.columns if c not in taxonomy]
+    unknown = [c for c in sample.columns if c not in taxonomy and nfc(c) not in merged]
     missing = [c for c in taxonomy.classes if c not in set(map(nfc, sample.columns))]
     if unknown or missing:
         what = f"column {unknown[0]!r} is not a class of the artifact" if unknown else \
@@ -61,15 +64,20 @@ def read_sample(sample: str | Path | Sample, ids: list[str], taxonomy: Taxonomy)
 
 
 def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, sample: str | Path | Sample,
-                     out: str | Path) -> pd.DataFrame:
+                     out: str | Path, merged: dict[str, str] | None = None) -> pd.DataFrame:
     """Probabilities in the sample file's column and row order, floored at EPS and renormalised to sum
     to 1, written with the sample's encoding (the Hecto file is UTF-8 with BOM). ``sample``: its path, or
     ``read_sample``'s result, read before predicting (checked again against ``taxonomy``, the one the
-    probabilities came with, in case the artifact changed meanwhile)."""
-    sample = read_sample(sample, ids, taxonomy)
-    order = [taxonomy.class_index[nfc(c)] for c in sample.columns]
+    probabilities came with, in case the artifact changed meanwhile). A class trained merged with its
+    equivalents (``merged``: column -> the class it was learned as) has its probability split evenly
+    between their columns: the organiser scores them as one, so the sum is what counts."""
+    merged = merged or {}
+    sample = read_sample(sample, ids, taxonomy, merged)
+    learned = [merged.get(nfc(c), nfc(c)) for c in sample.columns]
+    order = [taxonomy.class_index[c] for c in learned]
+    shares = pd.Series(learned).map(pd.Series(learned).value_counts()).to_numpy()
     row = {i: n for n, i in enumerate(ids)}
-    p = probs[[row[i] for i in sample.ids]][:, order].astype(np.float64)
+    p = probs[[row[i] for i in sample.ids]][:, order].astype(np.float64) / shares
     p = np.clip(p, EPS, 1.0)
     p = p / p.sum(1, keepdims=True)
     table = pd.DataFrame(p, columns=sample.columns)
@@ -79,7 +87,8 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
 
 
 def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``)."""
+    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``); ``hier train
+    --merge-classes`` learns each pair as its first class."""
     table = read_registry(path)
     if list(table.columns[:2]) != ["class_a", "class_b"]:
         raise HierError(f"{path}: expected columns class_a,class_b")

@@ -98,6 +98,7 @@ class TrainConfig:
     low_res: int = 0            # progressive resizing: the first --low-res-epochs at this size ...
     low_res_epochs: int = 0     # ... then the rest at --img-size
     tensorboard: bool = False   # TensorBoard scalars in OUT/tensorboard (pip install tensorboard)
+    merge_classes: str | None = None   # class_a,class_b CSV of pairs scored as one: b's photos learned as a
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing, crash later or put nan into the weights (one error
@@ -233,6 +234,7 @@ class Trainer:
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
         self.epoch, self.updates, self.best, self.history = 0, 0, float("inf"), []
         self.swa: AveragedModel | None = None       # the running average of the last epochs' weights (SWA)
+        self.merged: dict[str, str] = {}             # classes learned as their equivalent (--merge-classes)
 
     # --- data ---------------------------------------------------------------------------------------
     def _features(self, paths, transform, views: int, progress, what: str, shared: bool = False) -> torch.Tensor:
@@ -482,7 +484,7 @@ class Trainer:
             files[PROTOTYPES] = lambda p: fileio.save_npy(p, means)
         statistics_s = time.time() - t
         if not len(val_paths):
-            artifact.save(self.out, best, self.taxonomy, files=files)
+            artifact.save(self.out, best, self.taxonomy, extra={"merged_classes": self.merged}, files=files)
             self._export()
             return {}
         # calibrate exactly what will be served: whole photos through the predictor, TTA as configured
@@ -499,7 +501,7 @@ class Trainer:
             metrics.update(trained_head_top1=head["top1"], trained_head_log_loss=head["log_loss"])
         metrics.update(head=best.cfg.head, statistics_s=round(statistics_s, 3), temperature=best.cfg.temperature,
                        best_epoch=artifact.read_config(self.out)["metrics"].get("best_epoch"))
-        artifact.save(self.out, best, self.taxonomy, metrics, files=files)
+        artifact.save(self.out, best, self.taxonomy, metrics, extra={"merged_classes": self.merged}, files=files)
         fileio.atomic_write(self.out / "metrics.json", lambda p: fileio.write_json(p, metrics))
         self._export()
         return metrics
@@ -527,6 +529,19 @@ def resume_invalidates(out: Path) -> list[str]:
     if (out / ONNX).is_file():
         stale.append(f"if its best weights change, {out}/{ONNX} is written again on first use (or `hier export {out}`)")
     return stale
+
+
+def merge_classes(images: ImageSet, pairs_csv: str) -> dict[str, str]:
+    """Relabel the photos of each pair's second class as its first (both must have photos; a pair with
+    one side absent is nothing to merge). Returns {merged class: class it is learned as}."""
+    from hier.competitions.hecto import load_equivalent_pairs
+
+    present = set(images.labels)
+    merged = {b: a for a, b in load_equivalent_pairs(pairs_csv) if a in present and b in present and a != b}
+    if set(merged) & set(merged.values()):
+        raise HierError(f"{pairs_csv}: a class is merged into one and another into it; list each group once")
+    images.labels = [merged.get(c, c) for c in images.labels]
+    return merged
 
 
 def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
@@ -581,6 +596,11 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         images, absent = apply_exclude(images, read_exclude(cfg.exclude, data_dir))
         console.print(f"--exclude: {before - len(images.paths)} photo(s) left out" +
                       (f"; {absent} name(s) in {cfg.exclude} are not in {data_dir}" if absent else ""))
+    merged = merge_classes(images, cfg.merge_classes) if cfg.merge_classes else {}
+    if merged:
+        taxonomy = taxonomy.subset([c for c in taxonomy.classes if c not in merged])
+        console.print(f"--merge-classes: {len(merged)} class(es) learned as their equivalent "
+                      f"(e.g. {next(iter(merged))!r} as {next(iter(merged.values()))!r})")
     if resume and (out / artifact.TAXONOMY).is_file():     # the checkpoint's heads have a row per class
         run_classes = Taxonomy.from_csv(out / artifact.TAXONOMY).classes
         missing = [c for c in run_classes if c not in taxonomy]
@@ -598,9 +618,10 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         from timm.data import resolve_model_data_config
         data_cfg = resolve_model_data_config(model.trunk)
         model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
-    run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir),
+    run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir), "merged_classes": merged,
            "world_size": world.size, "global_batch": cfg.batch_size * cfg.accum}
     trainer = Trainer(model, taxonomy, cfg, out, console, world)      # a batch that does not split: refused here
+    trainer.merged = merged
     distributed.barrier(world)           # every rank has checked the folder before rank 0 writes to it
 
     def write_run() -> None:

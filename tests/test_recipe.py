@@ -148,6 +148,8 @@ def test_tensorboard_scalars(demo_data, tmp_path):
     (["--mixup", "-1"], "--mixup"),
     (["--swa-epochs", "9"], "--swa-epochs"),
     (["--layer-decay", "0"], "--layer-decay"),
+    (["--cutmix", "1", "--batch-size", "15"], "even number"),
+    (["--low-res", "64", "--low-res-epochs", "1"], "must be below --img-size 64"),
 ])
 def test_recipe_flags_refused_in_one_line(flags, message, demo_data, tmp_path, capsys):
     code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "a", "--model", "test_efficientnet",

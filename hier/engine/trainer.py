@@ -217,6 +217,9 @@ class Trainer:
         # MixUp/CutMix on each batch (of photos, or of cached frozen-stage maps), soft targets label-smoothed
         self.mix = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, label_smoothing=cfg.smoothing,
                          num_classes=len(taxonomy)) if cfg.mixup or cfg.cutmix else None
+        if self.mix is not None and (cfg.batch_size // world.size) % 2:
+            raise HierError(f"--mixup/--cutmix mix each photo with another of its batch: --batch-size {cfg.batch_size} "
+                            f"gives {cfg.batch_size // world.size} per process, use an even number")
         self.board = None
         if cfg.tensorboard and world.main:
             try:
@@ -273,6 +276,9 @@ class Trainer:
             raise HierError(f"{len(train_paths)} training photo(s) after the validation split; need at least 2")
         if cached and cfg.low_res:
             raise HierError("--low-res trains on photos, not on cached frozen-stage maps: add --cache-views 0")
+        if cfg.low_res >= model.cfg.img_size:
+            raise HierError(f"--low-res {cfg.low_res} must be below --img-size {model.cfg.img_size} (the first epochs "
+                            "train on smaller photos)")
         world, validates = self.world, self.world.main and len(val_paths) > 0     # rank 0 alone validates
         dev_type = self.dev.split(":")[0]
         train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)

@@ -141,6 +141,15 @@ class HeldGallery(NamedTuple):
 
 
 class Recognizer:
+    REQUIRED = (artifact.WEIGHTS, artifact.CONFIG, artifact.TAXONOMY)
+
+    def __new__(cls, path: str | Path, *args, **kwargs):
+        """A ``hier ensemble`` folder is held by ``hier.ensemble.EnsembleRecognizer`` (same answers, no edits)."""
+        if cls is Recognizer and (Path(path) / "ensemble.json").is_file():
+            from hier.ensemble import EnsembleRecognizer
+            cls = EnsembleRecognizer
+        return super().__new__(cls)
+
     def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None,
                  backend: str = "auto"):
         """``detector``: a ``hier.data.detect.CarDetector`` (or its weights' path) to answer on the largest
@@ -152,7 +161,7 @@ class Recognizer:
         if detector is not None and not isinstance(detector, CarDetector):
             detector = CarDetector(detector)
         self.detector, self.crop_fallback = detector, None
-        missing = [f for f in (artifact.WEIGHTS, artifact.CONFIG, artifact.TAXONOMY) if not (self.path / f).is_file()]
+        missing = [f for f in self.REQUIRED if not (self.path / f).is_file()]
         if missing:
             raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(missing)})")
         self._loaded: Snapshot | None = None          # read on first use
@@ -202,13 +211,20 @@ class Recognizer:
             with ExitStack() as held:
                 if not _hold_lock(held, self.path, wait=force or loaded is None):
                     return loaded                 # busy: answer with the version in memory
-                _, net, taxonomy = artifact.snapshot(self.path, self.device)
-                predictor = artifact_predictor(self.path, net, self.backend, batch_size=self.batch_size)
+                net, taxonomy, predictor = self._open()
                 stamp = artifact.stamp(self.path)   # after an export on first use
             self._loaded = Snapshot(stamp, net, taxonomy, predictor)
             return self._loaded
         finally:
             self._reading.release()
+
+    def _open(self) -> tuple[HierNet, Taxonomy, Predictor]:
+        """Net, taxonomy and predictor of the artifact on disk (the caller holds its lock)."""
+        _, net, taxonomy = artifact.snapshot(self.path, self.device)
+        return net, taxonomy, self._predictor(net)
+
+    def _predictor(self, net: HierNet, tta: bool | None = None) -> Predictor:
+        return artifact_predictor(self.path, net, self.backend, tta=tta, batch_size=self.batch_size)
 
     def gallery(self) -> gallery_ops.Gallery:
         """The listing index (``hier index build``), held in memory and read again when its files
@@ -273,7 +289,7 @@ class Recognizer:
         if self.detector is not None:
             images, self.crop_fallback = self.detector.crops(list(images))
         if tta is not None and tta != predictor.tta:
-            predictor = artifact_predictor(self.path, snap.net, self.backend, tta=tta, batch_size=self.batch_size)
+            predictor = self._predictor(snap.net, tta)
         return predictor(images, progress), snap
 
     # --- answers ------------------------------------------------------------------------------------

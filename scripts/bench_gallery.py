@@ -245,6 +245,7 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
             add_s.append(time.perf_counter() - t)
         whole = Gallery.load(work)
         one = Gallery.load(work, only=[gallery_ops.BASE])            # one index of everything, trained alike
+        one.next_id = base_n                                         # the same ids as the shards'
         one.add(x[base_n:], listings.iloc[base_n:])
         for p in args.nprobe:
             got = {}

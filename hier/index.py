@@ -650,8 +650,9 @@ def kind_of(index: faiss.Index) -> str | None:
 
 
 def _joined(indexes: list[faiss.Index]) -> faiss.Index:
-    """FAISS's ``IndexShards`` over ``indexes`` keeping their own ids; searched one after another (on
-    2 cores, threads per shard only add their start-up to a single query: README)."""
+    """FAISS's ``IndexShards`` over ``indexes`` keeping their own ids, searched one after another (a
+    thread per shard was not measured). Each shard runs its whole search, coarse quantizer included:
+    a query costs about one search per shard (README), so shards are best kept few (``merge``)."""
     joined = faiss.IndexShards(indexes[0].d, False, False)
     for index in indexes:
         joined.add_shard(index)            # faiss's Python layer keeps each shard referenced

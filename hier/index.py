@@ -8,6 +8,16 @@ transform is inside the FAISS index (``IndexPreTransform``), so queries go in as
 an older gallery keeps answering as it was built. Each listing image gets a stable
 int64 id (``add_with_ids``), so removing listings never renumbers the rest. The index lives in
 ``ARTIFACT/gallery/`` (``index.faiss`` + ``listings.csv`` + ``gallery.json``) and moves with the artifact.
+
+Sharding by time: a gallery is one or more shards, each a FAISS index of the gallery's kind with its
+listing rows (``BASE`` in the folder itself, the others in ``gallery/shards/NAME/``). A day's listings
+go into a small shard of their own (``add --shard``), which starts as the trained empty index
+(``empty.faiss``: the IVF kinds' coarse quantizer and codebooks, so nothing is trained again and
+nothing else is rewritten); listings that expire together go as one shard (``drop``: gallery.json
+stops listing it, O(1), where ``remove_ids`` on a big IVF scans its lists); small shards are compacted
+by ``merge`` (FAISS's ``merge_from``: the inverted lists appended, nothing re-encoded). Searches are one
+FAISS ``IndexShards`` over them, with the shards' own ids (unique across the gallery): every shard
+probed as one index of everything would be (the same quantizer), so the top k is that one index's.
 The seller's columns are kept as given; hier's own (FAISS id, predicted class/brand/model, similarity)
 are named ``hier_*``, a prefix listings may not use.
 
@@ -19,8 +29,11 @@ once both land.
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -52,6 +65,10 @@ PQ_DIMS, PQ_BITS = 4, 6               # pq: one 6-bit code per 4 dimensions (256
 PQ_MIN = 39 * 2 ** PQ_BITS             # pq trains 64 centroids per sub-quantizer: FAISS asks 39 points each
 TRAIN_PER_LIST, TRAIN_MIN = 50, 100_000  # IVF training sample: 50 vectors per list, at least 100k (or all)
 LABEL_CHUNK = 65_536                   # listings labelled per call of ``labels`` (memory of one chunk)
+BASE = "base"                          # the shard every gallery has: gallery/index.faiss + listings.csv
+SHARDS = "shards"                      # the others: gallery/shards/NAME/index.faiss + listings.csv
+TEMPLATE = "empty.faiss"               # the trained empty index every new shard starts as
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 PROBES = 64                            # fixed random embeddings whose answers stand for a head (``answers_digest``)
 
 
@@ -145,38 +162,90 @@ def search_parameters(index: faiss.Index, keep: list, nprobe: int | None = None,
     return params
 
 
-class Gallery:
-    """FAISS index + one metadata row per vector (column ``hier_id`` is the FAISS id)."""
+class Shard:
+    """One FAISS index of the gallery's kind and its listing rows (``hier_id``: the index's FAISS ids,
+    unique across the gallery's shards). ``index`` None: listed in gallery.json but not read (a writer
+    that touches other shards only; ``rows`` is its count)."""
 
-    def __init__(self, index: faiss.Index, listings: pd.DataFrame, kind: str, fingerprint: str | None = None,
-                 labels_digest: str | None = None):
-        """``index`` on the CPU (where it is edited and saved); ``fingerprint``: the artifact weights'
-        that embedded its vectors (None: a gallery from before it was recorded); ``labels_digest``: the
-        ``answers_digest`` of the head that wrote every listing's hier_class/brand/model (None: unknown,
-        or listings labelled by different heads)."""
-        self.index, self.listings, self.kind = index, listings.reset_index(drop=True), kind
-        self.fingerprint, self.labels_digest = fingerprint, labels_digest
-        self.nprobe = NPROBE.get(kind, NPROBE["ivf"])    # searches' defaults; each call may give its own
-        self.ef_search = EF_SEARCH
-        self.searcher = index              # the copy searches run on (``on_gpus``)
-        ivf = ivf_of(index)
+    def __init__(self, index: faiss.Index | None, listings: pd.DataFrame | None, rows: int = 0):
+        self.index, self.rows = index, rows
+        self.listings = None if listings is None else listings.reset_index(drop=True)
+        ivf = ivf_of(index) if index is not None else None
         if ivf is not None:                # ids -> vectors (``vectors``) and remove_ids without a scan
             ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
 
+    def __len__(self) -> int:
+        return self.rows if self.listings is None else len(self.listings)
+
+
+class Gallery:
+    """FAISS indexes (shards, ``SHARDING``) + one metadata row per vector (column ``hier_id`` is the
+    FAISS id)."""
+
+    def __init__(self, shards: dict[str, Shard], kind: str, fingerprint: str | None = None,
+                 labels_digest: str | None = None, template: bytes | None = None, next_id: int | None = None):
+        """``shards`` on the CPU (where they are edited and saved), ``BASE`` first; ``fingerprint``: the
+        artifact weights' that embedded its vectors (None: a gallery from before it was recorded);
+        ``labels_digest``: the ``answers_digest`` of the head that wrote every listing's
+        hier_class/brand/model (None: unknown, or listings labelled by different heads); ``template``:
+        the trained empty index a new shard starts as (None: derived from a shard when first needed);
+        ``next_id``: the FAISS id of the next listing (ids are never reused, a dropped shard's neither)."""
+        self.shards, self.kind = shards, kind
+        self.fingerprint, self.labels_digest, self.template = fingerprint, labels_digest, template
+        self.nprobe = NPROBE.get(kind, NPROBE["ivf"])    # searches' defaults; each call may give its own
+        self.ef_search = EF_SEARCH
+        self._gpu = None                   # the GPU copy searches run on (``on_gpus``)
+        self._changed()
+        self.next_id = next_id if next_id is not None else \
+            int(self.listings[ID].max()) + 1 if len(self.listings) else 0
+
+    def _changed(self) -> None:
+        """After an edit: the joined listings and the IndexShards are made again when next needed."""
+        self._listings = self._joined = None
+
+    def _loaded(self) -> list[Shard]:
+        return [s for s in self.shards.values() if s.index is not None]
+
+    @property
+    def listings(self) -> pd.DataFrame:
+        """Every read shard's listings, in shard order (the same object until the next edit)."""
+        if self._listings is None:
+            parts = [s.listings for s in self._loaded()]
+            self._listings = parts[0] if len(parts) == 1 else \
+                pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({ID: pd.Series(dtype=np.int64)})
+        return self._listings
+
+    @property
+    def index(self) -> faiss.Index:
+        """The one index searches run on: the only shard itself, or FAISS's ``IndexShards`` over them
+        (``successive_ids=False``: each shard answers with its own ids, unique across the gallery; it
+        searches every shard and merges their top k, so the top k of one index holding everything)."""
+        loaded = [s.index for s in self._loaded()]
+        if len(loaded) == 1:
+            return loaded[0]
+        if self._joined is None:
+            self._joined = _joined(loaded)
+        self._joined.syncWithSubIndexes()          # ntotal after an add to a shard
+        return self._joined
+
     def on_gpus(self, gpus: int | None = None) -> "Gallery":
-        """Search on the GPUs when ``placement`` says so (edits and saves stay on the CPU index)."""
+        """Search on the GPUs when ``placement`` says so (edits and saves stay on the CPU shards)."""
         gpus = faiss_gpus() if gpus is None else gpus
         if placement(self.kind, gpus, "search") == "gpu":
-            self.searcher = faiss.index_cpu_to_all_gpus(self.index)
+            copies = [faiss.index_cpu_to_all_gpus(s.index) for s in self._loaded()]
+            self._gpu = copies[0] if len(copies) == 1 else _joined(copies)
         return self
 
     @classmethod
     def build(cls, vectors: np.ndarray, listings: pd.DataFrame, kind: str = "flat",
               whitening: np.ndarray | None = None, fingerprint: str | None = None,
-              labels_digest: str | None = None, factory: str | None = None) -> "Gallery":
+              labels_digest: str | None = None, factory: str | None = None,
+              parts: dict[str, np.ndarray] | None = None) -> "Gallery":
         """A new gallery of ``vectors``; with ``whitening`` (D x D) it searches in ``normalise(z @ W)``.
-        IVF kinds train on ``training_sample`` (in the whitened space, through the pre-transform).
-        ``factory``: another ``index_factory`` string than the kind's (benchmarks compare candidates)."""
+        IVF kinds train on ``training_sample`` (in the whitened space, through the pre-transform), once:
+        every shard starts as that trained empty index. ``factory``: another ``index_factory`` string
+        than the kind's (benchmarks compare candidates). ``parts``: the rows of each shard (default:
+        all in ``BASE``)."""
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         index = faiss.index_factory(vectors.shape[1], factory or factory_string(kind, len(vectors), vectors.shape[1]),
                                     faiss.METRIC_INNER_PRODUCT)
@@ -185,49 +254,121 @@ class Gallery:
         if not index.is_trained:
             check_size(kind, len(vectors))
             index.train(training_sample(vectors, faiss.extract_index_ivf(index).nlist))
-        gallery = cls(index, listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}), kind, fingerprint,
-                      labels_digest)
-        gallery.add(vectors, listings)
+        gallery = cls({}, kind, fingerprint, labels_digest, faiss.serialize_index(index).tobytes(), 0)
+        empty = listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)})
+        parts = parts or {BASE: np.arange(len(vectors))}
+        for name, rows in ({BASE: parts.get(BASE, np.arange(0))} | parts).items():
+            gallery.shards[name] = Shard(gallery.empty_index(), empty)
+            gallery.add(vectors[rows], listings.iloc[rows], name)
         return gallery
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        return sum(len(s) for s in self.shards.values())
 
-    def add(self, vectors: np.ndarray, listings: pd.DataFrame) -> None:
+    def empty_index(self) -> faiss.Index:
+        """A new shard: a copy of the trained empty index (IVF kinds: the same coarse quantizer and PQ
+        codebooks, so no training, and its lists can be merged into another shard's)."""
+        if self.template is None:
+            # a gallery of an older hier: its first shard copied and emptied, once (saved as TEMPLATE)
+            index = faiss.deserialize_index(np.frombuffer(index_bytes(self._loaded()[0].index), dtype=np.uint8))
+            index.reset()
+            self.template = index_bytes(index)
+        return faiss.deserialize_index(np.frombuffer(self.template, dtype=np.uint8))
+
+    def add(self, vectors: np.ndarray, listings: pd.DataFrame, shard: str = BASE) -> None:
+        """Listings into ``shard`` (a new one starts as ``empty_index``), with the gallery's next ids."""
         clash = set(listings["listing_id"].astype(str)) & set(self.listings.get("listing_id", pd.Series()).astype(str))
         if clash:
             raise HierError(f"listing {sorted(clash)[0]!r} is already in the index ({len(clash)} clashes)")
-        start = int(self.listings[ID].max()) + 1 if len(self.listings) else 0
-        ids = np.arange(start, start + len(vectors), dtype=np.int64)
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
-        self.listings = pd.concat([self.listings, listings.assign(**{ID: ids})], ignore_index=True)
+        if shard not in self.shards:
+            self.shards[shard] = Shard(self.empty_index(), listings.iloc[:0].assign(**{ID: pd.Series(dtype=np.int64)}))
+        target = self.shards[shard]
+        ids = np.arange(self.next_id, self.next_id + len(vectors), dtype=np.int64)
+        target.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        target.listings = pd.concat([target.listings, listings.assign(**{ID: ids})], ignore_index=True)
+        self.next_id += len(vectors)
+        self._changed()
 
     def remove(self, listing_ids: list[str]) -> int:
-        keep = ~self.listings["listing_id"].astype(str).isin(set(map(str, listing_ids)))
-        unknown = set(map(str, listing_ids)) - set(self.listings["listing_id"].astype(str))
+        wanted = set(map(str, listing_ids))
+        unknown = wanted - set(self.listings.get("listing_id", pd.Series()).astype(str))
         if unknown:
             raise HierError(f"listing {sorted(unknown)[0]!r} is not in the index")
         if self.kind == "hnsw":
             raise HierError("an HNSW index cannot remove vectors; rebuild it with `hier index build`")
-        removed = self.index.remove_ids(self.listings.loc[~keep, ID].to_numpy(np.int64))
-        self.listings = self.listings[keep].reset_index(drop=True)
+        removed = 0
+        for s in self._loaded():
+            gone = s.listings["listing_id"].astype(str).isin(wanted).to_numpy()
+            if gone.any():
+                removed += s.index.remove_ids(s.listings.loc[gone, ID].to_numpy(np.int64))
+                s.listings = s.listings[~gone].reset_index(drop=True)
+        self._changed()
         return int(removed)
+
+    def _named(self, name: str) -> Shard:
+        if name not in self.shards:
+            raise HierError(f"the gallery has no shard {name!r} (its shards: {', '.join(self.shards)})")
+        return self.shards[name]
+
+    def drop(self, name: str) -> int:
+        """Forget shard ``name`` whole (its listings expired): the rows it held. ``BASE``, which every
+        gallery has, is emptied instead."""
+        n = len(self._named(name))
+        if name == BASE:
+            self.shards[BASE] = Shard(self.empty_index(), self.shards[BASE].listings.iloc[:0])
+        else:
+            del self.shards[name]
+        self._changed()
+        return n
+
+    def merge(self, names: list[str], into: str) -> int:
+        """Shards ``names`` compacted into shard ``into`` (new, or one of them, or another): FAISS's
+        ``merge_from`` moves the IVF kinds' lists as they are (no re-encoding, no training); flat and
+        HNSW shards get the others' vectors added (reconstructed as stored). The merged shards are
+        forgotten (``BASE`` emptied). Returns the rows moved."""
+        sources = [n for n in dict.fromkeys(names) if n != into]
+        for n in sources:
+            self._named(n)
+        if not sources:
+            raise HierError(f"nothing to merge into {into!r}: name other shards than it")
+        dest = self.shards[into] if into in self.shards else \
+            Shard(self.empty_index(), self.shards[sources[0]].listings.iloc[:0])
+        kinds = {n: kind_of(self.shards[n].index) for n in sources + ([into] if into in self.shards else [])}
+        if len(set(kinds.values())) > 1:
+            raise HierError("shards of different kinds cannot be merged: "
+                            + ", ".join(f"{n} is {k or 'unknown'}" for n, k in kinds.items()))
+        moved = 0
+        for n in sources:
+            src = self.shards[n]
+            try:
+                _merge_into(dest.index, src.index, src.listings[ID].to_numpy(np.int64))
+            except RuntimeError as e:
+                raise HierError(f"shard {n!r} cannot be merged into {into!r} (not trained as one: "
+                                f"{str(e).splitlines()[0].split(': ')[-1][:100]})") from None
+            dest.listings = pd.concat([dest.listings, src.listings], ignore_index=True)
+            moved += len(src)
+        for n in sources:
+            self.drop(n)
+        self.shards[into] = dest
+        self._changed()
+        return moved
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, ef_search: int | None = None,
                allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, FAISS ids), each (n_queries, k); id -1 where fewer than k vectors (of those
         ``allowed``) exist. ``nprobe`` (IVF kinds) and ``ef_search`` (HNSW) hold for this call only
-        (default: the gallery's ``nprobe`` / ``ef_search``), passed as FAISS ``SearchParameters``, so
-        searches at once with different settings do not meddle; ``allowed``: FAISS ids the search is
-        restricted to (an ``IDSelectorBitmap`` inside the one search). On the GPUs (``on_gpus``) nprobe is
-        set on the GPU copy and ``allowed`` is refused (FAISS's GPU indexes take no selector)."""
+        (default: the gallery's ``nprobe`` / ``ef_search``), passed as FAISS ``SearchParameters`` (which
+        ``IndexShards`` hands to every shard), so searches at once with different settings do not
+        meddle; ``allowed``: FAISS ids the search is restricted to (an ``IDSelectorBitmap`` inside the
+        one search). On the GPUs (``on_gpus``) nprobe is set on the GPU copy and ``allowed`` is refused
+        (FAISS's GPU indexes take no selector)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        if self.searcher is not self.index:
+        if self._gpu is not None:
             if allowed is not None:
                 raise HierError("a search restricted to some listings runs on the CPU index, not the GPUs")
-            if ivf_of(self.index) is not None:
-                faiss.GpuParameterSpace().set_index_parameter(self.searcher, "nprobe", int(nprobe or self.nprobe))
-            return self.searcher.search(queries, k)
+            if ivf_of(self._loaded()[0].index) is not None:
+                faiss.GpuParameterSpace().set_index_parameter(self._gpu, "nprobe", int(nprobe or self.nprobe))
+            return self._gpu.search(queries, k)
         keep: list = []
         sel = None
         if allowed is not None:
@@ -239,7 +380,9 @@ class Gallery:
             bitmap = np.packbits(bits, bitorder="little")
             sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
             keep.append(bitmap)
-        params = search_parameters(self.index, keep, nprobe or self.nprobe, ef_search or self.ef_search, sel)
+        # every shard has the one structure: the first one's parameters fit them all
+        params = search_parameters(self._loaded()[0].index, keep, nprobe or self.nprobe,
+                                   ef_search or self.ef_search, sel)
         return self.index.search(queries, k, params=params)
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -248,9 +391,20 @@ class Gallery:
         keeps codes, not vectors: it gives back their reconstruction, renormalised (within the PQ's
         error of the embedding: README)."""
         ids = np.asarray(ids, dtype=np.int64)
-        w = whitening_of(self.index)
+        loaded = self._loaded()
+        if len(loaded) == 1:
+            return self._vectors_of(loaded[0].index, ids)
+        out = np.zeros((len(ids), loaded[0].index.d), dtype=np.float32)
+        for s in loaded:
+            mine = np.isin(ids, s.listings[ID].to_numpy(np.int64))
+            if mine.any():
+                out[mine] = self._vectors_of(s.index, ids[mine])
+        return out
+
+    def _vectors_of(self, index: faiss.Index, ids: np.ndarray) -> np.ndarray:
+        w = whitening_of(index)
         if w is None:
-            z = self.index.reconstruct_batch(ids)
+            z = index.reconstruct_batch(ids)
             return z / np.linalg.norm(z, axis=1, keepdims=True) if self.kind == "pq" else z
         linear, inner = w
         y = inner.reconstruct_batch(ids)
@@ -302,7 +456,7 @@ class Gallery:
         queries = np.atleast_2d(queries)
         if not len(self):                    # every listing removed: nothing is near
             return [self.listings.iloc[:0].assign(**{SIMILARITY: pd.Series(dtype=np.float32)}) for _ in queries]
-        if where is not None and self.searcher is not self.index:
+        if where is not None and self._gpu is not None:
             return [self._deepening(q, k, where, labels, nprobe) for q in queries]
         by_id, allowed = self._by_id(), None
         if where is not None:
@@ -348,47 +502,68 @@ class Gallery:
             depth *= 4
 
     # --- persistence --------------------------------------------------------------------------------
-    def save(self, artifact_dir: str | Path) -> None:
-        """Index, listings and kind land together (one atomic set), under the artifact's lock."""
+    def save(self, artifact_dir: str | Path, only: list[str] | None = None) -> None:
+        """gallery.json, the template and the files of the shards ``only`` names (default: every one)
+        land together (one atomic set, gallery.json renamed last), under the artifact's lock; then the
+        folders of shards no longer listed are removed (a crash before that leaves a folder nothing
+        lists, removed by the next save)."""
         folder = Path(artifact_dir) / GALLERY
-        meta = json.dumps({"kind": self.kind, "fingerprint": self.fingerprint, "labels": self.labels_digest})
+        names = list(self.shards) if only is None else only
+        meta = {"kind": self.kind, "fingerprint": self.fingerprint, "labels": self.labels_digest,
+                "next_id": self.next_id, "shards": {n: len(s) for n, s in self.shards.items()}}
+        writers = {}
+        for name in names:
+            shard, at = self.shards[name], shard_folder(folder, name)
+            # bytes written by Python, not FAISS's own writer: a full disk then raises OSError(ENOSPC)
+            writers[at / "index.faiss"] = lambda p, s=shard: p.write_bytes(index_bytes(s.index))
+            writers[at / "listings.csv"] = lambda p, s=shard: s.listings.to_csv(p, index=False, encoding="utf-8")
         with fileio.locked(artifact_dir):
-            fileio.atomic_write_all({
-                # bytes written by Python, not FAISS's own writer: a full disk then raises OSError(ENOSPC)
-                folder / "index.faiss": lambda p: p.write_bytes(self._index_bytes()),
-                folder / "listings.csv": lambda p: self.listings.to_csv(p, index=False, encoding="utf-8"),
-                folder / "gallery.json": lambda p: p.write_text(meta, encoding="utf-8")})
+            if only is None or not (folder / TEMPLATE).is_file():
+                if self.template is None and self._loaded():
+                    self.empty_index()             # derived once from a gallery of an older hier
+                if self.template is not None:
+                    writers[folder / TEMPLATE] = lambda p: p.write_bytes(self.template)
+            writers[folder / "gallery.json"] = lambda p: fileio.write_json(p, meta)
+            fileio.atomic_write_all(writers)
+            if (folder / SHARDS).is_dir():
+                for old in (folder / SHARDS).iterdir():
+                    if old.name not in self.shards:
+                        shutil.rmtree(old, ignore_errors=True)
 
-    def _index_bytes(self) -> bytes:
-        """The index serialised without the IVF kinds' id -> position hash table (16 bytes a listing in
-        the file, a quarter of the pq kind's size; rebuilt from the lists on load)."""
-        ivf = ivf_of(self.index)
-        if ivf is None or ivf.direct_map.type == faiss.DirectMap.NoMap:
-            return faiss.serialize_index(self.index).tobytes()
-        kind = ivf.direct_map.type
-        ivf.set_direct_map_type(faiss.DirectMap.NoMap)
-        try:
-            return faiss.serialize_index(self.index).tobytes()
-        finally:
-            ivf.set_direct_map_type(kind)
+    def _index_bytes(self, name: str = BASE) -> bytes:
+        return index_bytes(self.shards[name].index)
 
     @classmethod
-    def load(cls, artifact_dir: str | Path) -> "Gallery":
+    def load(cls, artifact_dir: str | Path, only: list[str] | None = None) -> "Gallery":
         """The saved gallery on the CPU (``on_gpus`` for serving), refused when the artifact's weights
         are no longer those that embedded it (``hier train --resume`` since): its vectors would not be
-        comparable with new queries."""
+        comparable with new queries. ``only``: the shards to read (the others are listed, not read: a
+        writer of one shard never reads the rest; a gallery without a template reads ``BASE`` too, to
+        make it)."""
         folder = saved_gallery(artifact_dir)
         with fileio.locked(artifact_dir):
-            listings = read_saved(folder, artifact_dir, lambda: pd.read_csv(folder / "listings.csv", encoding="utf-8",
-                                                                               **AS_GIVEN))
-            index = read_saved(folder, artifact_dir, lambda: faiss.read_index(str(folder / "index.faiss")))
             meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else None
             weights = artifact.read_config(artifact_dir).get("fingerprint")
-        if meta is None and ID not in listings and "kind" in listings:
-            # written before hier_* columns and gallery.json: id/class/brand/model/kind were hier's
-            meta = {"kind": listings.pop("kind").iloc[0] if len(listings) else "flat"}
-            listings = listings.rename(columns={c: PREFIX + c for c in ("id", "class", "brand", "model")})
-        if not isinstance(meta, dict) or meta.get("kind") not in KINDS or ID not in listings:
+            template = (folder / TEMPLATE).read_bytes() if (folder / TEMPLATE).is_file() else None
+            listed = (meta.get("shards") if isinstance(meta, dict) else None) or {BASE: None}
+            wanted = set(listed if only is None else only) | ({BASE} if template is None else set())
+            shards, legacy = {}, None
+            for name, rows in listed.items():
+                if name not in wanted:
+                    shards[name] = Shard(None, None, rows or 0)
+                    continue
+                at = shard_folder(folder, name)
+                listings = read_saved(folder, artifact_dir, lambda: pd.read_csv(at / "listings.csv", encoding="utf-8",
+                                                                                   **AS_GIVEN))
+                index = read_saved(folder, artifact_dir, lambda: faiss.read_index(str(at / "index.faiss")))
+                if name == BASE and meta is None and ID not in listings and "kind" in listings:
+                    # written before hier_* columns and gallery.json: id/class/brand/model/kind were hier's
+                    legacy = {"kind": listings.pop("kind").iloc[0] if len(listings) else "flat"}
+                    listings = listings.rename(columns={c: PREFIX + c for c in ("id", "class", "brand", "model")})
+                shards[name] = (index, listings)
+        meta = legacy or meta
+        if not isinstance(meta, dict) or meta.get("kind") not in KINDS or \
+                any(ID not in s[1] for s in shards.values() if isinstance(s, tuple)):
             raise HierError(f"{folder} is damaged (gallery.json {'missing' if meta is None else 'unreadable'}, or "
                             f"listings.csv without {ID}); build it again with `hier index build {artifact_dir} LISTINGS`")
         if meta.get("fingerprint") and weights and meta["fingerprint"] != weights:
@@ -398,12 +573,115 @@ class Gallery:
             warnings.warn(f"{artifact_dir}/{GALLERY} was built by an older hier, which did not record the weights it "
                           f"embedded with; if the artifact was trained again since, `hier index rebuild {artifact_dir}`",
                           HierWarning, stacklevel=2)
-        ids = pd.to_numeric(listings[ID], errors="coerce")
-        if ids.isna().any():
-            raise HierError(f"{folder}/listings.csv has a {ID} that is not a number; build it again with "
-                            f"`hier index build {artifact_dir} LISTINGS`")
-        return cls(index, listings.assign(**{ID: ids.astype(np.int64)}), meta["kind"], meta.get("fingerprint"),
-                   meta.get("labels"))
+        for name, s in shards.items():
+            if not isinstance(s, tuple):
+                continue
+            index, listings = s
+            ids = pd.to_numeric(listings[ID], errors="coerce")
+            if ids.isna().any():
+                raise HierError(f"{shard_folder(folder, name)}/listings.csv has a {ID} that is not a number; build "
+                                f"it again with `hier index build {artifact_dir} LISTINGS`")
+            found = kind_of(index)
+            if name != BASE and found != meta["kind"]:
+                raise HierError(f"{folder} is damaged: shard {name!r} is {found or 'an unknown'} index, the gallery "
+                                f"{meta['kind']}; drop it (`hier index drop {artifact_dir} {name}`) or build again")
+            shards[name] = Shard(index, listings.assign(**{ID: ids.astype(np.int64)}))
+        next_id = meta.get("next_id")
+        if next_id is None:                    # before shards: one index, its largest id + 1
+            ids = shards[BASE].listings[ID]
+            next_id = int(ids.max()) + 1 if len(ids) else 0
+        return cls(shards, meta["kind"], meta.get("fingerprint"), meta.get("labels"), template, int(next_id))
+
+
+def shard_name(name: str | None) -> str:
+    """A shard's name as given (``today``: the date of now, UTC, e.g. 2025-03-07), checked: it names a
+    folder, so letters, digits, ``.``, ``_`` and ``-``, at most 64."""
+    if name in (None, ""):
+        return BASE
+    if name == "today":
+        return datetime.datetime.now(datetime.timezone.utc).date().isoformat()
+    if not SHARD_NAME.fullmatch(name):
+        raise HierError(f"shard name {name!r}: use letters, digits, '.', '_' and '-' (at most 64, not starting "
+                        "with '.', '_' or '-'), e.g. 2025-03-07")
+    return name
+
+
+def shard_folder(folder: Path, name: str) -> Path:
+    """Where shard ``name`` of the gallery in ``folder`` lives: ``BASE`` in the folder itself (as a
+    gallery of one index always did), the others in ``shards/NAME/``."""
+    return folder if name == BASE else folder / SHARDS / name
+
+
+def gallery_files(artifact_dir: str | Path) -> list[Path]:
+    """The files whose stamps say whether a held gallery is still what is on disk: index.faiss first
+    (missing: no gallery), every shard's."""
+    folder = Path(artifact_dir) / GALLERY
+    files = [folder / "index.faiss", folder / "listings.csv", folder / "gallery.json"]
+    if (folder / SHARDS).is_dir():
+        files += [d / f for d in sorted((folder / SHARDS).iterdir()) for f in ("index.faiss", "listings.csv")]
+    return files
+
+
+def index_bytes(index: faiss.Index) -> bytes:
+    """The index serialised without the IVF kinds' id -> position hash table (16 bytes a listing in
+    the file, a quarter of the pq kind's size; rebuilt from the lists on load)."""
+    ivf = ivf_of(index)
+    if ivf is None or ivf.direct_map.type == faiss.DirectMap.NoMap:
+        return faiss.serialize_index(index).tobytes()
+    kind = ivf.direct_map.type
+    ivf.set_direct_map_type(faiss.DirectMap.NoMap)
+    try:
+        return faiss.serialize_index(index).tobytes()
+    finally:
+        ivf.set_direct_map_type(kind)
+
+
+def kind_of(index: faiss.Index) -> str | None:
+    """Which of ``KINDS`` an index is, from its structure (behind hier's whitening); None: another."""
+    w = whitening_of(index)
+    inner = w[1] if w is not None else faiss.downcast_index(index)
+    ivf = ivf_of(inner)
+    if ivf is not None:
+        return "pq" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ) else "ivf"
+    if isinstance(inner, faiss.IndexIDMap2):
+        sub = faiss.downcast_index(inner.index)
+        return "hnsw" if isinstance(sub, faiss.IndexHNSW) else "flat" if isinstance(sub, faiss.IndexFlat) else None
+    return None
+
+
+def _joined(indexes: list[faiss.Index]) -> faiss.Index:
+    """FAISS's ``IndexShards`` over ``indexes`` keeping their own ids, searched one after another (a
+    thread per shard was not measured). Each shard runs its whole search, coarse quantizer included:
+    a query costs about one search per shard (README), so shards are best kept few (``merge``)."""
+    joined = faiss.IndexShards(indexes[0].d, False, False)
+    for index in indexes:
+        joined.add_shard(index)            # faiss's Python layer keeps each shard referenced
+    return joined
+
+
+def _merge_into(dest: faiss.Index, src: faiss.Index, ids: np.ndarray) -> None:
+    """``src``'s vectors (FAISS ids ``ids``) into ``dest``: the IVF kinds by FAISS's ``merge_from``
+    (the inverted lists appended as they are; FAISS refuses lists of another coarse quantizer), the
+    others by adding ``src``'s stored vectors (behind the whitening: added as stored, not whitened
+    again)."""
+    ivf_d, ivf_s = ivf_of(dest), ivf_of(src)
+    if ivf_d is not None and ivf_s is not None:
+        kinds = ivf_d.direct_map.type, ivf_s.direct_map.type
+        ivf_d.set_direct_map_type(faiss.DirectMap.NoMap)      # FAISS merges lists without direct maps
+        ivf_s.set_direct_map_type(faiss.DirectMap.NoMap)
+        try:
+            ivf_d.merge_from(ivf_s, 0)
+        finally:
+            ivf_d.set_direct_map_type(kinds[0])
+            ivf_s.set_direct_map_type(kinds[1])
+    else:
+        inner_d, inner_s = (w[1] if (w := whitening_of(i)) is not None else i for i in (dest, src))
+        if len(ids):
+            inner_d.add_with_ids(inner_s.reconstruct_batch(ids), ids)
+    outer = faiss.downcast_index(dest)
+    while isinstance(outer, faiss.IndexPreTransform):     # wrappers count what their inner index holds
+        outer.ntotal = outer.index.ntotal
+        outer = faiss.downcast_index(outer.index)
 
 
 def _categories(frame: pd.DataFrame) -> pd.DataFrame:
@@ -553,17 +831,25 @@ def read_saved(folder: Path, artifact_dir, read):
                         f"`hier index build {artifact_dir} LISTINGS`") from None
 
 
-def saved_listing_ids(artifact_dir: str | Path) -> set[str]:
-    """The listing_ids of the saved gallery (one column read, under the lock); HierError without one."""
+def saved_rows(artifact_dir: str | Path, columns: list[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Each shard's listings.csv (only ``columns``), under the lock, no index read; HierError without
+    a gallery."""
     folder = saved_gallery(artifact_dir)
     with fileio.locked(artifact_dir):
-        ids = read_saved(folder, artifact_dir, lambda: pd.read_csv(folder / "listings.csv", encoding="utf-8",
-                                                                      usecols=["listing_id"], **AS_GIVEN))
-    return set(ids["listing_id"].astype(str))
+        meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else {}
+        return {name: read_saved(folder, artifact_dir, lambda: pd.read_csv(
+                    shard_folder(folder, name) / "listings.csv", encoding="utf-8", usecols=columns, **AS_GIVEN))
+                for name in (meta.get("shards") or {BASE: None})}
+
+
+def saved_listing_ids(artifact_dir: str | Path) -> set[str]:
+    """The listing_ids of the saved gallery, every shard's (one column read, under the lock)."""
+    return {i for rows in saved_rows(artifact_dir, ["listing_id"]).values() for i in rows["listing_id"].astype(str)}
 
 
 def refuse_clashes(artifact_dir: str | Path, table: pd.DataFrame) -> None:
-    """Listings to add whose listing_id is in the saved gallery: one line, before any embedding."""
+    """Listings to add whose listing_id is in the saved gallery (any shard): one line, before any
+    embedding."""
     clash = set(table["listing_id"].astype(str)) & saved_listing_ids(artifact_dir)
     if clash:
         raise HierError(f"listing {sorted(clash)[0]!r} is already in the index ({len(clash)} clashes); "
@@ -575,9 +861,10 @@ def _table(listings: str | Path | pd.DataFrame) -> pd.DataFrame:
 
 
 def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: str = "flat",
-          progress=None) -> Gallery:
-    """Embed listing photos (a folder, a CSV or ``read_listings``' table) and (re)build ARTIFACT/gallery;
-    the embedding and the index's training run unlocked, the save under the lock."""
+          progress=None, parts: dict[str, np.ndarray] | None = None) -> Gallery:
+    """Embed listing photos (a folder, a CSV or ``read_listings``' table) and (re)build ARTIFACT/gallery
+    (one shard, or the rows ``parts`` names per shard); the embedding and the index's training run
+    unlocked, the save under the lock."""
     factory_string(kind, 1)                   # an unknown kind fails before any work
     table = _table(listings)
     check_size(kind, len(table))              # so do too few images to train it
@@ -587,18 +874,18 @@ def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: s
         return gallery
     return _embed_and_save(Path(artifact_dir), table, progress, save,
                            prepare=lambda e: Gallery.build(e.vectors, e.rows, kind, e.whitening, e.fingerprint,
-                                                           e.labels_digest))
+                                                           e.labels_digest, parts=parts))
 
 
 def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) -> Gallery:
     """Embed the gallery's listings again with the artifact's weights of now (after ``hier train
-    --resume``), keeping the sellers' columns and the kind unless ``kind`` is given. The listing photos
-    must still exist: a missing one is refused (one line) before any embedding."""
+    --resume``), keeping the sellers' columns, the shards and the kind unless ``kind`` is given. The
+    listing photos must still exist: a missing one is refused (one line) before any embedding."""
     folder = saved_gallery(artifact_dir)
     with fileio.locked(artifact_dir):
-        listings = read_saved(folder, artifact_dir, lambda: pd.read_csv(folder / "listings.csv", encoding="utf-8",
-                                                                           **AS_GIVEN))
+        shards = saved_rows(artifact_dir)
         meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else {}
+    listings = pd.concat(shards.values(), ignore_index=True)
     if "image" not in listings:
         raise HierError(f"{folder}/listings.csv has no image column (a gallery of an older hier): build it "
                         f"again from the listings, `hier index build {artifact_dir} LISTINGS`")
@@ -607,33 +894,77 @@ def rebuild(artifact_dir: str | Path, kind: str | None = None, progress=None) ->
         raise HierError(f"{folder} lists no listings (all removed); build it from listings with "
                         f"`hier index build {artifact_dir} LISTINGS`")
     table = listings.drop(columns=[c for c in listings.columns if str(c).startswith(PREFIX)])
-    return build(artifact_dir, table, kind or meta.get("kind", "flat"), progress)
+    starts = np.cumsum([0] + [len(rows) for rows in shards.values()])
+    parts = {name: np.arange(a, b) for name, a, b in zip(shards, starts, starts[1:])}
+    return build(artifact_dir, table, kind or meta.get("kind", "flat"), progress, parts)
 
 
-def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=None) -> tuple[int, Gallery]:
-    """Add listings to the existing index (ids of the others stay as they are). Clashing listing_ids
-    are refused before any embedding; the gallery is read, extended and saved under the lock, after the
-    unlocked embedding (so two adds at once both land)."""
+def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=None,
+        shard: str | None = None) -> tuple[int, Gallery]:
+    """Add listings to the existing index, into ``shard`` (``shard_name``; default ``BASE``; a new one
+    starts as the trained empty index), ids of the others as they are. Clashing listing_ids (in any
+    shard) are refused before any embedding; only that shard is read, extended and saved under the
+    lock, after the unlocked embedding (so two adds at once both land). Returns the gallery with that
+    shard read (the others listed)."""
+    shard = shard_name(shard)
     table = _table(listings)
     refuse_clashes(artifact_dir, table)
 
     def save(done: Embedded, _) -> Gallery:
-        gallery = Gallery.load(artifact_dir)
+        refuse_clashes(artifact_dir, done.rows)            # again: another add may have landed meanwhile
+        gallery = Gallery.load(artifact_dir, only=[shard])
         if gallery.labels_digest != done.labels_digest:     # old rows labelled by another head: mixed
             gallery.labels_digest = None
-        gallery.add(done.vectors, done.rows)
-        gallery.save(artifact_dir)
+        gallery.add(done.vectors, done.rows, shard)
+        gallery.save(artifact_dir, only=[shard])
         return gallery
     return len(table), _embed_and_save(Path(artifact_dir), table, progress, save)
 
 
 def remove(artifact_dir: str | Path, ids: list[str]) -> tuple[int, Gallery]:
-    """Remove listings by listing_id."""
+    """Remove listings by listing_id (only the shards holding them are read and written)."""
+    wanted = set(map(str, ids))
     with fileio.locked(artifact_dir):
-        gallery = Gallery.load(artifact_dir)
+        rows = saved_rows(artifact_dir, ["listing_id"])
+        holding = [n for n, r in rows.items() if r["listing_id"].astype(str).isin(wanted).any()]
+        gallery = Gallery.load(artifact_dir, only=holding)
         n = gallery.remove(ids)
-        gallery.save(artifact_dir)
+        gallery.save(artifact_dir, only=holding)
     return n, gallery
+
+
+def drop(artifact_dir: str | Path, shard: str) -> tuple[int, Gallery]:
+    """Forget a whole shard (its listings expired): gallery.json stops listing it (one atomic rename,
+    no index read or written), then its folder is removed. ``BASE`` is emptied instead (read and
+    written). Returns the rows dropped."""
+    with fileio.locked(artifact_dir):
+        gallery = Gallery.load(artifact_dir, only=[shard] if shard == BASE else [])
+        n = gallery.drop(shard)
+        gallery.save(artifact_dir, only=[BASE] if shard == BASE else [])
+    return n, gallery
+
+
+def merge(artifact_dir: str | Path, shards: list[str], into: str) -> tuple[int, Gallery]:
+    """Compact shards into one (``Gallery.merge``): only those and ``into`` are read and written, under
+    the lock."""
+    into = shard_name(into)
+    with fileio.locked(artifact_dir):
+        gallery = Gallery.load(artifact_dir, only=[*shards, into])
+        n = gallery.merge(shards, into)
+        written = [into] + ([BASE] if BASE in shards and into != BASE else [])
+        gallery.save(artifact_dir, only=written)
+    return n, gallery
+
+
+def shard_counts(artifact_dir: str | Path) -> dict[str, int]:
+    """Each shard's listings, from gallery.json (no index read)."""
+    folder = saved_gallery(artifact_dir)
+    with fileio.locked(artifact_dir):
+        meta = fileio.read_json(folder / "gallery.json") if (folder / "gallery.json").is_file() else {}
+    listed = meta.get("shards")
+    if not listed:
+        return {name: len(rows) for name, rows in saved_rows(artifact_dir, ["listing_id"]).items()}
+    return {name: int(n or 0) for name, n in listed.items()}
 
 
 def faiss_gpus() -> int:

@@ -170,8 +170,8 @@ class Recognizer:
 
     # --- the artifact in memory: read on first use, again whenever it changed on disk ----------------
     def _gallery_stamp(self) -> tuple:
-        folder = self.path / gallery_ops.GALLERY
-        return fileio.file_stamp(folder / "index.faiss", folder / "listings.csv", folder / "gallery.json")
+        """Stamps of the gallery's files, every shard's (``index.faiss`` first: None, no gallery)."""
+        return fileio.file_stamp(*gallery_ops.gallery_files(self.path))
 
     def reload(self) -> "Recognizer":
         """Read the artifact now (done by itself on first use and whenever it changed on disk); waits
@@ -432,8 +432,10 @@ class Recognizer:
         from hier import embed
         return embed.build_gallery(self.path, folder, kind)
 
-    def index_add(self, listings, progress=None) -> tuple[int, gallery_ops.Gallery]:
-        return gallery_ops.add(self.path, listings, progress)
+    def index_add(self, listings, progress=None, shard: str | None = None) -> tuple[int, gallery_ops.Gallery]:
+        """Listings into shard ``shard`` (``gallery_ops.shard_name``: default the base, ``today`` the UTC
+        date's); only that shard is read and written."""
+        return gallery_ops.add(self.path, listings, progress, shard)
 
     def index_rebuild(self, kind: str | None = None, progress=None) -> gallery_ops.Gallery:
         """Re-embed the gallery's listings with the weights of now (a stale gallery is refused until then)."""
@@ -441,6 +443,14 @@ class Recognizer:
 
     def index_remove(self, ids: list[str]) -> tuple[int, gallery_ops.Gallery]:
         return gallery_ops.remove(self.path, ids)
+
+    def index_drop(self, shard: str) -> tuple[int, gallery_ops.Gallery]:
+        """Forget a whole shard of the gallery (its listings expired): no index read or written."""
+        return gallery_ops.drop(self.path, shard)
+
+    def index_merge(self, shards: list[str], into: str) -> tuple[int, gallery_ops.Gallery]:
+        """Compact shards of the gallery into one (``into``: new or existing)."""
+        return gallery_ops.merge(self.path, shards, into)
 
     # --- training -----------------------------------------------------------------------------------
     @classmethod

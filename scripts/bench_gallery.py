@@ -16,6 +16,14 @@ Prints sys.argv, the git commit and the load average before and after, as every 
 
     python scripts/bench_gallery.py /root/bench/enroll_cpumax/base --out runs/bench_gallery
     python scripts/bench_gallery.py ARTIFACT --sizes 20000 --queries 100 --kinds flat,pq    # smoke
+
+``--sharded KIND`` measures galleries sharded by time instead: a base shard of N - days x day-size
+listings (trained) and ``--days`` daily shards of ``--day-size``, each added through hier's own writer
+(only that shard read and written, in a gallery folder under ``--out`` or a temp folder), then one
+day dropped; queries one at a time over every shard (``IndexShards``) against one index of the same
+vectors trained alike, and Recall@10 of both against exact search.
+
+    python scripts/bench_gallery.py ARTIFACT --sharded ivf --queries 500 --nprobe 16,64
 """
 from __future__ import annotations
 
@@ -23,7 +31,9 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +43,7 @@ import pandas as pd
 
 from benchlib import machine
 from hier import Recognizer, artifact
+from hier import index as gallery_ops
 from hier.index import BRAND, Gallery, factory_string, lists, search_whitening
 from hier.metrics import answer
 
@@ -198,6 +209,73 @@ def bench_size(n: int, e: dict, args) -> list[dict]:
     return rows
 
 
+def bench_sharded(n: int, e: dict, args) -> list[dict]:
+    """The sharded layout at n listings (see the module's docstring)."""
+    rng = np.random.default_rng(args.seed)
+    z, w = e["z"], e["whitening"]
+    base_n = n - args.days * args.day_size
+    base = np.arange(n) % len(z)
+    x = perturbed(z, base, args.noise, args.seed)
+    q_base = rng.integers(0, len(z), args.queries)
+    queries = perturbed(z, q_base, args.noise, args.seed + 1)
+    truth = exact(x, w, queries)
+    listings = pd.DataFrame({"listing_id": np.char.add("L", np.arange(n).astype(str)).astype(object)})
+    work = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=args.out))
+    (work / "config.json").write_text('{"fingerprint": "bench"}')
+    rows, kind = [], args.sharded
+    try:
+        t = time.perf_counter()
+        g = Gallery.build(x[:base_n], listings.iloc[:base_n], kind, w, fingerprint="bench")
+        build_s = time.perf_counter() - t
+        t = time.perf_counter()
+        g.save(work)
+        save_s = time.perf_counter() - t
+        g = None
+        add_s, clash_s = [], []
+        for d in range(args.days):
+            a, b = base_n + d * args.day_size, base_n + (d + 1) * args.day_size
+            day = f"2025-01-{d + 1:02d}" if d < 31 else f"day{d}"
+            t = time.perf_counter()
+            gallery_ops.refuse_clashes(work, listings.iloc[a:b])     # every shard's listing ids read
+            clash_s.append(time.perf_counter() - t)
+            t = time.perf_counter()                                  # what `hier index add --shard` does
+            part = Gallery.load(work, only=[day])
+            part.add(x[a:b], listings.iloc[a:b], day)
+            part.save(work, only=[day])
+            add_s.append(time.perf_counter() - t)
+        whole = Gallery.load(work)
+        one = Gallery.load(work, only=[gallery_ops.BASE])            # one index of everything, trained alike
+        one.next_id = base_n                                         # the same ids as the shards'
+        one.add(x[base_n:], listings.iloc[base_n:])
+        for p in args.nprobe:
+            got = {}
+            for name, g in (("sharded", whole), ("one index", one)):
+                got[name], ms = one_at_a_time(lambda q, g=g: g.search(q, 10, nprobe=p), queries)
+                row = {"listings": n, "kind": f"{kind}, {name}" + (f" (base {base_n:,} + {args.days} x "
+                       f"{args.day_size:,})" if name == "sharded" else ""), "setting": f"nprobe {p}",
+                       "p50_ms": round(float(np.percentile(ms, 50)), 3), "p95_ms": round(float(np.percentile(ms, 95)), 3),
+                       "recall@10": round(recall(got[name], truth), 3), "loadavg": [round(v, 2) for v in os.getloadavg()]}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+            same = float(np.mean(got["sharded"] == got["one index"]))
+            print(json.dumps({"nprobe": p, "sharded ids equal to one index's": round(same, 4)}), flush=True)
+            rows[-2]["same_ids_as_one_index"] = round(same, 4)
+        whole = one = None
+        t = time.perf_counter()
+        gallery_ops.drop(work, "2025-01-01")
+        drop_s = time.perf_counter() - t
+        row = {"listings": n, "kind": kind, "setting": "sharded writes", "base_build_s": round(build_s, 1),
+               "base_save_s": round(save_s, 1), "add_day_s_median": round(float(np.median(add_s)), 3),
+               "add_day_s_max": round(float(np.max(add_s)), 3),
+               "clash_check_s_median": round(float(np.median(clash_s)), 3), "drop_day_s": round(drop_s, 4),
+               "loadavg": [round(v, 2) for v in os.getloadavg()]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
 def label_all(g: Gallery, art: Path, n: int) -> dict:
     """The one-off cost of `similar --same-brand` on a gallery: every listing answered by the head of
     now (``Gallery.labelled``), once per version of the artifact."""
@@ -218,7 +296,10 @@ def print_table(rows: list[dict]) -> None:
     print("\n| listings | kind | setting | bytes/listing | build s | p50 ms | p95 ms | Recall@10 | 1-Recall@10 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        if "p50_ms" in r:
+        if "p50_ms" in r and "bytes_per_listing" not in r and "build_s" not in r:
+            print(f"| {r['listings']:,} | {r['kind']} | {r['setting']} | | | {r['p50_ms']} | {r['p95_ms']} | "
+                  f"{r['recall@10']} | |")
+        elif "p50_ms" in r:
             print(f"| {r['listings']:,} | {r['kind']} | {r['setting']} | {r.get('bytes_per_listing', '')} | "
                   f"{r.get('build_s', '')} | {r['p50_ms']} | {r['p95_ms']} | {r['recall@10']} | "
                   f"{r.get('1-recall@10', '')} |")
@@ -228,6 +309,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
     ap.add_argument("--photos", type=Path, default=SHARED)
+    ap.add_argument("--embeddings", type=Path, default=None,
+                    help="an embeddings-*.npz of the cache to use as it is (no photo embedded, the artifact not read)")
     ap.add_argument("--embed-only", action="store_true", help="embed (and cache) the photos, then stop")
     ap.add_argument("--sizes", default="1000000", help="gallery sizes, comma-separated")
     ap.add_argument("--kinds", default="flat,ivf,hnsw,pq")
@@ -240,6 +323,9 @@ def main() -> None:
     ap.add_argument("--candidates", default="",
                     help="other index_factory strings to measure as the pq kind, ';'-separated, {nlist} = the kind's")
     ap.add_argument("--flat-max", type=int, default=2_000_000, help="largest gallery the flat kind is built for")
+    ap.add_argument("--sharded", default=None, help="measure the time-sharded layout of this kind (ivf, pq, flat)")
+    ap.add_argument("--days", type=int, default=30, help="--sharded: daily shards")
+    ap.add_argument("--day-size", type=int, default=10_000, help="--sharded: listings a day")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json")
     args = ap.parse_args()
@@ -251,12 +337,18 @@ def main() -> None:
     before = machine()
     print(json.dumps({"machine": before, "threads": args.threads, "faiss": faiss.__version__}), flush=True)
     photos = sorted(args.photos.glob("*/*.jpg"))
-    e = embeddings(args.artifact, photos)
+    if args.embeddings:                            # a cache file as it is (the artifact is not read)
+        e = dict(np.load(args.embeddings)) | {"cached": str(args.embeddings)}
+    else:
+        e = embeddings(args.artifact, photos)
     print(json.dumps({"photos": len(photos), "dim": int(e["z"].shape[1]), "embed_s": round(float(e["seconds"]), 1),
                       "cache": e["cached"]}), flush=True)
     if args.embed_only:
         return
-    rows = [r for n in (int(v) for v in args.sizes.split(",")) for r in bench_size(n, e, args)]
+    bench = bench_sharded if args.sharded else bench_size
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+    rows = [r for n in (int(v) for v in args.sizes.split(",")) for r in bench(n, e, args)]
     after = [round(v, 2) for v in os.getloadavg()]
     print_table(rows)
     print(json.dumps({"argv": sys.argv, "commit": before["commit"], "loadavg_before": before["loadavg"],

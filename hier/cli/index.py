@@ -1,4 +1,4 @@
-"""``hier index build/add/rebuild/remove`` and ``hier similar``: the similar-listing gallery."""
+"""``hier index build/add/rebuild/remove/drop/merge/shards`` and ``hier similar``: the similar-listing gallery."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -57,16 +57,20 @@ def index_add(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
     listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
+    shard: Annotated[Optional[str], typer.Option(
+        help="Shard to add to (created if new; `today`: the UTC date, e.g. 2025-03-07). Default: base")] = None,
 ):
-    """Add listings to an existing index (ids of the others stay as they are)."""
+    """Add listings to an existing index (ids of the others stay as they are); only their shard is rewritten."""
+    from hier.index import shard_name
     from hier.recognizer import Recognizer
     from hier.engine.trainer import progress_bar
 
+    shard = shard_name(shard)
     rec = Recognizer(artifact)
     table = _listings(listings, strict)
     with progress_bar(err) as progress:
-        added, gallery = rec.index_add(table, progress)
-    console.print(f"added {added}; {len(gallery)} in the index")
+        added, gallery = rec.index_add(table, progress, shard)
+    console.print(f"added {added} to shard {shard} ({len(gallery.shards[shard])}); {len(gallery)} in the index")
 
 
 @index_app.command("rebuild")
@@ -97,6 +101,45 @@ def index_remove(
 
     n, gallery = Recognizer(artifact).index_remove(ids)
     console.print(f"removed {n} vector(s); {len(gallery)} in the index")
+
+
+@index_app.command("drop")
+def index_drop(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    shard: Annotated[str, typer.Argument(help="Shard to drop whole (e.g. a day whose listings expired)")],
+):
+    """Drop a whole shard of the gallery (no index read or rewritten; the base shard is emptied)."""
+    from hier.recognizer import Recognizer
+
+    n, gallery = Recognizer(artifact).index_drop(shard)
+    console.print(f"dropped shard {shard} ({n} listing image(s)); {len(gallery)} in the index")
+
+
+@index_app.command("merge")
+def index_merge(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    shards: Annotated[list[str], typer.Argument(help="Shards to merge")],
+    into: Annotated[str, typer.Option("--into", help="Shard they become (new, one of them, or another)")],
+):
+    """Compact shards into one (IVF kinds: FAISS merge_from, nothing re-encoded or trained)."""
+    from hier.recognizer import Recognizer
+
+    n, gallery = Recognizer(artifact).index_merge(shards, into)
+    console.print(f"merged {n} listing image(s) from {', '.join(s for s in shards if s != into)} into shard "
+                  f"{into} ({len(gallery.shards[into])}); {len(gallery)} in the index")
+
+
+@index_app.command("shards")
+def index_shards(
+    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
+):
+    """The gallery's shards and their listing images (from gallery.json; no index read)."""
+    import pandas as pd
+    from hier.index import shard_counts
+
+    counts = shard_counts(artifact)
+    print_frame(pd.DataFrame({"shard": list(counts), "listings": list(counts.values())}), fmt)
 
 
 @app.command()

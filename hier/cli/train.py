@@ -140,6 +140,8 @@ def export(
     photos: Annotated[int, typer.Option(help="--int8: training photos to calibrate on")] = 256,
     keep_float: Annotated[str, typer.Option(help="--int8: parts left in float, comma-separated: "
                                             "stem, head, last-conv, depthwise")] = "stem,head",
+    reduce_range: Annotated[bool, typer.Option("--reduce-range/--full-range", help="--int8: 7-bit weights, "
+                                               "ORT's remedy for AVX2 CPUs without VNNI [on]")] = True,
 ):
     """Write ARTIFACT/model.onnx (trunk + embedding, flip TTA inside): predict, evaluate, enroll and index
     then run on ONNX Runtime, with the same outputs to ~1e-6. --int8 adds model.int8.onnx and prints
@@ -156,7 +158,8 @@ def export(
     keep = tuple(k.strip() for k in keep_float.split(",") if k.strip())
     if not set(keep) <= {"stem", "head", "last-conv", "depthwise"}:
         raise HierError(f"--keep-float {keep_float!r}: choose among stem, head, last-conv, depthwise")
-    r = Recognizer(artifact).export(fmt, int8=True, data=data, photos=photos, keep_float=keep)
+    r = Recognizer(artifact).export(fmt, int8=True, data=data, photos=photos, keep_float=keep,
+                                    reduce_range=reduce_range)
     v = r["validation"]
     console.print(f"wrote {artifact / r['file']} (calibrated on {r['calibration_photos']} training photos, "
                   f"{', '.join(keep) or 'nothing'} in float)")

@@ -365,14 +365,18 @@ class Recognizer:
         names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
         return save_overlays(self.net, items, Path(out), names)
 
-    def export(self, format: str = "onnx") -> Path:
+    def export(self, format: str = "onnx", int8: bool = False, data=None, photos: int | None = None,
+               keep_float: tuple[str, ...] = ("stem", "head"), reduce_range: bool = True):
         """ARTIFACT/model.onnx: the trunk and embedding (with the flipped view when the artifact serves
         with TTA), run by ONNX Runtime from then on; the heads stay in PyTorch, so enrolling needs no
-        re-export, retraining does (a stale export is written again on first use)."""
+        re-export, retraining does (a stale export is written again on first use). ``int8``: also
+        model.int8.onnx (``predictor.export_int8``; returns its config.json record, with what it
+        changes on the validation photos), for ``backend="onnx-int8"``."""
         if format != "onnx":
             raise HierError(f"unknown export format {format!r}; onnx is the one supported")
-        from hier.engine.predictor import export
-        out = export(self.path)
+        from hier.engine.predictor import CALIBRATION_PHOTOS, export, export_int8
+        out = export_int8(self.path, data, photos or CALIBRATION_PHOTOS, keep_float, reduce_range) if int8 \
+            else export(self.path)
         self._loaded = None
         return out
 

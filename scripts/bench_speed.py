@@ -1,6 +1,7 @@
 """Prediction speed, side by side in one run: a plain PyTorch loop, the model's pure forward, and
-`hier predict` as a whole command (start-up included) eager and with its defaults (ONNX Runtime, decoding
-workers beside the network); on the
+`hier predict` as a whole command (start-up included) eager, with its defaults (ONNX Runtime, decoding
+workers beside the network), on OpenVINO (when installed) and on the int8 export (when the artifact
+has one, or ``--int8`` writes it: needs a trained artifact); on the
 dev photos and on full-size 1600 x 1200 JPEGs made from them (written outside the repo).
 
     python scripts/bench_speed.py --out /tmp/bench_speed
@@ -28,7 +29,7 @@ from rich.table import Table
 
 from benchlib import machine
 from hier import artifact
-from hier.engine.predictor import Predictor, artifact_predictor, export
+from hier.engine.predictor import Predictor, artifact_predictor, export, export_int8, export_is_fresh, has_openvino
 from hier.models import HierNet, ModelConfig, load_efficientnet_lite0
 from hier.taxonomy import Taxonomy
 
@@ -111,13 +112,19 @@ def main() -> None:
     ap.add_argument("--artifact", type=Path, default=None,
                     help="a trained artifact (exported in place) instead of fresh heads: the draft-decoding "
                          "check then compares trained answers")
+    ap.add_argument("--int8", action="store_true", help="write the artifact's int8 export first if it has none")
     args = ap.parse_args()
+    start_load = os.getloadavg()
     torch.set_num_threads(os.cpu_count() or 1)
     args.out.mkdir(parents=True, exist_ok=True)
     taxonomy = Taxonomy.from_csv(SHARED / "stanford_cars_taxonomy.csv")
     art = args.artifact or args.out / "artifact"
     make_artifact(art, taxonomy)
     export(art)
+    net, _ = artifact.load(art)
+    if args.int8 and not export_is_fresh(art, net, "int8"):
+        export_int8(art)
+    extra = (["openvino"] if has_openvino() else []) + (["onnx-int8"] if export_is_fresh(art, net, "int8") else [])
     sets = photo_sets(args.out, args.photos)
     rows, checks = [], {}
     forward = pure_forward(args.photos)
@@ -126,14 +133,20 @@ def main() -> None:
         plain = plain_loop(paths)
         eager = hier_predict(art, folder, "torch", args.out / "eager.csv")
         fast = hier_predict(art, folder, None, args.out / "defaults.csv")      # ONNX Runtime + decode workers
-        rows.append({"photos": name, "n": len(paths), "plain loop img/s": plain, "pure forward img/s": forward,
-                     "hier predict eager img/s": eager, "hier predict (defaults) img/s": fast,
-                     "defaults / plain": fast / plain})
-        net, _ = artifact.load(art)
+        row = {"photos": name, "n": len(paths), "plain loop img/s": plain, "pure forward img/s": forward,
+               "hier predict eager img/s": eager, "hier predict (defaults) img/s": fast, "defaults / plain": fast / plain}
+        for b in extra:                      # same photos, threads and decode workers; only the backend differs
+            row[f"{b} img/s"] = hier_predict(art, folder, b, args.out / f"{b}.csv")
+            row[f"{b} / plain"] = row[f"{b} img/s"] / plain
+        rows.append(row)
         check = paths if args.artifact else paths[:128]      # a trained artifact: its accuracy on all of them
         p_eager = Predictor(net)(check)["probs"]
         p_onnx = artifact_predictor(art, net, "onnx")(check)["probs"]
         checks[name] = {"max |p_onnx - p_eager|": float(np.abs(p_onnx - p_eager).max())}
+        for b in extra:
+            p_b = artifact_predictor(art, net, b)(check)["probs"]
+            checks[name][f"max |p_{b} - p_eager|"] = float(np.abs(p_b - p_eager).max())
+            checks[name][f"top-1 agreement {b} vs eager"] = float((p_b.argmax(1) == p_eager.argmax(1)).mean())
         if name.startswith("1600"):          # reduced-size decoding against full decoding, same model
             full = Predictor(net)
             full_probs = []
@@ -160,8 +173,9 @@ def main() -> None:
         table.add_row(*[f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()])
     Console(width=160).print(table)
     print(json.dumps(checks, indent=2))
-    print(json.dumps(machine()))
-    (args.out / "bench_speed.json").write_text(json.dumps({"rows": rows, "checks": checks}, indent=2))
+    info = {**machine(), "loadavg_at_start": [round(x, 2) for x in start_load]}     # a shared machine
+    print(json.dumps(info))
+    (args.out / "bench_speed.json").write_text(json.dumps({"rows": rows, "checks": checks, "machine": info}, indent=2))
 
 
 if __name__ == "__main__":

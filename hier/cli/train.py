@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from hier.cli.base import Format, app, console, err, print_frame, print_metrics
-from hier.errors import check_number
+from hier.errors import HierError, check_number
 
 
 MAX_BATCH = 65536
@@ -148,9 +148,40 @@ def demo(
 def export(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
+    int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static int8, calibrated on "
+                                       "the training photos) for --backend onnx-int8, and measure what it changes")] = False,
+    data: Annotated[Optional[Path], typer.Option(help="--int8: labelled photos to calibrate and measure on "
+                                                 "[the artifact's training data, split as training split it]")] = None,
+    photos: Annotated[int, typer.Option(help="--int8: training photos to calibrate on")] = 256,
+    keep_float: Annotated[str, typer.Option(help="--int8: parts left in float, comma-separated: "
+                                            "stem, head, last-conv, depthwise")] = "stem,head",
+    reduce_range: Annotated[bool, typer.Option("--reduce-range/--full-range", help="--int8: 7-bit weights, "
+                                               "ORT's remedy for AVX2 CPUs without VNNI [on]")] = True,
 ):
     """Write ARTIFACT/model.onnx (trunk + embedding, flip TTA inside): predict, evaluate, enroll and index
-    then run on ONNX Runtime, with the same outputs to ~1e-6."""
+    then run on ONNX Runtime, with the same outputs to ~1e-6. --int8 adds model.int8.onnx and prints
+    its change against fp32 on the validation photos (stored in config.json)."""
     from hier.recognizer import Recognizer
+    from hier.engine.predictor import INT8_TOLERANCE
 
-    console.print(f"wrote {Recognizer(artifact).export(fmt)}")
+    if not int8:
+        if data is not None:
+            raise HierError("--data goes with --int8")
+        console.print(f"wrote {Recognizer(artifact).export(fmt)}")
+        return
+    check_number("--photos", photos, 1, integer=True)
+    keep = tuple(k.strip() for k in keep_float.split(",") if k.strip())
+    if not set(keep) <= {"stem", "head", "last-conv", "depthwise"}:
+        raise HierError(f"--keep-float {keep_float!r}: choose among stem, head, last-conv, depthwise")
+    r = Recognizer(artifact).export(fmt, int8=True, data=data, photos=photos, keep_float=keep,
+                                    reduce_range=reduce_range)
+    v = r["validation"]
+    console.print(f"wrote {artifact / r['file']} (calibrated on {r['calibration_photos']} training photos, "
+                  f"{', '.join(keep) or 'nothing'} in float)")
+    console.print(f"int8 vs fp32 on {v['photos']} validation photos: top-1 {v['top1_fp32']:.4f} -> {v['top1']:.4f} "
+                  f"({100 * v['top1_change']:+.1f} points), log loss {v['log_loss_fp32']:.4f} -> {v['log_loss']:.4f} "
+                  f"({v['log_loss_change']:+.4f}), embedding cosine mean {v['cosine_mean']:.4f} min {v['cosine_min']:.4f}")
+    if abs(v["top1_change"]) > INT8_TOLERANCE:
+        err.print(f"[yellow]warning:[/] int8 changes top-1 by {100 * v['top1_change']:+.1f} points (more than "
+                  f"{100 * INT8_TOLERANCE:.1f}): --backend onnx-int8 does not give fp32's answers; try "
+                  "--keep-float stem,head,last-conv", highlight=False)

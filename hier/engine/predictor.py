@@ -6,8 +6,10 @@ probability for a photo is the same whichever command computed it.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -47,26 +49,25 @@ class Predictor:
 
     ``onnx``: an ``hier export`` file of the trunk + embedding (the costly part; the heads stay here, so
     enrolled classes need no re-export). ONNX Runtime computes the embeddings of both views then; the
-    outputs equal the eager model's to ~1e-6.
+    outputs equal the eager model's to ~1e-6. ``session``: any object with ``views`` and
+    ``run(images) -> (V, N, D) embeddings`` instead (``OrtSession``, ``OpenVinoSession``).
     """
 
     def __init__(self, net: HierNet, tta: bool | None = None, batch_size: int = 64, workers: int | None = None,
-                 onnx: str | Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+                 onnx: str | Path | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 session: "OrtSession | OpenVinoSession | None" = None):
         self.net = net.eval()
         self.tta = net.cfg.tta if tta is None else tta
         self.batch_size, self.workers = batch_size, workers
-        self.session = None
-        if onnx is not None:
-            import onnxruntime as ort
-            self.session = ort.InferenceSession(str(onnx), providers=list(providers))
-            self.views = self.session.get_outputs()[0].shape[0]
-            if self.tta and self.views < 2:
-                self.session = None          # exported without the flipped view: eager does both
+        self.session = OrtSession(onnx, providers) if session is None and onnx is not None else session
+        self.views = self.session.views if self.session is not None else 0
+        if self.tta and self.views < 2:
+            self.session = None              # exported without the flipped view: eager does both
 
     def _embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One embedding per view (the photo, and its mirror image with TTA)."""
         if self.session is not None:
-            z = torch.from_numpy(self.session.run(None, {"images": x.cpu().numpy()})[0]).to(x.device)
+            z = torch.from_numpy(self.session.run(x.cpu().numpy())).to(x.device)
             return list(z[:2 if self.tta else 1])
         return [self.net.embed(v) for v in ([x, x.flip(3)] if self.tta else [x])]
 
@@ -114,6 +115,44 @@ class Predictor:
         return softmax(joint.float().cpu().numpy(), self.net.cfg.temperature)
 
 
+class OrtSession:
+    """ONNX Runtime on an export file: ``run(images (N, 3, H, W) float32) -> embeddings (V, N, D)``."""
+
+    def __init__(self, path: str | Path, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        import onnxruntime as ort
+        self.session = ort.InferenceSession(str(path), providers=list(providers))
+        self.views = self.session.get_outputs()[0].shape[0]
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {"images": images})[0]
+
+
+class OpenVinoSession:
+    """OpenVINO compiling the same export file for the CPU, ``OrtSession``'s contract. Precision is
+    pinned (f32 unless asked: the CPU plugin would pick bf16 on its own where the CPU has it, which
+    changes answers); the THROUGHPUT hint runs several streams, so a batch is split over the infer
+    requests it asks for and their outputs joined in order."""
+
+    def __init__(self, path: str | Path, precision: str = "f32"):
+        import openvino as ov
+        self.model = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
+                                                                "PERFORMANCE_HINT": "THROUGHPUT"})
+        self.views = self.model.outputs[0].get_partial_shape()[0].get_length()
+        self.queue = ov.AsyncInferQueue(self.model)           # as many requests as the hint asks for
+
+    def run(self, images: np.ndarray) -> np.ndarray:
+        chunks = np.array_split(images, min(len(self.queue), len(images)))
+        out: list = [None] * len(chunks)
+
+        def done(request, i):
+            out[i] = request.get_output_tensor(0).data.copy()
+        self.queue.set_callback(done)
+        for i, chunk in enumerate(chunks):
+            self.queue.start_async({0: np.ascontiguousarray(chunk)}, i)
+        self.queue.wait_all()
+        return np.concatenate(out, 1)
+
+
 class ViewEmbedder(torch.nn.Module):
     """What ``hier export`` writes: normalised images (N, 3, H, W) -> embeddings of each view (V, N, D)."""
 
@@ -137,7 +176,11 @@ def export_onnx(net: HierNet, path: Path) -> None:
                           dynamic_axes={"images": {0: "n"}, "embeddings": {1: "n"}})
 
 
-BACKENDS = ("auto", "torch", "onnx")
+BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16")
+INT8 = "model.int8.onnx"          # ``hier export --int8``: the same graph, weights and activations in int8
+EXPORTS = {"onnx": artifact.ONNX, "int8": INT8}       # config.json key -> file
+CALIBRATION_PHOTOS = 256          # training photos the int8 activation ranges are calibrated on
+INT8_TOLERANCE = 0.003            # top-1 change past which ``hier export --int8`` says so
 
 
 def export(path: str | Path) -> Path:
@@ -152,15 +195,185 @@ def export(path: str | Path) -> Path:
     return path / artifact.ONNX
 
 
-def choose_backend(requested: str, export_fresh: bool, providers: list[str], device: str) -> tuple[str, tuple]:
-    """(``torch`` | ``onnx``, ONNX Runtime providers to use) for a net on ``device``, given whether the
-    artifact holds an up-to-date export and the providers ONNX Runtime offers (empty: not installed).
+def float_nodes(model, keep: tuple[str, ...] = ("stem", "head")) -> list[str]:
+    """Names of the nodes int8 leaves in float: ``stem``, each view's first convolution (raw pixels
+    in, where 8 bits lose most); ``head``, every node after each view's last convolution (pooling, the
+    embedding projection, the L2 normalisation); ``last-conv``, the last convolution of each view too;
+    ``depthwise``, every grouped convolution. Read from the graph, so it holds for any trunk."""
+    nodes = list(model.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in nodes:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def reach(start, step) -> set[str]:
+        seen, todo = set(), list(start)
+        while todo:
+            n = todo.pop()
+            for m in step(n):
+                if m.name not in seen:
+                    seen.add(m.name)
+                    todo.append(m)
+        return seen
+    up = lambda n: [producer[i] for i in n.input if i in producer]                    # noqa: E731
+    down = lambda n: [m for o in n.output for m in consumers.get(o, [])]             # noqa: E731
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    conv_names = {n.name for n in convs}
+    out = set()
+    if "stem" in keep:
+        out |= {n.name for n in convs if not reach([n], up) & conv_names}
+    last = [n for n in convs if not reach([n], down) & conv_names]
+    if "head" in keep:
+        out |= reach(last, down)
+    if "last-conv" in keep:
+        out |= {n.name for n in last}
+    if "depthwise" in keep:
+        out |= {n.name for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)}
+    return sorted(out)
+
+
+def _split_photos(path: Path, data: Path | None, taxonomy) -> tuple[list[Path], list[Path], list[str]]:
+    """(training photos, validation photos, validation labels) of ``data`` (default: the data the
+    artifact was trained on, from train.json), split as ``hier train`` split it: same layout, exclusions,
+    car crops, ``val_frac``/``seed``/``fold`` (another folder: its own photos, the same split rule)."""
+    from hier.engine.trainer import TrainConfig, prepare
+    from hier.data import split_indices
+    run = fileio.read_json(path / "train.json") if (path / "train.json").is_file() else {}
+    cfg = TrainConfig(**{k: v for k, v in run.get("train", {}).items() if k in TrainConfig.__dataclass_fields__})
+    own = data is None
+    data = Path(data or run.get("data") or "")
+    if not str(data) or not data.is_dir():
+        raise HierError(f"--int8 calibrates on photos: the training data {str(data) or '(none in train.json)'} "
+                        "is not a folder here; pass --data DIR (labelled photos of the artifact's classes)")
+    images, _ = prepare(data, taxonomy, cfg.layout)
+    if cfg.exclude and own:
+        from hier.audit import apply_exclude, read_exclude
+        images, _ = apply_exclude(images, read_exclude(cfg.exclude, data))
+    paths = images.paths
+    if cfg.crop == "yolo":
+        from hier.data.detect import CarDetector
+        paths, _ = CarDetector(cfg.detector).crops(paths)
+    tr, va = split_indices(images.labels, cfg.val_frac, cfg.seed, cfg.fold, cfg.folds)
+    if len(va) == 0:
+        raise HierError(f"{data}: no validation photos (val_frac 0) to measure what int8 changes on")
+    return [paths[i] for i in tr], [paths[i] for i in va], [images.labels[i] for i in va]
+
+
+class _Calibration:
+    """onnxruntime.quantization's ``CalibrationDataReader`` over the photos as the predictor feeds them,
+    in batches; ``set_range`` is what ORT's ``CalibStridedMinMax`` calls to calibrate one batch at a time
+    (ranges merged), so memory holds one batch's intermediate tensors, not every photo's."""
+
+    def __init__(self, photos: list, cfg, batch_size: int = 16):
+        self.photos, self.cfg, self.batch_size = photos, cfg, batch_size
+        self.set_range(0, len(self))
+
+    def __len__(self) -> int:
+        return -(-len(self.photos) // self.batch_size)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        b, cfg = self.batch_size, self.cfg
+        chunk = self.photos[start_index * b:end_index * b]
+        self.data = iter(loader(ImageDataset(chunk, None, eval_transform(cfg.img_size, cfg.mean, cfg.std),
+                                             cfg.img_size), b, workers=0))
+
+    def get_next(self):
+        batch = next(self.data, None)
+        return None if batch is None else {"images": batch[0].numpy()}
+
+
+def quantize_int8(fp32: Path, out: Path, photos: list, cfg, keep: tuple[str, ...], reduce_range: bool = False) -> None:
+    """Static int8 (QDQ, per-channel weights, min-max ranges over ``photos``), ``keep`` in float.
+    ``reduce_range``: 7-bit weights, ORT's remedy for the U8S8 saturation of AVX2 CPUs without VNNI."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        quant_pre_process(str(fp32), str(pre))          # shape inference + fusions, as ORT's docs advise
+        quantize_static(str(pre), str(out), _Calibration(photos, cfg), quant_format=QuantFormat.QDQ,
+                        per_channel=True, reduce_range=reduce_range, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=float_nodes(onnx.load(str(pre)), keep),
+                        extra_options={"CalibStridedMinMax": 1})      # one batch at a time
+
+
+def compare(fp32: Predictor, other: Predictor, photos: list, y: np.ndarray, taxonomy) -> dict:
+    """What a backend changes against fp32 on labelled photos: top-1 and log loss of the answer
+    (``metrics.evaluate_probs``), and the cosine of each photo's two embeddings."""
+    from hier.metrics import evaluate_probs
+    a, b = fp32(photos, keep=("probs", "embedding")), other(photos, keep=("probs", "embedding"))
+    ea, eb = evaluate_probs(a["probs"], y, taxonomy), evaluate_probs(b["probs"], y, taxonomy)
+    cos = (a["embedding"] * b["embedding"]).sum(1)
+    return {"photos": int(len(y)), "top1_fp32": ea["top1"], "top1": eb["top1"], "log_loss_fp32": ea["log_loss"],
+            "log_loss": eb["log_loss"], "top1_change": eb["top1"] - ea["top1"],
+            "log_loss_change": eb["log_loss"] - ea["log_loss"],
+            "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())}
+
+
+def export_int8(path: str | Path, data: str | Path | None = None, photos: int = CALIBRATION_PHOTOS,
+                keep: tuple[str, ...] = ("stem", "head"), reduce_range: bool = True) -> dict:
+    """``hier export --int8``: ARTIFACT/model.int8.onnx, calibrated on ``photos`` of the artifact's
+    own training photos (or ``data``'s, split the same way), then measured against fp32 on the
+    validation photos; the change is stored in config.json["int8"] and returned. An explicit choice:
+    ``auto`` never picks it. ``reduce_range`` (7-bit weights) by default: on this AVX2 CPU without VNNI
+    full-range weights lost 1.3 points of top-1, 7-bit ones none (README, "Prediction speed")."""
+    path = Path(path)
+    with fileio.locked(path):
+        net, taxonomy = artifact.load(path)
+        if not export_is_fresh(path, net):
+            export(path)
+        train, val, labels = _split_photos(path, Path(data) if data else None, taxonomy)
+        pick = np.random.default_rng(0).permutation(len(train))[:photos]
+        with tempfile_path(path, INT8) as tmp:
+            quantize_int8(path / artifact.ONNX, tmp, [train[i] for i in sorted(pick)], net.cfg, keep, reduce_range)
+            y = np.array([taxonomy.class_index[c] for c in labels])
+            change = compare(Predictor(net, onnx=path / artifact.ONNX), Predictor(net, onnx=tmp), val, y, taxonomy)
+            config = artifact.read_config(path)
+            config["int8"] = {"file": INT8, "fingerprint": net.fingerprint(), "views": 2 if net.cfg.tta else 1,
+                              "calibration_photos": len(pick), "float": list(keep), "reduce_range": reduce_range,
+                              "validation": change}
+            fileio.atomic_write_all({path / INT8: lambda p: p.write_bytes(tmp.read_bytes()),
+                                       path / artifact.CONFIG: lambda p: fileio.write_json(p, config)})
+    return config["int8"]
+
+
+@contextlib.contextmanager
+def tempfile_path(folder: Path, name: str) -> Iterator[Path]:
+    """A scratch file beside ``name`` in ``folder``, removed on the way out."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def choose_backend(requested: str, export_fresh: bool, providers: list[str], device: str,
+                   openvino: bool = False, int8_fresh: bool = False) -> tuple[str, tuple]:
+    """(``torch`` | ``onnx`` | ``onnx-int8`` | ``openvino`` | ``openvino-bf16``, ONNX Runtime providers
+    to use) for a net on ``device``, given whether the artifact holds an up-to-date export (and int8
+    export), the providers ONNX Runtime offers (empty: not installed) and whether OpenVINO is installed.
     ``auto`` takes ONNX Runtime only where it runs on the net's own device: on a GPU host with the CPU
-    build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU. A pure function, tested on CPU."""
+    build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU; it never takes int8 or bf16 (they
+    change answers) nor OpenVINO (not faster here, README). A pure function, tested on CPU."""
     if requested not in BACKENDS:
         raise HierError(f"unknown backend {requested!r}; choose {', '.join(BACKENDS)}")
     if requested == "torch":
         return "torch", ()
+    if requested.startswith("openvino"):
+        if not openvino:
+            raise HierError(f"--backend {requested} needs OpenVINO (pip install hier[OpenVINO])")
+        if not export_fresh:
+            raise HierError("no up-to-date ONNX export (run `hier export`)")
+        return requested, ()
+    if requested == "onnx-int8":
+        if not int8_fresh:
+            raise HierError("no up-to-date int8 export (run `hier export ARTIFACT --int8`)")
+        if not providers:
+            raise HierError("--backend onnx-int8 needs onnxruntime (pip install onnxruntime)")
+        return "onnx-int8", ("CPUExecutionProvider",)
     if requested == "onnx" and not (export_fresh and providers):
         raise HierError("no up-to-date ONNX export (run `hier export`)" if not export_fresh else
                         "--backend onnx needs onnxruntime (pip install onnxruntime or onnxruntime-gpu)")
@@ -181,10 +394,14 @@ def onnx_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def export_is_fresh(path: Path, net: HierNet) -> bool:
-    """The artifact holds an ONNX export of these very weights."""
-    saved = artifact.read_config(path).get("onnx", {})
-    return (path / artifact.ONNX).is_file() and saved.get("fingerprint") == net.fingerprint()
+def has_openvino() -> bool:
+    return importlib.util.find_spec("openvino") is not None
+
+
+def export_is_fresh(path: Path, net: HierNet, kind: str = "onnx") -> bool:
+    """The artifact holds an export (``onnx``, or ``int8``) of these very weights."""
+    saved = artifact.read_config(path).get(kind, {})
+    return (path / EXPORTS[kind]).is_file() and saved.get("fingerprint") == net.fingerprint()
 
 
 def export_on_first_use(path: Path) -> bool:
@@ -202,9 +419,10 @@ def export_on_first_use(path: Path) -> bool:
 
 def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **kw) -> Predictor:
     """The artifact's predictor, on the backend ``choose_backend`` picks: ONNX Runtime when it runs on
-    the net's device, eager PyTorch otherwise. ``auto`` exports the weights first when the export is
-    missing or stale (after ``hier train --resume``); ``onnx`` refuses a stale export. The caller holds
-    the artifact's lock when it compares versions (``artifact.stamp``) across this call."""
+    the net's device, eager PyTorch otherwise, OpenVINO or int8 when asked. ``auto`` exports the weights
+    first when the export is missing or stale (after ``hier train --resume``); every explicit backend
+    refuses a stale export. The caller holds the artifact's lock when it compares versions
+    (``artifact.stamp``) across this call."""
     path = Path(path)
     if backend not in BACKENDS:
         raise HierError(f"unknown backend {backend!r}; choose {', '.join(BACKENDS)}")
@@ -215,7 +433,13 @@ def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **
     if not fresh and backend == "auto" and choose_backend("auto", True, providers, where)[0] == "onnx":
         fresh = export_on_first_use(path)
     try:
-        kind, providers = choose_backend(backend, fresh, providers, where)
+        kind, providers = choose_backend(backend, fresh, providers, where, has_openvino(),
+                                         backend == "onnx-int8" and export_is_fresh(path, net, "int8"))
     except HierError as e:
         raise HierError(f"{path}: {e}") from None
-    return Predictor(net, onnx=path / artifact.ONNX, providers=providers, **kw) if kind == "onnx" else Predictor(net, **kw)
+    if kind.startswith("openvino"):
+        return Predictor(net, session=OpenVinoSession(path / artifact.ONNX, "bf16" if kind.endswith("bf16") else "f32"),
+                         **kw)
+    if kind == "onnx-int8":
+        return Predictor(net, onnx=path / INT8, providers=providers, **kw)
+    return Predictor(net, onnx=path / artifact.ONNX, providers=providers, **kw)

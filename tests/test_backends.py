@@ -1,0 +1,111 @@
+"""The inference backends beside ONNX Runtime fp32: OpenVINO on the same export, and the int8 export."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import onnx
+import pytest
+
+from hier import artifact, fileio
+from hier.engine import predictor as pred
+from hier.engine.predictor import Predictor, artifact_predictor, choose_backend, export
+from hier.errors import HierError
+from tests.conftest import run_cli
+
+CPU = ["CPUExecutionProvider"]
+
+
+def test_choose_backend_new_choices():
+    assert choose_backend("openvino", True, CPU, "cpu", openvino=True) == ("openvino", ())
+    assert choose_backend("openvino-bf16", True, [], "cuda:0", openvino=True) == ("openvino-bf16", ())
+    assert choose_backend("onnx-int8", True, CPU, "cpu", int8_fresh=True) == ("onnx-int8", ("CPUExecutionProvider",))
+    # auto never picks a backend that changes answers, nor OpenVINO (not faster here)
+    assert choose_backend("auto", True, CPU, "cpu", openvino=True, int8_fresh=True) == ("onnx", ("CPUExecutionProvider",))
+    with pytest.raises(HierError, match=r"pip install hier\[OpenVINO\]"):
+        choose_backend("openvino", True, CPU, "cpu", openvino=False)
+    with pytest.raises(HierError, match="no up-to-date ONNX export"):
+        choose_backend("openvino", False, CPU, "cpu", openvino=True)
+    with pytest.raises(HierError, match="--int8"):
+        choose_backend("onnx-int8", True, CPU, "cpu", int8_fresh=False)
+    with pytest.raises(HierError, match="needs onnxruntime"):
+        choose_backend("onnx-int8", True, [], "cpu", int8_fresh=True)
+    with pytest.raises(HierError, match="unknown backend 'int8'"):
+        choose_backend("int8", True, CPU, "cpu")
+
+
+def photos_of(demo_data, n=20):
+    return sorted(demo_data.train_dir.glob("*/*.jpg"))[::3][:n]
+
+
+def test_openvino_equals_eager_and_onnx_runtime(art, demo_data):
+    pytest.importorskip("openvino")
+    export(art)
+    net, _ = artifact.load(art)
+    photos = photos_of(demo_data)
+    ov = artifact_predictor(art, net, "openvino", batch_size=8)     # 3 batches, the last one short
+    assert isinstance(ov.session, pred.OpenVinoSession) and ov.session.views == (2 if net.cfg.tta else 1)
+    assert "float32" in str(ov.session.model.get_property("INFERENCE_PRECISION_HINT"))
+    got, eager = ov(photos), Predictor(net, batch_size=8)(photos)
+    ort = artifact_predictor(art, net, "onnx", batch_size=8)(photos)
+    for ref in (eager, ort):
+        assert np.abs(got["embedding"] - ref["embedding"]).max() < 1e-5
+        assert np.abs(got["probs"] - ref["probs"]).max() < 1e-5
+    assert (got["answer"] == eager["answer"]).all()
+
+
+def test_missing_openvino_is_one_line(art, demo_data, monkeypatch, capsys):
+    export(art)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    net, _ = artifact.load(art)
+    with pytest.raises(HierError, match=r"pip install hier\[OpenVINO\]"):
+        artifact_predictor(art, net, "openvino")
+    code, out, err = run_cli("predict", art, photos_of(demo_data, 1)[0], "--backend", "openvino", capsys=capsys)
+    assert code == 2 and err.strip().count("\n") == 0 and "pip install hier[OpenVINO]" in err
+
+
+def test_int8_export_records_its_change_and_refuses_when_stale(art, capsys):
+    code, out, err = run_cli("export", art, "--int8", "--photos", "40", capsys=capsys)
+    assert code == 0, err
+    assert (art / pred.INT8).is_file() and "int8 vs fp32 on" in out
+    saved = artifact.read_config(art)["int8"]
+    v = saved["validation"]
+    assert saved["calibration_photos"] == 40 and saved["float"] == ["stem", "head"] and saved["reduce_range"]
+    # the recorded figures are those of the validation split training used, fp32 and int8 alike
+    net, tax = artifact.load(art)
+    _, val, labels = pred._split_photos(art, None, tax)
+    y = np.array([tax.class_index[c] for c in labels])
+    assert v["photos"] == len(val) > 0
+    fp32 = Predictor(net, onnx=art / artifact.ONNX)(val)
+    int8 = artifact_predictor(art, net, "onnx-int8")
+    assert int8.session.session._model_path.endswith(pred.INT8)
+    got = int8(val)
+    assert v["top1_fp32"] == pytest.approx(float((fp32["answer"] == y).mean()))
+    assert v["top1"] == pytest.approx(float((got["answer"] == y).mean()))
+    cos = (fp32["embedding"] * got["embedding"]).sum(1)
+    assert v["cosine_min"] == pytest.approx(float(cos.min()), abs=1e-5) and 0.5 < v["cosine_mean"] <= 1.0 + 1e-6
+    assert np.abs(got["embedding"] - fp32["embedding"]).max() > 1e-6          # int8 really ran
+    # int8 inside, the stem and head kept in float
+    model = onnx.load(str(art / pred.INT8))
+    kinds = {n.op_type for n in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
+    producer = {o: n for n in model.graph.node for o in n.output}
+    stems = [n for n in model.graph.node if n.op_type == "Conv" and "conv_stem" in n.name]
+    assert len(stems) == (2 if net.cfg.tta else 1) and all(producer.get(n.input[1]) is None or producer[n.input[1]].op_type != "DequantizeLinear"
+                                   for n in stems)
+    # stale: weights other than those quantised are refused, never answered on
+    config = artifact.read_config(art)
+    config["int8"]["fingerprint"] = "other weights"
+    fileio.write_json(art / artifact.CONFIG, config)
+    with pytest.raises(HierError, match="no up-to-date int8 export"):
+        artifact_predictor(art, net, "onnx-int8")
+
+
+def test_int8_without_its_data_is_one_line(art, tmp_path, capsys):
+    run = fileio.read_json(art / "train.json")
+    run["data"] = str(tmp_path / "moved")
+    fileio.write_json(art / "train.json", run)
+    code, _, err = run_cli("export", art, "--int8", capsys=capsys)
+    assert code == 2 and "pass --data DIR" in err and err.strip().count("\n") == 0
+    assert not (art / pred.INT8).exists()

@@ -62,7 +62,7 @@ def test_missing_openvino_is_one_line(art, demo_data, monkeypatch, capsys):
     with pytest.raises(HierError, match=r"pip install hier\[OpenVINO\]"):
         artifact_predictor(art, net, "openvino")
     code, out, err = run_cli("predict", art, photos_of(demo_data, 1)[0], "--backend", "openvino", capsys=capsys)
-    assert code == 2 and err.strip().count("\n") == 0 and "pip install hier[OpenVINO]" in err
+    assert code == 2 and err.strip().count("\n") == 0 and "pip install 'hier[openvino]'" in err
 
 
 def test_int8_export_records_its_change_and_refuses_when_stale(art, capsys):

@@ -144,6 +144,7 @@ def test_tensorboard_scalars(demo_data, tmp_path):
     (["--low-res", "32"], "go together"),
     (["--low-res", "32", "--low-res-epochs", "1", "--freeze-stages", "2", "--cache-views", "2"], "--cache-views 0"),
     (["--aug", "heavy"], "--aug must be"),
+    (["--aug", "[light]"], "not '[light]'"),        # brackets in a message are text, not console markup
     (["--loss", "hinge"], "--loss must be"),
     (["--mixup", "-1"], "--mixup"),
     (["--swa-epochs", "9"], "--swa-epochs"),

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from hier.errors import HierError, HierWarning
@@ -73,7 +74,7 @@ def print_frame(frame, fmt: Format) -> None:
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """hier's own warnings as one yellow line; others as Python prints them."""
     if issubclass(category, HierWarning):
-        err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
     else:
         _python_showwarning(message, category, filename, lineno, file, line)
 
@@ -101,7 +102,7 @@ def main() -> None:
                 err.print("[red]interrupted[/]")
             sys.exit(code)
     except HierError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
@@ -114,7 +115,7 @@ def main() -> None:
             if type(e).__name__ == "NoArgsIsHelpError":
                 e.show()
             else:
-                err.print(f"[red]error:[/] {e.format_message()}", highlight=False, soft_wrap=True)
+                err.print(f"[red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(1)

@@ -364,7 +364,7 @@ def choose_backend(requested: str, export_fresh: bool, providers: list[str], dev
         return "torch", ()
     if requested.startswith("openvino"):
         if not openvino:
-            raise HierError(f"--backend {requested} needs OpenVINO (pip install hier[OpenVINO])")
+            raise HierError(f"--backend {requested} needs OpenVINO (pip install 'hier[openvino]')")
         if not export_fresh:
             raise HierError("no up-to-date ONNX export (run `hier export`)")
         return requested, ()

@@ -144,11 +144,6 @@ PRESETS: dict[str, dict] = {
     # the whole trunk trained (no cached views): slower, but the embedding enrolls unseen classes better
     "cpu-max": {"model": {"freeze_stages": 0, "img_size": 224, "tta": True},
                 "train": {"epochs": 12, "lr": 1e-3, "head_lr": 3e-3, "ema": False, "aux": 0.1}},
-    # the whole trunk for more epochs in the same time: progressive resizing (11 epochs at 160 px, 5 at
-    # 224) and the weights of the last 4 averaged (kept only if they validate better)
-    "cpu-progressive": {"model": {"freeze_stages": 0, "img_size": 224, "tta": True},
-                        "train": {"epochs": 16, "low_res": 160, "low_res_epochs": 11, "swa_epochs": 4, "lr": 1e-3,
-                                  "head_lr": 3e-3, "ema": False, "aux": 0.1}},
 }
 
 
@@ -209,8 +204,9 @@ def param_groups(model: HierNet, cfg: TrainConfig) -> list[dict]:
 
 class Trainer:
     def __init__(self, model: HierNet, taxonomy: Taxonomy, cfg: TrainConfig, out: Path,
-                 console: Console | None = None, world: World = World()):
-        """``world``: this process's rank in a torchrun launch (its process group already joined)."""
+                 console: Console | None = None, world: World = World(), merged: dict[str, str] | None = None):
+        """``world``: this process's rank in a torchrun launch (its process group already joined);
+        ``merged``: classes whose photos are learned as an equivalent one (recorded in the artifact)."""
         self.model, self.taxonomy, self.cfg, self.out, self.world = model, taxonomy, cfg, Path(out), world
         self.console = console or Console(stderr=True)
         self.dev = distributed.device_for(world, torch.cuda.device_count())
@@ -230,10 +226,10 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise HierError("--tensorboard needs the tensorboard package (pip install tensorboard)") from None
+                raise HierError("--tensorboard needs the tensorboard package (pip install 'hier[tensorboard]')") from None
             self.board = SummaryWriter(str(self.out / "tensorboard"))
-        # channels-last on CUDA and on CPU alike: oneDNN's convolutions run a lite0 training step 1.6x faster so
-        # on 2 CPU cores (batch 32, 224 px: 4.5 s against 7.1 s, measured 2026-12-02)
+        # channels-last on CUDA and on CPU alike: with oneDNN's convolutions a lite0 training step on 2 CPU cores
+        # takes 3.75 s instead of 7.15 s (batch 32, 224 px; 1.14 s instead of 1.71 s at 128 px; 2026-12-02)
         self.model.to(memory_format=torch.channels_last)
         # the module each training step calls: DDP averages the ranks' gradients in backward
         self.step = DistributedDataParallel(self.task, device_ids=[self.dev] if self.dev != "cpu" else None) \
@@ -243,7 +239,7 @@ class Trainer:
         self.ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=True) if cfg.ema else None
         self.epoch, self.updates, self.best, self.history = 0, 0, float("inf"), []
         self.swa: AveragedModel | None = None       # the running average of the last epochs' weights (SWA)
-        self.merged: dict[str, str] = {}             # classes learned as their equivalent (--merge-classes)
+        self.merged = merged or {}                   # classes learned as their equivalent (--merge-classes)
 
     # --- data ---------------------------------------------------------------------------------------
     def _features(self, paths, transform, views: int, progress, what: str, shared: bool = False) -> torch.Tensor:
@@ -398,7 +394,7 @@ class Trainer:
         net.train()
         batches = self._cached_batches(feats, ytr, gen) if feats is not None else train_loader
         for x, _ in batches:
-            x = x.to(self.dev)
+            x = x.to(self.dev, memory_format=torch.channels_last if x.dim() == 4 else torch.preserve_format)
             net.embed_features(x if feats is not None else net.frozen_features(x))
         for m, momentum in norms.items():
             m.momentum = momentum
@@ -633,8 +629,7 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir), "merged_classes": merged,
            "world_size": world.size, "global_batch": cfg.batch_size * cfg.accum}
-    trainer = Trainer(model, taxonomy, cfg, out, console, world)      # a batch that does not split: refused here
-    trainer.merged = merged
+    trainer = Trainer(model, taxonomy, cfg, out, console, world, merged)   # a batch that does not split: refused here
     distributed.barrier(world)           # every rank has checked the folder before rank 0 writes to it
 
     def write_run() -> None:

@@ -22,7 +22,7 @@ def test_choose_backend_new_choices():
     assert choose_backend("onnx-int8", True, CPU, "cpu", int8_fresh=True) == ("onnx-int8", ("CPUExecutionProvider",))
     # auto never picks a backend that changes answers, nor OpenVINO (not faster here)
     assert choose_backend("auto", True, CPU, "cpu", openvino=True, int8_fresh=True) == ("onnx", ("CPUExecutionProvider",))
-    with pytest.raises(HierError, match=r"pip install hier\[OpenVINO\]"):
+    with pytest.raises(HierError, match=r"pip install .hier\[openvino\]."):
         choose_backend("openvino", True, CPU, "cpu", openvino=False)
     with pytest.raises(HierError, match="no up-to-date ONNX export"):
         choose_backend("openvino", False, CPU, "cpu", openvino=True)
@@ -59,7 +59,7 @@ def test_missing_openvino_is_one_line(art, demo_data, monkeypatch, capsys):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     net, _ = artifact.load(art)
-    with pytest.raises(HierError, match=r"pip install hier\[OpenVINO\]"):
+    with pytest.raises(HierError, match=r"pip install .hier\[openvino\]."):
         artifact_predictor(art, net, "openvino")
     code, out, err = run_cli("predict", art, photos_of(demo_data, 1)[0], "--backend", "openvino", capsys=capsys)
     assert code == 2 and err.strip().count("\n") == 0 and "pip install 'hier[openvino]'" in err

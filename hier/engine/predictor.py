@@ -437,6 +437,8 @@ def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **
                                          backend == "onnx-int8" and export_is_fresh(path, net, "int8"))
     except HierError as e:
         raise HierError(f"{path}: {e}") from None
+    if kind == "torch":                 # no usable export (or ONNX Runtime not installed): eager PyTorch
+        return Predictor(net, **kw)
     if kind.startswith("openvino"):
         return Predictor(net, session=OpenVinoSession(path / artifact.ONNX, "bf16" if kind.endswith("bf16") else "f32"),
                          **kw)

@@ -363,10 +363,7 @@ class Trainer:
                 if not world.main:
                     continue
                 if validates:
-                    logits = self.validate(val_paths, val_feats, tf_eval)
-                    row.update(val_log_loss=float(log_loss(val_y, softmax(logits["joint"]),
-                                                           labels=np.arange(len(self.taxonomy)))),
-                               val_top1=float((answer(softmax(logits["joint"]), self.taxonomy)[2] == val_y).mean()))
+                    row.update(self._val_scores(self.validate(val_paths, val_feats, tf_eval), val_y))
                 progress.update(task, info=" ".join(f"{k} {v:.4g}" for k, v in row.items() if k.startswith("val")))
                 self._end_epoch(row)
         if not world.main:             # rank 0 computes the statistics and calibrates: one artifact
@@ -401,15 +398,19 @@ class Trainer:
         first = self.cfg.epochs - self.cfg.swa_epochs + 1
         row = {"best_epoch": f"swa {first}-{self.cfg.epochs}", "epoch": self.cfg.epochs}
         if validates:
-            logits = self.validate(val_paths, val_feats, tf_eval, net)
-            row["val_log_loss"] = float(log_loss(val_y, softmax(logits["joint"]), labels=np.arange(len(self.taxonomy))))
-            row["val_top1"] = float((answer(softmax(logits["joint"]), self.taxonomy)[2] == val_y).mean())
+            row.update(self._val_scores(self.validate(val_paths, val_feats, tf_eval, net), val_y))
         kept = not validates or row["val_log_loss"] < self.best
         self.console.print(f"SWA of epochs {first}-{self.cfg.epochs}: " + (
             f"validation log loss {row['val_log_loss']:.4f}, top-1 {row['val_top1']:.4f} vs best epoch {self.best:.4f}; "
             if validates else "") + ("kept" if kept else "not kept (the best epoch serves)"))
         if kept:
             artifact.save(self.out, net, self.taxonomy, row)
+
+    def _val_scores(self, logits: dict[str, np.ndarray], val_y) -> dict[str, float]:
+        """The per-epoch figures that choose the best weights (log.csv's val_log_loss, val_top1)."""
+        probs = softmax(logits["joint"])
+        return {"val_log_loss": float(log_loss(val_y, probs, labels=np.arange(len(self.taxonomy)))),
+                "val_top1": float((answer(probs, self.taxonomy)[2] == val_y).mean())}
 
     @torch.no_grad()
     def validate(self, paths, feats, transform, net: HierNet | None = None) -> dict[str, np.ndarray]:

@@ -31,6 +31,7 @@ HEADS = "heads.safetensors"   # the rows that follow the taxonomy, keyed by name
 HEAD_PARTS = ("fine.", "model.", "brand.")     # HierNet's parameters in HEADS (the rest: the trunk, in WEIGHTS)
 ONNX = "model.onnx"           # ``hier export``: the trunk + embedding for ONNX Runtime
 GALLERY = "gallery"           # ``hier index``: index.faiss + listings.csv + gallery.json
+ENSEMBLE = "ensemble.json"    # ``hier ensemble``: a folder of member artifacts (hier.ensemble), not one artifact
 
 
 def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | None = None,
@@ -116,6 +117,9 @@ def read_config(path: str | Path) -> dict:
 def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
     """Model (eval mode) and taxonomy from an artifact directory, read under its lock."""
     path = Path(path)
+    if (path / ENSEMBLE).is_file():
+        raise HierError(f"{path} is an ensemble, not one artifact: this command takes one of its members "
+                        f"({path / 'members'}/<i>) or the artifact it was built from")
     missing = [f for f in (WEIGHTS, CONFIG, TAXONOMY) if not (path / f).is_file()]
     if missing:
         raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")

@@ -41,7 +41,7 @@ from hier.metrics import answer_class, evaluate_probs, fit_temperature, softmax
 from hier.recognizer import Recognizer
 from hier.taxonomy import Taxonomy
 
-ENSEMBLE = "ensemble.json"
+ENSEMBLE = artifact.ENSEMBLE
 MEMBERS = "members"
 NOT_COPIED = (CHECKPOINT, fileio.LOCK, artifact.GALLERY)   # resume state, the lock, the listing index
 CHUNK = 1024            # photos each member predicts before they are combined: bounded memory
@@ -178,6 +178,13 @@ class EnsembleRecognizer(Recognizer):
 
     def _refuse(self, what: str, verb: str):
         raise HierError(refusal(self.path, what, verb))
+
+    REFUSED = ("enroll", "unenroll", "embed", "embed_shard", "explain", "export", "similar", "gallery", "index",
+               "index_add", "index_rebuild", "index_remove", "index_from_embeddings")
+
+    def check_supports(self, method: str) -> None:
+        if method in self.REFUSED:
+            getattr(self, method)()
 
     def enroll(self, *args, **kwargs):
         self._refuse("enroll classes", "enroll")
@@ -335,7 +342,8 @@ def common_photos(oofs: list[dict], names: list[str]) -> tuple[np.ndarray, list[
     shared = [p for p in oofs[0]["paths"] if all(p in w for w in where[1:])]
     if not shared:
         raise HierError(f"the members' out-of-fold photos do not overlap ({names[0]} and {names[1]} scored no photo "
-                        "in common: other data, or paths given differently); give --weights equal or w1,w2,...")
+                        "in common: other data, or runs of an older hier that named photos as given); give --weights equal "
+                       "or w1,w2,...")
     rows = [np.array([w[p] for p in shared]) for w in where]
     y = oofs[0]["labels"][rows[0]]
     for o, r, name in zip(oofs[1:], rows[1:], names[1:]):

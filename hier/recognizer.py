@@ -145,7 +145,7 @@ class Recognizer:
 
     def __new__(cls, path: str | Path, *args, **kwargs):
         """A ``hier ensemble`` folder is held by ``hier.ensemble.EnsembleRecognizer`` (same answers, no edits)."""
-        if cls is Recognizer and (Path(path) / "ensemble.json").is_file():
+        if cls is Recognizer and (Path(path) / artifact.ENSEMBLE).is_file():
             from hier.ensemble import EnsembleRecognizer
             cls = EnsembleRecognizer
         return super().__new__(cls)
@@ -167,6 +167,10 @@ class Recognizer:
         self._loaded: Snapshot | None = None          # read on first use
         self._gallery: HeldGallery | None = None
         self._reading, self._reading_gallery = threading.Lock(), threading.Lock()
+
+    def check_supports(self, method: str) -> None:
+        """Raise now the refusal ``method`` would raise on this artifact (an ensemble answers but does not
+        edit, embed or explain), so a command refuses before it prints or writes anything."""
 
     # --- the artifact in memory: read on first use, again whenever it changed on disk ----------------
     def _gallery_stamp(self) -> tuple:

@@ -48,6 +48,17 @@ def frozen_baseline(data: Path, taxonomy: Taxonomy, img_size: int, seed: int) ->
     return evaluate_probs(probs, y[va], taxonomy)
 
 
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON where it parses (numbers, true/false) and as text otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--set takes KEY=VALUE, not {text!r}")
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SHARED / "stanford-cars-dev" / "train")
@@ -58,16 +69,20 @@ def main() -> None:
     ap.add_argument("--freeze-stages", type=int, default=None, help="override the preset's frozen trunk stages")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="further training settings over the preset, e.g. low_res=160 low_res_epochs=14")
     args = ap.parse_args()
     command = " ".join(["python", *sys.argv])
     if not args.data.is_dir():
         raise SystemExit(f"benchmark data not found: {args.data} (needs ../shared)")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     taxonomy = Taxonomy.from_csv(args.taxonomy)
+    extra = dict(setting(s) for s in args.set)
     model_cfg, train_cfg = configs(args.preset, seed=args.seed, val_frac=0.2, epochs=args.epochs,
-                                   freeze_stages=args.freeze_stages)
+                                   freeze_stages=args.freeze_stages, **extra)
     name = f"hier --preset {args.preset}" + (f" --freeze-stages {args.freeze_stages}"
-                                             if args.freeze_stages is not None else "")
+                                             if args.freeze_stages is not None else "") \
+        + "".join(f" {k}={v}" for k, v in extra.items())
 
     rows = {}
     t0 = time.time()

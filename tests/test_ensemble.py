@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -114,6 +115,18 @@ def test_fitted_weights_beat_equal_weights(recipes, tmp_path):
     assert given["oof"]["log_loss"] == pytest.approx(loss([0.25, 0.75]), abs=1e-6)
 
 
+def test_oof_photos_match_across_copies_of_the_data(recipes, demo_data, tmp_path):
+    """A recipe trained on a copy of the data (another machine's mount) scores the same photos: oof.npz
+    names them relative to the training folder, so weights are fitted on all of them."""
+    copy = tmp_path / "elsewhere" / "train"
+    shutil.copytree(demo_data.train_dir, copy)
+    other = tiny(SimpleNamespace(train_dir=copy, taxonomy=demo_data.taxonomy), tmp_path / "b", lr=1e-3, head_lr=3e-3)
+    a, b = (read_oof(r / OOF) for r in (recipes[0], other))
+    assert sorted(a["paths"]) == sorted(b["paths"]) and not str(a["paths"][0]).startswith("/")
+    spec = build([recipes[0], other], tmp_path / "E")
+    assert spec["oof"]["images"] == len(a["paths"]) and "fitted" in spec["fitted"]
+
+
 def test_mixed_groups_fit_between_recipes(folds, recipes, tmp_path):
     """Three folds (one recipe, whole-data OOF) + one single model: weights fitted between the two groups
     on the single model's validation photos; the folds share theirs equally."""
@@ -172,10 +185,13 @@ def test_ensemble_refuses_edits_and_search(folds, demo_data, tmp_path, capsys):
                  lambda: rec.embed([photo])):
         with pytest.raises(HierError, match="is an ensemble.*member artifact"):
             call()
-    for args in (["enroll", out, "--class", "new_2025", "--images", photo], ["export", out],
-                 ["predict", out, photo, "--explain", tmp_path / "cams"]):
-        code, _, err = run_cli(*args, capsys=capsys)       # (predict prints its answers, then refuses)
-        assert code == 2 and "member artifact" in err.strip().splitlines()[-1], err
+    for args, expect in ((["enroll", out, "--class", "new_2025", "--images", photo], "member artifact"),
+                         (["export", out], "member artifact"),
+                         (["predict", out, photo, "--explain", tmp_path / "cams"], "member artifact"),
+                         (["embed", out, demo_data.train_dir, "--out", tmp_path / "emb"], "one of its members")):
+        code, stdout, err = run_cli(*args, capsys=capsys)      # refused before any answer is printed
+        assert code == 2 and expect in err and len(err.strip().splitlines()) == 1 and not stdout.strip(), err
+    assert not (tmp_path / "cams").exists() and not (tmp_path / "emb").exists()
 
 
 def test_serve_answers_with_an_ensemble(folds, demo_data, tmp_path):

@@ -158,6 +158,31 @@ def test_recipe_flags_refused_in_one_line(flags, message, demo_data, tmp_path, c
     assert code != 0 and message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("content, message", [
+    (None, "not found"),
+    (b"class_a,class_b\nA,\n", "empty 'class_b' cell"),
+    (b"first,second\nA,B\n", "must have columns class_a,class_b"),
+    ("class_a,class_b\nCitro\u00ebn_C4,B\n".encode("latin-1"), "is not UTF-8"),
+    (b"", "empty (0 bytes)"),
+])
+def test_class_pairs_file_refused_in_one_line(content, message, demo_data, tmp_path, capsys):
+    pairs = tmp_path / "pairs.csv"
+    if content is not None:
+        pairs.write_bytes(content)
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "a", "--model", "test_efficientnet",
+                           "--pretrained", "none", "--img-size", "64", "--epochs", "1", "--merge-classes", pairs,
+                           capsys=capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+
+
+def test_class_pairs_named_like_missing_values_stay_names(tmp_path):
+    from hier.competitions.hecto import load_equivalent_pairs
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("class_a,class_b\nNA,None\nnull,N/A\n", encoding="utf-8")
+    assert load_equivalent_pairs(pairs) == [("NA", "None"), ("null", "N/A")]
+
+
 def test_equivalent_classes_learned_as_one_and_split_in_submissions(demo_data, tmp_path, capsys):
     """Two classes the organiser scores as one: trained as the first, written as half each (their sum is
     what the merged class got), every other column as the artifact answers it."""
@@ -169,7 +194,7 @@ def test_equivalent_classes_learned_as_one_and_split_in_submissions(demo_data, t
                            "none", "--img-size", "64", "--epochs", "2", "--batch-size", "16",
                            "--merge-classes", pairs, "--no-export", capsys=capsys)
     assert code == 0, err
-    assert "1 class(es) learned as their equivalent" in err
+    assert "1 class(es) learned as their equivalent" in err and "1 pair(s)" in err and "not merged" in err
     classes = Taxonomy.from_csv(out / "taxonomy.csv").classes
     assert len(classes) == 11 and "Aurora_Nova_2019_2023" not in classes and "Aurora_Nova_2015_2018" in classes
     assert artifact.read_config(out)["merged_classes"] == {"Aurora_Nova_2019_2023": "Aurora_Nova_2015_2018"}

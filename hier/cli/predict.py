@@ -54,6 +54,8 @@ def predict(
     if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
         raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
     rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
+    if explain is not None:
+        rec.check_supports("explain")
     if test_csv is not None:
         inputs = read_test_csv(test_csv)                # checked before any progress output
         sample = read_sample(sample_submission, inputs.ids, rec.taxonomy, rec.merged_classes)   # ... and before any prediction

@@ -16,7 +16,7 @@ import pandas as pd
 from hier.data import read_table, require_cells
 from hier.errors import HierError
 from hier.fileio import atomic_write
-from hier.taxonomy import Taxonomy, nfc, read_registry
+from hier.taxonomy import Taxonomy, nfc
 
 EPS = 1e-6   # submission floor: log loss punishes a confident 0 without limit
 
@@ -89,7 +89,6 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
 def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
     """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``); ``hier train
     --merge-classes`` learns each pair as its first class."""
-    table = read_registry(path)
-    if list(table.columns[:2]) != ["class_a", "class_b"]:
-        raise HierError(f"{path}: expected columns class_a,class_b")
+    table = read_table(path, "class-pairs CSV", ["class_a", "class_b"])
+    require_cells(table, ["class_a", "class_b"], path)
     return list(zip(table["class_a"].map(nfc), table["class_b"].map(nfc)))

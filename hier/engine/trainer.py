@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 from sklearn.metrics import log_loss
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
@@ -49,11 +50,23 @@ CURVES = "curves.png"          # log.csv drawn at the end of the run
 OOF = "oof.npz"                # the validation photos' served scores: what `hier ensemble` fits weights on
 
 
-def save_oof(path: Path, paths: list, labels: np.ndarray, logits: np.ndarray, classes: list[str]) -> None:
-    """Out-of-fold predictions of a run: photo paths as given, true class indices, the served joint scores
-    before the temperature (what the predictor computes, TTA as configured) and the class order."""
+def save_oof(path: Path, paths: list, labels: np.ndarray, logits: np.ndarray, classes: list[str],
+             data_dir: str | Path | None = None) -> None:
+    """Out-of-fold predictions of a run: the photos' paths, true class indices, the served joint scores
+    before the temperature (what the predictor computes, TTA as configured) and the class order. Paths
+    below ``data_dir`` are kept relative to it (POSIX), so runs that spelled the folder differently (or
+    ran on other machines) name the same photo alike when ``hier ensemble`` matches them."""
+    root = Path(data_dir).resolve() if data_dir is not None else None
+
+    def key(p) -> str:
+        if root is not None and isinstance(p, (str, Path)):
+            try:
+                return Path(p).resolve().relative_to(root).as_posix()
+            except ValueError:
+                pass
+        return str(p)
     with path.open("wb") as f:
-        np.savez(f, paths=np.asarray([str(p) for p in paths]), labels=np.asarray(labels, dtype=np.int32),
+        np.savez(f, paths=np.asarray([key(p) for p in paths]), labels=np.asarray(labels, dtype=np.int32),
                  logits=np.asarray(logits, dtype=np.float32), classes=np.asarray(classes))
 
 
@@ -204,10 +217,13 @@ def param_groups(model: HierNet, cfg: TrainConfig) -> list[dict]:
 
 class Trainer:
     def __init__(self, model: HierNet, taxonomy: Taxonomy, cfg: TrainConfig, out: Path,
-                 console: Console | None = None, world: World = World(), merged: dict[str, str] | None = None):
+                 console: Console | None = None, world: World = World(), merged: dict[str, str] | None = None,
+                 data_dir: str | Path | None = None):
         """``world``: this process's rank in a torchrun launch (its process group already joined);
-        ``merged``: classes whose photos are learned as an equivalent one (recorded in the artifact)."""
+        ``merged``: classes whose photos are learned as an equivalent one (recorded in the artifact);
+        ``data_dir``: the training folder, which ``oof.npz`` names its photos relative to."""
         self.model, self.taxonomy, self.cfg, self.out, self.world = model, taxonomy, cfg, Path(out), world
+        self.data_dir = data_dir
         self.console = console or Console(stderr=True)
         self.dev = distributed.device_for(world, torch.cuda.device_count())
         distributed.rank_batch(cfg.batch_size, world)      # a global batch that does not split: refused now
@@ -502,7 +518,7 @@ class Trainer:
         best.cfg.temperature = fit_temperature(logits["joint"], val_y)
         # held-out photos' embeddings: what enrollment sets each new class's score offset on
         files[VALIDATION] = lambda p: save_validation(p, logits["embedding"], val_y)
-        files[OOF] = lambda p: save_oof(p, val_paths, val_y, logits["joint"], self.taxonomy.classes)
+        files[OOF] = lambda p: save_oof(p, val_paths, val_y, logits["joint"], self.taxonomy.classes, self.data_dir)
         metrics = evaluate_probs(softmax(logits["joint"], best.cfg.temperature), val_y, self.taxonomy,
                                  logits=logits["joint"], heads=logits)
         if best.cfg.head == "statistics":
@@ -541,17 +557,19 @@ def resume_invalidates(out: Path) -> list[str]:
     return stale
 
 
-def merge_classes(images: ImageSet, pairs_csv: str) -> dict[str, str]:
+def merge_classes(images: ImageSet, pairs_csv: str) -> tuple[dict[str, str], int]:
     """Relabel the photos of each pair's second class as its first (both must have photos; a pair with
-    one side absent is nothing to merge). Returns {merged class: class it is learned as}."""
+    one side absent is nothing to merge). Returns {merged class: class it is learned as} and how many
+    pairs were not merged (a class without photos here: another competition's file, or a typo)."""
     from hier.competitions.hecto import load_equivalent_pairs
 
     present = set(images.labels)
-    merged = {b: a for a, b in load_equivalent_pairs(pairs_csv) if a in present and b in present and a != b}
+    pairs = load_equivalent_pairs(pairs_csv)
+    merged = {b: a for a, b in pairs if a in present and b in present and a != b}
     if set(merged) & set(merged.values()):
         raise HierError(f"{pairs_csv}: a class is merged into one and another into it; list each group once")
     images.labels = [merged.get(c, c) for c in images.labels]
-    return merged
+    return merged, len(pairs) - len(merged)
 
 
 def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = None,
@@ -606,11 +624,14 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         images, absent = apply_exclude(images, read_exclude(cfg.exclude, data_dir))
         console.print(f"--exclude: {before - len(images.paths)} photo(s) left out" +
                       (f"; {absent} name(s) in {cfg.exclude} are not in {data_dir}" if absent else ""))
-    merged = merge_classes(images, cfg.merge_classes) if cfg.merge_classes else {}
+    merged, unmerged = merge_classes(images, cfg.merge_classes) if cfg.merge_classes else ({}, 0)
     if merged:
         taxonomy = taxonomy.subset([c for c in taxonomy.classes if c not in merged])
         console.print(f"--merge-classes: {len(merged)} class(es) learned as their equivalent "
                       f"(e.g. {next(iter(merged))!r} as {next(iter(merged.values()))!r})")
+    if unmerged:
+        console.print(f"[yellow]--merge-classes: {unmerged} pair(s) of {escape(str(cfg.merge_classes))} name a class "
+                      f"with no photos in {escape(str(data_dir))}: not merged[/]")
     if resume and (out / artifact.TAXONOMY).is_file():     # the checkpoint's heads have a row per class
         run_classes = Taxonomy.from_csv(out / artifact.TAXONOMY).classes
         missing = [c for c in run_classes if c not in taxonomy]
@@ -630,7 +651,7 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir), "merged_classes": merged,
            "world_size": world.size, "global_batch": cfg.batch_size * cfg.accum}
-    trainer = Trainer(model, taxonomy, cfg, out, console, world, merged)   # a batch that does not split: refused here
+    trainer = Trainer(model, taxonomy, cfg, out, console, world, merged, data_dir)   # a batch that does not split: refused here
     distributed.barrier(world)           # every rank has checked the folder before rank 0 writes to it
 
     def write_run() -> None:

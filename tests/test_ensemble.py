@@ -194,6 +194,23 @@ def test_ensemble_refuses_edits_and_search(folds, demo_data, tmp_path, capsys):
     assert not (tmp_path / "cams").exists() and not (tmp_path / "emb").exists()
 
 
+def test_ensemble_keeps_its_version_when_a_member_changes(folds, demo_data, tmp_path):
+    """E's members are hard links of files that hier only ever replaces by renames: enrolling a class into
+    a member (or retraining it) after the build leaves E's answers and files as they were."""
+    members = [tmp_path / f"m{i}" for i in range(2)]
+    for src, dst in zip(folds, members):
+        shutil.copytree(src, dst)
+    out = tmp_path / "E"
+    build(members, out)
+    photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[::9]
+    before = Recognizer(out).predict_proba(photos)
+    files = {f: f.read_bytes() for f in out.rglob("*") if f.is_file() and f.name != ".hier.lock"}
+    Recognizer(members[0]).enroll("new_2025", photos[:3], brand="New", model="Car", max_base_drop=1.0)
+    assert "new_2025" in Taxonomy.from_csv(members[0] / "taxonomy.csv").classes
+    assert {f: f.read_bytes() for f in files} == files
+    np.testing.assert_array_equal(Recognizer(out).predict_proba(photos), before)
+
+
 def test_serve_answers_with_an_ensemble(folds, demo_data, tmp_path):
     from fastapi.testclient import TestClient
     from hier.serve import create_app

@@ -20,8 +20,9 @@ Prints sys.argv, the git commit and the load average before and after, as every 
 ``--sharded KIND`` measures galleries sharded by time instead: a base shard of N - days x day-size
 listings (trained) and ``--days`` daily shards of ``--day-size``, each added through hier's own writer
 (only that shard read and written, in a gallery folder under ``--out`` or a temp folder), then one
-day dropped; queries one at a time over every shard (``IndexShards``) against one index of the same
-vectors trained alike, and Recall@10 of both against exact search.
+day dropped; queries one at a time over every shard (``Gallery.index``: for the IVF kinds one IVF index
+reading every shard's lists) against one index of the same vectors trained alike, and Recall@10 of both
+against exact search.
 
     python scripts/bench_gallery.py ARTIFACT --sharded ivf --queries 500 --nprobe 16,64
 """

@@ -28,7 +28,7 @@ import torch
 from benchlib import machine
 from hier import artifact
 from hier.engine.predictor import export
-from hier.models import HierNet, ModelConfig, load_efficientnet_lite0
+from hier.models import HierNet, ModelConfig, load_offline_weights
 from hier.taxonomy import Taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -40,7 +40,7 @@ def make_artifact(path: Path, taxonomy: Taxonomy, img_size: int) -> None:
         return
     torch.manual_seed(0)
     net = HierNet(ModelConfig(tta=False, img_size=img_size), taxonomy)
-    load_efficientnet_lite0(net.trunk)
+    load_offline_weights(net.trunk)
     artifact.save(path, net, taxonomy)
     export(path)
 

@@ -30,7 +30,7 @@ from rich.table import Table
 from benchlib import machine
 from hier import artifact
 from hier.engine.predictor import Predictor, artifact_predictor, export, export_int8, export_is_fresh, has_openvino
-from hier.models import HierNet, ModelConfig, load_efficientnet_lite0
+from hier.models import HierNet, ModelConfig, load_offline_weights
 from hier.taxonomy import Taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -87,7 +87,7 @@ def make_artifact(path: Path, taxonomy: Taxonomy) -> None:
         return
     torch.manual_seed(0)
     net = HierNet(ModelConfig(tta=False), taxonomy)
-    load_efficientnet_lite0(net.trunk)
+    load_offline_weights(net.trunk)
     artifact.save(path, net, taxonomy)
 
 

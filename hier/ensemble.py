@@ -342,8 +342,8 @@ def common_photos(oofs: list[dict], names: list[str]) -> tuple[np.ndarray, list[
     shared = [p for p in oofs[0]["paths"] if all(p in w for w in where[1:])]
     if not shared:
         raise HierError(f"the members' out-of-fold photos do not overlap ({names[0]} and {names[1]} scored no photo "
-                        "in common: other data, or runs of an older hier that named photos as given); give --weights equal "
-                       "or w1,w2,...")
+                        "in common: other data, or runs of an older hier that named photos as given); give "
+                        "--weights equal or w1,w2,...")
     rows = [np.array([w[p] for p in shared]) for w in where]
     y = oofs[0]["labels"][rows[0]]
     for o, r, name in zip(oofs[1:], rows[1:], names[1:]):

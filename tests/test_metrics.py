@@ -1,5 +1,6 @@
 """The figures every command reports: top-5 and the one calibration binning."""
 import numpy as np
+import pytest
 from sklearn.metrics import top_k_accuracy_score
 
 from hier.metrics import ECE_BINS, calibration_bins, ece, top5
@@ -43,3 +44,14 @@ def test_the_fitted_temperature_is_the_one_that_made_the_labels():
     assert abs(t - 2.5) < 0.15
     nll = lambda T: -np.log(softmax(z, T)[np.arange(len(y)), y]).mean()  # noqa: E731
     assert nll(t) < nll(1.0) and nll(t) <= min(nll(t * 1.05), nll(t / 1.05))
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 40.0])
+def test_the_temperature_follows_the_scale_of_the_scores(scale):
+    """The statistical head's scores run to hundreds (a whole-trunk run needed T 27.7, past the old cap
+    of 20.1): the fitted T scales with the scores, so the calibrated distribution does not change."""
+    from hier.metrics import fit_temperature, softmax
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(2000, 10)) * 6
+    y = (softmax(z, 2.5).cumsum(1) > rng.random((len(z), 1))).argmax(1)
+    assert fit_temperature(z * scale, y) == pytest.approx(2.5 * scale, rel=0.08)

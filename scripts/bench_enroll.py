@@ -1,7 +1,7 @@
 """Few-shot enrollment and similar-listing benchmark on ../shared/data/stanford-cars-dev.
 
 Holds out 20 classes (10 whose near sibling stays in training, 10 without one), trains hier on the
-other 68 (``--preset cpu``), then enrolls every held-out class from k = 1, 5, 10 shots with and without
+other 68 (``--preset cpu-cached``, the earlier ``cpu``), then enrolls every held-out class from k = 1, 5, 10 shots with and without
 TEEN calibration, and reports: held-out accuracy (near-sibling / other), base-class accuracy before and
 after, a logistic-regression head retrained on all 88 classes with the same embeddings (upper bound),
 plain nearest-prototype classification over all 88 classes (frozen ImageNet features, then hier's
@@ -345,7 +345,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=SHARED / "stanford-cars-dev" / "train")
     ap.add_argument("--taxonomy", type=Path, default=SHARED / "stanford_cars_taxonomy.csv")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_enroll"))
-    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--preset", default="cpu-cached")
     ap.add_argument("--model", default=None, help="override the preset's trunk (smoke tests)")
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)

@@ -176,6 +176,16 @@ def test_class_pairs_file_refused_in_one_line(content, message, demo_data, tmp_p
     assert not (tmp_path / "a" / "model.safetensors").exists()
 
 
+def test_the_cpu_preset_keeps_its_share_of_low_resolution_epochs():
+    """`--preset cpu` is 12 of 18 epochs at 160 px: a run made shorter or longer keeps two thirds at low
+    resolution (not refused for low-res epochs past its end); given flags still win."""
+    from hier.engine.trainer import configs
+    shares = {e: (t.low_res, t.low_res_epochs) for e in (18, 6, 30, 2, 1) for t in [configs("cpu", epochs=e)[1]]}
+    assert shares == {18: (160, 12), 6: (160, 4), 30: (160, 20), 2: (160, 1), 1: (0, 0)}
+    assert configs("cpu", epochs=6, low_res_epochs=2)[1].low_res_epochs == 2
+    assert configs("cpu")[0].trunk == "efficientnet_lite1" and configs("cpu-cached")[1].cache_views == 6
+
+
 def test_class_pairs_named_like_missing_values_stay_names(tmp_path):
     from hier.competitions.hecto import load_equivalent_pairs
     pairs = tmp_path / "pairs.csv"

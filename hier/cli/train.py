@@ -21,7 +21,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
     taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV "
                                                      "(default: parse the folder names)")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Named flag set: 'cpu' or 'cpu-max' (see README)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Named flag set: cpu | cpu-cached | cpu-max (see README)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Any timm model name [efficientnet_lite0]")] = None,
     pretrained: Annotated[Optional[str], typer.Option(
         help="auto | none | timm (hub) | efficientnet_lite0/1/2 (offline packages; auto picks them) | path to weights")] = None,

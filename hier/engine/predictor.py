@@ -359,10 +359,10 @@ def choose_backend(requested: str, export_fresh: bool, providers: list[str], dev
     to use) for a net on ``device``, given whether the artifact holds an up-to-date export (and int8
     export), the providers ONNX Runtime offers (empty: not installed) and whether OpenVINO is installed.
     ``auto`` takes ONNX Runtime only where it runs on the net's own device: on a GPU host with the CPU
-    build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU; on a CPU it takes OpenVINO (f32,
-    the same answers to 1e-5) when installed, which measured 1.1-1.2x ONNX Runtime's photos/s here
-    (README, bench_speed); it never takes int8 or bf16 (they change answers). A pure function, tested
-    on CPU."""
+    build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU; it never takes int8 or bf16 (they
+    change answers), nor OpenVINO: 1.1-1.2x ONNX Runtime's photos/s here, but a process holding an
+    OpenVINO model crashed (SIGSEGV) when it later started a subprocess (README). A pure function,
+    tested on CPU."""
     if requested not in BACKENDS:
         raise HierError(f"unknown backend {requested!r}; choose {', '.join(BACKENDS)}")
     if requested == "torch":
@@ -388,8 +388,6 @@ def choose_backend(requested: str, export_fresh: bool, providers: list[str], dev
         if "CUDAExecutionProvider" in providers:
             return "onnx", ("CUDAExecutionProvider", "CPUExecutionProvider")
         return ("onnx", ("CPUExecutionProvider",)) if requested == "onnx" else ("torch", ())
-    if requested == "auto" and openvino:
-        return "openvino", ()
     return "onnx", ("CPUExecutionProvider",)
 
 

@@ -690,7 +690,6 @@ def _sync_ntotal(index: faiss.Index, ntotal: int) -> None:
         if not isinstance(outer, faiss.IndexPreTransform):
             break
         outer = faiss.downcast_index(outer.index)
-    ivf_of(index).ntotal = ntotal
 
 
 def _merge_into(dest: faiss.Index, src: faiss.Index, ids: np.ndarray) -> None:
@@ -712,10 +711,7 @@ def _merge_into(dest: faiss.Index, src: faiss.Index, ids: np.ndarray) -> None:
         inner_d, inner_s = (w[1] if (w := whitening_of(i)) is not None else i for i in (dest, src))
         if len(ids):
             inner_d.add_with_ids(inner_s.reconstruct_batch(ids), ids)
-    outer = faiss.downcast_index(dest)
-    while isinstance(outer, faiss.IndexPreTransform):     # wrappers count what their inner index holds
-        outer.ntotal = outer.index.ntotal
-        outer = faiss.downcast_index(outer.index)
+    _sync_ntotal(dest, (ivf_d if ivf_d is not None and ivf_s is not None else inner_d).ntotal)   # the wrappers'
 
 
 def _categories(frame: pd.DataFrame) -> pd.DataFrame:

@@ -127,6 +127,22 @@ def test_oof_photos_match_across_copies_of_the_data(recipes, demo_data, tmp_path
     assert spec["oof"]["images"] == len(a["paths"]) and "fitted" in spec["fitted"]
 
 
+def test_oof_names_linked_photos_below_the_data_folder(tmp_path):
+    """A split made of symlinks (bench_ensemble's) names its photos below its own folder, not where the
+    links point; a photo outside DATA keeps its path as given."""
+    from hier.engine.trainer import save_oof
+    real = tmp_path / "shared" / "Audi" / "1.jpg"
+    real.parent.mkdir(parents=True)
+    real.write_bytes(b"x")
+    link = tmp_path / "split" / "train" / "Audi" / "1.jpg"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(real)
+    other = tmp_path / "elsewhere.jpg"
+    save_oof(tmp_path / "oof.npz", [link, other], np.array([0, 0]), np.zeros((2, 1)), ["Audi"],
+             tmp_path / "split" / "." / "train")
+    assert list(read_oof(tmp_path / "oof.npz")["paths"]) == ["Audi/1.jpg", str(other)]
+
+
 def test_mixed_groups_fit_between_recipes(folds, recipes, tmp_path):
     """Three folds (one recipe, whole-data OOF) + one single model: weights fitted between the two groups
     on the single model's validation photos; the folds share theirs equally."""

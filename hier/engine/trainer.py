@@ -9,6 +9,7 @@ makes fine-tuning a real trunk fit in minutes.
 from __future__ import annotations
 
 import csv
+import os
 import time
 from contextlib import nullcontext
 import warnings
@@ -56,12 +57,13 @@ def save_oof(path: Path, paths: list, labels: np.ndarray, logits: np.ndarray, cl
     before the temperature (what the predictor computes, TTA as configured) and the class order. Paths
     below ``data_dir`` are kept relative to it (POSIX), so runs that spelled the folder differently (or
     ran on other machines) name the same photo alike when ``hier ensemble`` matches them."""
-    root = Path(data_dir).resolve() if data_dir is not None else None
+    root = Path(os.path.abspath(data_dir)) if data_dir is not None else None
 
     def key(p) -> str:
+        # abspath, not resolve: a photo that is a symlink (a split of linked photos) stays below DATA
         if root is not None and isinstance(p, (str, Path)):
             try:
-                return Path(p).resolve().relative_to(root).as_posix()
+                return Path(os.path.abspath(p)).relative_to(root).as_posix()
             except ValueError:
                 pass
         return str(p)

@@ -28,9 +28,10 @@ def predict(
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
     crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
     detector: Annotated[Optional[Path], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
-    backend: Annotated[str, typer.Option(help="auto (ONNX Runtime on model.onnx) | torch | onnx | openvino (same "
-                                         "file, f32; needs hier[openvino]) | openvino-bf16 | onnx-int8 (after "
-                                         "`hier export --int8`); bf16 and int8 change answers")] = "auto",
+    backend: Annotated[str, typer.Option(help="auto (model.onnx: OpenVINO f32 if installed, else ONNX Runtime) | "
+                                         "torch | onnx | openvino (same file, f32; needs hier[openvino]) | "
+                                         "openvino-bf16 | onnx-int8 (after `hier export --int8`); bf16 and int8 "
+                                         "change answers")] = "auto",
     explain: Annotated[Optional[Path], typer.Option(
         help="Also save each photo's class-activation map (top-1 answer) as DIR/<photo>.png")] = None,
 ):

@@ -7,6 +7,7 @@ probability for a photo is the same whichever command computed it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 import tempfile
@@ -136,7 +137,7 @@ class OpenVinoSession:
 
     def __init__(self, path: str | Path, precision: str = "f32"):
         import openvino as ov
-        self.model = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
+        self.model = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
                                                                 "PERFORMANCE_HINT": "THROUGHPUT"})
         self.views = self.model.outputs[0].get_partial_shape()[0].get_length()
         self.queue = ov.AsyncInferQueue(self.model)           # as many requests as the hint asks for
@@ -154,6 +155,14 @@ class OpenVinoSession:
                 self.queue.start_async({0: np.ascontiguousarray(chunk)}, i)
             self.queue.wait_all()
         return np.concatenate(out, 1)
+
+
+@functools.cache
+def openvino_core():
+    """The process's one OpenVINO ``Core``: a second Core in a process that already compiled models
+    crashes later (SIGSEGV; ultralytics met it too, ultralytics#25864), so every session shares this."""
+    import openvino as ov
+    return ov.Core()
 
 
 class ViewEmbedder(torch.nn.Module):
@@ -359,10 +368,9 @@ def choose_backend(requested: str, export_fresh: bool, providers: list[str], dev
     to use) for a net on ``device``, given whether the artifact holds an up-to-date export (and int8
     export), the providers ONNX Runtime offers (empty: not installed) and whether OpenVINO is installed.
     ``auto`` takes ONNX Runtime only where it runs on the net's own device: on a GPU host with the CPU
-    build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU; it never takes int8 or bf16 (they
-    change answers), nor OpenVINO: 1.1-1.2x ONNX Runtime's photos/s here, but a process holding an
-    OpenVINO model crashed (SIGSEGV) when it later started a subprocess (README). A pure function,
-    tested on CPU."""
+    build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU; on a CPU it takes OpenVINO (f32,
+    the same answers to 1e-5) when installed, 1.1-1.2x ONNX Runtime's photos/s here (README,
+    bench_speed); it never takes int8 or bf16 (they change answers). A pure function, tested on CPU."""
     if requested not in BACKENDS:
         raise HierError(f"unknown backend {requested!r}; choose {', '.join(BACKENDS)}")
     if requested == "torch":
@@ -388,6 +396,8 @@ def choose_backend(requested: str, export_fresh: bool, providers: list[str], dev
         if "CUDAExecutionProvider" in providers:
             return "onnx", ("CUDAExecutionProvider", "CPUExecutionProvider")
         return ("onnx", ("CPUExecutionProvider",)) if requested == "onnx" else ("torch", ())
+    if requested == "auto" and openvino:
+        return "openvino", ()
     return "onnx", ("CPUExecutionProvider",)
 
 

@@ -4,17 +4,16 @@ The listings: the dev photos (``../shared/data/stanford-cars-dev/train``) embedd
 listing r made from photo r % photos as normalise(z + noise) (``Noise``: ``--noise-model within-class``,
 the default, varies a listing the way photos of one car model vary, scaled by ``--noise``;
 ``isotropic`` adds the same Gaussian noise in every direction, which fills dimensions real embeddings
-do not use); the queries are
-fresh perturbations of the photos (another seed). Listings are generated ``--chunk`` at a time, each
-chunk from its own seed, so the 10M gallery and its exact search never hold every vector. Every kind
+do not use); the queries are fresh perturbations of the photos (another seed). Listings are generated
+``--chunk`` at a time, each chunk from its own seed, so the 10M gallery and its exact search never hold
+every vector. Every kind
 is built with hier's own ``Gallery`` (so with the artifact's search whitening inside the index, as
 ``hier index build`` would), and measured: bytes per listing (the saved ``index.faiss`` / N), build time
 (train + add), single-query latency (queries one at a time, p50 / p95, on ``--threads`` threads) and
 Recall@10 against exact search over the same gallery (and ann-benchmarks' epsilon 0.01 recall, which
 also counts a returned listing within 1% of the exact 10th neighbour's distance), swept over nprobe /
-efSearch; then the brand
-filter of ``similar --same-brand`` (one search with an ID selector) against exact search on the allowed
-listings.
+efSearch; then the brand filter of ``similar --same-brand`` (one search with an ID selector) against
+exact search on the allowed listings.
 
 The embeddings are cached in ``~/.cache/hier-bench`` (``HIER_BENCH_CACHE``), keyed by the artifact's
 weights fingerprint, its config and the photo list (paths, sizes, mtimes); nothing else is cached.
@@ -209,6 +208,12 @@ def sweep(kind: str, args) -> list[tuple[str, dict]]:
     return [("exact", {})]
 
 
+def fresh_queries(z: np.ndarray, noise: Noise, args) -> tuple[np.ndarray, np.ndarray]:
+    """``--queries`` photos drawn at random and fresh perturbations of them (seeds of their own)."""
+    photo = np.random.default_rng([args.seed, 2]).integers(0, len(z), args.queries)
+    return photo, noise(z[photo], np.random.default_rng([args.seed, 3]))
+
+
 def listings_of(rows: np.ndarray, brands: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"listing_id": np.char.add("L", rows.astype(str)).astype(object), BRAND: brands[rows % len(brands)]})
 
@@ -236,17 +241,16 @@ def bench_size(n: int, e: dict, args) -> list[dict]:
     def chunks():
         return listing_chunks(z, n, noise, args.seed, chunk)
     t = time.perf_counter()
-    q_base = np.random.default_rng([args.seed, 2]).integers(0, len(z), args.queries)
-    queries = noise(z[q_base], np.random.default_rng([args.seed, 3]))    # fresh perturbations
+    q_base, queries = fresh_queries(z, noise, args)
     listing_brand, query_brand = brands[np.arange(n) % len(z)], brands[q_base]
     nf = min(args.filter_queries, args.queries)
     truth, kth, truth_f = exact(chunks(), w, queries, listing_brand, query_brand, nf)
     own = float(np.mean(truth % len(z) == q_base[:, None]))
-    first = next(chunks())[1]
+    first = next(listing_chunks(z, min(n, 200_000), noise, args.seed, 200_000))[1]   # the first chunk's first rows
     print(json.dumps({"listings": n, "noise": noise.model, "scale": noise.scale, "data_s": round(time.perf_counter() - t, 1),
                       "exact_top10_from_the_query_photo": round(own, 3),
                       "effective_dims": {"photos": round(effective_dims(z, w), 1),
-                                         "listings": round(effective_dims(first[:200_000], w), 1)}}), flush=True)
+                                         "listings": round(effective_dims(first, w), 1)}}), flush=True)
     first = None
     rows = []
     builds = [(kind, None) for kind in args.kinds] + [("pq", c.format(nlist=lists(n))) for c in args.candidates]
@@ -304,10 +308,9 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
     z, w, noise = e["z"], e["whitening"], e["noise"]
     base_n = n - args.days * args.day_size
     x = np.concatenate([x for _, x in listing_chunks(z, n, noise, args.seed, args.chunk)])
-    q_base = np.random.default_rng([args.seed, 2]).integers(0, len(z), args.queries)
-    queries = noise(z[q_base], np.random.default_rng([args.seed, 3]))
+    _, queries = fresh_queries(z, noise, args)
     truth, _, _ = exact([(0, x)], w, queries, np.zeros(n, np.int64), np.zeros(len(queries), np.int64), 0)
-    listings = pd.DataFrame({"listing_id": np.char.add("L", np.arange(n).astype(str)).astype(object)})
+    listings = listings_of(np.arange(n), e["brand"])
     work = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=args.out))
     (work / "config.json").write_text('{"fingerprint": "bench"}')
     rows, kind = [], args.sharded

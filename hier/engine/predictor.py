@@ -138,7 +138,7 @@ class OpenVinoSession:
     def __init__(self, path: str | Path, precision: str = "f32"):
         import openvino as ov
         self.model = openvino_core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                "PERFORMANCE_HINT": "THROUGHPUT"})
+                                                                      "PERFORMANCE_HINT": "THROUGHPUT"})
         self.views = self.model.outputs[0].get_partial_shape()[0].get_length()
         self.queue = ov.AsyncInferQueue(self.model)           # as many requests as the hint asks for
         self.lock = threading.Lock()      # one batch at a time through the queue (threads of a service)

@@ -14,7 +14,7 @@ from hier.errors import HierError
 from hier.recognizer import Recognizer
 
 from conftest import run_cli
-from test_gallery import _clustered, _exact, _listings, _one_line_error, _whitening
+from test_gallery import _clustered, _exact, _listings, _one_line_error, _recall, _whitening
 
 D = 64
 
@@ -235,3 +235,39 @@ def test_daily_shards_through_the_cli_and_a_served_gallery_sees_them(art, demo_d
     assert len(rec.gallery()) == 8 and "day_2" not in set(rec.similar(photo, k=8)["listing_id"])
     assert artifact.read_config(art)["fingerprint"] == json.loads((art / "gallery" / "gallery.json").read_text())[
         "fingerprint"]
+
+
+def test_pq_re_ranks_by_its_vectors_through_shards_merges_removes_and_saves(tmp_path):
+    """pq finds k x RERANK candidates by its codes and re-ranks them by the listings' float16 vectors
+    (vectors.npy beside each shard's index): Recall@10 against exact search measured (seeded, 40
+    queries) 0.99 re-ranked, 0.66 by the codes alone; the similarities are the exact ones of the returned
+    listings; the vectors follow their listings through a merge, a remove, a save and a load; a shard
+    whose vectors file is not its own (a cut save) or is missing is searched by its codes alone."""
+    (tmp_path / "config.json").write_text('{"fingerprint": "f"}')
+    w = _whitening(d=D)
+    x, q = _clustered(4000, d=D), _clustered(40, seed=7, d=D)
+    g = index.Gallery.build(x[:3000], _rows(3000), "pq", w, fingerprint="f")
+    g.add(x[3000:3500], _rows(500, 3000), "d1")
+    g.add(x[3500:], _rows(500, 3500), "d2")
+    assert g.merge(["d1", "d2"], "week") == 1000
+    assert g.remove([f"L{i}" for i in range(0, 4000, 3)]) == 1334
+    g.save(tmp_path)
+    folder = tmp_path / "gallery"
+    assert np.load(folder / index.VECTORS).shape == (2000, D) and np.load(folder / index.VECTORS).dtype == np.float16
+    assert np.load(folder / "shards" / "week" / index.VECTORS).shape == (666, D)
+    loaded = index.Gallery.load(tmp_path)
+    kept = np.arange(4000) % 3 != 0
+    truth, _ = _exact(x, q, w, allowed=kept)
+    sims, ids = loaded.search(q, 10)
+    assert _recall(ids, truth) >= 0.95 and kept[ids].all()
+    np.testing.assert_allclose(sims, np.einsum("qkd,qd->qk", loaded.searched(x)[ids], loaded.searched(q)), atol=3e-3)
+    rows = loaded.results(q[:3], 5, where=lambda r: r[index.BRAND] == "B")
+    assert all(set(r[index.BRAND]) == {"B"} and len(r) == 5 for r in rows)
+    codes_alone = _recall(index.Gallery.load(tmp_path, only=["base", "week"])._search(q, 10, None, None, None)[1], truth)
+    assert codes_alone < 0.8
+    np.save(folder / "shards" / "week" / index.VECTORS, np.zeros((3, D), np.float16))   # not its rows
+    cut = index.Gallery.load(tmp_path)
+    assert cut.shards["week"].exact is None and not cut._reranks()
+    assert _recall(cut.search(q, 10)[1], truth) == codes_alone
+    cut.save(tmp_path)                           # saved without vectors: the stale file is removed
+    assert not (folder / "shards" / "week" / index.VECTORS).exists()

@@ -389,17 +389,18 @@ class Gallery:
         return moved
 
     def search(self, queries: np.ndarray, k: int = 10, nprobe: int | None = None, ef_search: int | None = None,
-               allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+               allowed: np.ndarray | None = None, rerank: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, FAISS ids), each (n_queries, k); id -1 where fewer than k vectors (of those
         ``allowed``) exist. ``nprobe`` (IVF kinds) and ``ef_search`` (HNSW) hold for this call only
         (default: the gallery's ``nprobe`` / ``ef_search``), passed as FAISS ``SearchParameters`` (which
         ``IndexShards`` hands to every shard), so searches at once with different settings do not
         meddle; ``allowed``: FAISS ids the search is restricted to (an ``IDSelectorBitmap`` inside the
-        one search). On the GPUs (``on_gpus``) nprobe is set on the GPU copy and ``allowed`` is refused
+        one search); ``rerank``: pq's candidates per answer wanted (default ``RERANK``), as FAISS's
+        ``k_factor``. On the GPUs (``on_gpus``) nprobe is set on the GPU copy and ``allowed`` is refused
         (FAISS's GPU indexes take no selector)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         if self._reranks():
-            deep = max(k, min(k * RERANK, sum(s.index.ntotal for s in self._loaded())))
+            deep = max(k, min(k * (rerank or RERANK), sum(s.index.ntotal for s in self._loaded())))
             _, candidates = self._search(queries, deep, nprobe, ef_search, allowed)
             return self._reranked(queries, candidates, k)
         return self._search(queries, k, nprobe, ef_search, allowed)
@@ -678,7 +679,11 @@ class Gallery:
                 raise HierError(f"{folder} is damaged: shard {name!r} is {found or 'an unknown'} index, the gallery "
                                 f"{meta['kind']}; drop it (`hier index drop {artifact_dir} {name}`) or build again")
             if exact is not None and exact.shape != (len(listings), index.d):
-                exact = None                   # not this shard's rows (a save cut short): searched by codes alone
+                warnings.warn(f"{shard_folder(folder, name) / VECTORS} holds {exact.shape[0]:,} vectors for "
+                              f"{len(listings):,} listings (not written with them): the gallery is searched by its "
+                              f"codes alone, less exactly; `hier index rebuild {artifact_dir}` writes them again",
+                              HierWarning, stacklevel=2)
+                exact = None
             shards[name] = Shard(index, listings.assign(**{ID: ids.astype(np.int64)}), exact=exact)
         next_id = meta.get("next_id")
         if next_id is None:                    # before shards: one index, its largest id + 1

@@ -52,7 +52,7 @@ import pandas as pd
 from benchlib import machine
 from hier import Recognizer, artifact
 from hier import index as gallery_ops
-from hier.index import BRAND, TRAIN_MIN, TRAIN_PER_LIST, Gallery, factory_string, lists, search_whitening
+from hier.index import BRAND, RERANK, TRAIN_MIN, TRAIN_PER_LIST, Gallery, factory_string, lists, search_whitening
 from hier.metrics import answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev" / "train"
@@ -203,7 +203,9 @@ def one_at_a_time(search, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def sweep(kind: str, args) -> list[tuple[str, dict]]:
     """The search settings measured per kind: nprobe for the IVF kinds, efSearch for HNSW."""
-    if kind in ("ivf", "pq"):
+    if kind == "pq":
+        return [(f"nprobe {p}, re-rank {r}x", {"nprobe": p, "rerank": r}) for p in args.nprobe for r in args.rerank]
+    if kind == "ivf":
         return [(f"nprobe {p}", {"nprobe": p}) for p in args.nprobe]
     if kind == "hnsw":
         return [(f"efSearch {e}", {"ef_search": e}) for e in args.ef]
@@ -421,6 +423,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--nprobe", default="4,8,16,32,64,128")
     ap.add_argument("--ef", default="16,32,64,128,256")
+    ap.add_argument("--rerank", default=str(RERANK), help="pq: candidates re-ranked per answer wanted, comma-separated")
     ap.add_argument("--candidates", default="",
                     help="other index_factory strings to measure as the pq kind, ';'-separated, {nlist} = the kind's")
     ap.add_argument("--flat-max", type=int, default=2_000_000, help="largest gallery the flat kind is built for")
@@ -434,6 +437,7 @@ def main() -> None:
     args.candidates = [c for c in args.candidates.split(";") if c]
     args.nprobe = [int(v) for v in args.nprobe.split(",")]
     args.ef = [int(v) for v in args.ef.split(",")]
+    args.rerank = [int(v) for v in args.rerank.split(",")]
     faiss.omp_set_num_threads(args.threads)
     before = machine()
     print(json.dumps({"machine": before, "threads": args.threads, "faiss": faiss.__version__}), flush=True)

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from hier import artifact, fileio, index
-from hier.errors import HierError
+from hier.errors import HierError, HierWarning
 from hier.recognizer import Recognizer
 
 from conftest import run_cli
@@ -266,7 +266,8 @@ def test_pq_re_ranks_by_its_vectors_through_shards_merges_removes_and_saves(tmp_
     codes_alone = _recall(index.Gallery.load(tmp_path, only=["base", "week"])._search(q, 10, None, None, None)[1], truth)
     assert codes_alone < 0.8
     np.save(folder / "shards" / "week" / index.VECTORS, np.zeros((3, D), np.float16))   # not its rows
-    cut = index.Gallery.load(tmp_path)
+    with pytest.warns(HierWarning, match=r"3 vectors for 666 listings .* codes alone"):
+        cut = index.Gallery.load(tmp_path)
     assert cut.shards["week"].exact is None and not cut._reranks()
     assert _recall(cut.search(q, 10)[1], truth) == codes_alone
     cut.save(tmp_path)                           # saved without vectors: the stale file is removed

@@ -30,7 +30,7 @@ WEIGHTS, CONFIG, TAXONOMY = "model.safetensors", "config.json", "taxonomy.csv"
 HEADS = "heads.safetensors"   # the rows that follow the taxonomy, keyed by name; all enrollment rewrites
 HEAD_PARTS = ("fine.", "model.", "brand.")     # HierNet's parameters in HEADS (the rest: the trunk, in WEIGHTS)
 ONNX = "model.onnx"           # ``hier export``: the trunk + embedding for ONNX Runtime
-GALLERY = "gallery"           # ``hier index``: index.faiss + listings.csv + gallery.json
+GALLERY = "gallery"           # ``hier index``: index.faiss + listings.csv (+ pq: vectors.npy) + gallery.json
 ENSEMBLE = "ensemble.json"    # ``hier ensemble``: a folder of member artifacts (hier.ensemble), not one artifact
 
 

@@ -679,7 +679,8 @@ class Gallery:
                 raise HierError(f"{folder} is damaged: shard {name!r} is {found or 'an unknown'} index, the gallery "
                                 f"{meta['kind']}; drop it (`hier index drop {artifact_dir} {name}`) or build again")
             if exact is not None and exact.shape != (len(listings), index.d):
-                warnings.warn(f"{shard_folder(folder, name) / VECTORS} holds {exact.shape[0]:,} vectors for "
+                held = exact.shape[0] if exact.ndim else 0
+                warnings.warn(f"{shard_folder(folder, name) / VECTORS} holds {held:,} vectors for "
                               f"{len(listings):,} listings (not written with them): the gallery is searched by its "
                               f"codes alone, less exactly; `hier index rebuild {artifact_dir}` writes them again",
                               HierWarning, stacklevel=2)

@@ -27,7 +27,8 @@ def index_build(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
     listings: Annotated[Optional[Path], typer.Argument(
         help="Folder of listing photos, or CSV listing_id,image[,price,...]")] = None,
-    kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw | pq (millions: 60 bytes a listing)")] = "flat",
+    kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw | pq (millions: 60-byte codes in memory, "
+                                      "re-ranked by float16 vectors on disk)")] = "flat",
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
     from_embeddings: Annotated[Optional[Path], typer.Option(
         help="Folder of `hier embed` shards: build from their vectors, without running the network")] = None,

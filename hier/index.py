@@ -177,8 +177,9 @@ class Shard:
     row i for listing row i (None: a shard without them, written by an older hier)."""
 
     def __init__(self, index: faiss.Index | None, listings: pd.DataFrame | None, rows: int = 0,
-                 exact: np.ndarray | None = None):
+                 exact: np.ndarray | None = None, vectors_of: str | None = None):
         self.index, self.rows, self.exact = index, rows, exact
+        self.saved_vectors_of = vectors_of         # an unread shard's: carried into gallery.json as it was
         self.listings = None if listings is None else listings.reset_index(drop=True)
         ivf = ivf_of(index) if index is not None else None
         if ivf is not None:                # ids -> vectors (``vectors``) and remove_ids without a scan
@@ -186,6 +187,13 @@ class Shard:
 
     def __len__(self) -> int:
         return self.rows if self.listings is None else len(self.listings)
+
+    def vectors_of(self) -> str | None:
+        """What ties ``vectors.npy`` to this shard's listings (gallery.json records it): the digest of
+        the ids its rows belong to, in order; None without vectors."""
+        if self.index is None:
+            return self.saved_vectors_of
+        return None if self.exact is None else ids_digest(self.listings[ID].to_numpy(np.int64))
 
 
 class Gallery:
@@ -399,6 +407,8 @@ class Gallery:
         ``k_factor``. On the GPUs (``on_gpus``) nprobe is set on the GPU copy and ``allowed`` is refused
         (FAISS's GPU indexes take no selector)."""
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        if rerank is not None and (not isinstance(rerank, (int, np.integer)) or rerank < 1):
+            raise HierError(f"rerank must be a whole number of at least 1, not {rerank!r}")
         if self._reranks():
             deep = max(k, min(k * (rerank or RERANK), sum(s.index.ntotal for s in self._loaded())))
             _, candidates = self._search(queries, deep, nprobe, ef_search, allowed)
@@ -474,6 +484,9 @@ class Gallery:
         ids = np.asarray(ids, dtype=np.int64)
         loaded = self._loaded()
         if self._reranks():
+            known = np.isin(ids, self.listings[ID].to_numpy(np.int64))
+            if not known.all():                # as FAISS's reconstruct refuses an id it does not hold
+                raise RuntimeError(f"id {int(ids[~known][0])} is not in the gallery")
             return self._unwhitened(loaded[0].index, self._exact_of(ids))
         if len(loaded) == 1:
             return self._vectors_of(loaded[0].index, ids)
@@ -596,7 +609,8 @@ class Gallery:
         folder = Path(artifact_dir) / GALLERY
         names = list(self.shards) if only is None else only
         meta = {"kind": self.kind, "fingerprint": self.fingerprint, "labels": self.labels_digest,
-                "next_id": self.next_id, "shards": {n: len(s) for n, s in self.shards.items()}}
+                "next_id": self.next_id, "shards": {n: len(s) for n, s in self.shards.items()},
+                "vectors": {n: d for n, s in self.shards.items() if (d := s.vectors_of()) is not None}}
         writers = {}
         for name in names:
             shard, at = self.shards[name], shard_folder(folder, name)
@@ -637,11 +651,13 @@ class Gallery:
             weights = artifact.read_config(artifact_dir).get("fingerprint")
             template = (folder / TEMPLATE).read_bytes() if (folder / TEMPLATE).is_file() else None
             listed = (meta.get("shards") if isinstance(meta, dict) else None) or {BASE: None}
+            vectors_of = meta.get("vectors") if isinstance(meta, dict) else None
+            vectors_of = vectors_of if isinstance(vectors_of, dict) else {}
             wanted = set(listed if only is None else only) | ({BASE} if template is None else set())
             shards, legacy = {}, None
             for name, rows in listed.items():
                 if name not in wanted:
-                    shards[name] = Shard(None, None, rows or 0)
+                    shards[name] = Shard(None, None, rows or 0, vectors_of=vectors_of.get(name))
                     continue
                 at = shard_folder(folder, name)
                 listings = read_saved(folder, artifact_dir, lambda: pd.read_csv(at / "listings.csv", encoding="utf-8",
@@ -678,11 +694,13 @@ class Gallery:
             if name != BASE and found != meta["kind"]:
                 raise HierError(f"{folder} is damaged: shard {name!r} is {found or 'an unknown'} index, the gallery "
                                 f"{meta['kind']}; drop it (`hier index drop {artifact_dir} {name}`) or build again")
-            if exact is not None and exact.shape != (len(listings), index.d):
-                held = exact.shape[0] if exact.ndim else 0
-                warnings.warn(f"{shard_folder(folder, name) / VECTORS} holds {held:,} vectors for "
-                              f"{len(listings):,} listings (not written with them): the gallery is searched by its "
-                              f"codes alone, less exactly; `hier index rebuild {artifact_dir}` writes them again",
+            own = ids.astype(np.int64).to_numpy()
+            if meta["kind"] == "pq" and (exact is None or exact.shape != (len(listings), index.d)
+                                         or not np.issubdtype(exact.dtype, np.floating)
+                                         or vectors_of.get(name) != ids_digest(own)):
+                why = "is missing" if exact is None else "was not written with its listings"
+                warnings.warn(f"{shard_folder(folder, name) / VECTORS} {why}: the gallery is searched by its codes "
+                              f"alone, less exactly; `hier index rebuild {artifact_dir}` writes it again",
                               HierWarning, stacklevel=2)
                 exact = None
             shards[name] = Shard(index, listings.assign(**{ID: ids.astype(np.int64)}), exact=exact)
@@ -734,6 +752,10 @@ def index_bytes(index: faiss.Index) -> bytes:
         return faiss.serialize_index(index).tobytes()
     finally:
         ivf.set_direct_map_type(kind)
+
+
+def ids_digest(ids: np.ndarray) -> str:
+    return hashlib.md5(np.ascontiguousarray(ids, dtype="<i8").tobytes()).hexdigest()
 
 
 def _save_array(path: Path, array: np.ndarray) -> None:
@@ -956,7 +978,7 @@ def read_saved(folder: Path, artifact_dir, read):
     rebuild, not a pandas or FAISS traceback."""
     try:
         return read()
-    except (OSError, RuntimeError, ValueError) as e:
+    except (OSError, RuntimeError, ValueError, EOFError) as e:
         raise HierError(f"{folder} is damaged ({str(e).splitlines()[0][:120]}); build it again with "
                         f"`hier index build {artifact_dir} LISTINGS`") from None
 

@@ -242,7 +242,8 @@ def test_pq_re_ranks_by_its_vectors_through_shards_merges_removes_and_saves(tmp_
     (vectors.npy beside each shard's index): Recall@10 against exact search measured (seeded, 40
     queries) 0.97 re-ranked, 0.66 by the codes alone; the similarities are the exact ones of the returned
     listings; the vectors follow their listings through a merge, a remove, a save and a load; a shard
-    whose vectors file is not its own (a cut save) or is missing is searched by its codes alone."""
+    whose vectors file is not its own (gallery.json records the digest of its rows' ids: a cut save,
+    another writer's rows, not floats) or is missing is searched by its codes alone, warned."""
     (tmp_path / "config.json").write_text('{"fingerprint": "f"}')
     w = _whitening(d=D)
     x, q = _clustered(4000, d=D), _clustered(40, seed=7, d=D)
@@ -265,10 +266,27 @@ def test_pq_re_ranks_by_its_vectors_through_shards_merges_removes_and_saves(tmp_
     assert all(set(r[index.BRAND]) == {"B"} and len(r) == 5 for r in rows)
     codes_alone = _recall(index.Gallery.load(tmp_path, only=["base", "week"])._search(q, 10, None, None, None)[1], truth)
     assert codes_alone < 0.8
-    np.save(folder / "shards" / "week" / index.VECTORS, np.zeros((3, D), np.float16))   # not its rows
-    with pytest.warns(HierWarning, match=r"3 vectors for 666 listings .* codes alone"):
-        cut = index.Gallery.load(tmp_path)
-    assert cut.shards["week"].exact is None and not cut._reranks()
-    assert _recall(cut.search(q, 10)[1], truth) == codes_alone
+    week = folder / "shards" / "week" / index.VECTORS
+    good = np.load(week)
+    meta = json.loads((folder / "gallery.json").read_text())
+    older = {k: v for k, v in meta.items() if k != "vectors"}
+    for bad, written in ((np.zeros((3, D), np.float16), meta),      # a cut save
+                         (good, older),           # an older hier's writer changed the listings, not the file
+                         (good.astype(np.int8), meta)):             # not vectors
+        np.save(week, bad)
+        (folder / "gallery.json").write_text(json.dumps(written))
+        with pytest.warns(HierWarning, match=r"week/vectors.npy was not written with its listings: .* codes alone"):
+            cut = index.Gallery.load(tmp_path)
+        assert cut.shards["week"].exact is None and not cut._reranks()
+        assert _recall(cut.search(q, 10)[1], truth) == codes_alone
     cut.save(tmp_path)                           # saved without vectors: the stale file is removed
-    assert not (folder / "shards" / "week" / index.VECTORS).exists()
+    assert not week.exists() and "week" not in json.loads((folder / "gallery.json").read_text())["vectors"]
+    with pytest.warns(HierWarning, match=r"week/vectors.npy is missing"):
+        index.Gallery.load(tmp_path)
+    week.write_bytes(b"")                        # an empty file: one line, not numpy's EOFError
+    with pytest.raises(HierError, match="is damaged"):
+        index.Gallery.load(tmp_path)
+    with pytest.raises(HierError, match="rerank must be"):
+        loaded.search(q, 10, rerank=2.5)
+    with pytest.raises(RuntimeError, match="not in the gallery"):
+        loaded.vectors(np.array([0]))            # removed

@@ -459,7 +459,8 @@ class Gallery:
 
     def _exact_of(self, ids: np.ndarray) -> np.ndarray:
         """The re-rank vectors (float32) of FAISS ``ids``, read from the shards holding them (a
-        memory-mapped file reads those rows only, in file order)."""
+        memory-mapped file reads those rows only, in file order); an id no shard holds is refused, as
+        FAISS's ``reconstruct`` refuses it."""
         if self._lookup is None:           # per shard, once per version: its ids sorted, and their rows
             self._lookup = []
             for s in self._loaded():
@@ -467,13 +468,18 @@ class Gallery:
                 order = np.argsort(own, kind="stable")
                 self._lookup.append((own[order], order, s.exact))
         out = np.zeros((len(ids), self._loaded()[0].index.d), np.float32)
+        held = np.zeros(len(ids), bool)
         for own, order, exact in self._lookup:
             at = np.searchsorted(own, ids)
             hit = at < len(own)
             hit[hit] = own[at[hit]] == ids[hit]
             if hit.any():
-                rows = order[at[hit]]
-                out[hit] = exact[np.sort(rows)][np.argsort(np.argsort(rows))]
+                rows, where = order[at[hit]], np.flatnonzero(hit)
+                by_row = np.argsort(rows)
+                out[where[by_row]] = exact[rows[by_row]]
+                held |= hit
+        if not held.all():
+            raise RuntimeError(f"id {int(ids[~held][0])} is not in the gallery")
         return out
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
@@ -484,9 +490,6 @@ class Gallery:
         ids = np.asarray(ids, dtype=np.int64)
         loaded = self._loaded()
         if self._reranks():
-            known = np.isin(ids, self.listings[ID].to_numpy(np.int64))
-            if not known.all():                # as FAISS's reconstruct refuses an id it does not hold
-                raise RuntimeError(f"id {int(ids[~known][0])} is not in the gallery")
             return self._unwhitened(loaded[0].index, self._exact_of(ids))
         if len(loaded) == 1:
             return self._vectors_of(loaded[0].index, ids)
@@ -694,16 +697,16 @@ class Gallery:
             if name != BASE and found != meta["kind"]:
                 raise HierError(f"{folder} is damaged: shard {name!r} is {found or 'an unknown'} index, the gallery "
                                 f"{meta['kind']}; drop it (`hier index drop {artifact_dir} {name}`) or build again")
-            own = ids.astype(np.int64).to_numpy()
+            ids = ids.astype(np.int64)
             if meta["kind"] == "pq" and (exact is None or exact.shape != (len(listings), index.d)
                                          or not np.issubdtype(exact.dtype, np.floating)
-                                         or vectors_of.get(name) != ids_digest(own)):
+                                         or vectors_of.get(name) != ids_digest(ids.to_numpy())):
                 why = "is missing" if exact is None else "was not written with its listings"
                 warnings.warn(f"{shard_folder(folder, name) / VECTORS} {why}: the gallery is searched by its codes "
                               f"alone, less exactly; `hier index rebuild {artifact_dir}` writes it again",
                               HierWarning, stacklevel=2)
                 exact = None
-            shards[name] = Shard(index, listings.assign(**{ID: ids.astype(np.int64)}), exact=exact)
+            shards[name] = Shard(index, listings.assign(**{ID: ids}), exact=exact)
         next_id = meta.get("next_id")
         if next_id is None:                    # before shards: one index, its largest id + 1
             ids = shards[BASE].listings[ID]

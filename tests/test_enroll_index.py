@@ -306,12 +306,16 @@ def test_enrolling_rewrites_the_heads_not_the_trunk_and_rows_follow_their_names(
     assert (art / artifact.HEADS).stat().st_size < trunk.stat().st_size
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))[::5]
     rec = Recognizer(art)
-    before = [(p.fine, round(p.p, 5)) for p in rec.predict(photos)]
+    before = rec.predict(photos)
     before_order = rec.taxonomy.classes
     table = pd.read_csv(art / artifact.TAXONOMY, dtype=str, keep_default_na=False)
     table.iloc[::-1].to_csv(art / artifact.TAXONOMY, index=False)          # classes, models, brands reordered
     assert Recognizer(art).taxonomy.classes[0] == before_order[-1]
-    assert [(p.fine, round(p.p, 5)) for p in Recognizer(art).predict(photos)] == before
+    after = Recognizer(art).predict(photos)
+    # the same class for every photo; the same score up to summation order (rows are permuted, so BLAS
+    # and the softmax add in another order: a last-digit difference, not a different row)
+    assert [p.fine for p in after] == [p.fine for p in before]
+    assert np.allclose([p.p for p in after], [p.p for p in before], rtol=0, atol=1e-5)
 
 
 def safetensors_keys(path):

@@ -1,12 +1,21 @@
-"""Scores for a fine-class probability matrix: log loss, top-k, per-level accuracy, calibration."""
+"""Scores for a fine-class probability matrix: log loss, top-k, per-level accuracy, calibration.
+
+``softmax`` is what every prediction runs; scipy and scikit-learn are imported by the scores that need
+them, not here, so a `hier predict` process does not pay their import (about a second on 2 cores).
+"""
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
-from sklearn.metrics import log_loss, top_k_accuracy_score
 
 from hier.taxonomy import Taxonomy, sum_columns
+
+
+def log_softmax(x: np.ndarray, axis: int = 1) -> np.ndarray:
+    """scipy.special.log_softmax's computation: shift by the maximum (0 where it is not finite), then
+    subtract the log of the sum."""
+    top = np.max(x, axis=axis, keepdims=True)
+    shifted = x - np.where(np.isfinite(top), top, 0)
+    return shifted - np.log(np.sum(np.exp(shifted), axis=axis, keepdims=True))
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -20,6 +29,8 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Scalar T minimising validation NLL of softmax(logits / T) (Guo et al. 2017), searched over log T.
     The range is wide on purpose: the earlier (-3, 3) capped T at 20.1 where a whole-trunk run's
     statistical head needed 27.7 (validation log loss 0.653 at the cap, 0.597 at the optimum)."""
+    from scipy.optimize import minimize_scalar
+
     def nll(log_t: float) -> float:
         return -log_softmax(logits / np.exp(log_t), axis=1)[np.arange(len(y)), y].mean()
     return float(np.exp(minimize_scalar(nll, bounds=LOG_T_BOUNDS, method="bounded").x))
@@ -79,6 +90,7 @@ def top5(probs: np.ndarray, y: np.ndarray) -> float:
     """Share of photos whose class is among the five likeliest (every photo when there are five or fewer)."""
     if probs.shape[1] <= 5:
         return 1.0
+    from sklearn.metrics import top_k_accuracy_score
     return float(top_k_accuracy_score(y, probs, k=5, labels=np.arange(probs.shape[1])))
 
 
@@ -87,6 +99,7 @@ def evaluate_probs(probs: np.ndarray, y: np.ndarray, taxonomy: Taxonomy,
     """All figures ``hier evaluate`` reports. ``logits`` (joint, before temperature) adds ECE before T;
     ``heads`` (raw fine/model/brand logits) adds the inconsistency of reading each head on its own (the
     answer itself is one taxonomy path by construction)."""
+    from sklearn.metrics import log_loss
     labels = np.arange(len(taxonomy))
     brand, model, fine = answer(probs, taxonomy)
     out = {

@@ -1,9 +1,13 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from hier.data import ImageDataset, image_files, loader, read_test_csv, scan_folder, split_indices, train_transform
+from hier.data import (ImageDataset, eval_transform, image_files, loader, read_test_csv, scan_folder, split_indices,
+                       train_transform)
 from hier.errors import HierError
 
 
@@ -91,6 +95,34 @@ def test_seeded_augmentation_repeats_and_workers_differ(tmp_path):
     ds = ImageDataset(sorted(tmp_path.glob("*.jpg")), None, train_transform(64, seed=0))
     a, b = [x for x, _ in loader(ds, 2, workers=2)]           # one batch per worker, same source image
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("shape", [(80, 120, 3), (224, 224, 3), (31, 500, 3)])
+def test_eval_transform_gives_albumentations_pixels(shape):
+    """hier's evaluation transform is written without albumentations (predicting does not import it);
+    it must give what training's validation saw through albumentations, pixel for pixel."""
+    import albumentations as A
+    from albumentations.pytorch import ToTensorV2
+    img = np.random.default_rng(shape[1]).integers(0, 256, shape, dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    ours = eval_transform(224, mean, std)(image=img)["image"]
+    theirs = A.Compose([A.Resize(224, 224), A.Normalize(mean, std), ToTensorV2()])(image=img)["image"]
+    assert ours.shape == theirs.shape == (3, 224, 224) and ours.dtype == theirs.dtype == torch.float32
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_predicting_imports_neither_albumentations_nor_scipy(art, demo_data, tmp_path):
+    """`hier predict` pays no import it does not use: albumentations, scipy and scikit-learn cost
+    about 2 s of a command's start on 2 cores (README, "Prediction speed")."""
+    photo = sorted(demo_data.train_dir.glob("*/*.jpg"))[0]
+    code = ("import sys; from hier.cli.base import main; sys.argv = ['hier', 'predict', sys.argv[1], sys.argv[2], "
+            "'--out', sys.argv[3]]\ntry:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'albumentations', 'scipy', 'sklearn'}))")
+    done = subprocess.run([sys.executable, "-c", code, str(art), str(photo), str(tmp_path / "a.csv")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "a.csv").read_text().count("\n") >= 2
 
 
 def test_folders_are_searched_recursively_and_bad_photos_skipped_unless_strict(tmp_path):

@@ -1,4 +1,4 @@
-"""Dataset layouts, image checks, splits and augmentation.
+"""Dataset layouts, image checks, splits and the evaluation transform (training's augmentation: ``augment``).
 
 Layouts: folder-per-class (``root/<class>/*.jpg``, as Hecto train and Stanford dev) and a test CSV
 (``ID,img_path`` with paths relative to the CSV). Every file is checked once, up front, by its content
@@ -17,13 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, NamedTuple
 
-import albumentations as A
+import cv2
 import numpy as np
 import pandas as pd
 import torch
-from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps, UnidentifiedImageError
-from sklearn.model_selection import StratifiedKFold, train_test_split
 
 from hier.data.tables import first_repeat, read_table
 from hier.errors import HierError
@@ -374,6 +372,7 @@ def split_indices(labels: list[str], val_frac: float = 0.2, seed: int = 0,
         if counts.min() < folds:
             raise HierError(f"class {counts.idxmin()!r} has {counts.min()} photo(s); --folds {folds} needs "
                             f"at least {folds} per class")
+        from sklearn.model_selection import StratifiedKFold      # here: predicting needs no scikit-learn
         skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         return list(skf.split(idx, labels))[fold]
     if val_frac <= 0:
@@ -386,49 +385,37 @@ def split_indices(labels: list[str], val_frac: float = 0.2, seed: int = 0,
         raise HierError(f"--val-frac {val_frac} of {len(labels)} photos gives {n_val} validation and "
                         f"{len(labels) - n_val} training photos for {len(counts)} classes; each side needs "
                         "one per class (change --val-frac, or 0 for no validation)")
+    from sklearn.model_selection import train_test_split
     return train_test_split(idx, test_size=val_frac, stratify=labels, random_state=seed)
 
 
-AUG_POLICIES = ("none", "light", "seed", "randaug")
+class EvalTransform:
+    """The evaluation photos' transform: square resize (OpenCV bilinear), ImageNet normalisation, CHW
+    tensor. The same pixels as albumentations' ``Compose([Resize, Normalize, ToTensorV2])`` (a test
+    checks it) and the same call (``transform(image=array)["image"]``), written here so that predicting
+    does not import albumentations and the scipy it pulls in (about a second of every command's start)."""
+
+    def __init__(self, img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        self.img_size = img_size
+        self.mean = np.asarray(mean, np.float32) * 255
+        self.inv_std = 1 / (np.asarray(std, np.float32) * 255)
+
+    def __call__(self, *, image: np.ndarray) -> dict:
+        if image.shape[:2] != (self.img_size, self.img_size):
+            image = cv2.resize(image, (self.img_size, self.img_size), interpolation=cv2.INTER_LINEAR)
+        x = (image.astype(np.float32) - self.mean) * self.inv_std
+        return {"image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))}
 
 
-def train_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD, seed: int | None = None,
-                    policy: str = "light") -> A.Compose:
-    """The training photos' augmentation (``hier train --aug``), whole-car square resize first:
-    ``light`` (default): mild crop/flip/colour (cars are wide, a tight crop cuts off the badge);
-    ``seed``: the 2025 Hecto seed notebooks' mix, up to half the photo cut from its borders, brightness /
-    contrast, flip; ``randaug``: ``light`` plus two of RandAugment's operations at random (albumentations'
-    ``SomeOf``, so ``seed`` still makes runs repeat); ``none``: resize only.
-    With ``seed`` the augmentations repeat run to run (``hier train --seed``)."""
-    if policy not in AUG_POLICIES:
-        raise HierError(f"--aug must be one of {', '.join(AUG_POLICIES)}, not {policy!r}")
-    size = (img_size, img_size)
-    light = [A.RandomResizedCrop(size, scale=(0.6, 1.0), ratio=(0.8, 1.25)), A.HorizontalFlip(),
-             A.ColorJitter(brightness=0.3, contrast=0.3, saturation=0.3, hue=0.05, p=0.8)]
-    steps = {
-        "none": [],
-        "light": light,
-        "seed": [A.RandomCropFromBorders(crop_left=0.25, crop_right=0.25, crop_top=0.25, crop_bottom=0.25, p=0.5),
-                 A.Resize(img_size, img_size), A.HorizontalFlip(),
-                 A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5)],
-        "randaug": light + [A.SomeOf([
-            A.Affine(rotate=(-15, 15), p=1), A.Affine(shear=(-10, 10), p=1),
-            A.Affine(translate_percent=(-0.1, 0.1), p=1), A.Posterize(num_bits=(4, 6), p=1),
-            A.Solarize(threshold_range=(0.7, 1.0), p=1), A.Equalize(p=1), A.Sharpen(p=1),
-            A.AutoContrast(p=1), A.RandomBrightnessContrast(0.3, 0.3, p=1), A.ToGray(p=1)], n=2)],
-    }[policy]
-    return A.Compose([A.Resize(img_size, img_size), *steps, A.Normalize(mean, std), ToTensorV2()], seed=seed)
-
-
-def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> A.Compose:
-    return A.Compose([A.Resize(img_size, img_size), A.Normalize(mean, std), ToTensorV2()])
+def eval_transform(img_size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> EvalTransform:
+    return EvalTransform(img_size, mean, std)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """(image tensor, label index) pairs; label -1 where there is none (test images). Images are paths,
     PIL images or arrays (``to_rgb``)."""
 
-    def __init__(self, images: list, targets: list[int] | None, transform: A.Compose, decode_size: int | None = None):
+    def __init__(self, images: list, targets: list[int] | None, transform, decode_size: int | None = None):
         self.images, self.transform, self.decode_size = images, transform, decode_size
         self.targets = targets if targets is not None else [-1] * len(images)
 

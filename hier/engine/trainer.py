@@ -20,7 +20,6 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
-from sklearn.metrics import log_loss
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from timm.scheduler import CosineLRScheduler
@@ -33,7 +32,7 @@ from torch.utils.data import DistributedSampler
 from hier import artifact, fileio
 from hier.artifact import GALLERY, ONNX
 from hier.data.detect import CarDetector
-from hier.data import AUG_POLICIES, ImageDataset, ImageSet, eval_transform, loader, split_indices, train_transform
+from hier.data import ImageDataset, ImageSet, eval_transform, loader, split_indices
 from hier.errors import HierError, HierWarning, check_number
 from hier.enroll import PROTOTYPES, VALIDATION, class_means, save_validation
 from hier.engine import distributed
@@ -104,7 +103,7 @@ class TrainConfig:
     export: bool = True         # write the ONNX export at the end (what `hier predict` runs on)
     exclude: str | None = None  # file of photos (paths below DATA) not to train on: `hier audit --write-exclude`
     # the competitors' recipe (README "Training recipe"; each lever measured by scripts/bench_recipe.py)
-    aug: str = "light"          # augmentation policy: none | light | seed | randaug (hier.data.train_transform)
+    aug: str = "light"          # augmentation policy: none | light | seed | randaug (hier.data.augment)
     mixup: float = 0.0          # MixUp alpha on the batch (timm Mixup; 0: off)
     cutmix: float = 0.0         # CutMix alpha (with --mixup too: one or the other per batch)
     loss: str = "ce"            # ce | focal | poly1 | penalty (hier.models.losses)
@@ -136,6 +135,7 @@ class TrainConfig:
             self.layer_decay = check_number("--layer-decay", self.layer_decay, 0, 1)
             if not self.layer_decay > 0:
                 raise HierError("--layer-decay must be above 0 (1: every layer at --lr)")
+        from hier.data.augment import AUG_POLICIES     # training's alone: predicting never imports albumentations
         if self.aug not in AUG_POLICIES:
             raise HierError(f"--aug must be one of {', '.join(AUG_POLICIES)}, not {self.aug!r}")
         if self.loss not in LOSSES:
@@ -300,6 +300,7 @@ class Trainer:
     # --- loop ---------------------------------------------------------------------------------------
     def fit(self, train_paths, train_y, val_paths, val_y) -> dict:
         cfg, model = self.cfg, self.model
+        from hier.data.augment import train_transform
         tf_train = train_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std, seed=cfg.seed, policy=cfg.aug)
         tf_eval = eval_transform(model.cfg.img_size, model.cfg.mean, model.cfg.std)
         ytr = torch.as_tensor(train_y)
@@ -439,6 +440,7 @@ class Trainer:
     def _val_scores(self, logits: dict[str, np.ndarray], val_y) -> dict[str, float]:
         """The per-epoch figures that choose the best weights (log.csv's val_log_loss, val_top1)."""
         probs = softmax(logits["joint"])
+        from sklearn.metrics import log_loss
         return {"val_log_loss": float(log_loss(val_y, probs, labels=np.arange(len(self.taxonomy)))),
                 "val_top1": float((answer(probs, self.taxonomy)[2] == val_y).mean())}
 

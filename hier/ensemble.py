@@ -30,14 +30,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.optimize import minimize
-from scipy.special import log_softmax, softmax as np_softmax
 
 from hier import artifact, fileio
 from hier.engine.predictor import Predictor, artifact_predictor
 from hier.engine.trainer import CHECKPOINT, OOF, read_oof
 from hier.errors import HierError, check_number
-from hier.metrics import answer_class, evaluate_probs, fit_temperature, softmax
+from hier.metrics import answer_class, evaluate_probs, fit_temperature, log_softmax, softmax
 from hier.recognizer import Recognizer
 from hier.taxonomy import Taxonomy
 
@@ -360,6 +358,8 @@ def nll(joint: np.ndarray, y: np.ndarray) -> float:
 def fit_weights(scores: list[np.ndarray], y: np.ndarray) -> np.ndarray:
     """Simplex weights (softmax of free parameters) minimising the log loss of softmax(sum_g w_g s_g / T)
     jointly with T, from equal weights and their best T: the result is never worse than equal weights."""
+    from scipy.optimize import minimize                  # fitting's alone: serving an ensemble needs no scipy
+    from scipy.special import softmax as np_softmax
     s = np.stack(scores)
     g = len(scores)
 

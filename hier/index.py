@@ -480,6 +480,9 @@ class Gallery:
                 held |= hit
         if not held.all():
             raise RuntimeError(f"id {int(ids[~held][0])} is not in the gallery")
+        if not np.isfinite(out).all():     # a file overwritten in place keeps its digest; nan would sort last
+            raise HierError(f"the gallery's {VECTORS} holds a vector that is not finite (the file is damaged); "
+                            "`hier index rebuild ARTIFACT` writes it again")
         return out
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:

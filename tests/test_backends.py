@@ -64,6 +64,36 @@ def test_openvino_equals_eager_and_onnx_runtime(art, demo_data):
         together = list(pool.map(ov.session.run, batches))
     for a, b in zip(alone, together):
         np.testing.assert_allclose(a, b, atol=1e-6)
+    assert _in_forked_child(lambda: ov.session.run(batches[0])) == pytest.approx(alone[0], abs=1e-6)
+
+
+def _in_forked_child(work, timeout: float = 60.0):
+    """``work()``'s result computed in a forked child (the parent's objects inherited), or a failure when
+    the child hangs past ``timeout`` or dies: what a pre-forking server's worker would meet."""
+    import os
+    import pickle
+    import select
+    import signal
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                                    # the child: never back into pytest
+        try:
+            os.write(write, pickle.dumps(work()))
+        finally:
+            os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            pytest.fail(f"the forked child hung for {timeout:.0f} s")
+        data = b"".join(iter(lambda: os.read(read, 1 << 20), b""))
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    assert data, "the forked child died without an answer"
+    return pickle.loads(data)
 
 
 def test_missing_openvino_is_one_line(art, demo_data, monkeypatch, capsys):

@@ -38,8 +38,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import mmap
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -303,6 +305,8 @@ def bench_size(n: int, e: dict, args) -> list[dict]:
                "recall@10": round(recall(np.array(got), truth_f), 3), "loadavg": [round(v, 2) for v in os.getloadavg()]}
         print(json.dumps(row), flush=True)
         rows.append(row)
+        if kind == "pq" and args.cold:
+            rows += bench_cold(g, queries, truth, n, args)
         if kind == "pq" and not args.embeddings:          # (a cache file as it is: the artifact is not read)
             rows.append(label_all(g, args.artifact, n))
         g = None                                   # freed before the next kind is built
@@ -373,6 +377,69 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
     return rows
 
 
+def evict(vectors: np.ndarray | None, path: Path) -> None:
+    """``path`` out of the page cache: the pages a memory map of it holds are let go first and a file
+    just written is flushed (the kernel keeps mapped and dirty pages), then its cached pages dropped
+    (``POSIX_FADV_DONTNEED``)."""
+    if vectors is not None and isinstance(vectors.base, mmap.mmap):       # ``index.mapped_rows``'s map
+        vectors.base.madvise(mmap.MADV_DONTNEED)
+        vectors.base.madvise(mmap.MADV_RANDOM)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args) -> list[dict]:
+    """The pq gallery searched from disk, its ``vectors.npy`` out of the page cache: saved as ``hier
+    index`` saves it, then (1) loaded as a restarted service loads it, without and with hier's prefetch
+    (``index.prefetch``), the queries searched at once one at a time (latency of the first 20, the next
+    80, the rest); (2) every query with the file evicted just before it (a gallery too big for memory)."""
+    folder = Path(tempfile.mkdtemp(prefix="cold-", dir=args.out))
+    try:
+        g.fingerprint = "bench-cold"
+        (folder / "config.json").write_text('{"fingerprint": "bench-cold"}')
+        g.save(folder)
+        path = folder / "gallery" / gallery_ops.VECTORS
+        rows, warm = [], gallery_ops.prefetch
+
+        def row(setting, ms, got):
+            windows = {"first 20": ms[:20], "21-100": ms[20:100], "the rest": ms[100:]}
+            r = {"listings": n, "kind": "pq from disk", "setting": setting, "queries": len(ms),
+                 **{f"{w} p50/p95 ms": [round(float(np.percentile(v, q)), 2) for q in (50, 95)]
+                    for w, v in windows.items() if len(v)},
+                 "p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+                 "recall@10": round(recall(got, truth[:len(got)]), 3), "loadavg": [round(v, 2) for v in os.getloadavg()]}
+            print(json.dumps(r), flush=True)
+            return r
+        for setting, prefetch in (("restart, no prefetch", lambda path: None), ("restart, prefetch (default)", warm)):
+            evict(None, path)
+            resident = subprocess.run(["fincore", "-nb", "-o", "RES", str(path)], capture_output=True, text=True).stdout
+            gallery_ops.prefetch = prefetch
+            try:
+                t = time.perf_counter()
+                loaded = Gallery.load(folder)
+                load_s = time.perf_counter() - t
+                got, ms = one_at_a_time(lambda q: loaded.search(q, 10), queries)
+            finally:
+                gallery_ops.prefetch = warm
+            rows.append(row(setting, ms, got) | {"load_s": round(load_s, 2),
+                                                 "cached_bytes_before": resident.strip() or "fincore not found"})
+            loaded = None
+        loaded, ids, ms = Gallery.load(folder), [], []
+        for q in queries[:args.cold]:
+            evict(loaded.shards["base"].exact, path)
+            t = time.perf_counter()
+            ids.append(loaded.search(q[None], 10)[1][0])
+            ms.append(1000 * (time.perf_counter() - t))
+        rows.append(row("every query evicted before it", np.array(ms), np.array(ids)))
+        return rows
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def label_all(g: Gallery, art: Path, n: int) -> dict:
     """The one-off cost of `similar --same-brand` on a gallery: every listing answered by the head of
     now (``Gallery.labelled``), once per version of the artifact."""
@@ -430,6 +497,8 @@ def main() -> None:
     ap.add_argument("--sharded", default=None, help="measure the time-sharded layout of this kind (ivf, pq, flat)")
     ap.add_argument("--days", type=int, default=30, help="--sharded: daily shards")
     ap.add_argument("--day-size", type=int, default=10_000, help="--sharded: listings a day")
+    ap.add_argument("--cold", type=int, default=0, help="pq: also search it from disk with a cold page cache "
+                    "(restarted, and this many queries each evicted before it; written under --out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="folder for results.json")
     args = ap.parse_args()

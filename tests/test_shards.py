@@ -237,6 +237,25 @@ def test_daily_shards_through_the_cli_and_a_served_gallery_sees_them(art, demo_d
         "fingerprint"]
 
 
+def test_loading_a_pq_gallery_reads_its_vectors_ahead_in_the_background(tmp_path, monkeypatch):
+    """Each read shard's vectors.npy is handed to ``prefetch`` (a cold page cache costs a disk read per
+    re-ranked row: README), shards not read are not; the read-ahead itself survives a file gone."""
+    (tmp_path / "config.json").write_text('{"fingerprint": "f"}')
+    x = _clustered(3000, d=D)
+    g = index.Gallery.build(x[:2500], _rows(2500), "pq", _whitening(d=D), fingerprint="f")
+    g.add(x[2500:], _rows(500, 2500), "d1")
+    g.save(tmp_path)
+    asked = []
+    monkeypatch.setattr(index, "prefetch", asked.append)
+    index.Gallery.load(tmp_path)
+    folder = tmp_path / "gallery"
+    assert asked == [folder / index.VECTORS, folder / "shards" / "d1" / index.VECTORS]
+    asked.clear()
+    index.Gallery.load(tmp_path, only=["d1"])
+    assert asked == [folder / "shards" / "d1" / index.VECTORS]
+    index._read_ahead(tmp_path / "gone.npy")          # no exception: nothing to warm
+
+
 def test_pq_re_ranks_by_its_vectors_through_shards_merges_removes_and_saves(tmp_path):
     """pq finds k x RERANK candidates by its codes and re-ranks them by the listings' float16 vectors
     (vectors.npy beside each shard's index): Recall@10 against exact search measured (seeded, 40

@@ -29,7 +29,8 @@ from rich.table import Table
 
 from benchlib import machine
 from hier import artifact
-from hier.engine.predictor import Predictor, artifact_predictor, export, export_int8, export_is_fresh, has_openvino
+from hier.engine.predictor import (Predictor, split_photos, artifact_predictor, compare, export, export_int8,
+                                   export_is_fresh, has_openvino)
 from hier.models import HierNet, ModelConfig, load_offline_weights
 from hier.taxonomy import Taxonomy
 
@@ -73,11 +74,12 @@ def pure_forward(n: int) -> float:
     return n / (time.time() - t)
 
 
-def hier_predict(art: Path, folder: Path, backend: str, out: Path) -> float:
+def hier_predict(art: Path, folder: Path, backend: str, out: Path, *flags: str) -> float:
     """`hier predict` as a user runs it, in a fresh process: start-up, reading, decoding, writing."""
+    out.unlink(missing_ok=True)                  # hier predict refuses to overwrite a file
     t = time.time()
     subprocess.run([sys.executable, "-m", "hier", "predict", str(art), str(folder), "--topk", "1", "--format", "csv",
-                    "--out", str(out), *(["--backend", backend] if backend else [])], check=True,
+                    "--out", str(out), *(["--backend", backend] if backend else []), *flags], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return len(list(folder.iterdir())) / (time.time() - t)
 
@@ -121,7 +123,7 @@ def main() -> None:
     art = args.artifact or args.out / "artifact"
     make_artifact(art, taxonomy)
     export(art)
-    net, _ = artifact.load(art)
+    net, tax = artifact.load(art)
     if args.int8 and not export_is_fresh(art, net, "int8"):
         export_int8(art)
     extra = (["openvino"] if has_openvino() else []) + (["onnx-int8"] if export_is_fresh(art, net, "int8") else [])
@@ -138,6 +140,9 @@ def main() -> None:
         for b in extra:                      # same photos, threads and decode workers; only the backend differs
             row[f"{b} img/s"] = hier_predict(art, folder, b, args.out / f"{b}.csv")
             row[f"{b} / plain"] = row[f"{b} img/s"] / plain
+        if net.cfg.tta:                      # the defaults without the mirror images: one view a photo
+            row["defaults --no-tta img/s"] = hier_predict(art, folder, None, args.out / "no_tta.csv", "--no-tta")
+            row["--no-tta / plain"] = row["defaults --no-tta img/s"] / plain
         rows.append(row)
         check = paths if args.artifact else paths[:128]      # a trained artifact: its accuracy on all of them
         p_eager = Predictor(net)(check)["probs"]
@@ -157,14 +162,18 @@ def main() -> None:
             checks[name]["max |p_draft - p_full_decode|"] = float(np.abs(p_eager - full_probs).max())
             checks[name]["top-1 agreement draft vs full"] = float((p_eager.argmax(1) == full_probs.argmax(1)).mean())
             labels = json.loads((args.out / "labels.json").read_text())
-            tax = artifact.load(art)[1]
             known = [i for i, p in enumerate(check) if labels[p.name] in tax]
             if known:                        # a trained artifact: accuracy either way, on the classes it knows
                 y = np.array([tax.class_index[labels[check[i].name]] for i in known])
                 checks[name]["top-1 draft decode"] = float((p_eager[known].argmax(1) == y).mean())
                 checks[name]["top-1 full decode"] = float((full_probs[known].argmax(1) == y).mean())
                 checks[name]["photos with a known class"] = len(known)
-    tta = artifact.load(art)[0].cfg.tta
+    tta = net.cfg.tta
+    if tta and args.artifact:                # what --no-tta costs, on the artifact's own validation photos
+        _, val, labels = split_photos(art, None, tax)
+        y = np.array([tax.class_index[c] for c in labels])
+        checks["--no-tta against TTA, validation photos"] = compare(
+            artifact_predictor(art, net), artifact_predictor(art, net, tta=False), val, y, tax)
     table = Table(title=f"Prediction speed, {torch.get_num_threads()} threads, 224 px, hier TTA {'on' if tta else 'off'}, "
                         "batch 64 (hier) / 32 (plain)")
     for col in rows[0]:

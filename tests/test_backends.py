@@ -47,7 +47,7 @@ def test_openvino_equals_eager_and_onnx_runtime(art, demo_data):
     net, _ = artifact.load(art)
     photos = photos_of(demo_data)
     ov = artifact_predictor(art, net, "openvino", batch_size=8)     # 3 batches, the last one short
-    assert isinstance(ov.session, pred.OpenVinoSession) and ov.session.views == (2 if net.cfg.tta else 1)
+    assert isinstance(ov.session, pred.OpenVinoSession) and ov.session.views == 1
     assert "float32" in str(ov.session.model.get_property("INFERENCE_PRECISION_HINT"))
     got, eager = ov(photos), Predictor(net, batch_size=8)(photos)
     ort = artifact_predictor(art, net, "onnx", batch_size=8)(photos)
@@ -116,7 +116,7 @@ def test_int8_export_records_its_change_and_refuses_when_stale(art, capsys):
     assert saved["calibration_photos"] == 40 and saved["float"] == ["stem", "head"] and saved["reduce_range"]
     # the recorded figures are those of the validation split training used, fp32 and int8 alike
     net, tax = artifact.load(art)
-    _, val, labels = pred._split_photos(art, None, tax)
+    _, val, labels = pred.split_photos(art, None, tax)
     y = np.array([tax.class_index[c] for c in labels])
     assert v["photos"] == len(val) > 0
     fp32 = Predictor(net, onnx=art / artifact.ONNX)(val)
@@ -151,3 +151,45 @@ def test_int8_without_its_data_is_one_line(art, tmp_path, capsys):
     code, _, err = run_cli("export", art, "--int8", capsys=capsys)
     assert code == 2 and "pass --data DIR" in err and err.strip().count("\n") == 0
     assert not (art / pred.INT8).exists()
+
+
+def test_the_export_holds_one_view_so_no_tta_halves_the_work_and_an_older_two_view_export_still_serves(art, demo_data,
+                                                                                                        tmp_path):
+    """With TTA the mirror images go through the one-view graph as more photos of the batch; without,
+    only the photos: half the images, and each answer equals eager PyTorch's of the same setting. An
+    export of both views (what hier wrote before) answers as before."""
+    import torch
+    export(art)
+    net, _ = artifact.load(art)
+    assert artifact.read_config(art)["onnx"]["views"] == 1
+    photos = photos_of(demo_data, 8)
+    seen = []
+
+    class Counting(pred.OrtSession):
+        def run(self, images):
+            seen.append(len(images))
+            return super().run(images)
+    for tta in (True, False):
+        seen.clear()
+        got = Predictor(net, tta=tta, batch_size=4, session=Counting(art / artifact.ONNX))(photos)
+        eager = Predictor(net, tta=tta, batch_size=4)(photos)
+        assert seen == [4 * (2 if tta else 1)] * 2
+        assert np.abs(got["embedding"] - eager["embedding"]).max() < 1e-5
+        assert np.abs(got["probs"] - eager["probs"]).max() < 1e-5
+
+    class BothViews(torch.nn.Module):                   # the export of hier before one-view graphs
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return torch.stack([self.net.embed(x), self.net.embed(x.flip(3))])
+    with torch.no_grad():
+        torch.onnx.export(BothViews(), torch.randn(2, 3, net.cfg.img_size, net.cfg.img_size), str(tmp_path / "old.onnx"),
+                          dynamo=False, opset_version=17, input_names=["images"], output_names=["embeddings"],
+                          dynamic_axes={"images": {0: "n"}, "embeddings": {1: "n"}})
+    for tta in (True, False):
+        old = Predictor(net, tta=tta, batch_size=4, onnx=tmp_path / "old.onnx")
+        assert old.views == 2
+        eager = Predictor(net, tta=tta, batch_size=4)(photos)
+        assert np.abs(old(photos)["probs"] - eager["probs"]).max() < 1e-5

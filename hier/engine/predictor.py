@@ -50,9 +50,11 @@ class Predictor:
     applies the artifact's temperature to ``joint``.
 
     ``onnx``: an ``hier export`` file of the trunk + embedding (the costly part; the heads stay here, so
-    enrolled classes need no re-export). ONNX Runtime computes the embeddings of both views then; the
-    outputs equal the eager model's to ~1e-6. ``session``: any object with ``views`` and
-    ``run(images) -> (V, N, D) embeddings`` instead (``OrtSession``, ``OpenVinoSession``).
+    enrolled classes need no re-export). ONNX Runtime computes the embeddings then, of the photos and,
+    with TTA, of their mirror images in the same batch; the outputs equal the eager model's to ~1e-6.
+    ``session``: any object with ``views`` and ``run(images) -> (V, N, D) embeddings`` instead
+    (``OrtSession``, ``OpenVinoSession``). An export holds one view (V = 1), so ``tta=False`` halves its
+    work; an older export of both views (V = 2) computes both whatever ``tta`` says.
     """
 
     def __init__(self, net: HierNet, tta: bool | None = None, batch_size: int = 64, workers: int | None = None,
@@ -63,14 +65,18 @@ class Predictor:
         self.batch_size, self.workers = batch_size, workers
         self.session = OrtSession(onnx, providers) if session is None and onnx is not None else session
         self.views = self.session.views if self.session is not None else 0
-        if self.tta and self.views < 2:
-            self.session = None              # exported without the flipped view: eager does both
 
     def _embeddings(self, x: torch.Tensor) -> list[torch.Tensor]:
         """One embedding per view (the photo, and its mirror image with TTA)."""
         if self.session is not None:
-            z = torch.from_numpy(self.session.run(x.cpu().numpy())).to(x.device)
-            return list(z[:2 if self.tta else 1])
+            images = x.cpu().numpy()
+            if self.views >= 2:                  # an older export: both views inside the graph
+                z = self.session.run(images)[:2 if self.tta else 1]
+            elif self.tta:                       # the mirror images as more photos of the batch
+                z = self.session.run(np.concatenate([images, images[..., ::-1]]))[0].reshape(2, len(images), -1)
+            else:
+                z = self.session.run(images)
+            return list(torch.from_numpy(np.ascontiguousarray(z)).to(x.device))
         return [self.net.embed(v) for v in ([x, x.flip(3)] if self.tta else [x])]
 
     @torch.no_grad()
@@ -177,24 +183,25 @@ def openvino_core():
 
 
 class ViewEmbedder(torch.nn.Module):
-    """What ``hier export`` writes: normalised images (N, 3, H, W) -> embeddings of each view (V, N, D)."""
+    """What ``hier export`` writes: normalised images (N, 3, H, W) -> embeddings (1, N, D), the leading
+    axis the views (``Predictor`` feeds TTA's mirror images as more photos; exports before it held 2)."""
 
-    def __init__(self, net: HierNet, views: int):
+    def __init__(self, net: HierNet):
         super().__init__()
-        self.net, self.views = net, views
+        self.net = net
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.net.embed(v) for v in [images, images.flip(3)][:self.views]])
+        return self.net.embed(images)[None]
 
 
 def export_onnx(net: HierNet, path: Path) -> None:
-    """The trunk + embedding of ``net`` as ONNX (opset 17, dynamic batch), both views when it serves
-    with TTA. The TorchScript exporter needs only the ``onnx`` package."""
-    views = 2 if net.cfg.tta else 1
+    """The trunk + embedding of ``net`` as ONNX (opset 17, dynamic batch), one view: with TTA the
+    predictor adds the mirror images to the batch, so ``--no-tta`` costs half. The TorchScript exporter
+    needs only the ``onnx`` package."""
     x = torch.randn(2, 3, net.cfg.img_size, net.cfg.img_size)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ViewEmbedder(net.eval(), views), x, str(path), dynamo=False, opset_version=17,
+        torch.onnx.export(ViewEmbedder(net.eval()), x, str(path), dynamo=False, opset_version=17,
                           input_names=["images"], output_names=["embeddings"],
                           dynamic_axes={"images": {0: "n"}, "embeddings": {1: "n"}})
 
@@ -212,7 +219,7 @@ def export(path: str | Path) -> Path:
     with fileio.locked(path):
         net, _ = artifact.load(path)
         config = artifact.read_config(path)
-        config["onnx"] = {"file": artifact.ONNX, "fingerprint": net.fingerprint(), "views": 2 if net.cfg.tta else 1}
+        config["onnx"] = {"file": artifact.ONNX, "fingerprint": net.fingerprint(), "views": 1}
         fileio.atomic_write_all({path / artifact.ONNX: lambda p: export_onnx(net, p),
                                    path / artifact.CONFIG: lambda p: fileio.write_json(p, config)})
     return path / artifact.ONNX
@@ -256,7 +263,7 @@ def float_nodes(model, keep: tuple[str, ...] = ("stem", "head")) -> list[str]:
     return sorted(out)
 
 
-def _split_photos(path: Path, data: Path | None, taxonomy) -> tuple[list[Path], list[Path], list[str]]:
+def split_photos(path: Path, data: Path | None, taxonomy) -> tuple[list[Path], list[Path], list[str]]:
     """(training photos, validation photos, validation labels) of ``data`` (default: the data the
     artifact was trained on, from train.json), split as ``hier train`` split it: same layout, exclusions,
     car crops, ``val_frac``/``seed``/``fold`` (another folder: its own photos, the same split rule)."""
@@ -347,14 +354,14 @@ def export_int8(path: str | Path, data: str | Path | None = None, photos: int = 
         net, taxonomy = artifact.load(path)
         if not export_is_fresh(path, net):
             export(path)
-        train, val, labels = _split_photos(path, Path(data) if data else None, taxonomy)
+        train, val, labels = split_photos(path, Path(data) if data else None, taxonomy)
         pick = np.random.default_rng(0).permutation(len(train))[:photos]
         with tempfile_path(path, INT8) as tmp:
             quantize_int8(path / artifact.ONNX, tmp, [train[i] for i in sorted(pick)], net.cfg, keep, reduce_range)
             y = np.array([taxonomy.class_index[c] for c in labels])
             change = compare(Predictor(net, onnx=path / artifact.ONNX), Predictor(net, onnx=tmp), val, y, taxonomy)
             config = artifact.read_config(path)
-            config["int8"] = {"file": INT8, "fingerprint": net.fingerprint(), "views": 2 if net.cfg.tta else 1,
+            config["int8"] = {"file": INT8, "fingerprint": net.fingerprint(), "views": config["onnx"].get("views", 1),
                               "calibration_photos": len(pick), "float": list(keep), "reduce_range": reduce_range,
                               "validation": change}
             fileio.atomic_write_all({path / INT8: lambda p: p.write_bytes(tmp.read_bytes()),

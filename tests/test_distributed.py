@@ -115,9 +115,14 @@ def test_two_gloo_processes_train_as_one_process(demo_data, tmp_path, cached, bo
 
 
 def _workers(p: subprocess.Popen, timeout: float = 60) -> list[psutil.Process]:
+    def command(c: psutil.Process) -> str:
+        try:
+            return " ".join(c.cmdline())
+        except psutil.Error:               # a short-lived helper of torchrun's, gone or a zombie already
+            return ""
     end = time.time() + timeout
     while time.time() < end:
-        kids = [c for c in psutil.Process(p.pid).children(recursive=True) if "hier" in " ".join(c.cmdline())]
+        kids = [c for c in psutil.Process(p.pid).children(recursive=True) if "hier" in command(c)]
         if len(kids) == 2:
             return kids
         time.sleep(0.2)

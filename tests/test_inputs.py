@@ -356,8 +356,8 @@ def _text_io_without_encoding(source: str) -> list[int]:
         name = node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
         if name not in ("open", "read_text", "write_text", "to_csv"):
             continue
-        if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") == "Image":
-            continue                       # PIL's Image.open reads bytes
+        if isinstance(node.func, ast.Attribute) and getattr(node.func.value, "id", "") in ("Image", "os"):
+            continue                       # PIL's Image.open reads bytes; os.open gives a descriptor, no text
         if any(k.arg == "encoding" for k in node.keywords):
             continue
         modes = [a.value for a in node.args + [k.value for k in node.keywords if k.arg == "mode"]

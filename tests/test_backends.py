@@ -193,3 +193,31 @@ def test_the_export_holds_one_view_so_no_tta_halves_the_work_and_an_older_two_vi
         assert old.views == 2
         eager = Predictor(net, tta=tta, batch_size=4)(photos)
         assert np.abs(old(photos)["probs"] - eager["probs"]).max() < 1e-5
+
+
+FORKED_WORKER = """
+import os, sys, numpy as np
+from hier.engine.predictor import OpenVinoSession
+session = OpenVinoSession(sys.argv[1])                     # loaded before the fork, as gunicorn --preload does
+x = np.random.default_rng(0).normal(size=(3, 3, int(sys.argv[2]), int(sys.argv[2]))).astype(np.float32)
+pid = os.fork()
+if pid == 0:                                               # the worker: compiles its own, runs, exits normally
+    np.save(sys.argv[3], session.run(x))
+    sys.exit(0)
+_, status = os.waitpid(pid, 0)
+np.testing.assert_allclose(np.load(sys.argv[3]), session.run(x), atol=1e-5)
+print("worker-status", status, "parent-compiled-after-the-fork", session.pid == os.getpid())
+"""
+
+
+def test_an_openvino_session_loaded_before_a_fork_compiles_in_each_worker(art, tmp_path):
+    """A session made before forking has not compiled: the worker compiles its own, answers as the parent
+    does and exits normally (a worker of a process that had compiled hangs at a batch or at exit)."""
+    pytest.importorskip("openvino")
+    import subprocess
+    import sys
+    export(art)
+    size = artifact.read_config(art)["model"]["img_size"]
+    r = subprocess.run([sys.executable, "-c", FORKED_WORKER, str(art / artifact.ONNX), str(size), str(tmp_path / "z.npy")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.split() == ["worker-status", "0", "parent-compiled-after-the-fork", "True"], r.stderr[-2000:]

@@ -139,28 +139,49 @@ class OpenVinoSession:
     """OpenVINO compiling the same export file for the CPU, ``OrtSession``'s contract. Precision is
     pinned (f32 unless asked: the CPU plugin would pick bf16 on its own where the CPU has it, which
     changes answers); the THROUGHPUT hint runs several streams, so a batch is split over the infer
-    requests it asks for and their outputs joined in order. In a process forked after it compiled (a
-    pre-forking server's worker, a fork-started pool) OpenVINO neither runs nor compiles again (the
-    child hangs or aborts: its thread pools stay in the parent), so there the same file runs on ONNX
-    Runtime, which runs on in a child (the same outputs to ~1e-6; said once)."""
+    requests it asks for and their outputs joined in order.
+
+    It compiles on its first batch, in the process that runs it: a server that loads the artifact, then
+    forks its workers (gunicorn ``--preload``) compiles in each worker. A process forked after the model
+    compiled cannot use it (measured: the child hangs on a batch, aborts compiling again, and may hang at
+    exit), so there the same file runs on ONNX Runtime, which runs on in a child (same outputs to ~1e-6;
+    said once)."""
 
     def __init__(self, path: str | Path, precision: str = "f32"):
-        import openvino as ov
-        self.path, self.pid, self.in_child = str(path), os.getpid(), None
-        self.model = openvino_core().compile_model(self.path, "CPU", {"INFERENCE_PRECISION_HINT": precision,
-                                                                      "PERFORMANCE_HINT": "THROUGHPUT"})
-        self.views = self.model.outputs[0].get_partial_shape()[0].get_length()
-        self.queue = ov.AsyncInferQueue(self.model)           # as many requests as the hint asks for
-        self.lock = threading.Lock()      # one batch at a time through the queue (threads of a service)
+        self.path, self.precision = str(path), precision
+        self.views = openvino_core().read_model(self.path).outputs[0].get_partial_shape()[0].get_length()
+        self.pid, self.in_child, self._compiled = None, None, None
+        self.setup = threading.Lock()             # the first batch's compile, once across threads
+
+    @property
+    def model(self):
+        return self.compiled()
+
+    def compiled(self):
+        """The compiled model of this process (compiled now on first use)."""
+        with self.setup:
+            if self._compiled is None:
+                import openvino as ov
+                self._compiled = openvino_core().compile_model(self.path, "CPU", {
+                    "INFERENCE_PRECISION_HINT": self.precision, "PERFORMANCE_HINT": "THROUGHPUT"})
+                self.queue = ov.AsyncInferQueue(self._compiled)     # as many requests as the hint asks for
+                self.lock = threading.Lock()  # one batch at a time through the queue (threads of a service)
+                self.pid = os.getpid()
+            return self._compiled
+
+    def _onnx_runtime(self) -> "OrtSession":
+        with self.setup:
+            if self.in_child is None:
+                warnings.warn(f"{self.path}: OpenVINO compiled it before this process was forked and cannot run "
+                              "here; answering with ONNX Runtime on the same file (load the artifact after forking, "
+                              "or start workers with 'spawn', to keep OpenVINO)", HierWarning, stacklevel=3)
+                self.in_child = OrtSession(self.path)
+            return self.in_child
 
     def run(self, images: np.ndarray) -> np.ndarray:
-        if os.getpid() != self.pid:
-            if self.in_child is None:
-                warnings.warn(f"{self.path}: OpenVINO cannot run in a forked process; this one answers with "
-                              "ONNX Runtime on the same file (start workers with 'spawn' to keep OpenVINO)",
-                              HierWarning, stacklevel=2)
-                self.in_child = OrtSession(self.path)
-            return self.in_child.run(images)
+        if self.pid is not None and os.getpid() != self.pid:
+            return self._onnx_runtime().run(images)
+        self.compiled()
         chunks = np.array_split(images, min(len(self.queue), len(images)))
         out: list = [None] * len(chunks)
 

@@ -398,6 +398,7 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
     (``index.prefetch``), the queries searched at once one at a time (latency of the first 20, the next
     80, the rest); (2) every query with the file evicted just before it (a gallery too big for memory)."""
     folder = Path(tempfile.mkdtemp(prefix="cold-", dir=args.out))
+    fingerprint = g.fingerprint
     try:
         g.fingerprint = "bench-cold"
         (folder / "config.json").write_text('{"fingerprint": "bench-cold"}')
@@ -428,15 +429,20 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
             rows.append(row(setting, ms, got) | {"load_s": round(load_s, 2),
                                                  "cached_bytes_before": resident.strip() or "fincore not found"})
             loaded = None
-        loaded, ids, ms = Gallery.load(folder), [], []
-        for q in queries[:args.cold]:
-            evict(loaded.shards["base"].exact, path)
-            t = time.perf_counter()
-            ids.append(loaded.search(q[None], 10)[1][0])
-            ms.append(1000 * (time.perf_counter() - t))
+        gallery_ops.prefetch = lambda path: None        # nothing warms the file behind the evictions
+        try:
+            loaded, ids, ms = Gallery.load(folder), [], []
+            for q in queries[:args.cold]:
+                evict(loaded.shards["base"].exact, path)
+                t = time.perf_counter()
+                ids.append(loaded.search(q[None], 10)[1][0])
+                ms.append(1000 * (time.perf_counter() - t))
+        finally:
+            gallery_ops.prefetch = warm
         rows.append(row("every query evicted before it", np.array(ms), np.array(ids)))
         return rows
     finally:
+        g.fingerprint = fingerprint
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -193,6 +193,12 @@ def test_the_export_holds_one_view_so_no_tta_halves_the_work_and_an_older_two_vi
         assert old.views == 2
         eager = Predictor(net, tta=tta, batch_size=4)(photos)
         assert np.abs(old(photos)["probs"] - eager["probs"]).max() < 1e-5
+    (tmp_path / "old.onnx").replace(art / artifact.ONNX)          # the artifact holding such an export
+    config = artifact.read_config(art)
+    fileio.write_json(art / artifact.CONFIG, config | {"onnx": config["onnx"] | {"views": 2}})
+    assert artifact_predictor(art, net, "onnx").views == 2         # an explicit backend serves it as it is
+    assert artifact_predictor(art, net, "auto").views == 1         # auto writes it anew, one view
+    assert artifact.read_config(art)["onnx"]["views"] == 1
 
 
 FORKED_WORKER = """

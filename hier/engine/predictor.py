@@ -484,8 +484,12 @@ def artifact_predictor(path: str | Path, net: HierNet, backend: str = "auto", **
         return Predictor(net, **kw)
     providers, where = onnx_providers(), str(next(net.parameters()).device)
     fresh = export_is_fresh(path, net)
-    if not fresh and backend == "auto" and choose_backend("auto", True, providers, where)[0] == "onnx":
-        fresh = export_on_first_use(path)
+    if backend == "auto" and choose_backend("auto", True, providers, where)[0] == "onnx":
+        if not fresh:
+            fresh = export_on_first_use(path)
+        elif artifact.read_config(path)["onnx"].get("views", 2) != 1 and os.access(path, os.W_OK):
+            with contextlib.suppress(HierError, OSError, RuntimeError):   # else it serves as it is
+                export(path)     # an older hier's export of both views: one view halves --no-tta's work
     try:
         kind, providers = choose_backend(backend, fresh, providers, where, has_openvino(),
                                          backend == "onnx-int8" and export_is_fresh(path, net, "int8"))

@@ -730,6 +730,8 @@ def mapped_rows(path: Path) -> np.ndarray:
     0.50 s a query here, against 0.04 s; README). ``prefetch`` warms the whole file instead."""
     with open(path, "rb") as f:
         version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise ValueError(f"{path.name}: .npy format {version} is not one numpy writes")
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(f)
         offset = f.tell()

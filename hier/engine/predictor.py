@@ -247,10 +247,11 @@ def export(path: str | Path) -> Path:
 
 
 def float_nodes(model, keep: tuple[str, ...] = ("stem", "head")) -> list[str]:
-    """Names of the nodes int8 leaves in float: ``stem``, each view's first convolution (raw pixels
-    in, where 8 bits lose most); ``head``, every node after each view's last convolution (pooling, the
-    embedding projection, the L2 normalisation); ``last-conv``, the last convolution of each view too;
-    ``depthwise``, every grouped convolution. Read from the graph, so it holds for any trunk."""
+    """Names of the nodes int8 leaves in float: ``stem``, the first convolution (raw pixels in, where
+    8 bits lose most; each view's, in an older two-view export); ``head``, every node after the last
+    convolution (pooling, the embedding projection, the L2 normalisation); ``last-conv``, the last
+    convolution too; ``depthwise``, every grouped convolution. Read from the graph, so it holds for any
+    trunk."""
     nodes = list(model.graph.node)
     producer = {o: n for n in nodes for o in n.output}
     consumers: dict[str, list] = {}

@@ -392,7 +392,8 @@ class Gallery:
                 raise HierError(f"shard {n!r} cannot be merged into {into!r} (not trained as one: "
                                 f"{str(e).splitlines()[0].split(': ')[-1][:100]})") from None
             dest.listings = pd.concat([dest.listings, src.listings], ignore_index=True)
-            dest.exact = None if dest.exact is None or src.exact is None else np.concatenate([whole(dest.exact), whole(src.exact)])
+            dest.exact = None if dest.exact is None or src.exact is None else \
+                np.concatenate([whole(dest.exact), whole(src.exact)])
             moved += len(src)
         for n in sources:
             self.drop(n)

@@ -32,6 +32,10 @@ reading every shard's lists) against one index of the same vectors trained alike
 against exact search.
 
     python scripts/bench_gallery.py ARTIFACT --sharded ivf --queries 500 --nprobe 16,64
+
+``--cold N`` also measures the pq gallery from disk (Linux): saved, its vectors file dropped from the
+page cache, loaded as a restarted service loads it (without and with hier's read-ahead) and searched at
+once, then N queries each with the file dropped just before it.
 """
 from __future__ import annotations
 
@@ -392,6 +396,14 @@ def evict(vectors: np.ndarray | None, path: Path) -> None:
         os.close(fd)
 
 
+def cached_bytes(path: Path) -> str:
+    """How much of ``path`` the page cache holds, by util-linux's ``fincore`` (what the eviction did)."""
+    try:
+        return subprocess.run(["fincore", "-nb", "-o", "RES", str(path)], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "fincore not found"
+
+
 def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args) -> list[dict]:
     """The pq gallery searched from disk, its ``vectors.npy`` out of the page cache: saved as ``hier
     index`` saves it, then (1) loaded as a restarted service loads it, without and with hier's prefetch
@@ -417,7 +429,7 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
             return r
         for setting, prefetch in (("restart, no prefetch", lambda path: None), ("restart, prefetch (default)", warm)):
             evict(None, path)
-            resident = subprocess.run(["fincore", "-nb", "-o", "RES", str(path)], capture_output=True, text=True).stdout
+            resident = cached_bytes(path)
             gallery_ops.prefetch = prefetch
             try:
                 t = time.perf_counter()
@@ -427,7 +439,7 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
             finally:
                 gallery_ops.prefetch = warm
             rows.append(row(setting, ms, got) | {"load_s": round(load_s, 2),
-                                                 "cached_bytes_before": resident.strip() or "fincore not found"})
+                                                 "cached_bytes_before": resident})
             loaded = None
         gallery_ops.prefetch = lambda path: None        # nothing warms the file behind the evictions
         try:

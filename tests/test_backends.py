@@ -48,7 +48,7 @@ def test_openvino_equals_eager_and_onnx_runtime(art, demo_data):
     photos = photos_of(demo_data)
     ov = artifact_predictor(art, net, "openvino", batch_size=8)     # 3 batches, the last one short
     assert isinstance(ov.session, pred.OpenVinoSession) and ov.session.views == 1
-    assert "float32" in str(ov.session.model.get_property("INFERENCE_PRECISION_HINT"))
+    assert "float32" in str(ov.session.compiled().get_property("INFERENCE_PRECISION_HINT"))
     got, eager = ov(photos), Predictor(net, batch_size=8)(photos)
     ort = artifact_predictor(art, net, "onnx", batch_size=8)(photos)
     for ref in (eager, ort):

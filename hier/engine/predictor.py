@@ -153,10 +153,6 @@ class OpenVinoSession:
         self.pid, self.in_child, self._compiled = None, None, None
         self.setup = threading.Lock()             # the first batch's compile, once across threads
 
-    @property
-    def model(self):
-        return self.compiled()
-
     def compiled(self):
         """The compiled model of this process (compiled now on first use)."""
         with self.setup:

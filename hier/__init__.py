@@ -5,14 +5,17 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")   # no version check over
 
 from hier.errors import HierError  # noqa: E402
 from hier.taxonomy import Taxonomy  # noqa: E402
+from hier.version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["HierError", "Recognizer", "Results", "Taxonomy", "__version__"]
 
 
 def __getattr__(name: str):
     """``from hier import Recognizer`` without importing torch for ``import hier`` (the CLI starts faster)."""
-    if name in ("Recognizer", "Results", "Prediction"):
-        from hier import recognizer
-        return getattr(recognizer, name)
+    if name == "Recognizer":
+        from hier.recognizer import Recognizer
+        return Recognizer
+    if name in ("Results", "Prediction"):
+        from hier import results
+        return getattr(results, name)
     raise AttributeError(f"module 'hier' has no attribute {name!r}")

@@ -14,7 +14,7 @@ import os
 import stat
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -73,6 +73,18 @@ def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def hold_lock(stack: ExitStack, path: str | Path, wait: bool) -> bool:
+    """Enter ``path``'s lock on ``stack``: waiting for a writer as commands do, or (``wait=False``) only
+    if it is free now. Returns False when it is busy (never when ``wait``)."""
+    try:
+        stack.enter_context(locked(path, timeout=None if wait else 0))
+    except HierError:
+        if wait:
+            raise
+        return False
+    return True
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:

@@ -59,7 +59,7 @@ def answer(probs: np.ndarray, taxonomy: Taxonomy) -> tuple[np.ndarray, np.ndarra
     taxonomy path by construction. Every figure (top-1, per-level accuracy, the report's tables, the
     trainer's ``val_top1``, enrollment's own-shot answers) and every returned answer (predict, the
     service, ``similar --same-brand``, listings' labels) is this one. Chosen by measurement over the
-    flat argmax, reported beside it as ``flat_top1`` (README, "The answer")."""
+    flat argmax, reported beside it as ``flat_top1`` (docs/benchmarks/answer.md)."""
     return path_of(answer_class(probs, taxonomy.fine_to_model, taxonomy.fine_to_brand), taxonomy)
 
 
@@ -73,6 +73,28 @@ def answer_class(probs: np.ndarray, fine_to_model: np.ndarray, fine_to_brand: np
     brand = brand_p.argmax(1)
     model = np.where(model_to_brand[None, :] == brand[:, None], model_p, -1).argmax(1)
     return np.where(fine_to_model[None, :] == model[:, None], probs, -1).argmax(1)
+
+
+def served_answer(joint: np.ndarray, temperature: float, fine_to_model: np.ndarray,
+                  fine_to_brand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The answer served for joint scores: the calibrated distribution ``softmax(joint / temperature)``
+    and each photo's answer, its fine class read top-down (``answer_class``). The top-down answer
+    depends on the temperature (a sum of probabilities, not of scores), so every answer goes through this
+    one function with the served temperature: the predictor, ensembles and enrollment's own-shot check.
+
+    Args:
+        joint: (N, C) fine-class scores before the temperature.
+        temperature: the artifact's fitted temperature.
+        fine_to_model, fine_to_brand: the taxonomy's integer maps.
+
+    Returns:
+        (probs (N, C), fine class index (N,)).
+
+    Example:
+        >>> probs, fine = served_answer(out["joint"], net.cfg.temperature, tax.fine_to_model, tax.fine_to_brand)
+    """
+    probs = softmax(joint, temperature)
+    return probs, answer_class(probs, fine_to_model, fine_to_brand)
 
 
 def path_of(fine: np.ndarray, taxonomy: Taxonomy) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

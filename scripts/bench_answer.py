@@ -19,20 +19,16 @@ from rich.table import Table
 
 from benchlib import machine
 from hier import Recognizer
-from hier.data import split_indices
-from hier.engine.trainer import prepare
-from hier.fileio import read_json
+from hier.artifact.records import read_run
+from hier.data.split import training_split
 from hier.metrics import answer, path_of
 from hier.taxonomy import Taxonomy
 
 
 def validation_split(art: Path) -> tuple[list, list[str]]:
-    """The photos ``hier train`` held out for validation: its own reader and split of its saved settings."""
-    run = read_json(art / "train.json")
-    cfg = run["train"]
-    photos, _ = prepare(run["data"], Taxonomy.from_csv(art / "taxonomy.csv"), cfg.get("layout", "auto"))
-    _, va = split_indices(photos.labels, cfg["val_frac"], cfg["seed"], cfg.get("fold"), cfg.get("folds"))
-    return [photos.paths[i] for i in va], [photos.labels[i] for i in va]
+    """The photos ``hier train`` held out for validation: ``training_split`` of its saved settings."""
+    run = read_run(art)
+    return training_split(run["data"], Recognizer(art).taxonomy, run["train"]).part("val")
 
 
 def main() -> None:

@@ -32,15 +32,22 @@ from sklearn.linear_model import LogisticRegression
 
 from benchlib import machine
 from hier import artifact
-from hier.enroll import (MAX_BASE_DROP, MAX_RAISE, Calibration, PrototypeMap, budget_offset, class_means,
-                         VALIDATION, enroll, imprint, save_validation)
-from hier.models.statistics import STATISTICS, ClassStatistics, HeadConfig
+from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, budget_offset
+from hier.enrollment.heads import Calibration, imprint
+from hier.enrollment.mapped import PrototypeMap
+from hier.models.statistics import class_means
+from hier.artifact.files import VALIDATION
+from hier.enrollment.enroll import enroll
+from hier.artifact.records import save_validation
+from hier.artifact.files import STATISTICS
+from hier.models.statistics import ClassStatistics, HeadConfig
 from hier.index import Gallery, factory_string
-from hier.engine.predictor import Predictor
+from hier.runtime import Predictor
 from hier.models import create_trunk
 from hier.taxonomy import Taxonomy
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
-from hier.engine.trainer import configs, train
+from hier.training.config import configs
+from hier.training.run import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NEAR_SIBLING = {   # held out -> the sibling that stays in training

@@ -23,8 +23,9 @@ from sklearn.model_selection import train_test_split
 
 from benchlib import machine
 from hier.data import scan_folder
-from hier.engine.trainer import configs, train
-from hier.ensemble import build
+from hier.training.config import configs
+from hier.training.run import train
+from hier.services.ensemble.build import build
 from hier.recognizer import Recognizer
 from hier.taxonomy import Taxonomy
 

@@ -57,8 +57,12 @@ import pandas as pd
 
 from benchlib import machine
 from hier import Recognizer, artifact
-from hier import index as gallery_ops
-from hier.index import BRAND, RERANK, TRAIN_MIN, TRAIN_PER_LIST, Gallery, factory_string, lists, search_whitening
+from hier.artifact.files import GALLERY, VECTORS
+from hier.gallery import (BASE, BRAND, RERANK, TRAIN_MIN, TRAIN_PER_LIST, Gallery, factory_string, label_columns,
+                          lists)
+from hier.gallery import store as gallery_store
+from hier.services import indexing
+from hier.services.labelling import search_whitening
 from hier.metrics import answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev" / "train"
@@ -125,7 +129,7 @@ def listing_chunks(z: np.ndarray, n: int, noise: Noise, seed: int, chunk: int):
 
 
 def whiten(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """What a whitened gallery searches in (``hier.index.whitened``): normalise(x @ W)."""
+    """What a whitened gallery searches in (``hier.gallery.whitened``): normalise(x @ W)."""
     y = x @ w
     return (y / np.linalg.norm(y, axis=1, keepdims=True)).astype(np.float32)
 
@@ -341,7 +345,7 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
             a, b = base_n + d * args.day_size, base_n + (d + 1) * args.day_size
             day = f"2025-01-{d + 1:02d}" if d < 31 else f"day{d}"
             t = time.perf_counter()
-            gallery_ops.refuse_clashes(work, listings.iloc[a:b])     # every shard's listing ids read
+            indexing.refuse_clashes(work, listings.iloc[a:b])        # every shard's listing ids read
             clash_s.append(time.perf_counter() - t)
             t = time.perf_counter()                                  # what `hier index add --shard` does
             part = Gallery.load(work, only=[day])
@@ -349,7 +353,7 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
             part.save(work, only=[day])
             add_s.append(time.perf_counter() - t)
         whole = Gallery.load(work)
-        one = Gallery.load(work, only=[gallery_ops.BASE])            # one index of everything, trained alike
+        one = Gallery.load(work, only=[BASE])                        # one index of everything, trained alike
         one.next_id = base_n                                         # the same ids as the shards'
         one.add(x[base_n:], listings.iloc[base_n:])
         for p in args.nprobe:
@@ -367,7 +371,7 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
             rows[-2]["same_ids_as_one_index"] = round(same, 4)
         whole = one = None
         t = time.perf_counter()
-        gallery_ops.drop(work, "2025-01-01")
+        indexing.drop(work, "2025-01-01")
         drop_s = time.perf_counter() - t
         row = {"listings": n, "kind": kind, "setting": "sharded writes", "base_build_s": round(build_s, 1),
                "base_save_s": round(save_s, 1), "add_day_s_median": round(float(np.median(add_s)), 3),
@@ -385,7 +389,7 @@ def evict(vectors: np.ndarray | None, path: Path) -> None:
     """``path`` out of the page cache: the pages a memory map of it holds are let go first and a file
     just written is flushed (the kernel keeps mapped and dirty pages), then its cached pages dropped
     (``POSIX_FADV_DONTNEED``)."""
-    if vectors is not None and isinstance(vectors.base, mmap.mmap):       # ``index.mapped_rows``'s map
+    if vectors is not None and isinstance(vectors.base, mmap.mmap):       # ``hier.gallery.mapped_rows``' map
         vectors.base.madvise(mmap.MADV_DONTNEED)
         vectors.base.madvise(mmap.MADV_RANDOM)
     fd = os.open(path, os.O_RDONLY)
@@ -407,7 +411,7 @@ def cached_bytes(path: Path) -> str:
 def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args) -> list[dict]:
     """The pq gallery searched from disk, its ``vectors.npy`` out of the page cache: saved as ``hier
     index`` saves it, then (1) loaded as a restarted service loads it, without and with hier's prefetch
-    (``index.prefetch``), the queries searched at once one at a time (latency of the first 20, the next
+    (``hier.gallery.prefetch``), the queries searched at once one at a time (latency of the first 20, the next
     80, the rest); (2) every query with the file evicted just before it (a gallery too big for memory)."""
     folder = Path(tempfile.mkdtemp(prefix="cold-", dir=args.out))
     fingerprint = g.fingerprint
@@ -415,8 +419,8 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
         g.fingerprint = "bench-cold"
         (folder / "config.json").write_text('{"fingerprint": "bench-cold"}')
         g.save(folder)
-        path = folder / "gallery" / gallery_ops.VECTORS
-        rows, warm = [], gallery_ops.prefetch
+        path = folder / GALLERY / VECTORS
+        rows, warm = [], gallery_store.prefetch
 
         def row(setting, ms, got):
             windows = {"first 20": ms[:20], "21-100": ms[20:100], "the rest": ms[100:]}
@@ -430,18 +434,18 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
         for setting, prefetch in (("restart, no prefetch", lambda path: None), ("restart, prefetch (default)", warm)):
             evict(None, path)
             resident = cached_bytes(path)
-            gallery_ops.prefetch = prefetch
+            gallery_store.prefetch = prefetch
             try:
                 t = time.perf_counter()
                 loaded = Gallery.load(folder)
                 load_s = time.perf_counter() - t
                 got, ms = one_at_a_time(lambda q: loaded.search(q, 10), queries)
             finally:
-                gallery_ops.prefetch = warm
+                gallery_store.prefetch = warm
             rows.append(row(setting, ms, got) | {"load_s": round(load_s, 2),
                                                  "cached_bytes_before": resident})
             loaded = None
-        gallery_ops.prefetch = lambda path: None        # nothing warms the file behind the evictions
+        gallery_store.prefetch = lambda path: None        # nothing warms the file behind the evictions
         try:
             loaded, ids, ms = Gallery.load(folder), [], []
             for q in queries[:args.cold]:
@@ -450,7 +454,7 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
                 ids.append(loaded.search(q[None], 10)[1][0])
                 ms.append(1000 * (time.perf_counter() - t))
         finally:
-            gallery_ops.prefetch = warm
+            gallery_store.prefetch = warm
         rows.append(row("every query evicted before it", np.array(ms), np.array(ids)))
         return rows
     finally:
@@ -461,7 +465,6 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
 def label_all(g: Gallery, art: Path, n: int) -> dict:
     """The one-off cost of `similar --same-brand` on a gallery: every listing answered by the head of
     now (``Gallery.labelled``), once per version of the artifact."""
-    from hier.index import label_columns
     snap = Recognizer(art).snapshot()
 
     def labels(vectors):

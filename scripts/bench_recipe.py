@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from benchlib import machine
-from hier.engine.trainer import configs, train
+from hier.training.config import configs
+from hier.training.run import train
 from hier.taxonomy import Taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

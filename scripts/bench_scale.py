@@ -27,7 +27,7 @@ import torch
 
 from benchlib import machine
 from hier import artifact
-from hier.engine.predictor import export
+from hier.export.onnx import export
 from hier.models import HierNet, ModelConfig, load_offline_weights
 from hier.taxonomy import Taxonomy
 

@@ -29,8 +29,11 @@ from rich.table import Table
 
 from benchlib import machine
 from hier import artifact
-from hier.engine.predictor import (Predictor, split_photos, artifact_predictor, compare, export, export_int8,
-                                   export_is_fresh, has_openvino)
+from hier.runtime import Predictor
+from hier.export.int8 import compare, export_int8, split_photos
+from hier.export.auto import artifact_predictor
+from hier.export.onnx import export
+from hier.runtime.backend import export_is_fresh, has_openvino
 from hier.models import HierNet, ModelConfig, load_offline_weights
 from hier.taxonomy import Taxonomy
 

@@ -25,7 +25,8 @@ from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_i
 from hier.metrics import evaluate_probs
 from hier.models import create_trunk
 from hier.taxonomy import Taxonomy
-from hier.engine.trainer import configs, train
+from hier.training.config import configs
+from hier.training.run import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

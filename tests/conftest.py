@@ -20,7 +20,8 @@ from hier.cli import main
 from hier.data.synthetic import make_demo_dataset
 from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
-from hier.engine.trainer import TrainConfig, train
+from hier.training.config import TrainConfig
+from hier.training.run import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STANFORD = SHARED / "data" / "stanford-cars-dev" / "train"
@@ -71,7 +72,8 @@ def art(tiny_artifact, tmp_path):
 def rename_classes(path: Path, names: dict[str, str], brands: dict[str, str] | None = None) -> None:
     """Rename classes (and brands) of an artifact in place, in its taxonomy and its class statistics."""
     import pandas as pd
-    from hier.models.statistics import STATISTICS, ClassStatistics
+    from hier.artifact.files import STATISTICS
+    from hier.models.statistics import ClassStatistics
 
     table = pd.read_csv(path / "taxonomy.csv", dtype=str, keep_default_na=False)
     table["class"] = table["class"].replace(names)
@@ -99,9 +101,10 @@ def make_legacy(path: Path, demo_data) -> Path:
     heads inside model.safetensors (no heads.safetensors)."""
     import numpy as np
     from hier import artifact
-    from hier.engine.predictor import Predictor
-    from hier.enroll import PROTOTYPES, class_means
-    from hier.models.statistics import STATISTICS
+    from hier.runtime import Predictor
+    from hier.artifact.files import PROTOTYPES
+    from hier.models.statistics import class_means
+    from hier.artifact.files import STATISTICS
 
     net, tax = artifact.load(path)
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))

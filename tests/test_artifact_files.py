@@ -18,9 +18,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from hier import artifact, enroll as enrollment, fileio
-from hier.models.statistics import STATISTICS, ClassStatistics
-from hier.engine.trainer import TrainConfig
+from hier import artifact, enrollment, fileio
+from hier.artifact.files import STATISTICS
+from hier.models.statistics import ClassStatistics
+from hier.training.config import TrainConfig
 from hier.errors import HierError
 from hier.models import ModelConfig
 from hier.taxonomy import REGISTRY, Taxonomy, check_name

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw
 from conftest import STANFORD, chromium, run_cli
 from test_cli import one_error_line, tree
 import hier.audit as audit_mod
-from hier.audit import apply_exclude, read_exclude
+from hier.data.exclude import apply_exclude, read_exclude
 from hier.data.readers import create_reader
 
 SHAPES = {"Alpha Sedan 2012": ((200, 30, 30), "ellipse"), "Beta Coupe 2012": ((30, 60, 200), "rectangle"),

@@ -9,7 +9,10 @@ import pytest
 
 from hier import artifact, fileio
 from hier.engine import predictor as pred
-from hier.engine.predictor import Predictor, artifact_predictor, choose_backend, export
+from hier.runtime import Predictor
+from hier.export.auto import artifact_predictor
+from hier.runtime.backend import choose_backend
+from hier.export.onnx import export
 from hier.errors import HierError
 from tests.conftest import run_cli
 

@@ -2,7 +2,7 @@
 import pytest
 
 from hier import HierError
-from hier.engine.predictor import choose_backend
+from hier.runtime.backend import choose_backend
 
 
 def test_the_backend_choice_fits_the_device():
@@ -49,6 +49,6 @@ def test_edits_never_touch_a_gpu(art, demo_data, monkeypatch, capsys):
 
 
 def test_decoding_workers_start_only_where_they_pay():
-    from hier.engine.predictor import decode_workers
+    from hier.runtime import decode_workers
     assert [decode_workers(1, 2), decode_workers(63, 2), decode_workers(64, 2)] == [0, 0, 1]
     assert [decode_workers(10_000, 1), decode_workers(10_000, None), decode_workers(10_000, 16)] == [0, 0, 4]

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
-from hier.engine import distributed
-from hier.engine.distributed import World, world_from_env
+from hier.training import distributed
+from hier.training.distributed import World, world_from_env
 from hier.errors import HierError
 
 TINY_FLAGS = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "none", "--batch-size", "16",

@@ -7,11 +7,11 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from hier import embed
-from hier.engine.predictor import Predictor
 from hier.errors import HierError
-from hier.index import Gallery, read_listings
+from hier.gallery import Gallery, read_listings
 from hier.recognizer import Recognizer
+from hier.runtime import Predictor
+from hier.services import embedding
 
 from conftest import run_cli
 
@@ -31,16 +31,16 @@ def test_shards_hold_every_listing_once_with_the_embeddings_of_the_predictor(art
     out = tmp_path / "emb"
     table = read_listings(listings)
     for i in range(3):
-        embed.embed(art, table, out, (i, 3))
+        embedding.embed(art, table, out, (i, 3))
     assert sorted(p.name for p in out.iterdir()) == [f"part-0000{i}-of-00003.parquet" for i in range(3)]
-    vectors, rows = embed.read_embeddings(out)
+    vectors, rows = embedding.read_embeddings(out)
     assert sorted(rows["listing_id"]) == sorted(table["listing_id"]) and len(rows) == len(table) == 24
     rec = Recognizer(art)
     direct = Predictor(rec.net)(list(rows["image"]))
     assert np.abs(vectors - direct["embedding"]).max() < 1e-5
     assert list(rows["hier_class"]) == [rec.taxonomy.classes[i] for i in direct["answer"]]
     assert set(rows["zip"]) == {"01234"} and rows["price"].iloc[0] == "n/a"       # sellers' text kept as text
-    assert json.loads(pq.read_schema(out / embed.part_name(1, 3)).metadata[b"hier"])["fingerprint"] \
+    assert json.loads(pq.read_schema(out / embedding.part_name(1, 3)).metadata[b"hier"])["fingerprint"] \
         == rec.net.fingerprint()
 
 
@@ -64,25 +64,25 @@ def test_a_gallery_from_shards_answers_as_one_built_from_photos(art, listings, t
 def test_missing_mixed_foreign_repeated_or_damaged_shards_are_refused(art, listings, tmp_path):
     table = read_listings(listings)
     out = tmp_path / "emb"
-    embed.embed(art, table, out, (0, 2))
+    embedding.embed(art, table, out, (0, 2))
     with pytest.raises(HierError, match="shard 1/2 is missing"):
-        embed.read_embeddings(out)
+        embedding.read_embeddings(out)
     with pytest.raises(HierError, match="exists"):
-        embed.embed(art, table, out, (0, 2))                 # a part is never overwritten
-    shutil.copy(out / embed.part_name(0, 2), out / embed.part_name(1, 2))
+        embedding.embed(art, table, out, (0, 2))                 # a part is never overwritten
+    shutil.copy(out / embedding.part_name(0, 2), out / embedding.part_name(1, 2))
     with pytest.raises(HierError, match="L000.* two rows"):
-        embed.read_embeddings(out)
+        embedding.read_embeddings(out)
     with pytest.raises(HierError, match="other weights"):
-        embed.read_embeddings(out, fingerprint="0" * 16)
-    (out / embed.part_name(0, 1)).write_bytes(b"not parquet")
+        embedding.read_embeddings(out, fingerprint="0" * 16)
+    (out / embedding.part_name(0, 1)).write_bytes(b"not parquet")
     with pytest.raises(HierError, match="mixes shards"):
-        embed.read_embeddings(out)
-    (out / embed.part_name(0, 2)).unlink()
-    (out / embed.part_name(1, 2)).unlink()
+        embedding.read_embeddings(out)
+    (out / embedding.part_name(0, 2)).unlink()
+    (out / embedding.part_name(1, 2)).unlink()
     with pytest.raises(HierError, match="not a `hier embed` shard"):
-        embed.read_embeddings(out)
+        embedding.read_embeddings(out)
     with pytest.raises(HierError, match="no embedding shards"):
-        embed.read_embeddings(tmp_path / "nowhere")
+        embedding.read_embeddings(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("text", ["2/2", "1", "-1/3", "a/b", "0/0", ""])

@@ -10,8 +10,12 @@ from scipy.special import logsumexp
 
 from hier import artifact
 from hier.recognizer import Recognizer
-from hier.models.statistics import STATISTICS, ClassStatistics
-from hier.engine.trainer import CHECKPOINT, OOF, TrainConfig, read_oof, train
+from hier.artifact.files import STATISTICS
+from hier.models.statistics import ClassStatistics
+from hier.artifact.files import CHECKPOINT, OOF
+from hier.training.config import TrainConfig
+from hier.artifact.records import read_oof
+from hier.training.run import train
 from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 

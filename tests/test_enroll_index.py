@@ -9,10 +9,10 @@ import torch
 
 from hier import artifact, fileio
 from hier.enroll import MAX_RAISE, read_validation
-from hier.index import SEARCH_SHRINK
 from hier.models.statistics import STATISTICS, ClassStatistics
 from hier.engine.predictor import Predictor
 from hier.recognizer import Recognizer
+from hier.services.labelling import SEARCH_SHRINK
 
 from conftest import run_cli
 

@@ -11,9 +11,13 @@ from scipy.special import log_softmax
 
 from conftest import TINY, rename_classes, run_cli
 from hier import artifact
-from hier.engine.predictor import artifact_predictor
-from hier.engine.trainer import OOF, TrainConfig, read_oof, train
-from hier.ensemble import ENSEMBLE, build
+from hier.export.auto import artifact_predictor
+from hier.artifact.files import OOF
+from hier.training.config import TrainConfig
+from hier.artifact.records import read_oof
+from hier.training.run import train
+from hier.artifact.files import ENSEMBLE
+from hier.services.ensemble.build import build
 from hier.errors import HierError
 from hier.metrics import fit_temperature, softmax
 from hier.models import ModelConfig
@@ -130,7 +134,7 @@ def test_oof_photos_match_across_copies_of_the_data(recipes, demo_data, tmp_path
 def test_oof_names_linked_photos_below_the_data_folder(tmp_path):
     """A split made of symlinks (bench_ensemble's) names its photos below its own folder, not where the
     links point; a photo outside DATA keeps its path as given."""
-    from hier.engine.trainer import save_oof
+    from hier.artifact.records import save_oof
     real = tmp_path / "shared" / "Audi" / "1.jpg"
     real.parent.mkdir(parents=True)
     real.write_bytes(b"x")

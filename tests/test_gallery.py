@@ -13,11 +13,13 @@ import pandas as pd
 import pytest
 import torch
 
-import hier.index
-from hier import artifact, fileio, index
-from hier.recognizer import Recognizer
-from hier.engine.predictor import Predictor
+from hier import artifact, fileio
 from hier.errors import HierError
+from hier.gallery import BRAND, ID, NPROBE, PQ_BITS, PQ_DIMS, SIMILARITY, Gallery, factory_string
+from hier.gallery import listings
+from hier.recognizer import Recognizer
+from hier.runtime import Predictor
+from hier.services import indexing, labelling
 
 from conftest import run_cli
 
@@ -42,7 +44,7 @@ def calls(monkeypatch):
     class Calls:
         n = 0
         before = staticmethod(lambda n: None)
-    real = hier.index.artifact_predictor
+    real = labelling.artifact_predictor
 
     def wrapped(*a, **k):
         predictor = real(*a, **k)
@@ -52,7 +54,7 @@ def calls(monkeypatch):
             Calls.before(Calls.n)
             return predictor(images, progress, **kw)
         return call
-    monkeypatch.setattr(hier.index, "artifact_predictor", wrapped)
+    monkeypatch.setattr(labelling, "artifact_predictor", wrapped)
     return Calls
 
 
@@ -75,7 +77,7 @@ def _in_thread(fn, *args):
 def test_a_reader_takes_the_lock_while_the_index_embeds(op, art, demo_data, tmp_path, calls):
     """`index build/add` held the artifact's lock for the whole embedding: a service waited ~25 s."""
     if op == "add":
-        index.build(art, _listings(demo_data, tmp_path, "first"))
+        indexing.build(art, _listings(demo_data, tmp_path, "first"))
     folder = _listings(demo_data, tmp_path, "new", start=10)
     embedding, go = threading.Event(), threading.Event()
 
@@ -83,7 +85,7 @@ def test_a_reader_takes_the_lock_while_the_index_embeds(op, art, demo_data, tmp_
         embedding.set()
         assert go.wait(60)
     calls.before = block
-    t, box = _in_thread(index.build if op == "build" else index.add, art, folder)
+    t, box = _in_thread(indexing.build if op == "build" else indexing.add, art, folder)
     try:
         assert embedding.wait(60)
         with fileio.locked(art, timeout=0.5):     # a reader (the service) gets in at once
@@ -92,7 +94,7 @@ def test_a_reader_takes_the_lock_while_the_index_embeds(op, art, demo_data, tmp_
         go.set()
         t.join(120)
     assert "error" not in box, box.get("error")
-    gallery = index.Gallery.load(art)
+    gallery = Gallery.load(art)
     assert {f"new_{i}" for i in range(4)} <= set(gallery.listings["listing_id"])
     assert len(gallery) == (8 if op == "add" else 4)
 
@@ -111,7 +113,7 @@ def test_weights_changed_during_the_embedding_are_noticed(art, demo_data, tmp_pa
     folder = _listings(demo_data, tmp_path, "new")
     before = Predictor(artifact.load(art)[0])(sorted(folder.iterdir()))["embedding"]
     calls.before = lambda n: _flip_embedding(art) if n == 1 else None
-    gallery = index.build(art, folder)
+    gallery = indexing.build(art, folder)
     assert calls.n == 2                                           # embedded again with the new weights
     after = Predictor(artifact.load(art)[0])(sorted(folder.iterdir()))["embedding"]
     assert np.abs(after - before).max() > 0.1                     # the change is real
@@ -127,19 +129,19 @@ def test_an_artifact_that_keeps_changing_is_one_line_and_nothing_saved(art, demo
     last = err.strip().splitlines()[-1]                        # after the embeddings' progress bars
     assert code == 2 and "Traceback" not in err and last.startswith("error:"), err
     assert "changed while its listings were embedded, 3 times" in last
-    assert calls.n == index.EMBED_TRIES and not (art / "gallery").exists()
+    assert calls.n == indexing.EMBED_TRIES and not (art / "gallery").exists()
 
 
 def test_two_adds_embedding_at_once_both_land(art, demo_data, tmp_path, calls):
-    index.build(art, _listings(demo_data, tmp_path, "first"))
+    indexing.build(art, _listings(demo_data, tmp_path, "first"))
     both = threading.Barrier(2, timeout=60)       # before the fix the second waited on the first's lock
     calls.before = lambda n: both.wait()
-    threads = [_in_thread(index.add, art, _listings(demo_data, tmp_path, f"b{b}", start=8 * b + 8))
+    threads = [_in_thread(indexing.add, art, _listings(demo_data, tmp_path, f"b{b}", start=8 * b + 8))
                for b in range(2)]
     for t, _ in threads:
         t.join(180)
     assert all("error" not in box for _, box in threads), [box.get("error") for _, box in threads]
-    gallery = index.Gallery.load(art)
+    gallery = Gallery.load(art)
     assert len(gallery) == 12 == len(gallery.listings)
     assert {f"b{b}_{i}" for b in range(2) for i in range(4)} <= set(gallery.listings["listing_id"])
 
@@ -147,7 +149,7 @@ def test_two_adds_embedding_at_once_both_land(art, demo_data, tmp_path, calls):
 # --- 12. checks before work ----------------------------------------------------------------------------
 
 def test_index_add_of_clashing_ids_is_refused_before_embedding(art, demo_data, tmp_path, calls, capsys):
-    index.build(art, _listings(demo_data, tmp_path, "first"))
+    indexing.build(art, _listings(demo_data, tmp_path, "first"))
     calls.n = 0
     before = {p.name: p.read_bytes() for p in (art / "gallery").iterdir()}
     csv = tmp_path / "again.csv"
@@ -230,7 +232,7 @@ def _clustered(n, seed=0, d=DIM):
 
 def _rows(n):
     return pd.DataFrame({"listing_id": [f"L{i}" for i in range(n)],
-                         index.BRAND: np.array(list("ABCDE"))[np.arange(n) % 5]})
+                         BRAND: np.array(list("ABCDE"))[np.arange(n) % 5]})
 
 
 def _whitening(seed=1, d=DIM):
@@ -269,14 +271,14 @@ def _counting_searches(gallery, monkeypatch):
 def test_a_filtered_flat_search_is_one_search_and_exact_on_the_allowed_listings(whiten, monkeypatch):
     """Before: a loop per query that searched 10, 40, 160... deep until 10 rows passed the filter."""
     x, q, w = _clustered(3000), _clustered(30, seed=7), _whitening() if whiten else None
-    gallery = index.Gallery.build(x, _rows(len(x)), "flat", w)
+    gallery = Gallery.build(x, _rows(len(x)), "flat", w)
     calls = _counting_searches(gallery, monkeypatch)
-    out = gallery.results(q, 10, where=lambda rows: rows[index.BRAND] == "C")
+    out = gallery.results(q, 10, where=lambda rows: rows[BRAND] == "C")
     assert calls == [30]                                          # one batched search for all 30 queries
     truth, sims = _exact(x, q, w, allowed=np.arange(len(x)) % 5 == 2)
     for rows, ids, s in zip(out, truth, sims):
-        assert set(rows[index.BRAND]) == {"C"} and rows[index.ID].tolist() == ids.tolist()
-        np.testing.assert_allclose(rows[index.SIMILARITY], s, atol=1e-5)
+        assert set(rows[BRAND]) == {"C"} and rows[ID].tolist() == ids.tolist()
+        np.testing.assert_allclose(rows[SIMILARITY], s, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind, bound", [("ivf", 0.8), ("hnsw", 0.6), ("pq", 0.8)])
@@ -286,13 +288,13 @@ def test_a_filtered_approximate_search_returns_only_allowed_listings(kind, bound
     pq 0.85 re-ranked (0.64 by its codes alone; these overlapping clusters are hard, and pq's nprobe 16
     probes few of their lists; unfiltered recall is alike: 0.93, 0.69, 0.94)."""
     x, q = _clustered(6000), _clustered(40, seed=7)
-    gallery = index.Gallery.build(x, _rows(len(x)), kind)
+    gallery = Gallery.build(x, _rows(len(x)), kind)
     calls = _counting_searches(gallery, monkeypatch)
-    out = gallery.results(q, 10, where=lambda rows: rows[index.BRAND] == "B")
-    assert calls == [40] and all(len(r) == 10 and set(r[index.BRAND]) == {"B"} for r in out)
+    out = gallery.results(q, 10, where=lambda rows: rows[BRAND] == "B")
+    assert calls == [40] and all(len(r) == 10 and set(r[BRAND]) == {"B"} for r in out)
     truth, _ = _exact(x, q, allowed=np.arange(len(x)) % 5 == 1)
-    assert _recall([r[index.ID].to_numpy() for r in out], truth) >= bound
-    assert [len(r) for r in gallery.results(q[:2], 10, where=lambda rows: rows[index.BRAND] == "Z")] == [0, 0]
+    assert _recall([r[ID].to_numpy() for r in out], truth) >= bound
+    assert [len(r) for r in gallery.results(q[:2], 10, where=lambda rows: rows[BRAND] == "Z")] == [0, 0]
 
 
 def test_search_parameters_are_per_call():
@@ -300,12 +302,12 @@ def test_search_parameters_are_per_call():
     (before: ``ParameterSpace`` set nprobe on the shared index before every search)."""
     x, q = _clustered(6000), _clustered(50, seed=7)
     truth, _ = _exact(x, q)
-    ivf = index.Gallery.build(x, _rows(len(x)), "ivf")
+    ivf = Gallery.build(x, _rows(len(x)), "ivf")
     lists = faiss.extract_index_ivf(ivf.index)
     before = lists.nprobe
     one, every = (_recall(ivf.search(q, 10, nprobe=p)[1], truth) for p in (1, lists.nlist))
-    assert every == 1.0 and one < 0.3 and lists.nprobe == before and ivf.nprobe == index.NPROBE["ivf"]   # 0.20
-    hnsw = index.Gallery.build(x, _rows(len(x)), "hnsw")
+    assert every == 1.0 and one < 0.3 and lists.nprobe == before and ivf.nprobe == NPROBE["ivf"]   # 0.20
+    hnsw = Gallery.build(x, _rows(len(x)), "hnsw")
     low, high = (_recall(hnsw.search(q, 10, ef_search=e)[1], truth) for e in (10, 400))
     assert low < 0.5 and high >= 0.97                                  # measured 0.31 and 0.99
 
@@ -319,10 +321,10 @@ def test_the_pq_kind_recalls_saves_removes_and_gives_vectors_back(whiten, tmp_pa
     removed ids are never returned; ``vectors`` gives back the float16 vectors (without them the codes'
     reconstructions, cosine measured >= 0.89)."""
     x, q, w = _clustered(6000), _clustered(100, seed=7), _whitening() if whiten else None
-    gallery = index.Gallery.build(x[:5000], _rows(5000), "pq", w)
-    assert index.factory_string("pq", 5000, DIM) == "IVF128,PQ32x6np"
+    gallery = Gallery.build(x[:5000], _rows(5000), "pq", w)
+    assert factory_string("pq", 5000, DIM) == "IVF128,PQ32x6np"
     code = faiss.extract_index_ivf(gallery.index).code_size
-    assert code == DIM * index.PQ_BITS // index.PQ_DIMS // 8 == 24
+    assert code == DIM * PQ_BITS // PQ_DIMS // 8 == 24
     size = len(gallery._index_bytes())
     gallery.add(x[5000:], _rows(6000).iloc[5000:])
     assert len(gallery._index_bytes()) - size == 1000 * (code + 8)
@@ -333,9 +335,9 @@ def test_the_pq_kind_recalls_saves_removes_and_gives_vectors_back(whiten, tmp_pa
     (tmp_path / "config.json").write_text('{"fingerprint": "f"}')
     gallery.fingerprint = "f"
     gallery.save(tmp_path)
-    loaded = index.Gallery.load(tmp_path)
+    loaded = Gallery.load(tmp_path)
     again = loaded.search(q, 10)
-    assert loaded.kind == "pq" and loaded.nprobe == index.NPROBE["pq"]
+    assert loaded.kind == "pq" and loaded.nprobe == NPROBE["pq"]
     np.testing.assert_array_equal(again[1], ids)
     np.testing.assert_allclose(again[0], sims, atol=1e-6)
     assert loaded.remove([f"L{i}" for i in range(0, 6000, 2)]) == 3000 and len(loaded) == 3000
@@ -351,7 +353,7 @@ def test_the_pq_kind_recalls_saves_removes_and_gives_vectors_back(whiten, tmp_pa
 
 def test_too_few_images_for_pq_is_one_line(art, demo_data, capsys):
     with pytest.raises(HierError, match=r"--index pq needs at least 2,496 listing images to train, not 2,000; use"):
-        index.Gallery.build(_clustered(2000), _rows(2000), "pq")
+        Gallery.build(_clustered(2000), _rows(2000), "pq")
     code, _, err = run_cli("index", "build", art, demo_data.train_dir, "--index", "pq", capsys=capsys)
     assert _one_line_error(code, err) and "needs at least 2,496 listing images to train, not 144" in err, err
     assert not (art / "gallery").exists()
@@ -363,8 +365,8 @@ def test_listings_labelled_by_the_head_of_now_are_not_labelled_again(art, demo_d
     per version of the artifact; an add under another head marks the labels as mixed."""
     assert run_cli("index", "build", art, demo_data.train_dir, capsys=capsys)[0] == 0
     labelled = []                                  # listings answered again from their stored vectors
-    real = index.label_columns
-    monkeypatch.setattr(index, "label_columns", lambda probs, tax: labelled.append(len(probs)) or real(probs, tax))
+    real = listings.answer                         # what ``label_columns`` answers listings by
+    monkeypatch.setattr(listings, "answer", lambda probs, tax: labelled.append(len(probs)) or real(probs, tax))
     rec = Recognizer(art)
     photo = sorted(demo_data.train_dir.glob("*/*.jpg"))[5]
     first = rec.similar(photo, k=5, same_brand=True)

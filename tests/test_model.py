@@ -135,7 +135,8 @@ def test_offline_trunk_feature_statistics(name):
 def test_weight_decay_leaves_scales_norms_and_biases_alone(taxonomy):
     """Before: one AdamW group per part decayed every parameter, the cosine heads' log_scale and the
     BatchNorm weights included (pulled toward scale 1 and toward 0)."""
-    from hier.engine.trainer import TrainConfig, param_groups
+    from hier.training.config import TrainConfig
+    from hier.training.trainer import param_groups
     net = HierNet(ModelConfig(**vars(TINY)), taxonomy, pretrained="none")
     cfg = TrainConfig(lr=1e-3, head_lr=3e-3, weight_decay=0.05)
     groups = param_groups(net, cfg)

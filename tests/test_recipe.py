@@ -8,7 +8,9 @@ import torch.nn.functional as F
 
 from hier import artifact
 from hier.data import AUG_POLICIES, train_transform
-from hier.engine.trainer import TrainConfig, param_groups, train
+from hier.training.config import TrainConfig
+from hier.training.trainer import param_groups
+from hier.training.run import train
 from hier.errors import HierError
 from hier.models import HierNet, HierTask, ModelConfig
 from hier.models.losses import classification_loss, coarser
@@ -179,7 +181,7 @@ def test_class_pairs_file_refused_in_one_line(content, message, demo_data, tmp_p
 def test_the_cpu_preset_keeps_its_share_of_low_resolution_epochs():
     """`--preset cpu` is 12 of 18 epochs at 160 px: a run made shorter or longer keeps two thirds at low
     resolution (not refused for low-res epochs past its end); given flags still win."""
-    from hier.engine.trainer import configs
+    from hier.training.config import configs
     shares = {e: (t.low_res, t.low_res_epochs) for e in (18, 6, 30, 2, 1) for t in [configs("cpu", epochs=e)[1]]}
     assert shares == {18: (160, 12), 6: (160, 4), 30: (160, 20), 2: (160, 1), 1: (0, 0)}
     assert configs("cpu", epochs=6, low_res_epochs=2)[1].low_res_epochs == 2
@@ -187,7 +189,7 @@ def test_the_cpu_preset_keeps_its_share_of_low_resolution_epochs():
 
 
 def test_class_pairs_named_like_missing_values_stay_names(tmp_path):
-    from hier.competitions.hecto import load_equivalent_pairs
+    from hier.data.split import load_equivalent_pairs
     pairs = tmp_path / "pairs.csv"
     pairs.write_text("class_a,class_b\nNA,None\nnull,N/A\n", encoding="utf-8")
     assert load_equivalent_pairs(pairs) == [("NA", "None"), ("null", "N/A")]

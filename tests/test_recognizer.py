@@ -14,7 +14,8 @@ from PIL import Image
 from hier import HierError, Recognizer, artifact, fileio
 from hier.errors import HierWarning
 from hier.index import SEARCH_SHRINK
-from hier.models.statistics import STATISTICS, ClassStatistics
+from hier.artifact.files import STATISTICS
+from hier.models.statistics import ClassStatistics
 
 from conftest import TINY, run_cli
 

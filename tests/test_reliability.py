@@ -21,14 +21,18 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from hier import artifact, enroll as enrollment, fileio, index
-from hier.models.statistics import STATISTICS, ClassStatistics
+from hier import artifact, enrollment, fileio, index
+from hier.artifact.files import STATISTICS
+from hier.models.statistics import ClassStatistics
 from hier.data import load_rgb, scan_folder
 from hier.errors import HierError
-from hier.engine.predictor import Predictor
+from hier.runtime import Predictor
 from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
-from hier.engine.trainer import CHECKPOINT, TrainConfig, prepare, train
+from hier.artifact.files import CHECKPOINT
+from hier.training.config import TrainConfig
+from hier.data.split import training_split
+from hier.training.run import train
 
 from conftest import TINY, rename_classes, run_cli, write_bomb
 
@@ -376,7 +380,8 @@ def test_nfd_folders_match_an_nfc_taxonomy_and_twins_merge(demo_data, tmp_path):
     (tmp_path / "tax.csv").write_text(
         "class,brand,model,year_start,year_end\n"
         f"{NFC_NAME},현대,쏘나타,2020,2023\n그랜저_GN7_2023_2025,현대,그랜저,2023,2025\n", encoding="utf-8")
-    images, tax = prepare(tmp_path / "data", Taxonomy.from_csv(tmp_path / "tax.csv"))
+    split = training_split(tmp_path / "data", Taxonomy.from_csv(tmp_path / "tax.csv"), {"val_frac": 0})
+    images, tax = split.images, split.taxonomy
     assert tax.classes == [NFC_NAME, "그랜저_GN7_2023_2025"]
     assert images.labels.count(NFC_NAME) == 8                     # NFC and NFD twins are one class
     nfd_tax = tmp_path / "nfd.csv"                                # and an NFD taxonomy reads as NFC

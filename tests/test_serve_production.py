@@ -430,8 +430,8 @@ def test_thumbnails_run_off_the_event_loop_and_off_the_model_thread(art, demo_da
     (Before, they decoded on the event loop and read the gallery in the model thread.)"""
     import hier.serve.app as service
 
-    real = service._thumbnail
-    monkeypatch.setattr(service, "_thumbnail", lambda *a: (time.sleep(1.5), real(*a))[1])
+    real = service.thumbnail_jpeg
+    monkeypatch.setattr(service, "thumbnail_jpeg", lambda *a: (time.sleep(1.5), real(*a))[1])
     with live(create_app(art)) as (http, _):
         slow = [_in_thread(lambda: http.get("/listings/a%231/photo")) for _ in range(4)]
         time.sleep(0.2)
@@ -472,11 +472,11 @@ def test_a_16_bit_listing_photo_gets_a_thumbnail_of_its_8_bit_version(tmp_path):
     import numpy as np
     from PIL import Image
 
-    from hier.serve.app import _thumbnail
+    from hier.serve.thumbnails import thumbnail_jpeg
 
     ramp = np.tile(np.linspace(0, 65535, 300).astype(np.uint16), (200, 1))
     wide, narrow = tmp_path / "deep.png", tmp_path / "plain.png"
     Image.fromarray(ramp).save(wide)
     Image.fromarray((ramp // 257).astype(np.uint8)).save(narrow)
-    deep, plain = (np.asarray(Image.open(BytesIO(_thumbnail(str(p), (1,))))).astype(float) for p in (wide, narrow))
+    deep, plain = (np.asarray(Image.open(BytesIO(thumbnail_jpeg(str(p), (1,))))).astype(float) for p in (wide, narrow))
     assert abs(deep.mean() - plain.mean()) < 2 and deep.mean() < 200, (deep.mean(), plain.mean())

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hier.errors import HierError
-from hier.competitions.hecto import load_equivalent_pairs
+from hier.data.split import load_equivalent_pairs
 from hier.taxonomy import REGISTRY, Taxonomy, parse_class_name
 
 from conftest import SHARED

@@ -29,7 +29,7 @@ def audit(
     """One HTML page on a dataset before training: per-class counts, sizes and brightness, exact
     duplicates (within and across classes), near-duplicates, outliers (a contact sheet), unreadable files."""
     from hier.audit import audit as run
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     with progress_bar(err) as progress:
         r = run(data, out, artifact, layout, near, outliers, exclude_outliers, exclude_near, write_exclude, force,

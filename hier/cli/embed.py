@@ -29,7 +29,7 @@ def embed(
         check_number("--workers", workers, 0, 256, integer=True)
     from hier.cli.index import _listings
     from hier.embed import embed as embed_shard, parse_shard
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     where = parse_shard(shard)
     table = _listings(listings, strict)

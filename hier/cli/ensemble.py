@@ -19,7 +19,7 @@ def ensemble(
 ):
     """Combine artifacts into one that predict, evaluate, submissions and serve accept: each member's
     calibrated distribution, weighted geometric mean, temperature refitted on out-of-fold scores."""
-    from hier.ensemble import build
+    from hier.services.ensemble.build import build
 
     spec = build(members, out, weights)
     table = Table(title=f"out-of-fold figures ({spec['fitted']})")

@@ -36,7 +36,7 @@ def index_build(
     """Embed listing photos and (re)build ARTIFACT/gallery."""
     from hier.index import factory_string
     from hier.recognizer import Recognizer
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     if (listings is None) == (from_embeddings is None):
         raise HierError("give LISTINGS (photos to embed) or --from-embeddings EMB/ (shards of `hier embed`), one of them")
@@ -64,7 +64,7 @@ def index_add(
     """Add listings to an existing index (ids of the others stay as they are); only their shard is rewritten."""
     from hier.index import shard_name
     from hier.recognizer import Recognizer
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     shard = shard_name(shard)
     rec = Recognizer(artifact)
@@ -82,7 +82,7 @@ def index_rebuild(
     """Embed the gallery's listings again with the artifact's current weights (after `hier train --resume`)."""
     from hier.index import factory_string
     from hier.recognizer import Recognizer
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     if kind is not None:
         factory_string(kind, 1)

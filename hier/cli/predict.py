@@ -40,7 +40,7 @@ def predict(
     from hier.data import image_files, read_test_csv
     from hier.competitions.hecto import read_sample
     from hier.recognizer import Recognizer
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     check_number("--topk", topk, 1, integer=True)
     check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
@@ -86,7 +86,7 @@ def crop_cmd(
 ):
     """Crop every photo to its largest car/bus/truck box (+8% margin); photos without one stay whole."""
     from hier.data.detect import CarDetector, crop_folder
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     if not data.is_dir():
         raise HierError(f"data folder not found: {data}")

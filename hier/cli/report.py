@@ -19,7 +19,7 @@ def report(
     """One HTML page: accuracy and log loss per level, worst classes, confused pairs, confusion
     matrices, reliability, coverage vs precision, class-activation maps."""
     from hier.recognizer import Recognizer
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     rec = Recognizer(artifact)
     with progress_bar(err) as progress:

@@ -73,7 +73,7 @@ def train(
 ):
     """Train a hierarchical model and write an artifact directory."""
     flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
-    from hier.engine.distributed import world_from_env
+    from hier.training.distributed import world_from_env
     from hier.recognizer import Recognizer
 
     rec = Recognizer.train(data, out, preset, taxonomy, resume, console=err, trunk=model, **flags)
@@ -96,7 +96,7 @@ def evaluate(
     """Log loss, top-1/top-5 and brand/model accuracy of the answers, ECE before/after T."""
     check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
     from hier.recognizer import Recognizer
-    from hier.engine.trainer import progress_bar
+    from hier.progress import progress_bar
 
     rec = Recognizer(artifact, batch_size=batch_size)
     with progress_bar(err) as progress:
@@ -162,7 +162,7 @@ def export(
     then run on ONNX Runtime, with the same outputs to ~1e-6. --int8 adds model.int8.onnx and prints
     its change against fp32 on the validation photos (stored in config.json)."""
     from hier.recognizer import Recognizer
-    from hier.engine.predictor import INT8_TOLERANCE
+    from hier.export.int8 import INT8_TOLERANCE
 
     if not int8:
         if data is not None:

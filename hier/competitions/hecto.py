@@ -84,11 +84,3 @@ def write_submission(probs: np.ndarray, ids: list[str], taxonomy: Taxonomy, samp
     table.insert(0, sample.id_col, sample.ids)
     atomic_write(out, lambda tmp: table.to_csv(tmp, index=False, encoding=sample.encoding))
     return table
-
-
-def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``); ``hier train
-    --merge-classes`` learns each pair as its first class."""
-    table = read_table(path, "class-pairs CSV", ["class_a", "class_b"])
-    require_cells(table, ["class_a", "class_b"], path)
-    return list(zip(table["class_a"].map(nfc), table["class_b"].map(nfc)))

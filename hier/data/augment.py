@@ -1,5 +1,5 @@
 """The training photos' augmentation (``hier train --aug``), albumentations pipelines. Its own module so
-that only training imports albumentations; evaluation's transform is ``hier.data.images.EvalTransform``."""
+that only training imports albumentations; evaluation's transform is ``hier.data.loading.EvalTransform``."""
 from __future__ import annotations
 
 import albumentations as A

@@ -16,8 +16,9 @@ from pathlib import Path
 from PIL import Image
 
 from hier import fileio
+from hier.data.images import Crop, to_rgb
+from hier.data.files import image_files
 from hier.fileio import file_md5 as md5
-from hier.data import Crop, image_files, to_rgb
 from hier.errors import HierError
 
 VEHICLES = {"car", "bus", "truck"}     # COCO classes 2, 5, 7

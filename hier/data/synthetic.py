@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from hier.errors import HierError
+from hier.version import __version__
 
 __all__ = [
     "DemoData",
@@ -403,6 +404,5 @@ def finish_demo_folder(out: Path) -> None:
 
 
 def _mark(out: Path, finished: bool) -> None:
-    from hier import __version__
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text(json.dumps({"hier": __version__, "finished": finished}), encoding="utf-8")

@@ -190,7 +190,7 @@ class HierNet(nn.Module):
         self.fine = CosineHead(cfg.embed_dim, len(taxonomy), cfg.scale)
         self.model = CosineHead(cfg.embed_dim, len(taxonomy.models), cfg.scale)
         self.brand = CosineHead(cfg.embed_dim, len(taxonomy.brands), cfg.scale)
-        self.offsets: dict[str, float] = {}     # enrolled classes' score offsets (hier.enroll), by name
+        self.offsets: dict[str, float] = {}     # enrolled classes' score offsets (hier.enrollment), by name
         self.statistics: ClassStatistics | None = None   # the serving head, once hier train computed it
         self.set_taxonomy(taxonomy)
         # Plain lists, not ModuleLists: the modules are already registered under ``trunk``.

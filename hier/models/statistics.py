@@ -26,7 +26,6 @@ import torch
 
 from hier.errors import HierError, check_number
 
-STATISTICS = "statistics.safetensors"
 
 
 @dataclass
@@ -174,3 +173,10 @@ class ClassStatistics:
                        HeadConfig.from_dict(json.loads(meta.get("config", "{}"))))
         except (OSError, KeyError, ValueError, TypeError, SafetensorError) as e:
             raise HierError(f"{path} is damaged ({type(e).__name__}: {str(e)[:120]}); retrain to rebuild it") from None
+
+
+def class_means(z: np.ndarray, labels: np.ndarray, n: int) -> np.ndarray:
+    """Mean normalised embedding per class (rows of zeros for classes without images)."""
+    means = np.zeros((n, z.shape[1]), dtype=np.float32)
+    np.add.at(means, labels, z)
+    return (means / np.maximum(np.bincount(labels, minlength=n), 1)[:, None]).astype(np.float32)

@@ -9,10 +9,7 @@ maps of right and wrong answers. Built in a temporary folder and moved into plac
 the marker does not list, is refused rather than deleted."""
 from __future__ import annotations
 
-import errno
 import json
-import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,7 +23,7 @@ from sklearn.metrics import confusion_matrix, log_loss
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from hier import fileio  # noqa: E402
+from hier import outputs  # noqa: E402
 from hier.data import to_rgb  # noqa: E402
 from hier.data.readers import create_reader  # noqa: E402
 from hier.errors import HierError  # noqa: E402
@@ -43,7 +40,7 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
     the artifact does not know are left out (and counted); none in common is an error. ``out`` is
     checked before any work (``_target``) and replaced only once the new report is complete."""
     given = out
-    out = _target(out, data, rec.path)
+    out = outputs.target(out, data, rec.path, MARKER)
     images, _ = create_reader(data, layout)()
     tax = rec.taxonomy
     known = [i for i, c in enumerate(images.labels) if c in tax]
@@ -62,8 +59,8 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))     # nothing half-written in out
         metrics = _write(rec.path, snap, data, tmp, images, paths, probs, logits, y, cams, pairs)
-        _seal(tmp)
-        _swap(tmp, out, given)
+        outputs.seal(tmp, MARKER)
+        outputs.swap(tmp, out, given, MARKER)
     except OSError as e:         # disk full, read-only or unwritable folder: out is as it was
         raise HierError(f"could not write the report ({e.strerror or e}{f': {e.filename}' if e.filename else ''}); "
                         f"{given} is as it was") from None
@@ -77,94 +74,8 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
 MARKER = ".hier-report"
 
 
-def _target(out: str | Path, data: str | Path, artifact_dir: str | Path | None, marker: str = MARKER) -> Path:
-    """``out`` with its symbolic links resolved, when a report may replace it; else HierError (one line).
-    ``marker``: the kind of earlier folder that may be replaced (``hier audit`` has its own)."""
-    real = Path(os.path.realpath(out))
-    try:
-        home = Path.home().resolve()
-    except (RuntimeError, KeyError):
-        home = None
-    if Path.cwd().resolve().is_relative_to(real):
-        raise HierError(f"--out {out} is the current folder or holds it; give the report a folder of its own")
-    if home is not None and home.is_relative_to(real):
-        raise HierError(f"--out {out} is the home folder or holds it; give the report a folder of its own")
-    for what, folder in (("artifact", artifact_dir), ("data", data)):
-        if folder is not None and Path(folder).resolve().is_relative_to(real):
-            raise HierError(f"--out {out} is or holds the {what} folder {folder}; give the report a folder of its own")
-    if real.exists() and not real.is_dir():
-        raise HierError(f"--out {out} is a file, not a folder; choose another --out")
-    if real.is_dir():
-        _check_replaceable(real, out, marker)
-    return real
-
-
-def _entries(folder: Path) -> set[str]:
-    """Every file and folder under ``folder`` (symbolic links as themselves, never followed)."""
-    def refuse(e: OSError):
-        raise HierError(f"cannot read {e.filename} ({e.strerror}); choose another --out")
-    found = set()
-    for top, dirs, files in os.walk(folder, onerror=refuse):
-        rel = Path(top).relative_to(folder)
-        found.update((rel / name).as_posix() for name in dirs + files)
-    return found
-
-
-def _check_replaceable(folder: Path, given, marker: str = MARKER) -> None:
-    """Pass for an empty folder, or one holding exactly the files its hier report marker lists."""
-    entries = _entries(folder)
-    if not entries:
-        return
-    kind = "hier " + marker.removeprefix(".hier-")
-    try:
-        listed = json.loads((folder / marker).read_text(encoding="utf-8"))["files"]
-        assert isinstance(listed, list) and all(isinstance(f, str) for f in listed)
-    except (OSError, ValueError, KeyError, TypeError, AssertionError):
-        raise HierError(f"{given} exists and is not an earlier {kind} (no {marker} marker in it); "
-                        "choose another --out") from None
-    allowed = {marker, *listed, *(p.as_posix() for f in listed for p in Path(f).parents if p != Path("."))}
-    extra = sorted(entries - allowed)
-    if extra:
-        raise HierError(f"{given} is an earlier {kind} but also holds {extra[0]!r}"
-                        f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}, which hier did not write; "
-                        "move it out or choose another --out")
-
-
-def _seal(folder: Path, marker: str = MARKER) -> None:
-    """Write the marker listing the report's files, and give files and folders the modes the umask gives
-    a plain open/mkdir (mkdtemp makes the folder 0700, which a web server's account could not read)."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    from hier import __version__
-    (folder / marker).write_text(json.dumps({"hier": __version__, "files": files}, indent=1, ensure_ascii=False),
-                                 encoding="utf-8")
-    os.chmod(folder, 0o777 & ~fileio.UMASK)
-    for p in folder.rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~fileio.UMASK)
-
-
-def _swap(new: Path, out: Path, given, marker: str = MARKER) -> None:
-    """Move the finished report ``new`` to ``out``: an absent or empty ``out`` is replaced in one rename;
-    an earlier report is checked again, renamed aside, the new one renamed in, then the old deleted, so
-    one of the two is always on disk."""
-    try:
-        os.replace(new, out)             # out absent, or an empty folder
-        return
-    except OSError as e:
-        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-            raise
-    _check_replaceable(out, given, marker)       # again: minutes may have passed since the first check
-    aside = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-    os.rename(out, aside)
-    try:
-        os.rename(new, out)
-    except OSError:
-        os.rename(aside, out)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def _write(artifact_dir: Path, snap, data, tmp: Path, images, paths, probs, logits, y, cams: int, pairs: int) -> dict:
-    page, tax = _Page(tmp), snap.taxonomy
+    page, tax = Page(tmp), snap.taxonomy
     metrics = _metrics(probs, logits, y, tax)
     metrics["images"], metrics["unknown_class_images"] = len(y), len(images.paths) - len(y)
     metrics["skipped"], metrics["temperature"] = images.skipped_message(), snap.net.cfg.temperature
@@ -186,7 +97,7 @@ def _write(artifact_dir: Path, snap, data, tmp: Path, images, paths, probs, logi
     return metrics
 
 
-class _Page:
+class Page:
     """The report folder being written: figures and thumbnails by name."""
 
     def __init__(self, root: Path):
@@ -228,13 +139,13 @@ def _per_class(probs, y, tax) -> list[dict]:
     return sorted(rows, key=lambda r: (r["accuracy"], -r["images"]))
 
 
-def _thumb(path, size: int = 160) -> Image.Image:
+def thumbnail(path, size: int = 160) -> Image.Image:
     im = Image.fromarray(to_rgb(path, size))
     im.thumbnail((size, size))
     return im
 
 
-def _confused_pairs(probs, y, tax, paths, page: _Page, n: int) -> list[dict]:
+def _confused_pairs(probs, y, tax, paths, page: Page, n: int) -> list[dict]:
     """The n most frequent (true, answered) pairs, each with a photo of the true class taken for the
     other beside a photo of the other class (when the data has one). Same model, other years: flagged."""
     pred = answer(probs, tax)[2]
@@ -246,7 +157,7 @@ def _confused_pairs(probs, y, tax, paths, page: _Page, n: int) -> list[dict]:
         t, p = pairs[i]
         mistaken = np.flatnonzero((y == t) & (pred == p))[0]
         other = np.flatnonzero(y == p)
-        panels = [_thumb(paths[mistaken])] + ([_thumb(paths[other[0]])] if other.size else [])
+        panels = [thumbnail(paths[mistaken])] + ([thumbnail(paths[other[0]])] if other.size else [])
         strip = Image.new("RGB", (sum(im.width for im in panels) + 8 * (len(panels) - 1),
                                   max(im.height for im in panels)), "white")
         x = 0
@@ -342,7 +253,7 @@ def _plot_coverage(coverage: dict):
     return fig
 
 
-def _cams(net, paths, probs, y, tax, page: _Page, n: int) -> list[dict]:
+def _cams(net, paths, probs, y, tax, page: Page, n: int) -> list[dict]:
     """Activation maps of the top-1 answer for up to n right and n wrong photos (evenly sampled)."""
     pred = answer(probs, tax)[2]
     out = []

@@ -1,0 +1,130 @@
+"""What the audit finds: exact duplicates (MD5), near-duplicates (embedding cosine, a FAISS range
+search), outliers (a robust z-score of each photo's cosine to the rest of its class), and the exclude list."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hier.models import HierNet, ModelConfig
+from hier.runtime import Predictor
+from hier.taxonomy import Taxonomy
+
+OUTLIER_Z = -3.5            # modified z-score below which a photo is flagged (Iglewicz & Hoaglin)
+MIN_CLASS = 5               # fewer photos than this: no robust spread to judge an outlier by
+
+
+def imagenet_net():
+    """The offline ImageNet ``efficientnet_lite0`` whose embedding is its pooled 1280 features: no
+    untrained projection in between, which would only blur the cosines duplicates are judged by."""
+    one = Taxonomy(pd.DataFrame([{"class": "photo", "brand": "photo", "model": "photo",
+                                  "year_start": 2000, "year_end": 2000}]))
+    net = HierNet(ModelConfig(trunk="efficientnet_lite0", embed_dim=1280), one, pretrained="efficientnet_lite0")
+    net.neck = torch.nn.Identity()
+    return net.eval()
+
+
+def embed(items: list, predictor=None, batch_size: int = 64, progress=None) -> np.ndarray:
+    """Unit embeddings (N, D) through the one ``Predictor``: the artifact's (``predictor``) or the
+    ImageNet trunk's."""
+    predictor = predictor or Predictor(imagenet_net(), batch_size=batch_size)
+    return predictor(items, progress, keep=("embedding",))["embedding"]
+
+
+def find(files: pd.DataFrame, z: np.ndarray, near: float) -> dict:
+    """Exact duplicate groups, near-duplicate pairs, and every photo's outlier score, ranked."""
+    exact = exact_duplicates(files)
+    pairs = near_duplicates(z, near)
+    md5 = files["md5"].to_numpy()
+    paths, classes = files["path"].tolist(), files["class"].tolist()
+    near_rows = [{"a": paths[i], "b": paths[j], "class_a": classes[i], "class_b": classes[j],
+                  "cosine": round(float(s), 4), "cross_class": classes[i] != classes[j]}
+                 for i, j, s in pairs if md5[i] != md5[j]]           # identical bytes are exact duplicates
+    cos, score = outlier_scores(z, files["class"].to_numpy())
+    order = np.lexsort((cos, np.where(np.isnan(score), np.inf, score)))      # lowest z first, nan last
+    ranked = [{"path": paths[i], "class": classes[i], "cosine": round(float(cos[i]), 4),
+               "z": round(float(score[i]), 2),
+               "flagged": bool(score[i] < OUTLIER_Z)} for i in order if not np.isnan(score[i])]
+    return {"exact": exact, "near": near_rows, "cosine": cos, "z": score, "ranked_outliers": ranked}
+
+
+def exact_duplicates(files: pd.DataFrame) -> list[dict]:
+    """Groups of photos with identical bytes, paths sorted (the first is the copy kept), cross-class
+    groups (label errors) first."""
+    groups = []
+    for md5, g in files.groupby("md5", sort=False):
+        if len(g) > 1:
+            g = g.sort_values("path")
+            groups.append({"md5": md5, "paths": g["path"].tolist(), "classes": g["class"].tolist(),
+                           "cross_class": g["class"].nunique() > 1})
+    return sorted(groups, key=lambda g: (not g["cross_class"], g["paths"][0]))
+
+
+def near_duplicates(z: np.ndarray, near: float) -> list[tuple[int, int, float]]:
+    """Pairs (i < j, cosine) with cosine >= ``near``, most similar first: one FAISS range search of the
+    unit embeddings against themselves (inner product = cosine), all in C."""
+    import faiss
+    z = np.ascontiguousarray(z, dtype=np.float32)
+    index = faiss.IndexFlatIP(z.shape[1])
+    index.add(z)
+    lims, sims, found = index.range_search(z, float(np.nextafter(np.float32(near), np.float32(-1))))  # faiss: > r
+    query = np.repeat(np.arange(len(z)), np.diff(lims).astype(np.int64))
+    keep = (query < found) & (sims >= np.float32(near))
+    order = np.argsort(-sims[keep], kind="stable")
+    return [(int(i), int(j), float(s)) for i, j, s in
+            zip(query[keep][order], found[keep][order], sims[keep][order])]
+
+
+def outlier_scores(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per photo: cosine to the mean of the *other* photos of its class (an outlier does not pull its
+    own reference), and the modified z-score of that cosine within the class, 0.6745 (c - median) / MAD;
+    nan in classes of fewer than ``MIN_CLASS`` photos."""
+    cos, score = np.full(len(z), np.nan), np.full(len(z), np.nan)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) < 2:
+            continue
+        rest = z[idx].sum(0, keepdims=True) - z[idx]
+        cos[idx] = (z[idx] * rest).sum(1) / np.maximum(np.linalg.norm(rest, axis=1), 1e-12)
+        if len(idx) >= MIN_CLASS:
+            med = np.median(cos[idx])
+            mad = max(float(np.median(np.abs(cos[idx] - med))), 1e-6)
+            score[idx] = 0.6745 * (cos[idx] - med) / mad
+    return cos, score
+
+
+def exclude_list(exact: list[dict], outliers: list[dict], near: list[dict] = ()) -> list[str]:
+    """What training should drop: the later copies of a within-class duplicate, every photo of a
+    cross-class group (which label is right is for a person to say), the given outliers, and both
+    photos of each cross-class pair in ``near``."""
+    drop = set()
+    for g in exact:
+        drop.update(g["paths"] if g["cross_class"] else g["paths"][1:])
+    drop.update(o["path"] for o in outliers)
+    drop.update(p for r in near if r["cross_class"] for p in (r["a"], r["b"]))
+    return sorted(drop)
+
+
+def _counts(files: pd.DataFrame, result: dict, rejected: list, listed: list) -> dict:
+    within = [g for g in result["exact"] if not g["cross_class"]]
+    cross = [g for g in result["exact"] if g["cross_class"]]
+    near = result["near"]
+    return {"images": len(files), "classes": int(files["class"].nunique()), "unreadable": len(rejected),
+            "exact_groups": len(within), "exact_extra_copies": sum(len(g["paths"]) - 1 for g in within),
+            "cross_class_groups": len(cross), "cross_class_files": sum(len(g["paths"]) for g in cross),
+            "near_pairs": len(near), "near_cross_class_pairs": sum(p["cross_class"] for p in near),
+            "near_photos": len({p for r in near for p in (r["a"], r["b"])}),
+            "outliers": sum(o["flagged"] for o in result["ranked_outliers"]), "excluded": len(listed)}
+
+
+def _per_class(files: pd.DataFrame, result: dict) -> list[dict]:
+    dup = {p for g in result["exact"] for p in g["paths"]}
+    near = {p for r in result["near"] for p in (r["a"], r["b"])}
+    flagged = {o["path"] for o in result["ranked_outliers"] if o["flagged"]}
+    rows = []
+    for c, g in files.groupby("class", sort=True):
+        rows.append({"class": c, "images": len(g), "median_width": int(g["width"].median()),
+                     "median_height": int(g["height"].median()), "brightness": round(float(g["brightness"].mean()), 1),
+                     "exact_duplicates": int(g["path"].isin(dup).sum()), "near_duplicates": int(g["path"].isin(near).sum()),
+                     "outliers": int(g["path"].isin(flagged).sum())})
+    return rows

@@ -1,0 +1,77 @@
+"""The kinds of folder a ``Recognizer`` holds, looked up in one table (as ultralytics' ``Model.task_map``):
+how each is recognised and opened, which predictor answers for it, and what it can do.
+
+A capability a kind lacks is refused by one rule (``ArtifactKind.refusal``) for every public method that
+needs it (``hier.recognizer.needs``): no subclass, no hand-kept list of refused methods to forget a new
+method in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from hier import artifact
+from hier.artifact.files import CONFIG, ENSEMBLE, REQUIRED, TAXONOMY
+from hier.export import artifact_predictor
+from hier.services.ensemble import is_ensemble, open_ensemble, refusal
+from hier.services.ensemble.serving import ensemble_predictor
+
+# capability -> (what a refusal says the folder cannot do, the verb to do it with a member instead)
+ANSWER, EMBED, EDIT, SEARCH, EXPLAIN, EXPORT = "answer", "embed", "edit", "search", "explain", "export"
+CAPABILITIES = {
+    ANSWER: ("answer photos", "predict"),
+    EMBED: ("embed photos (its members embed in spaces of their own)", "embed"),
+    EDIT: ("enroll or unenroll classes", "enroll"),
+    SEARCH: ("hold or search a listing index", "index listings"),
+    EXPLAIN: ("draw activation maps", "explain"),
+    EXPORT: ("be exported (each member has its own export)", "export"),
+}
+
+
+@dataclass(frozen=True)
+class ArtifactKind:
+    """One kind of folder: the files that make it one, how it opens, its predictor and capabilities.
+
+    ``open(path, device, backend, batch_size) -> (net, taxonomy, predictor)`` (the caller holds the lock);
+    ``predictor(path, net, backend, tta, batch_size)`` makes another predictor of an opened net (a TTA
+    override); ``refuse(path, what, verb)`` words a refusal."""
+
+    name: str
+    required: tuple[str, ...]
+    open: Callable[[Path, str, str, int], tuple]
+    predictor: Callable
+    capabilities: frozenset[str]
+    refuse: Callable[[Path, str, str], str] | None = None
+
+    def refusal(self, path: Path, capability: str) -> str | None:
+        """The one-line refusal of ``capability`` for the folder ``path`` (None: the kind has it)."""
+        if capability in self.capabilities:
+            return None
+        return self.refuse(path, *CAPABILITIES[capability])
+
+
+def _open_artifact(path: Path, device: str, backend: str, batch_size: int) -> tuple:
+    _, net, taxonomy = artifact.snapshot(path, device)
+    return net, taxonomy, artifact_predictor(path, net, backend, batch_size=batch_size)
+
+
+def _artifact_predictor(path: Path, net, backend: str, tta: bool | None, batch_size: int):
+    return artifact_predictor(path, net, backend, tta=tta, batch_size=batch_size)
+
+
+def _ensemble_predictor(path: Path, net, backend: str, tta: bool | None, batch_size: int):
+    return ensemble_predictor(net, backend, tta, batch_size)
+
+
+KINDS = {
+    "artifact": ArtifactKind("artifact", REQUIRED, _open_artifact, _artifact_predictor, frozenset(CAPABILITIES)),
+    "ensemble": ArtifactKind("ensemble", (ENSEMBLE, CONFIG, TAXONOMY), open_ensemble, _ensemble_predictor,
+                             frozenset({ANSWER}), refusal),
+}
+
+
+def kind_of(path: str | Path) -> ArtifactKind:
+    """The kind of the folder at ``path`` (an ensemble has ``ensemble.json``; anything else is read as an
+    artifact, whose missing files are then named)."""
+    return KINDS["ensemble" if is_ensemble(path) else "artifact"]

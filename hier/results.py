@@ -1,0 +1,104 @@
+"""What ``Recognizer.predict`` returns: one ``Prediction`` per photo and the ``Results`` list around them,
+with one schema behind ``to_frame``, ``to_csv`` and ``to_json`` (as ultralytics' ``engine/results.py``)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from hier import fileio
+from hier.metrics import path_of
+from hier.taxonomy import Taxonomy
+
+TOPK_COLUMNS = ["rank", "class", "brand", "model", "years", "p", "p_model", "p_brand"]
+
+
+@dataclass
+class Prediction:
+    """One photo's answer, read top-down (``hier.metrics.answer``: the likeliest brand, its likeliest
+    model, that model's likeliest class) with the probabilities of each (P(fine) <= P(model) <= P(brand)),
+    the top-k fine classes (ranked by P(class), so the first can differ from ``fine``), and ``probs``,
+    the whole calibrated distribution over ``Results.classes`` (a view into ``Results.probs``)."""
+
+    image: str
+    brand: str
+    model: str
+    fine: str
+    years: str
+    p: float
+    p_model: float
+    p_brand: float
+    topk: list[dict] = field(default_factory=list)
+    probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict:
+        """The answer as JSON-ready values (without the full distribution)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "probs"}
+
+
+class Results(list):
+    """``Prediction`` per photo, in the order given (an in-memory image given twice is answered twice; a
+    path given twice once, as ``image_files`` reads each file once), with the (N, C) matrix ``probs`` over
+    ``classes``, ``speed`` (milliseconds per photo for the whole call) and one schema behind ``to_frame``,
+    ``to_csv`` and ``to_json``.
+
+    Example:
+        >>> results = Recognizer("runs/x").predict(["a.jpg", "b.jpg"], topk=3)
+        >>> results[0].brand, results[0].p_brand
+        >>> results.to_csv("answers.csv")
+    """
+
+    def __init__(self, predictions=(), probs: np.ndarray | None = None, classes: list[str] | None = None,
+                 speed: dict | None = None):
+        super().__init__(predictions)
+        self.probs, self.classes, self.speed = probs, classes or [], speed or {}
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per (photo, rank), as ``hier predict --format csv`` prints, each with the photo's
+        answer (``answer``, ``answer_brand``, ``answer_model``: read top-down, so it can differ from
+        rank 1, the likeliest single class)."""
+        return pd.DataFrame([{"image": r.image, **row, "answer": r.fine, "answer_brand": r.brand,
+                              "answer_model": r.model} for r in self for row in r.topk],
+                            columns=["image", *TOPK_COLUMNS, "answer", "answer_brand", "answer_model"])
+
+    def to_csv(self, path: str | Path) -> None:
+        """``to_frame`` as a UTF-8 CSV, written atomically."""
+        frame = self.to_frame()
+        fileio.atomic_write(path, lambda p: frame.to_csv(p, index=False, encoding="utf-8"))
+
+    def to_json(self) -> str:
+        """Every ``Prediction.to_dict`` as a JSON list (UTF-8 text, Korean names as they are)."""
+        return json.dumps([r.to_dict() for r in self], ensure_ascii=False, indent=1)
+
+
+def ranked(probs: np.ndarray, tax: Taxonomy, k: int) -> list[list[dict]]:
+    """Each photo's k likeliest fine classes, with their model's and brand's probability: one sort of
+    the whole matrix, rows built in one pass (linear in the photos)."""
+    model_p, brand_p = tax.marginals(probs)
+    top = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    n = np.arange(len(probs))[:, None]
+    p, pm, pb = probs[n, top], model_p[n, tax.fine_to_model[top]], brand_p[n, tax.fine_to_brand[top]]
+    per_class = [{"class": c, "brand": tax.brands[tax.fine_to_brand[i]], "model": tax.models[tax.fine_to_model[i]],
+                  "years": tax.years(c)} for i, c in enumerate(tax.classes)]
+    return [[{"rank": r + 1, **per_class[c], "p": float(p[i, r]), "p_model": float(pm[i, r]), "p_brand": float(pb[i, r])}
+             for r, c in enumerate(top[i])] for i in range(len(probs))]
+
+
+def results_of(out: dict[str, np.ndarray], names: list[str], tax: Taxonomy, topk: int) -> Results:
+    """``Results`` of a predictor's outputs (``probs`` and its ``answer``, the served answer) for photos
+    named ``names``."""
+    probs = out["probs"]
+    model_p, brand_p = tax.marginals(probs)
+    brand, model, fine = path_of(out["answer"], tax)
+    rows = ranked(probs, tax, topk)
+    results = Results(probs=probs, classes=list(tax.classes))
+    for i, name in enumerate(names):
+        c = tax.classes[fine[i]]
+        results.append(Prediction(
+            image=name, brand=tax.brands[brand[i]], model=tax.models[model[i]], fine=c, years=tax.years(c),
+            p=float(probs[i, fine[i]]), p_model=float(model_p[i, model[i]]), p_brand=float(brand_p[i, brand[i]]),
+            topk=rows[i], probs=probs[i]))
+    return results

@@ -1,0 +1,1 @@
+"""Use cases that combine the model and the stores: indexing, bulk embedding, audit, ensembles."""

@@ -1,0 +1,178 @@
+"""Bulk embedding (``hier embed``): listing photos in, Parquet shards of embeddings out, a gallery built
+from them later.
+
+``hier embed ARTIFACT LISTINGS --out EMB/ --shard i/N`` embeds every N-th listing (N machines, one shard
+each) and streams the rows to ``EMB/part-iiiii-of-NNNNN.parquet`` one row group at a time: memory stays
+flat however many photos there are. Each row is a listing as given (its columns kept, as text) plus
+``hier_embedding`` (float32) and the answer (``hier_class``, ``hier_brand``, ``hier_model``); the file
+records the fingerprint of the weights that embedded it, and ``hier index build ARTIFACT
+--from-embeddings EMB/`` refuses shards of other weights, missing shards or repeated listings.
+
+``BatchEmbedder`` is the function every shard maps over its rows (a pandas batch in, the same rows with
+their embedding out): a Ray Data ``map_batches`` or a Spark ``mapInPandas`` job maps the same
+(docs/commands/embed.md).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hier import artifact, fileio
+from hier.data import first_repeat
+from hier.errors import HierError
+from hier.export import artifact_predictor
+from hier.gallery.gallery import Gallery
+from hier.gallery.kinds import factory_string
+from hier.gallery.listings import PREFIX, answer_columns, label_columns
+from hier.gallery.results import LABEL_CHUNK
+from hier.runtime import device
+from hier.services.labelling import answers_digest, search_whitening
+
+EMBEDDING = "hier_embedding"
+CHUNK = 2048                    # rows embedded and written per row group
+META = b"hier"                  # Parquet key-value metadata: {"fingerprint", "shard", "of"}
+PART = re.compile(r"part-(\d{5})-of-(\d{5})\.parquet")
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/N"`` (0 <= i < N) -> (i, N)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m or not 0 <= int(m[1]) < int(m[2]) <= 99_999:
+        raise HierError(f"--shard {text!r}: give i/N with 0 <= i < N, e.g. 0/4 for the first of four")
+    return int(m[1]), int(m[2])
+
+
+def part_name(shard: int, shards: int) -> str:
+    return f"part-{shard:05d}-of-{shards:05d}.parquet"
+
+
+class BatchEmbedder:
+    """``BatchEmbedder(ARTIFACT)(rows)``: listings (``listing_id``, ``image``, ...) -> the same rows with
+    ``hier_embedding`` and the answer. The artifact is read once (under its lock); ``fingerprint``
+    names the weights."""
+
+    def __init__(self, artifact_dir: str | Path, backend: str = "auto", batch_size: int = 64,
+                 workers: int | None = None):
+        artifact_dir = Path(artifact_dir)
+        with fileio.locked(artifact_dir):
+            _, net, self.taxonomy = artifact.snapshot(artifact_dir, device())
+            self.predictor = artifact_predictor(artifact_dir, net, backend, batch_size=batch_size, workers=workers)
+        self.fingerprint = net.fingerprint()
+
+    def __call__(self, rows: pd.DataFrame, progress=None, task=None) -> pd.DataFrame:
+        out = {"embedding": [], "answer": []}
+        for batch in self.predictor.batches([Path(p) for p in rows["image"]]):
+            for k in out:
+                out[k].append(batch[k])
+            if progress is not None:
+                progress.advance(task, len(batch["answer"]))
+        if not len(rows):
+            return rows.assign(**{EMBEDDING: []}, **answer_columns(np.zeros(0, int), self.taxonomy))
+        vectors = np.concatenate(out["embedding"])
+        return rows.assign(**answer_columns(np.concatenate(out["answer"]), self.taxonomy),
+                           **{EMBEDDING: list(vectors)})
+
+
+def _as_text(rows: pd.DataFrame) -> pd.DataFrame:
+    """The listings' own columns as text (a Parquet column has one type; sellers' cells mix them)."""
+    return rows.assign(**{c: rows[c].astype("string") for c in rows.columns if c != EMBEDDING})
+
+
+def _arrow(rows: pd.DataFrame, dim: int) -> pa.Table:
+    table = pa.Table.from_pandas(_as_text(rows.drop(columns=[EMBEDDING])), preserve_index=False)
+    flat = np.concatenate(rows[EMBEDDING].to_numpy()).astype(np.float32) if len(rows) else np.zeros(0, np.float32)
+    return table.append_column(EMBEDDING, pa.FixedSizeListArray.from_arrays(pa.array(flat), dim))
+
+
+def embed(artifact_dir: str | Path, listings: pd.DataFrame, out: str | Path, shard: tuple[int, int] = (0, 1),
+          backend: str = "auto", batch_size: int = 64, workers: int | None = None, progress=None) -> Path:
+    """Embed shard ``i`` of ``N`` of ``listings`` (``hier.gallery.read_listings``' table: every N-th row
+    from row i) into ``out/part-i-of-N.parquet``, written atomically; an existing part is refused."""
+    i, n = shard
+    dst = Path(out) / part_name(i, n)
+    if dst.exists():
+        raise HierError(f"{dst} exists; delete it to embed shard {i}/{n} again")
+    rows = listings.iloc[i::n].reset_index(drop=True)
+    embedder = BatchEmbedder(artifact_dir, backend, batch_size, workers)
+    dim = embedder.predictor.net.cfg.embed_dim
+    meta = {META: json.dumps({"fingerprint": embedder.fingerprint, "shard": i, "of": n}).encode()}
+    task = progress.add_task(f"embed {i}/{n}", total=len(rows), info="") if progress is not None else None
+
+    def write(path: Path) -> None:
+        writer = None
+        try:
+            for s in range(0, max(1, len(rows)), CHUNK):       # an empty shard is a file of no rows
+                table = _arrow(embedder(rows.iloc[s:s + CHUNK], progress, task), dim)
+                writer = writer or pq.ParquetWriter(path, table.schema.with_metadata(meta))
+                writer.write_table(table)
+        finally:
+            if writer is not None:
+                writer.close()
+    fileio.atomic_write(dst, write)
+    return dst
+
+
+def read_embeddings(folder: str | Path, fingerprint: str | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """Every shard of ``folder`` -> (embeddings (n, D) float32, listings with the answer columns). All N
+    parts of one launch must be there, of the weights ``fingerprint`` (when given), with no listing twice."""
+    folder = Path(folder)
+    parts = sorted(p for p in folder.glob("part-*-of-*.parquet") if PART.fullmatch(p.name)) if folder.is_dir() else []
+    if not parts:
+        raise HierError(f"no embedding shards (part-*-of-*.parquet from `hier embed`) in {folder}")
+    counts = {int(PART.fullmatch(p.name)[2]) for p in parts}
+    if len(counts) > 1:
+        raise HierError(f"{folder} mixes shards of launches into {sorted(counts)} parts; keep one launch's")
+    (n,) = counts
+    missing = sorted(set(range(n)) - {int(PART.fullmatch(p.name)[1]) for p in parts})
+    if missing:
+        raise HierError(f"{folder}: shard {missing[0]}/{n} is missing ({len(missing)} of {n}); run "
+                        f"`hier embed ... --shard {missing[0]}/{n}`")
+    vectors, tables = [], []
+    for p in parts:
+        try:
+            table = pq.read_table(p)
+            meta = json.loads((table.schema.metadata or {})[META])
+        except (OSError, KeyError, ValueError, pa.ArrowException) as e:
+            raise HierError(f"{p} is not a `hier embed` shard ({str(e).splitlines()[0][:100] or 'no hier metadata'})") \
+                from None
+        if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+            raise HierError(f"{p} was embedded by other weights than the artifact's (fingerprint "
+                            f"{meta.get('fingerprint')!r}); embed again with `hier embed`")
+        column = table.column(EMBEDDING).combine_chunks()
+        vectors.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size))
+        tables.append(table.drop_columns([EMBEDDING]).to_pandas())
+    rows = pd.concat(tables, ignore_index=True)
+    rows = rows.astype(object).where(rows.notna(), np.nan)      # missing cells as read_listings gives them
+    repeat = first_repeat(rows["listing_id"])
+    if repeat:
+        raise HierError(f"{folder}: listing_id {repeat[0]!r} is in two rows of the shards; embed each listing once")
+    return np.concatenate(vectors).astype(np.float32), rows
+
+
+def build_gallery(artifact_dir: str | Path, folder: str | Path, kind: str = "flat"):
+    """``hier index build ARTIFACT --from-embeddings EMB/``: the gallery of the shards' vectors, no network
+    run. Their answers are those of the artifact's head of now (an enrolled class included); the index
+    is trained unlocked and saved under the lock if the artifact is still the one read."""
+    artifact_dir = Path(artifact_dir)
+    factory_string(kind, 1)
+    with fileio.locked(artifact_dir):
+        stamp, net, taxonomy = artifact.snapshot(artifact_dir, device())
+    vectors, rows = read_embeddings(folder, net.fingerprint())
+    predictor = artifact_predictor(artifact_dir, net, "torch")
+    labels = [label_columns(predictor.probs_of(vectors[s:s + LABEL_CHUNK]), taxonomy)
+              for s in range(0, len(vectors), LABEL_CHUNK)] or [answer_columns(np.zeros(0, int), taxonomy)]
+    rows = rows.drop(columns=[c for c in rows.columns if str(c).startswith(PREFIX)])
+    rows = rows.assign(**{c: np.concatenate([part[c] for part in labels]) for c in labels[0]})
+    gallery = Gallery.build(vectors, rows, kind, search_whitening(net), net.fingerprint(),
+                            answers_digest(net, taxonomy))
+    with fileio.locked(artifact_dir):
+        if artifact.stamp(artifact_dir) != stamp:
+            raise HierError(f"{artifact_dir} changed while the gallery was built; run the command again")
+        gallery.save(artifact_dir)
+    return gallery

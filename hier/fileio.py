@@ -25,7 +25,6 @@ from hier.errors import HierError, HierWarning
 LOCK = ".hier.lock"
 LOCK_TIMEOUT = 600.0     # seconds a command waits for another one writing the same folder
 _locks: dict[Path, FileLock] = {}
-META = "config.json"     # a folder holding one is an artifact (``_unchanged``'s wording)
 
 
 def _read_umask() -> int:
@@ -144,8 +143,9 @@ def file_md5(path: str | Path) -> str:
 
 
 def _unchanged(path: Path) -> str:
-    """What a refused write left as it was: the artifact, when ``path`` is one of its files (or gallery's)."""
-    inside = any((folder / META).is_file() for folder in (path.parent, path.parent.parent))
+    """What a refused write left as it was: the artifact, when ``path`` is one of its files (or its gallery's):
+    a folder hier writes under its lock holds the lock file."""
+    inside = any((folder / LOCK).is_file() for folder in (path.parent, path.parent.parent))
     return "the artifact is unchanged" if inside else f"{path} is unchanged"
 
 

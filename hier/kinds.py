@@ -7,6 +7,7 @@ method in.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -75,3 +76,16 @@ def kind_of(path: str | Path) -> ArtifactKind:
     """The kind of the folder at ``path`` (an ensemble has ``ensemble.json``; anything else is read as an
     artifact, whose missing files are then named)."""
     return KINDS["ensemble" if is_ensemble(path) else "artifact"]
+
+
+def needs(capability: str):
+    """Mark a public method of ``Recognizer`` with the capability it needs: on a folder whose kind lacks
+    it, the call is refused in one line before any work (and ``check_supports`` refuses it up front)."""
+    def wrap(method):
+        @functools.wraps(method)
+        def checked(self, *args, **kwargs):
+            self.check_supports(method.__name__)
+            return method(self, *args, **kwargs)
+        checked.capability = capability
+        return checked
+    return wrap

@@ -10,26 +10,23 @@
 
 The CLI, the demo and the service are thin layers over it. Every photo goes through one predictor with
 the artifact's TTA and temperature, and every answer is the served one (``hier.metrics.served_answer``).
+The folder's kind (an artifact, an ensemble) is looked up in ``hier.kinds.KINDS``; a method that needs
+a capability the kind lacks is refused in one line (``hier.kinds.needs``). A long-lived recognizer
+notices when its artifact changed on disk (another process ran ``hier enroll``) and reloads before
+answering; while another command holds the artifact's lock it keeps answering with the version it holds
+(``snapshot``), so a service never stalls behind a writer. The listing gallery is held the same way.
 The report and training stacks (matplotlib, scikit-learn, timm's optimisers) are imported by the
-methods that use them, so a predicting process starts without them. The folder's kind (an artifact, an ensemble) is looked up in ``hier.kinds.KINDS``; a method that needs a
-capability the kind lacks is refused in one line (``needs``). A long-lived recognizer notices when its
-artifact changed on disk (another process ran ``hier enroll``) and reloads before answering; while another
-command holds the artifact's lock it keeps answering with the version it holds (``snapshot``), so a
-service never stalls behind a writer. The listing gallery is held the same way.
+methods that use them, so a predicting process starts without them.
 """
 from __future__ import annotations
 
-import functools
-import threading
 import time
-from contextlib import ExitStack
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
-from hier import artifact, enrollment, fileio, index as gallery_ops
+from hier import enrollment
 from hier.artifact.records import read_metrics
 from hier.artifact.store import read_config
 from hier.competitions.hecto import read_sample, write_submission
@@ -38,40 +35,16 @@ from hier.data.detect import CarDetector
 from hier.data.readers import create_reader
 from hier.errors import HierError
 from hier.export import CALIBRATION_PHOTOS, export, export_int8
-from hier.kinds import ANSWER, EDIT, EMBED, EXPLAIN, EXPORT, SEARCH, kind_of
+from hier.gallery import BRAND, ID, Gallery, label_columns
+from hier.kinds import ANSWER, EDIT, EMBED, EXPLAIN, EXPORT, SEARCH, kind_of, needs
 from hier.metrics import answer, evaluate_probs
-from hier.results import Results, results_of
+from hier.results import Results, photo_name, results_of
 from hier.runtime import device
-from hier.services import embedding
+from hier.services import embedding, indexing
+from hier.services.held_artifact import HeldArtifact, Snapshot
 from hier.services.held_gallery import HeldGalleries
+from hier.services.labelling import answers_digest
 from hier.taxonomy import Taxonomy
-
-
-def needs(capability: str):
-    """Mark a public method with the capability it needs: on a folder whose kind lacks it, the call is
-    refused in one line before any work (and ``check_supports`` refuses it up front)."""
-    def wrap(method):
-        @functools.wraps(method)
-        def checked(self, *args, **kwargs):
-            self.check_supports(method.__name__)
-            return method(self, *args, **kwargs)
-        checked.capability = capability
-        return checked
-    return wrap
-
-
-def _name(image, i: int) -> str:
-    return str(image) if isinstance(image, (str, Path)) else f"<image {i}>"
-
-
-class Snapshot(NamedTuple):
-    """One version of the folder in memory with its predictor, read under one lock: what one call
-    answers with from start to end, so it never mixes two versions."""
-
-    stamp: tuple
-    net: object          # HierNet, or an ensemble's ``Ensemble``
-    taxonomy: Taxonomy
-    predictor: object    # ``Predictor``, or an ensemble's ``EnsemblePredictor``
 
 
 class Recognizer:
@@ -105,8 +78,8 @@ class Recognizer:
         missing = [f for f in self.kind.required if not (self.path / f).is_file()]
         if missing:
             raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(missing)})")
-        self._loaded: Snapshot | None = None          # read on first use
-        self._reading = threading.Lock()
+        self._held = HeldArtifact(self.path, lambda: self.kind.open(self.path, self.device, self.backend,
+                                                                     self.batch_size))
         self._galleries = HeldGalleries(self.path)
 
     def check_supports(self, method: str) -> None:
@@ -116,51 +89,27 @@ class Recognizer:
         if refusal is not None:
             raise HierError(refusal)
 
-    # --- the artifact in memory: read on first use, again whenever it changed on disk ----------------
+    # --- the folder in memory: read on first use, again whenever it changed on disk (``HeldArtifact``) --
     def reload(self) -> "Recognizer":
         """Read the artifact now (done by itself on first use and whenever it changed on disk); waits
         for a command writing it, as every command does."""
-        self._read(force=True)
+        self._held.read(force=True)
         return self
 
     def snapshot(self, wait_for_readers: bool = True) -> Snapshot:
-        """The version answers come from: read again first if the artifact changed on disk, unless
-        another command holds its lock (then the version in memory, read again on a later call). Only
-        the very first read waits for a writer, so a long-lived recognizer never stalls behind one.
-        ``wait_for_readers=False`` does not wait for another thread reading the new version either (a
-        health check)."""
-        loaded = self._loaded
-        if loaded is not None and loaded.stamp == artifact.stamp(self.path):
-            return loaded
-        return self._read(block=wait_for_readers)
+        """The version answers come from (``HeldArtifact.snapshot``): read again if the artifact changed
+        on disk, unless another command holds its lock; a long-lived recognizer never stalls behind one."""
+        return self._held.snapshot(wait_for_readers)
 
     @property
     def loaded(self) -> Snapshot | None:
         """The version in memory, without looking at the disk (None before the first read)."""
-        return self._loaded
+        return self._held.loaded
 
     @property
     def stale(self) -> bool:
         """The artifact changed on disk since the version in memory was read (a writer still holds it)."""
-        return self._loaded is None or self._loaded.stamp != artifact.stamp(self.path)
-
-    def _read(self, force: bool = False, block: bool = True) -> Snapshot:
-        loaded = self._loaded
-        if not self._reading.acquire(blocking=block or force or loaded is None):
-            return loaded                         # another thread is reading it
-        try:                                      # one thread reads; the others use what it read
-            loaded = self._loaded
-            if not force and loaded is not None and loaded.stamp == artifact.stamp(self.path):
-                return loaded
-            with ExitStack() as held:
-                if not fileio.hold_lock(held, self.path, wait=force or loaded is None):
-                    return loaded                 # busy: answer with the version in memory
-                net, taxonomy, predictor = self.kind.open(self.path, self.device, self.backend, self.batch_size)
-                stamp = artifact.stamp(self.path)   # after an export on first use
-            self._loaded = Snapshot(stamp, net, taxonomy, predictor)
-            return self._loaded
-        finally:
-            self._reading.release()
+        return self._held.stale
 
     @property
     def net(self):
@@ -226,7 +175,7 @@ class Recognizer:
         items = photo_items(images)
         start = time.perf_counter()
         out, snap = self._embed(items, progress, tta)
-        results = results_of(out, [_name(x, i) for i, x in enumerate(items)], snap.taxonomy, topk)
+        results = results_of(out, [photo_name(x, i) for i, x in enumerate(items)], snap.taxonomy, topk)
         results.speed = {"photos": len(items), "ms_per_photo": 1000 * (time.perf_counter() - start) / max(1, len(items))}
         return results
 
@@ -293,12 +242,12 @@ class Recognizer:
             raise HierError(f"unknown export format {format!r}; onnx is the one supported")
         out = export_int8(self.path, data, photos or CALIBRATION_PHOTOS, keep_float, reduce_range) if int8 \
             else export(self.path)
-        self._loaded = None
+        self._held.loaded = None
         return out
 
     # --- similar listings ---------------------------------------------------------------------------
     @needs(SEARCH)
-    def gallery(self) -> gallery_ops.Gallery:
+    def gallery(self) -> Gallery:
         """The listing index (``hier index build``), held in memory and read again when its files
         change on disk, as ``snapshot`` (a busy artifact keeps the one in memory)."""
         return self._galleries.held().gallery
@@ -331,62 +280,62 @@ class Recognizer:
         where = None
         if same_brand:
             brand = tax.brands[answer(out["probs"], tax)[0][0]]
-            where = lambda rows: rows[gallery_ops.BRAND] == brand  # noqa: E731
+            where = lambda rows: rows[BRAND] == brand  # noqa: E731
         current = gallery.labels_digest is not None and gallery.labels_digest == self._answers_digest(snap)
 
         def labels(vectors: np.ndarray) -> dict:
             """The listings' answers by the head of now (the snapshot that answered the query)."""
-            return gallery_ops.label_columns(snap.predictor.probs_of(vectors), tax)
+            return label_columns(snap.predictor.probs_of(vectors), tax)
         return gallery.results(out["embedding"], k, where, None if current else labels,
-                               labels_key=snap.stamp)[0].drop(columns=[gallery_ops.ID])
+                               labels_key=snap.stamp)[0].drop(columns=[ID])
 
     def _answers_digest(self, snap: Snapshot) -> str:
         """``answers_digest`` of the snapshot's head, computed once per version of the artifact."""
         held = getattr(self, "_digest", None)
         if held is None or held[0] != snap.stamp:
-            held = self._digest = (snap.stamp, gallery_ops.answers_digest(snap.net, snap.taxonomy))
+            held = self._digest = (snap.stamp, answers_digest(snap.net, snap.taxonomy))
         return held[1]
 
     @needs(SEARCH)
-    def index(self, listings, kind: str = "flat", progress=None) -> gallery_ops.Gallery:
+    def index(self, listings, kind: str = "flat", progress=None) -> Gallery:
         """(Re)build the similar-listing index from a folder, a CSV or a ``read_listings`` table."""
-        return gallery_ops.build(self.path, listings, kind, progress)
+        return indexing.build(self.path, listings, kind, progress)
 
     @needs(SEARCH)
-    def index_from_embeddings(self, folder: str | Path, kind: str = "flat") -> gallery_ops.Gallery:
+    def index_from_embeddings(self, folder: str | Path, kind: str = "flat") -> Gallery:
         """(Re)build the index from ``hier embed`` shards, without running the network."""
         return embedding.build_gallery(self.path, folder, kind)
 
     @needs(SEARCH)
-    def index_add(self, listings, progress=None, shard: str | None = None) -> tuple[int, gallery_ops.Gallery]:
+    def index_add(self, listings, progress=None, shard: str | None = None) -> tuple[int, Gallery]:
         """Listings into shard ``shard`` (default the base, ``today`` the UTC date's); only that shard
         is read and written."""
-        return gallery_ops.add(self.path, listings, progress, shard)
+        return indexing.add(self.path, listings, progress, shard)
 
     @needs(SEARCH)
-    def index_rebuild(self, kind: str | None = None, progress=None) -> gallery_ops.Gallery:
+    def index_rebuild(self, kind: str | None = None, progress=None) -> Gallery:
         """Re-embed the gallery's listings with the weights of now (a stale gallery is refused until then)."""
-        return gallery_ops.rebuild(self.path, kind, progress)
+        return indexing.rebuild(self.path, kind, progress)
 
     @needs(SEARCH)
-    def index_remove(self, ids: list[str]) -> tuple[int, gallery_ops.Gallery]:
+    def index_remove(self, ids: list[str]) -> tuple[int, Gallery]:
         """Remove listings by id; returns how many were removed and the gallery after."""
-        return gallery_ops.remove(self.path, ids)
+        return indexing.remove(self.path, ids)
 
     @needs(SEARCH)
-    def index_drop(self, shard: str) -> tuple[int, gallery_ops.Gallery]:
+    def index_drop(self, shard: str) -> tuple[int, Gallery]:
         """Forget a whole shard of the gallery (its listings expired): no index read or written."""
-        return gallery_ops.drop(self.path, shard)
+        return indexing.drop(self.path, shard)
 
     @needs(SEARCH)
-    def index_merge(self, shards: list[str], into: str) -> tuple[int, gallery_ops.Gallery]:
+    def index_merge(self, shards: list[str], into: str) -> tuple[int, Gallery]:
         """Compact shards of the gallery into one (``into``: new or existing)."""
-        return gallery_ops.merge(self.path, shards, into)
+        return indexing.merge(self.path, shards, into)
 
     @needs(EMBED)
     def embed_shard(self, listings, out: str | Path, shard: tuple[int, int] = (0, 1), progress=None) -> Path:
         """Shard ``i`` of ``N`` of the listings' embeddings as Parquet (``hier embed``)."""
-        return embedding.embed(self.path, gallery_ops._table(listings), out, shard, self.backend, self.batch_size,
+        return embedding.embed(self.path, indexing.listings_table(listings), out, shard, self.backend, self.batch_size,
                                progress=progress)
 
     # --- changes: each holds the artifact's lock from reading to its atomic save; the next answer sees
@@ -395,7 +344,7 @@ class Recognizer:
     def enroll(self, name: str, images, brand: str | None = None, model: str | None = None,
                years: str | None = None, add_shots: bool = False, min_shots: int = 1,
                calibrate: float = 0.0, max_base_drop: float = enrollment.MAX_BASE_DROP) -> enrollment.Enrolled:
-        """A new class from a few photos, no retraining (``hier.enrollment.enroll``).
+        """A new class from a few photos, no retraining (``hier.enrollment.classes``).
 
         Args:
             name: the class (e.g. ``신형모델_2025``); brand, model and years are read from it where they can be.

@@ -87,6 +87,11 @@ def ranked(probs: np.ndarray, tax: Taxonomy, k: int) -> list[list[dict]]:
              for r, c in enumerate(top[i])] for i in range(len(probs))]
 
 
+def photo_name(image, i: int) -> str:
+    """How a photo is named in ``Results``: its path, or ``<image i>`` for one given in memory."""
+    return str(image) if isinstance(image, (str, Path)) else f"<image {i}>"
+
+
 def results_of(out: dict[str, np.ndarray], names: list[str], tax: Taxonomy, topk: int) -> Results:
     """``Results`` of a predictor's outputs (``probs`` and its ``answer``, the served answer) for photos
     named ``names``."""

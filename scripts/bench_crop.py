@@ -22,7 +22,7 @@ from rich.table import Table
 from hier import Recognizer
 from hier.data import scan_folder, split_indices
 from hier.data.detect import CarDetector
-from hier.data.synthetic import make_demo_dataset
+from hier.data.demo import make_demo_dataset
 from hier.metrics import evaluate_probs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

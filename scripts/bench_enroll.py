@@ -37,11 +37,12 @@ from hier.enrollment.heads import Calibration, imprint
 from hier.enrollment.mapped import PrototypeMap
 from hier.models.statistics import class_means
 from hier.artifact.files import VALIDATION
-from hier.enrollment.enroll import enroll
+from hier.enrollment.classes import enroll
 from hier.artifact.records import save_validation
 from hier.artifact.files import STATISTICS
 from hier.models.statistics import ClassStatistics, HeadConfig
-from hier.index import Gallery, factory_string
+from hier.gallery.gallery import Gallery
+from hier.gallery.kinds import factory_string
 from hier.runtime import Predictor
 from hier.models import create_trunk
 from hier.taxonomy import Taxonomy

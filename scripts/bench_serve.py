@@ -47,7 +47,9 @@ import pandas as pd
 from benchlib import machine
 from hier import Recognizer
 from hier.data import image_files
-from hier.index import BRAND, CLASS, GALLERY, MODEL, Gallery
+from hier.gallery.listings import BRAND, CLASS, MODEL
+from hier.artifact.files import GALLERY
+from hier.gallery.gallery import Gallery
 from hier.metrics import answer
 from hier.serve.loadtest import mixed_load, overload
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from hier import fileio
 from hier.cli import main
-from hier.data.synthetic import make_demo_dataset
+from hier.data.demo import make_demo_dataset
 from hier.models import ModelConfig
 from hier.taxonomy import Taxonomy
 from hier.training.config import TrainConfig

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw
 
 from conftest import STANFORD, chromium, run_cli
 from test_cli import one_error_line, tree
-import hier.audit as audit_mod
+import hier.audit.find as audit_find
+import hier.audit.run as audit_mod
 from hier.data.exclude import apply_exclude, read_exclude
 from hier.data.readers import create_reader
 
@@ -198,8 +199,8 @@ def test_exclude_list_takes_what_each_rule_names():
              {"paths": ["A/4.jpg", "B/4.jpg"], "cross_class": True}]
     near = [{"a": "A/5.jpg", "b": "B/5.jpg", "cross_class": True}, {"a": "A/6.jpg", "b": "A/7.jpg", "cross_class": False}]
     outliers = [{"path": "B/9.jpg"}, {"path": "A/2.jpg"}]
-    assert audit_mod.exclude_list(exact, []) == ["A/2.jpg", "A/3.jpg", "A/4.jpg", "B/4.jpg"]
-    assert audit_mod.exclude_list(exact, outliers, near) == ["A/2.jpg", "A/3.jpg", "A/4.jpg", "A/5.jpg", "B/4.jpg",
+    assert audit_find.exclude_list(exact, []) == ["A/2.jpg", "A/3.jpg", "A/4.jpg", "B/4.jpg"]
+    assert audit_find.exclude_list(exact, outliers, near) == ["A/2.jpg", "A/3.jpg", "A/4.jpg", "A/5.jpg", "B/4.jpg",
                                                              "B/5.jpg", "B/9.jpg"]
 
 

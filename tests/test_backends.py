@@ -8,7 +8,9 @@ import onnx
 import pytest
 
 from hier import artifact, fileio
-from hier.engine import predictor as pred
+from hier.artifact.files import INT8
+from hier.export.int8 import split_photos
+from hier.runtime.sessions import OpenVinoSession, OrtSession
 from hier.runtime import Predictor
 from hier.export.auto import artifact_predictor
 from hier.runtime.backend import choose_backend
@@ -50,7 +52,7 @@ def test_openvino_equals_eager_and_onnx_runtime(art, demo_data):
     net, _ = artifact.load(art)
     photos = photos_of(demo_data)
     ov = artifact_predictor(art, net, "openvino", batch_size=8)     # 3 batches, the last one short
-    assert isinstance(ov.session, pred.OpenVinoSession) and ov.session.views == 1
+    assert isinstance(ov.session, OpenVinoSession) and ov.session.views == 1
     assert "float32" in str(ov.session.compiled().get_property("INFERENCE_PRECISION_HINT"))
     got, eager = ov(photos), Predictor(net, batch_size=8)(photos)
     ort = artifact_predictor(art, net, "onnx", batch_size=8)(photos)
@@ -58,7 +60,7 @@ def test_openvino_equals_eager_and_onnx_runtime(art, demo_data):
         assert np.abs(got["embedding"] - ref["embedding"]).max() < 1e-5
         assert np.abs(got["probs"] - ref["probs"]).max() < 1e-5
     assert (got["answer"] == eager["answer"]).all()
-    assert isinstance(artifact_predictor(art, net, "auto").session, pred.OpenVinoSession)   # installed: auto's
+    assert isinstance(artifact_predictor(art, net, "auto").session, OpenVinoSession)   # installed: auto's
     # a service's threads at once: each batch through the one infer queue whole, not interleaved
     from concurrent.futures import ThreadPoolExecutor
     batches = [np.random.default_rng(i).normal(size=(5, 3, 64, 64)).astype(np.float32) for i in range(6)]
@@ -113,18 +115,18 @@ def test_missing_openvino_is_one_line(art, demo_data, monkeypatch, capsys):
 def test_int8_export_records_its_change_and_refuses_when_stale(art, capsys):
     code, out, err = run_cli("export", art, "--int8", "--photos", "40", capsys=capsys)
     assert code == 0, err
-    assert (art / pred.INT8).is_file() and "int8 vs fp32 on" in out
+    assert (art / INT8).is_file() and "int8 vs fp32 on" in out
     saved = artifact.read_config(art)["int8"]
     v = saved["validation"]
     assert saved["calibration_photos"] == 40 and saved["float"] == ["stem", "head"] and saved["reduce_range"]
     # the recorded figures are those of the validation split training used, fp32 and int8 alike
     net, tax = artifact.load(art)
-    _, val, labels = pred.split_photos(art, None, tax)
+    _, val, labels = split_photos(art, None, tax)
     y = np.array([tax.class_index[c] for c in labels])
     assert v["photos"] == len(val) > 0
     fp32 = Predictor(net, onnx=art / artifact.ONNX)(val)
     int8 = artifact_predictor(art, net, "onnx-int8")
-    assert int8.session.session._model_path.endswith(pred.INT8)
+    assert int8.session.session._model_path.endswith(INT8)
     got = int8(val)
     assert v["top1_fp32"] == pytest.approx(float((fp32["answer"] == y).mean()))
     assert v["top1"] == pytest.approx(float((got["answer"] == y).mean()))
@@ -132,7 +134,7 @@ def test_int8_export_records_its_change_and_refuses_when_stale(art, capsys):
     assert v["cosine_min"] == pytest.approx(float(cos.min()), abs=1e-5) and 0.5 < v["cosine_mean"] <= 1.0 + 1e-6
     assert np.abs(got["embedding"] - fp32["embedding"]).max() > 1e-6          # int8 really ran
     # int8 inside, the stem and head kept in float
-    model = onnx.load(str(art / pred.INT8))
+    model = onnx.load(str(art / INT8))
     kinds = {n.op_type for n in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= kinds
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -153,7 +155,7 @@ def test_int8_without_its_data_is_one_line(art, tmp_path, capsys):
     fileio.write_json(art / "train.json", run)
     code, _, err = run_cli("export", art, "--int8", capsys=capsys)
     assert code == 2 and "pass --data DIR" in err and err.strip().count("\n") == 0
-    assert not (art / pred.INT8).exists()
+    assert not (art / INT8).exists()
 
 
 def test_the_export_holds_one_view_so_no_tta_halves_the_work_and_an_older_two_view_export_still_serves(art, demo_data,
@@ -168,7 +170,7 @@ def test_the_export_holds_one_view_so_no_tta_halves_the_work_and_an_older_two_vi
     photos = photos_of(demo_data, 8)
     seen = []
 
-    class Counting(pred.OrtSession):
+    class Counting(OrtSession):
         def run(self, images):
             seen.append(len(images))
             return super().run(images)
@@ -206,7 +208,7 @@ def test_the_export_holds_one_view_so_no_tta_halves_the_work_and_an_older_two_vi
 
 FORKED_WORKER = """
 import os, sys, numpy as np
-from hier.engine.predictor import OpenVinoSession
+from hier.runtime.sessions import OpenVinoSession
 session = OpenVinoSession(sys.argv[1])                     # loaded before the fork, as gunicorn --preload does
 x = np.random.default_rng(0).normal(size=(3, 3, int(sys.argv[2]), int(sys.argv[2]))).astype(np.float32)
 pid = os.fork()

@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from hier.data import synthetic as demo
-from hier.data.synthetic import DemoData, draw_car, make_demo_dataset
+from hier.data.demo import DEMO_MARKER, DEMO_PARTS, DemoData, make_demo_dataset
+from hier.data.synthetic import draw_car
 
 BOM = b"\xef\xbb\xbf"
 
@@ -264,8 +265,8 @@ def test_demo_reruns_into_the_folder_of_an_interrupted_run(tmp_path: Path, monke
     code, stdout, err = run_cli(*args, capsys=capsys)
     assert code == 0 and "unfinished demo run; starting over" in err, err
     assert len(_rows(out / "submission.csv")) == 12 * 8 and "4/4" in stdout
-    assert json.loads((out / demo.DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is True
-    assert sorted(p.name for p in out.iterdir()) == sorted([demo.DEMO_MARKER, *demo.DEMO_PARTS])
+    assert json.loads((out / DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is True
+    assert sorted(p.name for p in out.iterdir()) == sorted([DEMO_MARKER, *DEMO_PARTS])
 
     before = tree(out)                             # a finished demo is the user's now: refused, untouched
     code, _, err = run_cli(*args, capsys=capsys)

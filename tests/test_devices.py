@@ -23,7 +23,7 @@ def test_the_backend_choice_fits_the_device():
 def test_where_a_gallery_lives():
     """Before: every load moved the index to the GPUs, edits included (no remove_ids there) and HNSW
     (no GPU version): `index remove` and `similar` on HNSW raised on a GPU host."""
-    from hier.index import placement
+    from hier.gallery.gpu import placement
     assert [placement(k, 2, "search") for k in ("flat", "ivf", "hnsw", "pq")] == ["gpu", "gpu", "cpu", "cpu"]
     assert {placement(k, g, "edit") for k in ("flat", "ivf", "hnsw", "pq") for g in (0, 1, 8)} == {"cpu"}
     assert {placement(k, 0, "search") for k in ("flat", "ivf", "hnsw", "pq")} == {"cpu"}

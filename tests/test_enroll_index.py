@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from hier import artifact, fileio
-from hier.enroll import MAX_RAISE, read_validation
-from hier.models.statistics import STATISTICS, ClassStatistics
-from hier.engine.predictor import Predictor
+from hier.enrollment.offsets import MAX_RAISE
+from hier.artifact.records import read_validation
+from hier.artifact.files import STATISTICS
+from hier.models.statistics import ClassStatistics
+from hier.runtime import Predictor
 from hier.recognizer import Recognizer
 from hier.services.labelling import SEARCH_SHRINK
 
@@ -350,3 +352,24 @@ def test_an_emptied_gallery_answers_nothing_and_rebuild_says_why(art, demo_data,
     assert code == 0 and json.loads(out) == []
     code, _, err = run_cli("index", "rebuild", art, capsys=capsys)
     assert code == 2 and "lists no listings" in err and err.count("error:") == 1
+
+
+@pytest.mark.parametrize("temperature", [None, 30.0])
+def test_enroll_reports_the_share_of_its_shots_that_predict_answers_as_it(temperature, art, demo_data):
+    """``own_shots_answered`` is what ``predict`` answers on those very shots: one answer function with the
+    served temperature (the top-down answer sums a brand's probabilities, so it depends on it). Enrollment
+    once answered its shots without the temperature: 1.0 reported where ``predict`` answered 0.8 of them
+    (the third class below, at the tiny artifact's own temperature). ``temperature``: the artifact's own,
+    or one as large as a whole-trunk run's."""
+    if temperature is not None:
+        config = artifact.read_config(art)
+        config["model"]["temperature"] = temperature
+        (art / artifact.CONFIG).write_text(json.dumps(config))
+    rec = Recognizer(art, backend="torch")
+    reported, answered = [], []
+    for cls in ("Cinder_Rook_2019_2023", "Aurora_Nova_2015_2018", "Borealis_Lynx_2016_2018"):
+        name = "Zephyr_Z" + cls.split("_")[1] + "_2030_2031"        # a new brand's models, from known looks
+        shots = _shots(demo_data, cls)
+        reported.append(rec.enroll(name, shots, brand="Zephyr").own_shots_answered)
+        answered.append(float(np.mean([p.fine == name for p in rec.predict(shots)])))
+    np.testing.assert_allclose(reported, answered)

@@ -208,7 +208,9 @@ def test_ensemble_refuses_edits_and_search(folds, demo_data, tmp_path, capsys):
     for args, expect in ((["enroll", out, "--class", "new_2025", "--images", photo], "member artifact"),
                          (["export", out], "member artifact"),
                          (["predict", out, photo, "--explain", tmp_path / "cams"], "member artifact"),
-                         (["embed", out, demo_data.train_dir, "--out", tmp_path / "emb"], "one of its members")):
+                         (["embed", out, demo_data.train_dir, "--out", tmp_path / "emb"], "one of its members"),
+                         (["index", "drop", out, "old"], "member artifact"),
+                         (["index", "merge", out, "a", "b", "--into", "c"], "member artifact")):
         code, stdout, err = run_cli(*args, capsys=capsys)      # refused before any answer is printed
         assert code == 2 and expect in err and len(err.strip().splitlines()) == 1 and not stdout.strip(), err
     assert not (tmp_path / "cams").exists() and not (tmp_path / "emb").exists()

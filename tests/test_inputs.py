@@ -287,7 +287,7 @@ def test_predict_index_and_enroll_take_symlinked_folders(linked, art, capsys):
     assert len(pd.read_csv(io.StringIO(out))) == 6
     code, out, err = run_cli("index", "build", art, subset, capsys=capsys)
     assert code == 0 and "indexed 6 listing image(s)" in out, err
-    from hier.index import Gallery
+    from hier.gallery.gallery import Gallery
     assert sorted(Gallery.load(art).listings["listing_id"])[0] == f"{classes[0]}/" + \
         sorted(p.stem for p in (subset / classes[0]).iterdir())[0]
     code, out, err = run_cli("enroll", art, "--class", "Zephyr_Gale_2025_2025", "--brand", "Zephyr",
@@ -342,8 +342,9 @@ def test_numeric_flags_out_of_range_are_one_line(args, flag, tiny_artifact, demo
 
 # --- 11. UTF-8 everywhere -----------------------------------------------------------------------------
 
-MINE = ["hier/data/images.py", "hier/data/readers.py", "hier/data/detect.py", "hier/data/tables.py",
-        "hier/data/__init__.py", "hier/competitions/hecto.py", "hier/index.py", "hier/cli/predict.py", "hier/cli/index.py"]
+MINE = ["hier/data/images.py", "hier/data/files.py", "hier/data/readers.py", "hier/data/detect.py", "hier/data/tables.py",
+        "hier/data/__init__.py", "hier/competitions/hecto.py", "hier/gallery/listings.py", "hier/gallery/store.py",
+        "hier/services/indexing.py", "hier/cli/predict.py", "hier/cli/index.py"]
 
 
 def _text_io_without_encoding(source: str) -> list[int]:
@@ -383,9 +384,10 @@ def test_listings_and_test_csvs_in_an_ascii_locale(art, demo_data, tmp_path):
     pd.DataFrame({"listing_id": ["신형모델_1", "신형모델_2"], "image": photos, "판매자": ["김", "이"]}) \
         .to_csv(csv, index=False, encoding="utf-8")
     script = tmp_path / "run.py"
-    script.write_text("import sys\nfrom pathlib import Path\nfrom hier import index\n"
-                      "index.build(sys.argv[1], index.read_listings(Path(sys.argv[2])))\n"
-                      "g = index.Gallery.load(sys.argv[1])\n"
+    script.write_text("import sys\nfrom pathlib import Path\nfrom hier.gallery import Gallery, read_listings\n"
+                      "from hier.services.indexing import build\n"
+                      "build(sys.argv[1], read_listings(Path(sys.argv[2])))\n"
+                      "g = Gallery.load(sys.argv[1])\n"
                       "print(sorted(g.listings['listing_id']) == ['신형모델_1', '신형모델_2'],"
                       " sorted(g.listings['판매자']) == ['김', '이'])\n", encoding="utf-8")
     env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0",

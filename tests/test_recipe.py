@@ -100,7 +100,7 @@ def test_progressive_resizing_mixup_and_swa_in_one_run(demo_data, tmp_path, monk
 
 
 def test_swa_is_not_kept_when_it_validates_worse(demo_data, tmp_path, monkeypatch):
-    from hier.engine import trainer as trainer_mod
+    from hier.training import trainer as trainer_mod
     calls = []
     real = trainer_mod.Trainer.validate
 
@@ -224,3 +224,10 @@ def test_equivalent_classes_learned_as_one_and_split_in_submissions(demo_data, t
     np.testing.assert_allclose(got["Aurora_Nova_2015_2018"] * 2, probs["Aurora_Nova_2015_2018"], rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(got["Borealis_Lynx_2016_2018"], probs["Borealis_Lynx_2016_2018"], rtol=1e-4, atol=2e-6)
     np.testing.assert_allclose(got.sum(1), 1, atol=1e-9)
+    # int8 calibrates on the run's own split, merged classes included: its copy of the split once skipped
+    # the merge and refused every --merge-classes artifact ("is in the data but not in the taxonomy")
+    code, out_text, err = run_cli("export", out, "--int8", capsys=capsys)
+    assert code == 0 and (out / "model.int8.onnx").is_file(), err
+    from hier.export.int8 import split_photos
+    _, _, labels = split_photos(out, None, Taxonomy.from_csv(out / "taxonomy.csv"))
+    assert "Aurora_Nova_2019_2023" not in labels and "Aurora_Nova_2015_2018" in labels

@@ -21,7 +21,9 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 
-from hier import artifact, enrollment, fileio, index
+from hier import artifact, enrollment, fileio
+from hier.gallery import Gallery
+from hier.services import indexing
 from hier.artifact.files import STATISTICS
 from hier.models.statistics import ClassStatistics
 from hier.data import load_rgb, scan_folder
@@ -150,7 +152,7 @@ def test_two_processes_writing_at_once_both_land(art, demo_data, tmp_path):
     from filelock import FileLock
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
     assert run_cli("index", "build", art, demo_data.train_dir / "Aurora_Nova_2015_2018")[0] == 0
-    n0 = len(index.Gallery.load(art))
+    n0 = len(Gallery.load(art))
     batches = []
     for b in range(2):
         folder = tmp_path / f"listings{b}"
@@ -182,7 +184,7 @@ def test_two_processes_writing_at_once_both_land(art, demo_data, tmp_path):
     assert {"Zephyr_Gale0_2025_2025", "Zephyr_Gale1_2025_2025"} <= set(tax.classes)
     assert len(tax) == 14 and net.fine.weight.shape[0] == 14
     assert len(artifact.read_config(art)["enrolled"]) == 2
-    gallery = index.Gallery.load(art)
+    gallery = Gallery.load(art)
     assert len(gallery) == n0 + 14 == len(gallery.listings)
     assert {f"B{b}_{i}" for b in range(2) for i in range(7)} <= set(gallery.listings["listing_id"])
 
@@ -306,17 +308,17 @@ def test_bad_prediction_inputs_are_one_line(tiny_artifact, demo_data, tmp_path, 
 # --- 5. interrupts --------------------------------------------------------------------------------------
 
 def test_ctrl_c_is_a_failure_exit(demo_data, tmp_path, monkeypatch, capsys):
-    import hier.engine.trainer
+    import hier.training
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
-    monkeypatch.setattr(hier.engine.trainer, "train", interrupted)
+    monkeypatch.setattr(hier.training, "train", interrupted)
     code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "run", capsys=capsys)
     assert code == 130 and "interrupted" in err
 
 
 def test_a_run_interrupted_in_its_first_epoch_can_start_over(demo_data, tmp_path, monkeypatch, capsys):
-    import hier.engine.trainer
+    from hier.training.trainer import Trainer
     data = _small_dataset(demo_data, tmp_path / "data")
     out = tmp_path / "run"
     args = ["train", data, "--out", out, "--model", "test_efficientnet", "--pretrained", "none", "--img-size", "64",
@@ -325,7 +327,7 @@ def test_a_run_interrupted_in_its_first_epoch_can_start_over(demo_data, tmp_path
     def interrupted(self, row):
         raise KeyboardInterrupt
     with monkeypatch.context() as m:
-        m.setattr(hier.engine.trainer.Trainer, "_end_epoch", interrupted)
+        m.setattr(Trainer, "_end_epoch", interrupted)
         assert run_cli(*args, capsys=capsys)[0] == 130
     assert (out / "train.json").is_file() and not (out / CHECKPOINT).exists()
     code, _, err = run_cli(*args, "--resume", capsys=capsys)
@@ -471,8 +473,8 @@ def test_any_sequence_of_writers_leaves_a_consistent_artifact(ops, tiny_artifact
     art = tmp_path_factory.mktemp("prop") / "artifact"
     shutil.copytree(tiny_artifact[0], art)
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
-    index.build(art, demo_data.train_dir / "Aurora_Nova_2015_2018")
-    base_ids = set(index.Gallery.load(art).listings["listing_id"])
+    indexing.build(art, demo_data.train_dir / "Aurora_Nova_2015_2018")
+    base_ids = set(Gallery.load(art).listings["listing_id"])
     enrolled, listed, counter = set(), set(base_ids), iter(range(1000))
 
     def do(op, i):
@@ -493,11 +495,11 @@ def test_any_sequence_of_writers_leaves_a_consistent_artifact(ops, tiny_artifact
             folder.mkdir()
             for j, p in enumerate(photos[i * 9:i * 9 + 2]):
                 shutil.copy(p, folder / f"{folder.name}_{j}.jpg")
-            index.add(art, folder)
+            indexing.add(art, folder)
             return ("added", {f"{folder.name}_{j}" for j in range(2)})
         ids = sorted(base_ids)[i:i + 1]
         try:
-            index.remove(art, ids)
+            indexing.remove(art, ids)
         except HierError:           # already removed
             return None
         return ("removed", set(ids))
@@ -529,5 +531,5 @@ def test_any_sequence_of_writers_leaves_a_consistent_artifact(ops, tiny_artifact
     assert net.model.weight.shape[0] == len(tax.models) and net.brand.weight.shape[0] == len(tax.brands)
     stats = ClassStatistics.load(art / STATISTICS)
     assert set(stats.classes) == set(tax.classes) and int((stats.shot_counts > 0).sum()) == len(entries)
-    gallery = index.Gallery.load(art)
+    gallery = Gallery.load(art)
     assert set(gallery.listings["listing_id"]) == listed and len(gallery) == len(listed)

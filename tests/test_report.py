@@ -172,7 +172,7 @@ def test_report_replaces_only_its_own_earlier_report(art, few, tmp_path, monkeyp
     # disk full while writing: one line, the earlier report as it was, no temporary folder left
     def full(self, name, *args):
         raise OSError(errno.ENOSPC, "No space left on device", str(self.root / name))
-    monkeypatch.setattr(build._Page, "figure", full)
+    monkeypatch.setattr(build.Page, "figure", full)
     before = tree(tmp_path)
     code, _, err = run_cli("report", art, few, "--out", out, capsys=capsys)
     assert failed_after_work(code, err) and "No space left on device" in err and "as it was" in err, err

@@ -428,7 +428,7 @@ def test_huge_and_damaged_listing_photos(art, demo_data, odd_gallery, caplog, ca
 def test_thumbnails_run_off_the_event_loop_and_off_the_model_thread(art, demo_data, odd_gallery, monkeypatch):
     """Thumbnails decode in their own threads: a slow one delays neither /health/live nor /predict.
     (Before, they decoded on the event loop and read the gallery in the model thread.)"""
-    import hier.serve.app as service
+    import hier.serve.routes as service
 
     real = service.thumbnail_jpeg
     monkeypatch.setattr(service, "thumbnail_jpeg", lambda *a: (time.sleep(1.5), real(*a))[1])

@@ -3,7 +3,7 @@ names (``files``), its model (``store``) and its training records (``records``).
 from hier.artifact import files
 from hier.artifact.files import (CONFIG, ENSEMBLE, GALLERY, HEAD_PARTS, HEADS, ONNX, REQUIRED, STATISTICS,
                                  TAXONOMY, WEIGHTS)
-from hier.artifact.store import Snapshot, head_rows, load, read_config, save, snapshot, stamp
+from hier.artifact.store import Version, head_rows, load, read_config, save, snapshot, stamp
 
-__all__ = ["CONFIG", "ENSEMBLE", "GALLERY", "HEAD_PARTS", "HEADS", "ONNX", "REQUIRED", "STATISTICS", "Snapshot",
+__all__ = ["CONFIG", "ENSEMBLE", "GALLERY", "HEAD_PARTS", "HEADS", "ONNX", "REQUIRED", "STATISTICS", "Version",
            "TAXONOMY", "WEIGHTS", "files", "head_rows", "load", "read_config", "save", "snapshot", "stamp"]

@@ -90,7 +90,7 @@ def stamp(path: str | Path) -> tuple:
     return found
 
 
-class Snapshot(NamedTuple):
+class Version(NamedTuple):
     """One version of the artifact in memory, read under one lock: what a call uses from start to end."""
 
     stamp: tuple
@@ -98,10 +98,24 @@ class Snapshot(NamedTuple):
     taxonomy: Taxonomy
 
 
-def snapshot(path: str | Path, device: str = "cpu") -> Snapshot:
+def snapshot(path: str | Path, device: str = "cpu") -> Version:
     """The artifact's version of now (``stamp``) with its net and taxonomy, read under its lock."""
+    check_artifact(path)                # before the lock: a folder that is no artifact gets no lock file
     with locked(path):
-        return Snapshot(stamp(path), *load(path, device))
+        return Version(stamp(path), *load(path, device))
+
+
+def check_artifact(path: str | Path) -> Path:
+    """``path`` as a Path when it holds one artifact; else HierError naming what it is (an ensemble) or
+    lacks (the missing files)."""
+    path = Path(path)
+    if (path / ENSEMBLE).is_file():
+        raise HierError(f"{path} is an ensemble, not one artifact: this command takes one of its members "
+                        f"({path / MEMBERS}/<i>) or the artifact it was built from")
+    missing = [f for f in REQUIRED if not (path / f).is_file()]
+    if missing:
+        raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
+    return path
 
 
 def read_config(path: str | Path) -> dict:
@@ -110,13 +124,7 @@ def read_config(path: str | Path) -> dict:
 
 def load(path: str | Path, device: str = "cpu") -> tuple[HierNet, Taxonomy]:
     """Model (eval mode) and taxonomy from an artifact directory, read under its lock."""
-    path = Path(path)
-    if (path / ENSEMBLE).is_file():
-        raise HierError(f"{path} is an ensemble, not one artifact: this command takes one of its members "
-                        f"({path / MEMBERS}/<i>) or the artifact it was built from")
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
-    if missing:
-        raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
+    path = check_artifact(path)
     with locked(path):
         config = read_config(path)
         taxonomy = Taxonomy.from_csv(path / TAXONOMY)

@@ -28,7 +28,7 @@ def embed(
     if workers is not None:
         check_number("--workers", workers, 0, 256, integer=True)
     from hier.cli.index import _listings
-    from hier.embed import embed as embed_shard, parse_shard
+    from hier.services.embedding import embed as embed_shard, parse_shard
     from hier.progress import progress_bar
 
     where = parse_shard(shard)

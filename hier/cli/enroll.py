@@ -27,7 +27,7 @@ def enroll(
         help="Points of accuracy on the known classes' held-out photos this class may cost")] = 0.5,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
-    from hier.enrollment.enroll import OWN_SHOTS
+    from hier.enrollment.classes import OWN_SHOTS
     from hier.recognizer import Recognizer
 
     r = Recognizer(artifact).enroll(name, images, brand, model, years, add_shots, min_shots, calibrate,

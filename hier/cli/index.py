@@ -15,7 +15,7 @@ app.add_typer(index_app, name="index")
 
 
 def _listings(listings: Path, strict: bool):
-    from hier.index import read_listings
+    from hier.gallery.listings import read_listings
     table = read_listings(listings, strict)
     if table.attrs.get("skipped"):
         err.print(f"[yellow]{table.attrs['skipped']}[/]")
@@ -34,7 +34,7 @@ def index_build(
         help="Folder of `hier embed` shards: build from their vectors, without running the network")] = None,
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
-    from hier.index import factory_string
+    from hier.gallery.kinds import factory_string
     from hier.recognizer import Recognizer
     from hier.progress import progress_bar
 
@@ -43,7 +43,7 @@ def index_build(
     rec = Recognizer(artifact)
     factory_string(kind, 1)
     if from_embeddings is not None:
-        from hier.embed import build_gallery
+        from hier.services.embedding import build_gallery
         gallery = build_gallery(artifact, from_embeddings, kind)
         console.print(f"indexed {len(gallery)} listing image(s) ({kind}) from {from_embeddings} in {artifact}/gallery")
         return
@@ -62,7 +62,7 @@ def index_add(
         help="Shard to add to (created if new; `today`: the UTC date, e.g. 2025-03-07). Default: base")] = None,
 ):
     """Add listings to an existing index (ids of the others stay as they are); only their shard is rewritten."""
-    from hier.index import shard_name
+    from hier.gallery.shards import shard_name
     from hier.recognizer import Recognizer
     from hier.progress import progress_bar
 
@@ -80,7 +80,7 @@ def index_rebuild(
     kind: Annotated[str | None, typer.Option("--index", help="flat | ivf | hnsw | pq (default: the gallery's)")] = None,
 ):
     """Embed the gallery's listings again with the artifact's current weights (after `hier train --resume`)."""
-    from hier.index import factory_string
+    from hier.gallery.kinds import factory_string
     from hier.recognizer import Recognizer
     from hier.progress import progress_bar
 
@@ -137,7 +137,7 @@ def index_shards(
 ):
     """The gallery's shards and their listing images (from gallery.json; no index read)."""
     import pandas as pd
-    from hier.index import shard_counts
+    from hier.gallery.store import shard_counts
 
     counts = shard_counts(artifact)
     print_frame(pd.DataFrame({"shard": list(counts), "listings": list(counts.values())}), fmt)

@@ -21,7 +21,7 @@ def train(
     out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
     taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV "
                                                      "(default: parse the folder names)")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Named flag set: cpu | cpu-cached | cpu-max (see README)")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Named flag set: cpu | cpu-cached | cpu-max (docs: commands/train)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Any timm model name [efficientnet_lite0]")] = None,
     pretrained: Annotated[Optional[str], typer.Option(
         help="auto | none | timm (hub) | efficientnet_lite0/1/2 (offline packages; auto picks them) | path to weights")] = None,
@@ -121,7 +121,7 @@ def demo(
     check_number("--epochs", epochs, 1, 1000, integer=True)         # every check before anything is drawn
     check_number("--img-size", img_size, 32, 1024, integer=True)
     check_number("--images-per-class", images_per_class, DEMO_MIN_IMAGES, 1000, integer=True)
-    from hier.data.synthetic import claim_demo_folder, finish_demo_folder, make_demo_dataset
+    from hier.data.demo import claim_demo_folder, finish_demo_folder, make_demo_dataset
     from hier.recognizer import Recognizer
 
     if claim_demo_folder(out):

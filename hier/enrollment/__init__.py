@@ -1,5 +1,5 @@
 """Few-shot enrollment: a new class from a handful of photos, no retraining (``enroll``, ``unenroll``)."""
-from hier.enrollment.enroll import NEAR_DUPLICATE, OWN_SHOTS, enroll, nearest_base, own_answers, unenroll
+from hier.enrollment.classes import NEAR_DUPLICATE, OWN_SHOTS, enroll, nearest_base, own_answers, unenroll
 from hier.enrollment.heads import Calibration, imprint
 from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, base_drop_offset, budget_offset
 from hier.enrollment.state import Enrolled, Unenrolled

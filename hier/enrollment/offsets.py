@@ -36,7 +36,7 @@ def budget_offset(scores: torch.Tensor, y: torch.Tensor, c: int, max_base_drop: 
     Each base class's photos are modelled as leads (``c``'s score minus the best other) drawn from a
     normal with that class's mean lead and the spread pooled over classes (widened for the class's few
     photos): the largest lead among a few validation photos understates how far unseen photos of a
-    near sibling reach, and cost several times its budget on them (see README, enrollment benchmark).
+    near sibling reach, and cost several times its budget on them (docs/benchmarks/enroll.md).
     Each new class gets its own offset: one far from every base photo needs none, a next-year version
     of a known model needs one. Held-out photos, not training ones: those sit closer to their own class."""
     others = scores.clone()

@@ -30,7 +30,7 @@ from hier.errors import HierError, check_number
 
 @dataclass
 class HeadConfig:
-    """How the statistics become scores (the measured defaults: README, enrollment benchmark)."""
+    """How the statistics become scores (the measured defaults: docs/benchmarks/enroll.md)."""
 
     shrink: float = 0.1      # covariance shrinkage toward its mean variance (0: none, 1: nearest mean)
     teen: float = 0.1        # share of an enrolled class's mean taken from similar base means

@@ -21,8 +21,8 @@ def choose_backend(requested: str, export_fresh: bool, providers: list[str], dev
     export), the providers ONNX Runtime offers (empty: not installed) and whether OpenVINO is installed.
     ``auto`` takes ONNX Runtime only where it runs on the net's own device: on a GPU host with the CPU
     build of ONNX Runtime, eager CUDA is faster than ONNX on the CPU; on a CPU it takes OpenVINO (f32,
-    the same answers to 1e-5) when installed, 1.1-1.2x ONNX Runtime's photos/s here (README,
-    bench_speed); it never takes int8 or bf16 (they change answers). A pure function, tested on CPU."""
+    the same answers to 1e-5) when installed, faster than ONNX Runtime on the CPUs measured
+    (docs/benchmarks/speed.md); it never takes int8 or bf16 (they change answers). A pure function, tested on CPU."""
     if requested not in BACKENDS:
         raise HierError(f"unknown backend {requested!r}; choose {', '.join(BACKENDS)}")
     if requested == "torch":

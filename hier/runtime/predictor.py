@@ -29,8 +29,8 @@ def device() -> str:
 
 def decode_workers(photos: int, cpus: int | None) -> int:
     """Decoding processes beside the network when a caller does not say: none for a handful of photos
-    (starting one costs more than it saves), else one per spare core, at most 4. Measured on 2 cores with
-    ONNX Runtime: 1 worker decodes the next batch while the network runs, +13% photos/s (README)."""
+    (starting one costs more than it saves), else one per spare core, at most 4: one worker decoding the next batch
+    while the network runs is faster on 2 cores (docs/benchmarks/speed.md)."""
     if photos < 2 * 32 or not cpus or cpus < 2:
         return 0
     return min(4, cpus - 1)

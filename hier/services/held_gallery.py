@@ -8,14 +8,15 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple
 
-from hier import fileio, index as gallery_ops
+from hier import fileio
+from hier.gallery import Gallery, gallery_files
 
 
 class HeldGallery(NamedTuple):
     """The listing index in memory, its files' stamps, and each listing's photo path."""
 
     stamp: tuple
-    gallery: gallery_ops.Gallery
+    gallery: Gallery
     photos: dict[str, str]
 
 
@@ -27,7 +28,7 @@ class HeldGalleries:
 
     def _stamp(self) -> tuple:
         """Stamps of the gallery's files, every shard's (``index.faiss`` first: None, no gallery)."""
-        return fileio.file_stamp(*gallery_ops.gallery_files(self.path))
+        return fileio.file_stamp(*gallery_files(self.path))
 
     def held(self) -> HeldGallery:
         """The gallery of now, or the one in memory while a writer holds the artifact's lock; HierError
@@ -41,12 +42,12 @@ class HeldGalleries:
                 return held
             if stamp[0] is None:                      # no index (any more): Gallery.load says so
                 self._held = None
-                gallery_ops.Gallery.load(self.path)
+                Gallery.load(self.path)
             with ExitStack() as locked:
                 if not fileio.hold_lock(locked, self.path, wait=held is None):
                     return held
                 stamp = self._stamp()
-                gallery = gallery_ops.Gallery.load(self.path)
+                gallery = Gallery.load(self.path)
             gallery.on_gpus()                         # searches only: edits load their own CPU copy
             listings = gallery.listings
             photos = dict(zip(listings["listing_id"].astype(str), listings["image"].astype(str))) \

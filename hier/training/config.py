@@ -39,7 +39,7 @@ class TrainConfig:
     detector: str | None = None  # ultralytics weights for --crop yolo
     export: bool = True         # write the ONNX export at the end (what `hier predict` runs on)
     exclude: str | None = None  # file of photos (paths below DATA) not to train on: `hier audit --write-exclude`
-    # the competitors' recipe (README "Training recipe"; each lever measured by scripts/bench_recipe.py)
+    # the competitors' recipe (each lever measured by scripts/bench_recipe.py: docs/benchmarks/recipe.md)
     aug: str = "light"          # augmentation policy: none | light | seed | randaug (hier.data.augment)
     mixup: float = 0.0          # MixUp alpha on the batch (timm Mixup; 0: off)
     cutmix: float = 0.0         # CutMix alpha (with --mixup too: one or the other per batch)

@@ -20,11 +20,14 @@ from typing import Callable, Iterator
 
 from filelock import FileLock, Timeout
 
+from hier import journal
 from hier.errors import HierError, HierWarning
 
 LOCK = ".hier.lock"
 LOCK_TIMEOUT = 600.0     # seconds a command waits for another one writing the same folder
 _locks: dict[Path, FileLock] = {}
+_unlocked: set[Path] = set()    # read-only folders read unlocked (warned once each)
+_held: dict[Path, int] = {}     # folders whose lock this process holds, and how many times (re-entered)
 
 
 def _read_umask() -> int:
@@ -45,7 +48,8 @@ def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
 
     One ``FileLock`` per folder and process, so a writer that loads inside its own lock re-enters it;
     other threads and processes wait (flock). A read-only folder cannot hold a lock file, and nobody
-    can write there either, so reading it unlocked is safe.
+    can write there either, so reading it unlocked is safe (said once). The first holder completes a
+    commit a killed writer left (``hier.journal``) before anything is read.
     """
     folder = Path(path).resolve()
     if not folder.is_dir():
@@ -65,12 +69,24 @@ def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
     except Timeout:
         raise HierError(f"{path} is busy: another hier command has been writing it for over "
                         f"{timeout:.0f} s; try again when it ends") from None
-    except PermissionError:
+    except OSError as e:                    # no lock file can be made or opened there: read-only
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        if folder not in _unlocked:
+            _unlocked.add(folder)
+            warnings.warn(f"{path} is read-only here: read without its lock (nothing can write it meanwhile "
+                          "through this mount)", HierWarning, stacklevel=3)
         yield
         return
     try:
+        _held[folder] = _held.get(folder, 0) + 1
+        if _held[folder] == 1:
+            journal.recover(folder)        # a commit a killed writer left: completed before anything is read
         yield
     finally:
+        _held[folder] -= 1
+        if not _held[folder]:
+            del _held[folder]
         lock.release()
 
 
@@ -91,15 +107,54 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
     atomic_write_all({Path(path): write})
 
 
-def atomic_write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
+def atomic_create(path: str | Path, write: Callable[[Path], None]) -> bool:
+    """``atomic_write`` that never replaces: the finished file is linked in under ``path`` only if no file
+    is there (``link`` fails on an existing name, atomically), so of two writers at once exactly one
+    lands. Returns False (nothing written) when ``path`` existed."""
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~UMASK)
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as e:
+        refused = _refused_write(e, path)
+        if refused is None:
+            raise
+        raise refused from None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+
+
+def _refused_write(e: OSError, path: Path) -> HierError | None:
+    """The one line for a write the disk or volume refused (full, read-only, no permission)."""
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HierError(f"no space left on device writing {path}: {_unchanged(path)}")
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return HierError(f"cannot write {path} ({e.strerror}): {_unchanged(path)}")
+    return None
+
+
+def atomic_write_all(writers: dict[Path, Callable[[Path], None]], remove: list[Path] = ()) -> None:
     """Write every file to a temp name first and rename them only once all writes succeeded, so a
-    failure leaves the old files untouched and the new set lands together.
+    failure leaves the old files untouched and the new set lands together: under a folder's lock the
+    renames and the removals (``remove``: files or folders the new version no longer has) commit in one
+    step (``hier.journal``), so a process killed between two renames leaves a set the next reader
+    completes, never a mixture.
 
     Modes are those a plain ``open(path, "w")`` would give: a file that exists keeps its mode (a
     ``chmod g+r`` for a web server's group sticks), a new one gets 0666 minus the umask (``mkstemp``
     alone would make every file 0600, unreadable to any other account). A full disk (or quota) is one
     line saying that nothing was replaced."""
-    temps = {}
+    temps, folder = {}, None
     try:
         for path, write in writers.items():
             try:
@@ -114,11 +169,19 @@ def atomic_write_all(writers: dict[Path, Callable[[Path], None]]) -> None:
                 write(temps[path])
                 os.chmod(tmp, mode)              # after writing: a kept 0444 must not stop the write
             except OSError as e:
-                if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                    raise HierError(f"no space left on device writing {path}: {_unchanged(path)}") from None
+                refused = _refused_write(e, path)
+                if refused is not None:
+                    raise refused from None
                 raise
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
+        paths = [Path(os.path.realpath(p)) for p in [*temps, *remove]]
+        folder = max((f for f in _held if all(p.is_relative_to(f) for p in paths)), key=lambda f: len(f.parts),
+                     default=None)         # the journal goes in the (innermost) folder whose lock is held
+        journal.commit([(Path(os.path.realpath(t)), p) for t, p in zip(temps.values(), paths)],
+                       paths[len(temps):], folder)
+    except BaseException:
+        if folder is not None and (folder / journal.JOURNAL).is_file():
+            temps = {}                     # the journal names them: the next holder of the lock renames them
+        raise
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)

@@ -1,6 +1,10 @@
-"""Folders of outputs a command writes for a person (``hier report``, ``hier audit``): written complete
-beside the target, sealed with a marker listing their files, and swapped in, so the target is only ever
-an absent or empty folder, or an earlier output of the same kind, and one whole version is always on disk.
+"""Outputs a command writes where a user names them (``--out``), checked before any work so they never
+replace an input, land inside an artifact, or fail on an unwritable folder after the work is done.
+
+``output_file`` guards one file (``hier predict --out``); ``target`` an output folder (``hier report``,
+``hier audit``), which is written complete beside the target, sealed with a marker listing its files, and
+swapped in, so the target is only ever an absent or empty folder, or an earlier output of the same kind,
+and one whole version is always on disk.
 """
 from __future__ import annotations
 
@@ -15,6 +19,42 @@ from hier import fileio
 from hier.errors import HierError
 from hier.version import __version__
 
+
+def output_file(out: str | Path, inputs=(), inside: dict[str, str | Path | None] | None = None,
+                flag: str = "--out") -> Path:
+    """``out`` (resolved) when a command may write it; else HierError, one line, before any work.
+
+    Args:
+        out: the file the user named.
+        inputs: files the command reads (a test CSV, a sample submission, photos): ``out`` may be none of
+            them, whatever path spells it (links, ``..``).
+        inside: {what: folder} that ``out`` may not be inside (``{"artifact": ART}``: a file there could
+            replace one of the artifact's own).
+        flag: the option's name, for the message.
+
+    Raises:
+        HierError: ``out`` is a folder, an input, inside a refused folder, or in a folder that is missing
+            or not writable (a read-only volume).
+    """
+    real = Path(os.path.realpath(out))
+    if real.is_dir():
+        raise HierError(f"{flag} {out} is a folder; give a file name")
+    for given in inputs:
+        if given is not None and Path(os.path.realpath(given)) == real:
+            raise HierError(f"{flag} {out} is {given}, which this command reads; write to another file")
+    for what, folder in (inside or {}).items():
+        if folder is not None and real.is_relative_to(Path(os.path.realpath(folder))):
+            raise HierError(f"{flag} {out} is inside the {what} {folder}; write it elsewhere")
+    writable_folder(real.parent, out, flag)
+    return real
+
+
+def writable_folder(folder: Path, given, flag: str = "--out") -> None:
+    """HierError unless ``folder`` exists and this process may create files in it."""
+    if not folder.is_dir():
+        raise HierError(f"{flag} {given}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise HierError(f"{flag} {given}: folder {folder} is not writable (read-only volume or permissions)")
 
 
 def target(out: str | Path, data: str | Path, artifact_dir: str | Path | None, marker: str) -> Path:

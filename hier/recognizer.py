@@ -10,8 +10,8 @@
 
 The CLI, the demo and the service are thin layers over it. Every photo goes through one predictor with
 the artifact's TTA and temperature, and every answer is the served one (``hier.metrics.served_answer``).
-The folder's kind (an artifact, an ensemble) is looked up in ``hier.kinds.KINDS``; a method that needs
-a capability the kind lacks is refused in one line (``hier.kinds.needs``). A long-lived recognizer
+The folder's kind (an artifact, an ensemble) is looked up in ``hier.folders.FOLDER_KINDS``; a method that needs
+a capability the kind lacks is refused in one line (``hier.folders.needs``). A long-lived recognizer
 notices when its artifact changed on disk (another process ran ``hier enroll``) and reloads before
 answering; while another command holds the artifact's lock it keeps answering with the version it holds
 (``snapshot``), so a service never stalls behind a writer. The listing gallery is held the same way.
@@ -35,19 +35,19 @@ from hier.data.detect import CarDetector
 from hier.data.readers import create_reader
 from hier.errors import HierError
 from hier.export import CALIBRATION_PHOTOS, export, export_int8
-from hier.gallery import BRAND, ID, Gallery, label_columns
-from hier.kinds import ANSWER, EDIT, EMBED, EXPLAIN, EXPORT, SEARCH, kind_of, needs
-from hier.metrics import answer, evaluate_probs
-from hier.results import Results, photo_name, results_of
+from hier.folders import ANSWER, EDIT, EMBED, EXPLAIN, EXPORT, folder_kind, needs
+from hier.listing_search import ListingSearch
+from hier.metrics import evaluate_probs
+from hier.results import Prediction, Results, photo_name, results_of
 from hier.runtime import device
-from hier.services import embedding, indexing
 from hier.services.held_artifact import HeldArtifact, Snapshot
 from hier.services.held_gallery import HeldGalleries
-from hier.services.labelling import answers_digest
 from hier.taxonomy import Taxonomy
 
+__all__ = ["Prediction", "Recognizer", "Results", "Snapshot"]
 
-class Recognizer:
+
+class Recognizer(ListingSearch):
     """An artifact (or ensemble) folder held in memory: answers, search, enrollment and training.
 
     Args:
@@ -60,7 +60,9 @@ class Recognizer:
             ``torch``, ``onnx``, ``onnx-int8``, ``openvino`` or ``openvino-bf16`` force one.
 
     Raises:
-        HierError: ``path`` is not an artifact (the missing files are named).
+        HierError: ``path`` is not an artifact (the missing files are named). Every method raises
+            HierError (one line) for a user's mistake; on an ensemble, the methods that edit, embed,
+            search, explain or export refuse in one line before any work (``check_supports``).
 
     Example:
         >>> rec = Recognizer("runs/x")
@@ -70,7 +72,7 @@ class Recognizer:
     def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None,
                  backend: str = "auto"):
         self.path = Path(path)
-        self.kind = kind_of(self.path)
+        self.kind = folder_kind(self.path)
         self.device, self.batch_size, self.backend = device_ or device(), batch_size, backend
         if detector is not None and not isinstance(detector, CarDetector):
             detector = CarDetector(detector)
@@ -78,14 +80,15 @@ class Recognizer:
         missing = [f for f in self.kind.required if not (self.path / f).is_file()]
         if missing:
             raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(missing)})")
-        self._held = HeldArtifact(self.path, lambda: self.kind.open(self.path, self.device, self.backend,
+        self._held = HeldArtifact(self.path, lambda: self.kind.opener(self.path, self.device, self.backend,
                                                                      self.batch_size))
         self._galleries = HeldGalleries(self.path)
 
     def check_supports(self, method: str) -> None:
         """Raise now the refusal ``method`` would raise on this folder (an ensemble answers but does not
         edit, embed, search, explain or export), so a command refuses before it prints or writes anything."""
-        refusal = self.kind.refusal(self.path, getattr(type(self), method).capability)
+        capability = getattr(getattr(type(self), method, None), "capability", None)
+        refusal = None if capability is None else self.kind.refusal(self.path, capability)
         if refusal is not None:
             raise HierError(refusal)
 
@@ -113,14 +116,17 @@ class Recognizer:
 
     @property
     def net(self):
+        """The ``HierNet`` of the version of now (an ensemble's ``Ensemble``)."""
         return self.snapshot().net
 
     @property
     def taxonomy(self) -> Taxonomy:
+        """The classes of the version of now, enrolled ones included (class -> model -> brand)."""
         return self.snapshot().taxonomy
 
     @property
     def predictor(self):
+        """The predictor of the version of now (the backend ``backend`` chose)."""
         return self.snapshot().predictor
 
     @property
@@ -130,6 +136,7 @@ class Recognizer:
 
     @property
     def classes_(self) -> list[str]:
+        """The fine classes, in the order of ``predict_proba``'s columns (scikit-learn's name)."""
         return list(self.taxonomy.classes)
 
     @property
@@ -182,12 +189,19 @@ class Recognizer:
     @needs(ANSWER)
     def predict_proba(self, images, tta: bool | None = None, progress=None) -> np.ndarray:
         """(N, C) calibrated fine-class probabilities, columns in ``classes_`` order (scikit-learn's
-        convention); brand and model probabilities are sums of columns (``taxonomy.marginals``)."""
+        convention); brand and model probabilities are sums of columns (``taxonomy.marginals``).
+
+        Example:
+            >>> probs = rec.predict_proba(["a.jpg", "b.jpg"])     # probs.sum(1) == 1
+        """
         return self._embed(photo_items(images), progress, tta)[0]["probs"]
 
     @needs(ANSWER)
     def evaluate(self, data: str | Path, tta: bool | None = None, progress=None, layout: str = "auto") -> dict:
         """The figures ``hier evaluate`` prints, on a labelled dataset (``hier.data.readers`` layouts).
+
+        Returns:
+            {"top1", "log_loss", "top5", "brand_acc", "model_acc", "ece", ...} of the served answer.
 
         Raises:
             HierError: a class of ``data`` the artifact does not know.
@@ -207,8 +221,22 @@ class Recognizer:
     @needs(ANSWER)
     def submission(self, test_csv: str | Path | ImageSet, sample_submission: str | Path, out: str | Path,
                    tta: bool | None = None, progress=None) -> pd.DataFrame:
-        """A competition submission in the sample file's column and row order (``test_csv``: the
-        ``ID,img_path`` CSV, or ``read_test_csv``'s checked result), written to ``out``."""
+        """A competition submission in the sample file's column and row order, written to ``out``.
+
+        Args:
+            test_csv: the ``ID,img_path`` CSV, or ``read_test_csv``'s checked result.
+            sample_submission: the organiser's sample (its columns, row order and encoding are kept).
+            out: the CSV to write (atomically).
+
+        Returns:
+            The submission table (probabilities floored, rows summing to 1; merged classes split).
+
+        Raises:
+            HierError: a CSV that does not read or does not match, a class the artifact lacks.
+
+        Example:
+            >>> rec.submission("test.csv", "sample_submission.csv", "submission.csv")
+        """
         inputs = test_csv if isinstance(test_csv, ImageSet) else read_test_csv(test_csv)
         sample = read_sample(sample_submission, inputs.ids, self.taxonomy, self.merged_classes)   # before any photo
         scores, snap = self._embed(inputs.paths, progress, tta)
@@ -218,14 +246,14 @@ class Recognizer:
     def report(self, data: str | Path, out: str | Path, layout: str = "auto", progress=None) -> dict:
         """``out/index.html`` (+ PNGs, metrics.json) judging the artifact on labelled photos
         (``hier.report``); without activation maps where the kind cannot draw them (an ensemble)."""
-        from hier.report import report     # matplotlib and scikit-learn: a predicting process does without
+        from hier.report import report  # matplotlib and scikit-learn: a predicting process does without
         cams = {} if EXPLAIN in self.kind.capabilities else {"cams": 0}
         return report(self, data, out, layout, progress=progress, **cams)
 
     @needs(EXPLAIN)
     def explain(self, images, out: str | Path) -> list[Path]:
         """``out/<photo name>.png`` per photo: the class-activation map of its top-1 answer over it."""
-        from hier.report import save_overlays     # matplotlib: a predicting process does without
+        from hier.report import save_overlays  # matplotlib: a predicting process does without
         items = photo_items(images)
         names = [Path(x).stem if isinstance(x, (str, Path)) else f"image{i}" for i, x in enumerate(items)]
         names = [n if names.count(n) == 1 else f"{n}_{i}" for i, n in enumerate(names)]
@@ -244,99 +272,6 @@ class Recognizer:
             else export(self.path)
         self._held.loaded = None
         return out
-
-    # --- similar listings ---------------------------------------------------------------------------
-    @needs(SEARCH)
-    def gallery(self) -> Gallery:
-        """The listing index (``hier index build``), held in memory and read again when its files
-        change on disk, as ``snapshot`` (a busy artifact keeps the one in memory)."""
-        return self._galleries.held().gallery
-
-    @needs(SEARCH)
-    def listing_photo(self, listing_id: str) -> str | None:
-        """The photo path of a listing of the gallery (None if it lists no such id)."""
-        return self._galleries.held().photos.get(listing_id)
-
-    @needs(SEARCH)
-    def similar(self, image, k: int = 10, same_brand: bool = False) -> pd.DataFrame:
-        """The k nearest listings to a photo, best first.
-
-        Args:
-            image: the query photo (a path, PIL image or array).
-            k: listings returned (``Gallery.results`` checks it).
-            same_brand: only listings answered as the query's brand.
-
-        Returns:
-            The sellers' columns and ``hier_class``/``hier_brand``/``hier_model``/``hier_similarity``: the
-            answers of the head of now (the gallery's columns when its listings were labelled by this very
-            head, ``answers_digest``, else every candidate answered again from its stored vector).
-
-        Raises:
-            HierError: no gallery, a stale gallery (other weights), a bad ``k``.
-        """
-        gallery = self.gallery()
-        out, snap = self._embed(photo_items(image)[:1])
-        tax = snap.taxonomy
-        where = None
-        if same_brand:
-            brand = tax.brands[answer(out["probs"], tax)[0][0]]
-            where = lambda rows: rows[BRAND] == brand  # noqa: E731
-        current = gallery.labels_digest is not None and gallery.labels_digest == self._answers_digest(snap)
-
-        def labels(vectors: np.ndarray) -> dict:
-            """The listings' answers by the head of now (the snapshot that answered the query)."""
-            return label_columns(snap.predictor.probs_of(vectors), tax)
-        return gallery.results(out["embedding"], k, where, None if current else labels,
-                               labels_key=snap.stamp)[0].drop(columns=[ID])
-
-    def _answers_digest(self, snap: Snapshot) -> str:
-        """``answers_digest`` of the snapshot's head, computed once per version of the artifact."""
-        held = getattr(self, "_digest", None)
-        if held is None or held[0] != snap.stamp:
-            held = self._digest = (snap.stamp, answers_digest(snap.net, snap.taxonomy))
-        return held[1]
-
-    @needs(SEARCH)
-    def index(self, listings, kind: str = "flat", progress=None) -> Gallery:
-        """(Re)build the similar-listing index from a folder, a CSV or a ``read_listings`` table."""
-        return indexing.build(self.path, listings, kind, progress)
-
-    @needs(SEARCH)
-    def index_from_embeddings(self, folder: str | Path, kind: str = "flat") -> Gallery:
-        """(Re)build the index from ``hier embed`` shards, without running the network."""
-        return embedding.build_gallery(self.path, folder, kind)
-
-    @needs(SEARCH)
-    def index_add(self, listings, progress=None, shard: str | None = None) -> tuple[int, Gallery]:
-        """Listings into shard ``shard`` (default the base, ``today`` the UTC date's); only that shard
-        is read and written."""
-        return indexing.add(self.path, listings, progress, shard)
-
-    @needs(SEARCH)
-    def index_rebuild(self, kind: str | None = None, progress=None) -> Gallery:
-        """Re-embed the gallery's listings with the weights of now (a stale gallery is refused until then)."""
-        return indexing.rebuild(self.path, kind, progress)
-
-    @needs(SEARCH)
-    def index_remove(self, ids: list[str]) -> tuple[int, Gallery]:
-        """Remove listings by id; returns how many were removed and the gallery after."""
-        return indexing.remove(self.path, ids)
-
-    @needs(SEARCH)
-    def index_drop(self, shard: str) -> tuple[int, Gallery]:
-        """Forget a whole shard of the gallery (its listings expired): no index read or written."""
-        return indexing.drop(self.path, shard)
-
-    @needs(SEARCH)
-    def index_merge(self, shards: list[str], into: str) -> tuple[int, Gallery]:
-        """Compact shards of the gallery into one (``into``: new or existing)."""
-        return indexing.merge(self.path, shards, into)
-
-    @needs(EMBED)
-    def embed_shard(self, listings, out: str | Path, shard: tuple[int, int] = (0, 1), progress=None) -> Path:
-        """Shard ``i`` of ``N`` of the listings' embeddings as Parquet (``hier embed``)."""
-        return embedding.embed(self.path, indexing.listings_table(listings), out, shard, self.backend, self.batch_size,
-                               progress=progress)
 
     # --- changes: each holds the artifact's lock from reading to its atomic save; the next answer sees
     # them, as the artifact changed on disk ------------------------------------------------------------
@@ -365,7 +300,11 @@ class Recognizer:
 
     @needs(EDIT)
     def unenroll(self, name: str) -> enrollment.Unenrolled:
-        """Remove an enrolled class (or the shots added to a base class)."""
+        """Remove an enrolled class (or the shots added to a base class: its trained state comes back).
+
+        Raises:
+            HierError: ``name`` is not an enrolled class.
+        """
         return enrollment.unenroll(self.path, name)
 
     # --- training -----------------------------------------------------------------------------------
@@ -385,7 +324,7 @@ class Recognizer:
         Example:
             >>> rec = Recognizer.train("data/train", out="runs/x", preset="cpu")
         """
-        from hier.training import TrainConfig, configs, train     # the training stack: predicting does without
+        from hier.training import TrainConfig, configs, train  # the training stack: predicting does without
         from hier.training.run import check_resume_flags
         if isinstance(taxonomy, (str, Path)):
             taxonomy = Taxonomy.from_csv(taxonomy)

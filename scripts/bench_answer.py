@@ -14,11 +14,12 @@ import json
 from pathlib import Path
 
 import numpy as np
+from benchlib import machine
 from rich.console import Console
 from rich.table import Table
 
-from benchlib import machine
 from hier import Recognizer
+from hier.artifact.files import TAXONOMY
 from hier.artifact.records import read_run
 from hier.data.split import training_split
 from hier.metrics import answer, path_of
@@ -28,7 +29,7 @@ from hier.taxonomy import Taxonomy
 def validation_split(art: Path) -> tuple[list, list[str]]:
     """The photos ``hier train`` held out for validation: ``training_split`` of its saved settings."""
     run = read_run(art)
-    return training_split(run["data"], Recognizer(art).taxonomy, run["train"]).part("val")
+    return training_split(run["data"], Taxonomy.from_csv(art / TAXONOMY), run["train"]).part("val")
 
 
 def main() -> None:

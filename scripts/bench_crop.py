@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.table import Table
 
 from hier import Recognizer
+from hier.artifact.files import METRICS
 from hier.data import scan_folder, split_indices
-from hier.data.detect import CarDetector
 from hier.data.demo import make_demo_dataset
+from hier.data.detect import CarDetector
 from hier.metrics import evaluate_probs
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -57,7 +58,7 @@ def main() -> None:
     for trained_on, extra in (("full photos", {}), ("yolo crops", {"crop": "yolo", "detector": str(args.detector)})):
         out = demo / trained_on.replace(" ", "_")
         t = time.time()
-        if not (out / "metrics.json").is_file():
+        if not (out / METRICS).is_file():
             Recognizer.train(demo / "data" / "train", out, **flags, **extra)
         for evaluated_on, det in (("full photos", None), ("yolo crops", detector)):
             rec = Recognizer(out, detector=det)

@@ -16,8 +16,8 @@ import argparse
 import copy
 import json
 import shutil
-import tempfile
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,28 +25,26 @@ import faiss
 import numpy as np
 import pandas as pd
 import torch
+from benchlib import machine
 from rich.console import Console
 from rich.table import Table
 from scipy.special import log_softmax
 from sklearn.linear_model import LogisticRegression
 
-from benchlib import machine
 from hier import artifact
-from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, budget_offset
+from hier.artifact.files import METRICS, STATISTICS, VALIDATION
+from hier.artifact.records import save_validation
+from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
+from hier.enrollment.classes import enroll
 from hier.enrollment.heads import Calibration, imprint
 from hier.enrollment.mapped import PrototypeMap
-from hier.models.statistics import class_means
-from hier.artifact.files import VALIDATION
-from hier.enrollment.classes import enroll
-from hier.artifact.records import save_validation
-from hier.artifact.files import STATISTICS
-from hier.models.statistics import ClassStatistics, HeadConfig
+from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, budget_offset
 from hier.gallery.gallery import Gallery
 from hier.gallery.kinds import factory_string
-from hier.runtime import Predictor
 from hier.models import create_trunk
+from hier.models.statistics import ClassStatistics, HeadConfig, class_means
+from hier.runtime import Predictor
 from hier.taxonomy import Taxonomy
-from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
 from hier.training.config import configs
 from hier.training.run import train
 
@@ -82,7 +80,7 @@ def held_out_split(data: Path, seed: int) -> tuple[dict, dict]:
 
 def enroll_all(net, base_tax: Taxonomy, full_tax: Taxonomy, shots: dict[str, np.ndarray], cal: Calibration,
                mapping: PrototypeMap | None):
-    """All held-out classes at once, in memory, through hier.enroll.imprint."""
+    """All held-out classes at once, in memory, through hier.enrollment.imprint."""
     net = copy.deepcopy(net)
     rows = [{**full_tax.row(c)} for c in shots]
     tax = imprint(net, base_tax, rows, {c: torch.from_numpy(z.sum(0)) for c, z in shots.items()}, cal, mapping)
@@ -385,7 +383,7 @@ def main() -> None:
                                                       if args.freeze_stages is not None else {})})
     base_art = args.out / "base"
     base_train_s = None                     # None: the base artifact of an earlier run was reused
-    if not (base_art / "metrics.json").is_file():
+    if not (base_art / METRICS).is_file():
         shutil.rmtree(base_art, ignore_errors=True)
         t = time.time()
         train(base_dir, base_art, full_tax, model_cfg, train_cfg)

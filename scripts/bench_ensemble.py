@@ -17,17 +17,17 @@ import os
 import time
 from pathlib import Path
 
+from benchlib import machine
 from rich.console import Console
 from rich.table import Table
 from sklearn.model_selection import train_test_split
 
-from benchlib import machine
 from hier.data import scan_folder
+from hier.recognizer import Recognizer
+from hier.services.ensemble.build import build
+from hier.taxonomy import Taxonomy
 from hier.training.config import configs
 from hier.training.run import train
-from hier.services.ensemble.build import build
-from hier.recognizer import Recognizer
-from hier.taxonomy import Taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -54,16 +54,15 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pandas as pd
-
 from benchlib import machine
+
 from hier import Recognizer, artifact
-from hier.artifact.files import GALLERY, VECTORS
-from hier.gallery import (BASE, BRAND, RERANK, TRAIN_MIN, TRAIN_PER_LIST, Gallery, factory_string, label_columns,
-                          lists)
+from hier.artifact.files import CONFIG, GALLERY, VECTORS
+from hier.gallery import BASE, BRAND, RERANK, TRAIN_MIN, TRAIN_PER_LIST, Gallery, factory_string, label_columns, lists
 from hier.gallery import store as gallery_store
+from hier.metrics import answer
 from hier.services import indexing
 from hier.services.labelling import search_whitening
-from hier.metrics import answer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev" / "train"
 CACHE = Path(os.environ.get("HIER_BENCH_CACHE", Path.home() / ".cache" / "hier-bench"))
@@ -330,7 +329,7 @@ def bench_sharded(n: int, e: dict, args) -> list[dict]:
     truth, _, _ = exact([(0, x)], w, queries, np.zeros(n, np.int64), np.zeros(len(queries), np.int64), 0)
     listings = listings_of(np.arange(n), e["brand"])
     work = Path(tempfile.mkdtemp(prefix="bench-shards-", dir=args.out))
-    (work / "config.json").write_text('{"fingerprint": "bench"}')
+    (work / CONFIG).write_text('{"fingerprint": "bench"}')
     rows, kind = [], args.sharded
     try:
         t = time.perf_counter()
@@ -417,7 +416,7 @@ def bench_cold(g: Gallery, queries: np.ndarray, truth: np.ndarray, n: int, args)
     fingerprint = g.fingerprint
     try:
         g.fingerprint = "bench-cold"
-        (folder / "config.json").write_text('{"fingerprint": "bench-cold"}')
+        (folder / CONFIG).write_text('{"fingerprint": "bench-cold"}')
         g.save(folder)
         path = folder / GALLERY / VECTORS
         rows, warm = [], gallery_store.prefetch

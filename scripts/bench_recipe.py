@@ -4,7 +4,7 @@ Every lever is trained alone on top of the same base settings (a short, fast con
 default trunk, so a dozen runs fit in an hour on 2 cores) and the same stratified 80/20 split; the
 table gives dev-split top-1, log loss, ECE and seconds after temperature scaling, as the artifact
 reports them. The base is a proxy: a lever that needs long training (CutMix, SWA) is judged at this
-length, and the winners are then checked together in a full-length preset (README "Training recipe").
+length, and the winners are then checked together in a full-length preset (docs/benchmarks/recipe.md).
 
     python scripts/bench_recipe.py --out /tmp/bench_recipe
     python scripts/bench_recipe.py --out /tmp/bench_recipe --levers base,cutmix --base-epochs 6
@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from benchlib import machine
 from rich.console import Console
 from rich.table import Table
 
-from benchlib import machine
+from hier.taxonomy import Taxonomy
 from hier.training.config import configs
 from hier.training.run import train
-from hier.taxonomy import Taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-
 from benchlib import machine
+
 from hier import artifact
+from hier.artifact.files import LOG
 from hier.export.onnx import export
 from hier.models import HierNet, ModelConfig, load_offline_weights
 from hier.taxonomy import Taxonomy
@@ -77,7 +78,7 @@ def train_epoch_seconds(out: Path, nproc: int, img_size: int) -> float:
         if nproc > 1 else [sys.executable, "-m", "hier"]
     subprocess.run([*launch, "train", str(DEV), "--out", str(run), *flags], check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with (run / "log.csv").open(encoding="utf-8") as f:
+    with (run / LOG).open(encoding="utf-8") as f:
         return float(next(csv.DictReader(f))["seconds"])
 
 

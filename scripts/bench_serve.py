@@ -43,13 +43,14 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 import pandas as pd
-
 from benchlib import machine
+
 from hier import Recognizer
+from hier.artifact.files import CHECKPOINT, GALLERY
 from hier.data import image_files
-from hier.gallery.listings import BRAND, CLASS, MODEL
-from hier.artifact.files import GALLERY
+from hier.fileio import LOCK
 from hier.gallery.gallery import Gallery
+from hier.gallery.listings import BRAND, CLASS, MODEL
 from hier.metrics import answer
 from hier.serve.loadtest import mixed_load, overload
 
@@ -66,7 +67,7 @@ def free_port() -> int:
 def copy_artifact(src: Path, work: Path) -> Path:
     """The artifact without its training checkpoint and gallery: the bench writes its own gallery."""
     dst = work / "artifact"
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("checkpoint.pt", GALLERY, ".hier.lock"))
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(CHECKPOINT, GALLERY, LOCK))
     return dst
 
 

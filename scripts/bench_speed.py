@@ -23,18 +23,18 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
+from benchlib import machine
 from PIL import Image
 from rich.console import Console
 from rich.table import Table
 
-from benchlib import machine
 from hier import artifact
-from hier.runtime import Predictor
-from hier.export.int8 import compare, export_int8, split_photos
 from hier.export.auto import artifact_predictor
+from hier.export.int8 import compare, export_int8, split_photos
 from hier.export.onnx import export
-from hier.runtime.backend import export_is_fresh, has_openvino
 from hier.models import HierNet, ModelConfig, load_offline_weights
+from hier.runtime import Predictor
+from hier.runtime.backend import export_is_fresh, has_openvino
 from hier.taxonomy import Taxonomy
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchlib import machine
 from rich.console import Console
 from rich.table import Table
 from sklearn.linear_model import LogisticRegression
 
-from benchlib import machine
 from hier.data import ImageDataset, eval_transform, loader, scan_folder, split_indices
 from hier.metrics import evaluate_probs
 from hier.models import create_trunk

@@ -32,10 +32,6 @@ def read_metrics(path: str | Path) -> dict:
     return read_json(f) if f.is_file() else {}
 
 
-def write_metrics(path: str | Path, metrics: dict) -> None:
-    atomic_write(Path(path) / METRICS, lambda p: write_json(p, metrics))
-
-
 def save_oof(path: Path, paths: list, labels: np.ndarray, logits: np.ndarray, classes: list[str],
              data_dir: str | Path | None = None) -> None:
     """Out-of-fold predictions of a run: the photos' paths, true class indices, the served joint scores

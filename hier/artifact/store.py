@@ -12,27 +12,32 @@ of another. Text files (JSON, CSV) are UTF-8 whatever the locale.
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save as safetensors_bytes
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
+from hier.artifact.files import CONFIG, ENSEMBLE, HEAD_PARTS, HEADS, MEMBERS, REQUIRED, STATISTICS, TAXONOMY, WEIGHTS
 from hier.errors import HierError, HierWarning
 from hier.fileio import atomic_write_all, file_stamp, locked, read_json, write_json
 from hier.models import HierNet, ModelConfig
 from hier.models.statistics import ClassStatistics
 from hier.taxonomy import Taxonomy
-from hier.artifact.files import CONFIG, ENSEMBLE, HEAD_PARTS, HEADS, MEMBERS, REQUIRED, STATISTICS, TAXONOMY, WEIGHTS
 
 
 def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | None = None,
-         extra: dict | None = None, files: dict[str, Callable[[Path], None]] | None = None) -> None:
+         extra: dict | None = None, files: dict[str, Callable[[Path], None]] | None = None,
+         remove: tuple[str, ...] = ()) -> None:
     """Write the heads, taxonomy and config, and the trunk weights when they are not already those on
     disk (training; an artifact of the older one-file layout): enrolling rewrites kilobytes, not the
-    trunk. Keys of an existing config.json (metrics, enrolled classes) are kept unless given again."""
+    trunk. Keys of an existing config.json (metrics, enrolled classes) are kept unless given again.
+    ``files``: more files of the artifact written in the same set ({name: writer}); ``remove``: its files
+    the new version no longer has. Everything commits in one step (``fileio.atomic_write_all``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -53,7 +58,7 @@ def save(out: str | Path, model: HierNet, taxonomy: Taxonomy, metrics: dict | No
         if not same_trunk:
             writes[out / WEIGHTS] = lambda p: p.write_bytes(safetensors_bytes(trunk))
         # bytes written by Python, not safetensors' own writer: a full disk then raises OSError(ENOSPC)
-        atomic_write_all(writes)
+        atomic_write_all(writes, [out / name for name in remove if (out / name).exists()])
 
 
 def head_rows(taxonomy: Taxonomy) -> dict[str, list[str]]:
@@ -105,16 +110,32 @@ def snapshot(path: str | Path, device: str = "cpu") -> Version:
         return Version(stamp(path), *load(path, device))
 
 
+def is_ensemble(path: str | Path) -> bool:
+    """The folder is an ensemble (``hier ensemble``'s), not one artifact."""
+    return (Path(path) / ENSEMBLE).is_file()
+
+
 def check_artifact(path: str | Path) -> Path:
     """``path`` as a Path when it holds one artifact; else HierError naming what it is (an ensemble) or
     lacks (the missing files)."""
     path = Path(path)
-    if (path / ENSEMBLE).is_file():
+    if is_ensemble(path):
         raise HierError(f"{path} is an ensemble, not one artifact: this command takes one of its members "
                         f"({path / MEMBERS}/<i>) or the artifact it was built from")
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
+    return path
+
+
+def check_writable(path: str | Path) -> Path:
+    """``check_artifact``, and not a member of an ensemble: a member changed after the ensemble was built
+    would no longer be what the ensemble's weights were fitted on (every command on it says it is damaged)."""
+    path = check_artifact(path)
+    parent = Path(os.path.realpath(path)).parent
+    if parent.name == MEMBERS and (parent.parent / ENSEMBLE).is_file():
+        raise HierError(f"{path} is a member of the ensemble {parent.parent}: change the artifact it was built "
+                        "from, then build the ensemble again")
     return path
 
 

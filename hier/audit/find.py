@@ -105,7 +105,7 @@ def exclude_list(exact: list[dict], outliers: list[dict], near: list[dict] = ())
     return sorted(drop)
 
 
-def _counts(files: pd.DataFrame, result: dict, rejected: list, listed: list) -> dict:
+def counts(files: pd.DataFrame, result: dict, rejected: list, listed: list) -> dict:
     within = [g for g in result["exact"] if not g["cross_class"]]
     cross = [g for g in result["exact"] if g["cross_class"]]
     near = result["near"]
@@ -117,7 +117,7 @@ def _counts(files: pd.DataFrame, result: dict, rejected: list, listed: list) -> 
             "outliers": sum(o["flagged"] for o in result["ranked_outliers"]), "excluded": len(listed)}
 
 
-def _per_class(files: pd.DataFrame, result: dict) -> list[dict]:
+def per_class(files: pd.DataFrame, result: dict) -> list[dict]:
     dup = {p for g in result["exact"] for p in g["paths"]}
     near = {p for r in result["near"] for p in (r["a"], r["b"])}
     flagged = {o["path"] for o in result["ranked_outliers"] if o["flagged"]}

@@ -29,7 +29,7 @@ def _strip(items: list, size: int = 160) -> Image.Image:
     return strip
 
 
-def _write(tmp: Path, data: Path, files: pd.DataFrame, images: ImageSet, report: dict, listed: list[str],
+def write_page(tmp: Path, data: Path, files: pd.DataFrame, images: ImageSet, report: dict, listed: list[str],
            shown_outliers: int) -> None:
     page = build.Page(tmp)
     item = dict(zip(files["path"], images.paths))          # a Crop is drawn as its box

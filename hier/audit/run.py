@@ -27,16 +27,15 @@ import shutil
 import tempfile
 from pathlib import Path
 
-
 from hier import fileio, outputs
 from hier.artifact import store
+from hier.audit.find import OUTLIER_Z, counts, embed, exclude_list, find, per_class
+from hier.audit.page import write_page
+from hier.audit.scan import file_table, rejected_files
 from hier.data.readers import LAYOUTS, create_reader, detect_layout
 from hier.errors import HierError, check_number
 from hier.export import artifact_predictor
 from hier.runtime import device
-from hier.audit.find import OUTLIER_Z, _counts, _per_class, embed, exclude_list, find
-from hier.audit.page import _write
-from hier.audit.scan import file_table, rejected_files
 
 MARKER = ".hier-audit"
 NEAR_KEPT = 10_000          # near pairs listed in audit.json (all are counted)
@@ -79,9 +78,9 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
         "data": str(data), "artifact": str(artifact) if artifact else None,
         "embedding": "artifact" if artifact else "ImageNet efficientnet_lite0 (offline)",
         "near_threshold": near, "outlier_z": OUTLIER_Z,
-        "counts": _counts(files, result, rejected, listed),
+        "counts": counts(files, result, rejected, listed),
         "skipped": images.skipped_message(),
-        "classes": _per_class(files, result),
+        "classes": per_class(files, result),
         "exact_duplicates": result["exact"],
         "near_duplicates": result["near"][:NEAR_KEPT],
         "outliers": ranked[:max(outliers, exclude_outliers)],
@@ -93,7 +92,7 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-        _write(tmp, data, files, images, report, listed, outliers)
+        write_page(tmp, data, files, images, report, listed, outliers)
         outputs.seal(tmp, MARKER)
         outputs.swap(tmp, out, given, MARKER)
     except OSError as e:

@@ -17,7 +17,6 @@ from hier.data.exclude import photo_path
 from hier.errors import HierError
 
 
-
 def rejected_files(data: Path, images: ImageSet, layout: str) -> list[dict]:
     """The files of the layout the reader did not keep, each with why (``check_image``'s reason): the
     reader only counts them."""

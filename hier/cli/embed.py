@@ -28,8 +28,9 @@ def embed(
     if workers is not None:
         check_number("--workers", workers, 0, 256, integer=True)
     from hier.cli.index import _listings
-    from hier.services.embedding import embed as embed_shard, parse_shard
     from hier.progress import progress_bar
+    from hier.services.embedding import embed as embed_shard
+    from hier.services.embedding import parse_shard
 
     where = parse_shard(shard)
     table = _listings(listings, strict)

@@ -9,7 +9,6 @@ import typer
 from hier.cli.base import Format, app, console, err, print_frame
 from hier.errors import HierError, check_number
 
-
 index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
 app.add_typer(index_app, name="index")
 
@@ -35,8 +34,8 @@ def index_build(
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
     from hier.gallery.kinds import factory_string
-    from hier.recognizer import Recognizer
     from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
 
     if (listings is None) == (from_embeddings is None):
         raise HierError("give LISTINGS (photos to embed) or --from-embeddings EMB/ (shards of `hier embed`), one of them")
@@ -63,8 +62,8 @@ def index_add(
 ):
     """Add listings to an existing index (ids of the others stay as they are); only their shard is rewritten."""
     from hier.gallery.shards import shard_name
-    from hier.recognizer import Recognizer
     from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
 
     shard = shard_name(shard)
     rec = Recognizer(artifact)
@@ -81,8 +80,8 @@ def index_rebuild(
 ):
     """Embed the gallery's listings again with the artifact's current weights (after `hier train --resume`)."""
     from hier.gallery.kinds import factory_string
-    from hier.recognizer import Recognizer
     from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
 
     if kind is not None:
         factory_string(kind, 1)
@@ -137,6 +136,7 @@ def index_shards(
 ):
     """The gallery's shards and their listing images (from gallery.json; no index read)."""
     import pandas as pd
+
     from hier.gallery.store import shard_counts
 
     counts = shard_counts(artifact)

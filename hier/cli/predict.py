@@ -36,11 +36,12 @@ def predict(
         help="Also save each photo's class-activation map (top-1 answer) as DIR/<photo>.png")] = None,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
-    from hier.fileio import atomic_write
-    from hier.data import image_files, read_test_csv
     from hier.competitions.hecto import read_sample
-    from hier.recognizer import Recognizer
+    from hier.data import image_files, read_test_csv
+    from hier.fileio import atomic_write
+    from hier.outputs import output_file
     from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
 
     check_number("--topk", topk, 1, integer=True)
     check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
@@ -48,8 +49,9 @@ def predict(
         raise HierError("give either IMAGES... or --test-csv (with --sample-submission and --out)")
     if test_csv is not None and (sample_submission is None or out is None):
         raise HierError("--test-csv needs --sample-submission and --out")
-    if out is not None and out.exists() and out.is_dir():
-        raise HierError(f"--out {out} is a folder; give a file name")
+    if out is not None:                     # never an input, the artifact's own file, or a read-only folder
+        output_file(out, [test_csv, sample_submission, *(p for p in images or () if p.is_file())],
+                    {"artifact": artifact})
     if explain is not None and (test_csv is not None or explain.is_file()):
         raise HierError("--explain DIR goes with IMAGES... and names a folder")
     if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):

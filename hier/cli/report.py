@@ -18,8 +18,8 @@ def report(
 ):
     """One HTML page: accuracy and log loss per level, worst classes, confused pairs, confusion
     matrices, reliability, coverage vs precision, class-activation maps."""
-    from hier.recognizer import Recognizer
     from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
 
     rec = Recognizer(artifact)
     with progress_bar(err) as progress:

@@ -10,7 +10,6 @@ import typer
 from hier.cli.base import Format, app, console, err, print_frame, print_metrics
 from hier.errors import HierError, check_number
 
-
 MAX_BATCH = 65536
 DEMO_MIN_IMAGES = 5     # per class: the demo's stratified 20 % validation split needs one of each of its 12
 
@@ -73,8 +72,8 @@ def train(
 ):
     """Train a hierarchical model and write an artifact directory."""
     flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
-    from hier.training.distributed import world_from_env
     from hier.recognizer import Recognizer
+    from hier.training.distributed import world_from_env
 
     rec = Recognizer.train(data, out, preset, taxonomy, resume, console=err, trunk=model, **flags)
     if not world_from_env().main:        # under torchrun, rank 0 speaks for the run
@@ -95,8 +94,8 @@ def evaluate(
 ):
     """Log loss, top-1/top-5 and brand/model accuracy of the answers, ECE before/after T."""
     check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
-    from hier.recognizer import Recognizer
     from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
 
     rec = Recognizer(artifact, batch_size=batch_size)
     with progress_bar(err) as progress:
@@ -161,8 +160,8 @@ def export(
     """Write ARTIFACT/model.onnx (trunk + embedding, flip TTA inside): predict, evaluate, enroll and index
     then run on ONNX Runtime, with the same outputs to ~1e-6. --int8 adds model.int8.onnx and prints
     its change against fp32 on the validation photos (stored in config.json)."""
-    from hier.recognizer import Recognizer
     from hier.export.int8 import INT8_TOLERANCE
+    from hier.recognizer import Recognizer
 
     if not int8:
         if data is not None:

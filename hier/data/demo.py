@@ -16,7 +16,6 @@ from hier.errors import HierError
 from hier.version import __version__
 
 
-
 @dataclass(frozen=True)
 class DemoData:
     """Paths of a generated demo dataset, laid out like the competition data."""
@@ -119,8 +118,6 @@ def make_demo_dataset(
 
 # --- the folder of a ``hier demo`` run -----------------------------------------------------------------
 DEMO_MARKER = ".hier-demo"
-
-
 DEMO_PARTS = ("data", "eval", "artifact", "submission.csv")     # everything a demo run writes
 
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from PIL import Image
 
 from hier import fileio
-from hier.data.images import Crop, to_rgb
 from hier.data.files import image_files
-from hier.fileio import file_md5 as md5
+from hier.data.images import Crop, to_rgb
 from hier.errors import HierError
+from hier.fileio import file_md5 as md5
 
 VEHICLES = {"car", "bus", "truck"}     # COCO classes 2, 5, 7
 MARGIN = 0.08                          # of the box's width and height, on every side: keep the badge and wheels

@@ -7,8 +7,8 @@ import os
 import unicodedata
 from pathlib import Path
 
-from hier.data.images import Crop
 from hier.data.files import ImageSet
+from hier.data.images import Crop
 from hier.data.tables import decode_text
 from hier.errors import HierError
 
@@ -16,7 +16,6 @@ from hier.errors import HierError
 def photo_path(item) -> Path:
     """The file of a photo item (a path, or a ``Crop`` of one)."""
     return item.path if isinstance(item, Crop) else Path(item)
-
 
 
 def _key(path: str | Path) -> str:

@@ -22,9 +22,6 @@ from hier.errors import HierError
 from hier.taxonomy import nfc
 
 REPEATED, DANGLING, REVISITED = "repeated", "dangling symlink", "folder reached twice"
-
-
-
 _SKIPPED = {UNREADABLE: "unreadable image(s)", NOT_IMAGE: "non-image file(s)",
             TOO_LARGE: f"image(s) over PIL's {Image.MAX_IMAGE_PIXELS / 1e6:.0f}-megapixel limit",
             REPEATED: "repeat(s) of a file already given", DANGLING: "dangling symlink(s)",

@@ -9,7 +9,6 @@ import torch
 from hier.data.images import IMAGENET_MEAN, IMAGENET_STD, to_rgb
 
 
-
 class EvalTransform:
     """The evaluation photos' transform: square resize (OpenCV bilinear), ImageNet normalisation, CHW
     tensor. The same pixels as albumentations' ``Compose([Resize, Normalize, ToTensorV2])`` (a test

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from hier.data.images import Crop, OK, check_images
 from hier.data.files import ImageSet, iter_files, scan_folder, walk_files
+from hier.data.images import OK, Crop, check_images
 from hier.errors import HierError
 from hier.taxonomy import Taxonomy, nfc
 

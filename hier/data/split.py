@@ -77,44 +77,53 @@ class TrainingSplit:
         return [self.paths[i] for i in idx], [self.labels[i] for i in idx]
 
 
-def training_split(data_dir: str | Path, taxonomy: Taxonomy | None, settings, exclude: bool = True,
-                   detector: CarDetector | None = None) -> TrainingSplit:
+def training_split(data_dir: str | Path, taxonomy: Taxonomy | None, settings, own_data: bool = True,
+                   detector: CarDetector | None = None, required: list[str] | None = None) -> TrainingSplit:
     """The photos of ``data_dir`` and their split, as ``hier train`` makes it (see the module).
 
     Args:
         data_dir: a labelled dataset (``hier.data.readers`` layouts).
         taxonomy: the classes the run may learn (None: the layout's own, else parsed folder names).
         settings: ``SplitSettings`` or anything ``SplitSettings.of`` reads (a ``TrainConfig``, a dict).
-        exclude: apply ``settings.exclude`` (False for other data than the run's own).
+        own_data: ``data_dir`` is the run's own data, so ``settings.exclude`` applies (False: other photos).
         detector: the car detector to crop with (default: one made from the settings when ``crop`` is yolo).
+        required: classes that must have photos (a resumed run's), checked before the costly crop pass.
 
     Returns:
         A ``TrainingSplit``.
 
     Raises:
-        HierError: a class of the data not in ``taxonomy``, a split the class counts cannot make, a bad
-            exclude or pairs file.
+        HierError: a class of the data not in ``taxonomy``, a class the exclude list leaves without photos,
+            a required class without photos, a split the class counts cannot make, a bad exclude or pairs
+            file.
     """
     s = settings if isinstance(settings, SplitSettings) else SplitSettings.of(settings)
     if detector is None and s.crop == "yolo":
         detector = CarDetector(s.detector)           # a bad path fails before any work
     images, implied = create_reader(data_dir, s.layout)()
-    excluded = absent = 0
-    if s.exclude and exclude:
-        before = len(images.paths)
-        images, absent = apply_exclude(images, read_exclude(s.exclude, data_dir))
-        excluded = before - len(images.paths)
     merged, unmerged = merge_classes(images, s.merge_classes) if s.merge_classes else ({}, 0)
     names = sorted(set(images.labels))
     taxonomy = taxonomy or implied
-    if taxonomy is None:
-        taxonomy = Taxonomy.from_class_names(names)
-    else:
+    if taxonomy is not None:
         unknown = [c for c in names if c not in taxonomy]
         if unknown:
             raise HierError(f"class {unknown[0]!r} is in the data but not in the taxonomy "
                             f"({len(unknown)} such classes)")
-        taxonomy = taxonomy.subset([c for c in taxonomy.classes if c in set(names)])
+    excluded = absent = 0
+    if s.exclude and own_data:
+        before = len(images.paths)
+        images, absent = apply_exclude(images, read_exclude(s.exclude, data_dir))
+        excluded = before - len(images.paths)
+        emptied = sorted(set(names) - set(images.labels))
+        if emptied:                          # refused now, not after a whole run that cannot serve it
+            raise HierError(f"--exclude {s.exclude} leaves class {emptied[0]!r} without photos ({len(emptied)} "
+                            "such classes); keep some of its photos, or take its folder out of the data")
+    missing = [c for c in required or () if c not in set(images.labels)]
+    if missing:
+        raise HierError(f"{len(missing)} of the run's {len(required)} classes have no photos in {data_dir} "
+                        f"(e.g. {missing[0]!r}); resume with the data the run was trained on")
+    taxonomy = Taxonomy.from_class_names(names) if taxonomy is None else \
+        taxonomy.subset([c for c in taxonomy.classes if c in set(names)])
     fallback = None
     if detector is not None:
         images.paths, fallback = detector.crops(images.paths)
@@ -144,7 +153,6 @@ def merge_classes(images: ImageSet, pairs_csv: str) -> tuple[dict[str, str], int
     return merged, len(pairs) - len(merged)
 
 
-
 def split_indices(labels: list[str], val_frac: float = 0.2, seed: int = 0,
                   fold: int | None = None, folds: int = 5) -> tuple[np.ndarray, np.ndarray]:
     """Stratified train/val indices: a seeded hold-out split, or fold ``fold`` of ``folds`` (k-fold)."""
@@ -156,7 +164,7 @@ def split_indices(labels: list[str], val_frac: float = 0.2, seed: int = 0,
         if counts.min() < folds:
             raise HierError(f"class {counts.idxmin()!r} has {counts.min()} photo(s); --folds {folds} needs "
                             f"at least {folds} per class")
-        from sklearn.model_selection import StratifiedKFold      # here: predicting needs no scikit-learn
+        from sklearn.model_selection import StratifiedKFold  # here: predicting needs no scikit-learn
         skf = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         return list(skf.split(idx, labels))[fold]
     if val_frac <= 0:

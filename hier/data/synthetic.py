@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-
 __all__ = [
     "TAXONOMY",
     "NEW_STYLE_FROM",

@@ -24,17 +24,18 @@ import torch
 from hier import artifact, fileio
 from hier.artifact.files import PROTOTYPES
 from hier.artifact.records import read_validation
-from hier.enrollment.heads import imprint, rebuild_heads
-from hier.enrollment.heads import Calibration
-from hier.enrollment.mapped import _enroll_mapped, _trained_row, prototype_map
+from hier.artifact.store import check_writable
+from hier.enrollment.heads import Calibration, imprint, rebuild_heads
+from hier.enrollment.mapped import enroll_mapped, prototype_map, trained_row_index
 from hier.enrollment.names import new_row, parse_years
 from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, base_drop_offset
-from hier.enrollment.state import Enrolled, Unenrolled, _enrolled, _save, _usable_statistics, distinct_shots
+from hier.enrollment.state import Enrolled, Unenrolled, distinct_shots, enrolled_state, save_state, usable_statistics
 from hier.errors import HierError, check_number
 from hier.export import artifact_predictor
 from hier.metrics import served_answer
 from hier.models import HierNet
 from hier.taxonomy import Taxonomy, check_name, nfc
+
 OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this gets a warning
 NEAR_DUPLICATE = 0.9            # ... naming the base class whose prototype is this similar (``nearest_base``)
 
@@ -55,7 +56,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     base class whose prototype is at least ``NEAR_DUPLICATE`` similar to its shots, ``nearest_base``)."""
     max_base_drop = check_number("--max-base-drop", max_base_drop, 0, 100)
     min_shots = check_number("--min-shots", min_shots, 1, 100_000, integer=True)
-    path, name = Path(path), check_name("--class", nfc(name))
+    path, name = check_writable(path), check_name("--class", nfc(name))
     brand = None if brand is None else check_name("--brand", nfc(brand))
     model = None if model is None else check_name("--model", nfc(model))
     span = parse_years(years)
@@ -65,8 +66,8 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
                         + (f" ({copies} more were copies of them)" if copies else "") + f"; --min-shots is {min_shots}")
     with fileio.locked(path):
         net, taxonomy = artifact.load(path)
-        stats = _usable_statistics(path, net)    # None: an artifact served by its trained head
-        entries, sums, trained = _enrolled(path, stats)
+        stats = usable_statistics(path, net)    # None: an artifact served by its trained head
+        entries, sums, trained = enrolled_state(path, stats)
         names = [e["class"] for e in entries]
         is_base = name in taxonomy and (name not in names or entries[names.index(name)].get("base"))
         if is_base and not add_shots:
@@ -99,7 +100,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             else:                                        # heads rebuilt, the new class scored from stats
                 new_taxonomy = imprint(net, taxonomy, [row], {name: torch.from_numpy(z.sum(0))})
         else:
-            new_taxonomy, sums, trained = _enroll_mapped(path, net, taxonomy, name, row, z, entries, k, sums,
+            new_taxonomy, sums, trained = enroll_mapped(path, net, taxonomy, name, row, z, entries, k, sums,
                                                          trained, mapping, calibration)
         entries[k]["shots"] += len(z)
         entries[k]["md5"] = sorted(seen) + digests
@@ -113,7 +114,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             base_means = stats.means(base_names) if stats is not None else np.load(path / PROTOTYPES)
             x, similarity = nearest_base(base_means, z.sum(0), base_names)
             near = {"class": x, "similarity": round(similarity, 3)} if similarity >= NEAR_DUPLICATE else None
-        _save(path, net, new_taxonomy, entries, sums, trained, stats)
+        save_state(path, net, new_taxonomy, entries, sums, trained, stats)
     return Enrolled(**result, added=len(z), total=entries[k]["shots"], classes=len(new_taxonomy),
                     offset=entries[k].get("offset"), own_shots_answered=own, offset_cost=cost, near_duplicate=near)
 
@@ -154,11 +155,11 @@ def nearest_base(prototypes: np.ndarray, shot_sum: np.ndarray, classes: list[str
 def unenroll(path: str | Path, name: str) -> Unenrolled:
     """Remove an enrolled class (model/brand rows that no remaining class uses go with it), or the shots
     added to a base class (its trained row comes back exactly)."""
-    path, name = Path(path), nfc(name)
+    path, name = check_writable(path), nfc(name)
     with fileio.locked(path):
         net, taxonomy = artifact.load(path)
-        stats = _usable_statistics(path, net)
-        entries, sums, trained = _enrolled(path, stats)
+        stats = usable_statistics(path, net)
+        entries, sums, trained = enrolled_state(path, stats)
         names = [e["class"] for e in entries]
         if name not in names:
             raise HierError(f"{name!r} is not an enrolled class"
@@ -169,14 +170,14 @@ def unenroll(path: str | Path, name: str) -> Unenrolled:
             stats.remove_shots(name)
             new_taxonomy = taxonomy if base else taxonomy.drop(name)
             rebuild_heads(net, taxonomy, new_taxonomy)
-            _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], None, None, stats)
+            save_state(path, net, new_taxonomy, entries[:k] + entries[k + 1:], None, None, stats)
             return Unenrolled(name, len(new_taxonomy), base)
         if base:
-            b = _trained_row(entries, k)
+            b = trained_row_index(entries, k)
             rebuild_heads(net, taxonomy, taxonomy, {name: torch.from_numpy(trained[b])})
             new_taxonomy, trained = taxonomy, np.delete(trained, b, axis=0)
         else:
             new_taxonomy = taxonomy.drop(name)
             rebuild_heads(net, taxonomy, new_taxonomy)
-        _save(path, net, new_taxonomy, entries[:k] + entries[k + 1:], np.delete(sums, k, axis=0), trained)
+        save_state(path, net, new_taxonomy, entries[:k] + entries[k + 1:], np.delete(sums, k, axis=0), trained)
     return Unenrolled(name, len(new_taxonomy), base)

@@ -15,7 +15,6 @@ from hier.taxonomy import Taxonomy
 Frame = Callable[[torch.Tensor, str], torch.Tensor]   # a prototype into a head's frame (``mapped.PrototypeMap``)
 
 
-
 def rebuild_heads(net: HierNet, old: Taxonomy, new: Taxonomy, fine_rows: dict | None = None,
                   model_rows: dict | None = None, brand_rows: dict | None = None) -> None:
     """Give every head one row per name of ``new``: the old row by name, or a supplied row."""

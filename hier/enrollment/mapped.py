@@ -16,8 +16,6 @@ from hier.models import HierNet
 from hier.models.statistics import class_means
 from hier.taxonomy import Taxonomy
 
-
-
 BASE_PRIOR_SHOTS = 20           # photos a trained row counts for when added shots are blended into it
 
 
@@ -67,7 +65,7 @@ def blend_shots(net: HierNet, i: int, trained_row: torch.Tensor, mapped_shots: t
     return row
 
 
-def _enroll_mapped(path: Path, net: HierNet, taxonomy: Taxonomy, name: str, row: dict | None, z: np.ndarray,
+def enroll_mapped(path: Path, net: HierNet, taxonomy: Taxonomy, name: str, row: dict | None, z: np.ndarray,
                    entries: list[dict], k: int, sums, trained, mapping: PrototypeMap | None,
                    calibration: Calibration | None):
     """Enrollment into an artifact served by its trained head (trained before the class statistics, or
@@ -85,7 +83,7 @@ def _enroll_mapped(path: Path, net: HierNet, taxonomy: Taxonomy, name: str, row:
     rows = net.fine.weight.detach()
     proto = frame(torch.from_numpy(sums[k]), "fine")
     if entries[k].get("base"):
-        trained_row = torch.from_numpy(trained[_trained_row(entries, k)])
+        trained_row = torch.from_numpy(trained[trained_row_index(entries, k)])
         new_fine = blend_shots(net, i, trained_row, proto, entries[k]["shots"] + len(z), np.load(path / PROTOTYPES))
     else:
         new_fine = (calibration or Calibration())(proto, torch.cat([rows[:i], rows[i + 1:]]))
@@ -93,7 +91,7 @@ def _enroll_mapped(path: Path, net: HierNet, taxonomy: Taxonomy, name: str, row:
     return taxonomy, sums, trained
 
 
-def _trained_row(entries: list[dict], k: int) -> int:
+def trained_row_index(entries: list[dict], k: int) -> int:
     """Row of ``trained_rows.npy`` that belongs to entry ``k`` (a base class with added shots)."""
     return sum(bool(e.get("base")) for e in entries[:k])
 

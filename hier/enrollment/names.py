@@ -5,7 +5,6 @@ from hier.errors import HierError, check_number
 from hier.taxonomy import _YEAR, YEARS, Taxonomy, parse_class_name
 
 
-
 def parse_years(years: str | None) -> tuple[int, int] | None:
     """``--years 2025-2026`` (or ``2025``) as (first, last), both model years hier can hold."""
     if years is None:

@@ -18,7 +18,6 @@ from hier.models import HierNet
 from hier.taxonomy import Taxonomy
 
 
-
 class _Report:
     def to_dict(self) -> dict:
         """As the service returns it: ``name`` under the key ``class``, first."""
@@ -53,7 +52,7 @@ class Unenrolled(_Report):
     base: bool                         # a base class's added shots were removed (the class stays)
 
 
-def _enrolled(path: Path, stats) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
+def enrolled_state(path: Path, stats) -> tuple[list[dict], np.ndarray | None, np.ndarray | None]:
     """Enrolled entries (config.json: class, shots, their MD5s, offset, whether it is a base class) and,
     for an artifact served by its trained head (``stats`` None), their shot sums and, for shots added to
     base classes, the trained rows they replaced (so ``unenroll`` restores them exactly). Class
@@ -66,7 +65,7 @@ def _enrolled(path: Path, stats) -> tuple[list[dict], np.ndarray | None, np.ndar
     return entries, sums, trained
 
 
-def _usable_statistics(path: Path, net: HierNet):
+def usable_statistics(path: Path, net: HierNet):
     """The statistics enrollment updates; None for an artifact served by its trained head. One meant to
     be served by statistics whose statistics are missing or stale is refused: enrolling into it would
     mix the two heads."""
@@ -76,7 +75,7 @@ def _usable_statistics(path: Path, net: HierNet):
     return net.statistics
 
 
-def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sums: np.ndarray | None,
+def save_state(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sums: np.ndarray | None,
           trained: np.ndarray | None, stats=None) -> None:
     """Save heads, taxonomy and enrollment state (the class statistics, or for an artifact served by its
     trained head the shot sums and trained rows); a nan or inf anywhere in them (a score offset, a row)
@@ -94,9 +93,8 @@ def _save(path: Path, net: HierNet, taxonomy: Taxonomy, entries: list[dict], sum
     files = {ENROLLED: lambda p: fileio.save_npy(p, sums)} if entries else {}
     if any(e.get("base") for e in entries):
         files[TRAINED_ROWS] = lambda p: fileio.save_npy(p, trained)
-    artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files=files)
-    for name in {ENROLLED, TRAINED_ROWS} - set(files):
-        (path / name).unlink(missing_ok=True)
+    artifact.save(path, net, taxonomy, extra={"enrolled": entries}, files=files,
+                  remove=tuple(sorted({ENROLLED, TRAINED_ROWS} - set(files))))
 
 
 class Shot(NamedTuple):

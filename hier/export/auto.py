@@ -16,7 +16,6 @@ from hier.runtime.backend import BACKENDS, choose_backend, export_is_fresh, has_
 from hier.runtime.sessions import OpenVinoSession
 
 
-
 def export_on_first_use(path: Path) -> bool:
     """Export a missing or stale ONNX file now (under the artifact's lock, as ``hier export``), so
     ``auto`` is fast without the user knowing about ONNX; an artifact that cannot be written (read-only,

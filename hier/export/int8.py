@@ -12,8 +12,8 @@ import numpy as np
 
 from hier import artifact, fileio
 from hier.artifact.files import INT8
-from hier.data import ImageDataset, eval_transform, loader
 from hier.artifact.records import read_run
+from hier.data import ImageDataset, eval_transform, loader
 from hier.data.split import training_split
 from hier.errors import HierError
 from hier.export.onnx import export
@@ -21,11 +21,7 @@ from hier.metrics import evaluate_probs
 from hier.runtime import Predictor
 from hier.runtime.backend import export_is_fresh
 
-
-
 CALIBRATION_PHOTOS = 256          # training photos the int8 activation ranges are calibrated on
-
-
 INT8_TOLERANCE = 0.003            # top-1 change past which ``hier export --int8`` says so
 
 
@@ -79,7 +75,7 @@ def split_photos(path: Path, data: Path | None, taxonomy) -> tuple[list, list, l
     if not str(data) or not data.is_dir():
         raise HierError(f"--int8 calibrates on photos: the training data {str(data) or '(none in train.json)'} "
                         "is not a folder here; pass --data DIR (labelled photos of the artifact's classes)")
-    split = training_split(data, taxonomy, run.get("train", {}), exclude=own)
+    split = training_split(data, taxonomy, run.get("train", {}), own_data=own)
     if len(split.val) == 0:
         raise HierError(f"{data}: no validation photos (val_frac 0) to measure what int8 changes on")
     (train, _), (val, labels) = split.part("train"), split.part("val")

@@ -10,7 +10,6 @@ from hier import artifact, fileio
 from hier.models import HierNet
 
 
-
 class ViewEmbedder(torch.nn.Module):
     """What ``hier export`` writes: normalised images (N, 3, H, W) -> embeddings (1, N, D), the leading
     axis the views (``Predictor`` feeds TTA's mirror images as more photos; exports before it held 2)."""

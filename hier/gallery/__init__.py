@@ -28,15 +28,45 @@ lock) is ``hier.services.indexing``.
 from hier.gallery.gallery import Gallery
 from hier.gallery.gpu import faiss_gpus, placement
 from hier.gallery.introspect import index_bytes, ivf_of, kind_of, search_parameters
-from hier.gallery.kinds import (EF_SEARCH, KINDS, NPROBE, PQ_BITS, PQ_DIMS, PQ_MIN, TRAIN_MIN, TRAIN_PER_LIST,
-                                check_size, factory_string, lists, training_sample)
-from hier.gallery.listings import (AS_GIVEN, BRAND, CLASS, ID, MODEL, PREFIX, SIMILARITY, answer_columns,
-                                   label_columns, read_listings)
+from hier.gallery.kinds import (
+                                EF_SEARCH,
+                                KINDS,
+                                NPROBE,
+                                PQ_BITS,
+                                PQ_DIMS,
+                                PQ_MIN,
+                                TRAIN_MIN,
+                                TRAIN_PER_LIST,
+                                check_size,
+                                factory_string,
+                                lists,
+                                training_sample,
+)
+from hier.gallery.listings import (
+                                AS_GIVEN,
+                                BRAND,
+                                CLASS,
+                                ID,
+                                MODEL,
+                                PREFIX,
+                                SIMILARITY,
+                                answer_columns,
+                                label_columns,
+                                read_listings,
+)
 from hier.gallery.results import LABEL_CHUNK
 from hier.gallery.search import GPU_MAX_K, RERANK
 from hier.gallery.shards import BASE, SHARD_NAME, Shard, shard_folder, shard_name
-from hier.gallery.store import (exists, gallery_files, read_meta, read_saved, saved_gallery, saved_listing_ids,
-                                saved_rows, shard_counts)
+from hier.gallery.store import (
+                                exists,
+                                gallery_files,
+                                read_meta,
+                                read_saved,
+                                saved_gallery,
+                                saved_listing_ids,
+                                saved_rows,
+                                shard_counts,
+)
 from hier.gallery.vectors import ids_digest, mapped_rows, memory_bytes, prefetch, whole
 from hier.gallery.whitening import whitened, whitening_of
 

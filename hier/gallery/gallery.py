@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 
 from hier.errors import HierError
-from hier.gallery import results as result_rows, search as searching, store
+from hier.gallery import results as result_rows
+from hier.gallery import search as searching
+from hier.gallery import store
 from hier.gallery.gpu import faiss_gpus, placement
 from hier.gallery.introspect import index_bytes, ivf_of, kind_of
 from hier.gallery.joining import joined, merge_into, stacked, sync_ntotal

@@ -51,8 +51,8 @@ def codes_search(gallery, queries: np.ndarray, k: int, nprobe: int | None, ef_se
     keep: list = []
     sel = None
     if allowed is not None:
-        # a bitmap over the ids (FAISS's IDSelectorBitmap): 0.07 ms for 90k allowed of 1M ids, where
-        # an IDSelectorBatch (a hash set) takes 20 ms to build
+        # a bitmap over the ids (FAISS's IDSelectorBitmap): far cheaper to build than an IDSelectorBatch's
+        # hash set for a large allowed set
         allowed = np.asarray(allowed, dtype=np.int64)
         bits = np.zeros(int(allowed.max()) + 1 if len(allowed) else 1, dtype=bool)
         bits[allowed] = True

@@ -8,7 +8,6 @@ their counts, and the digests tying each pq shard's vectors to its listings; eac
 shard starts as."""
 from __future__ import annotations
 
-import shutil
 import warnings
 from pathlib import Path
 
@@ -115,14 +114,11 @@ def save(gallery, artifact_dir: str | Path, only: list[str] | None = None) -> No
             if gallery.template is not None:
                 writers[folder / TEMPLATE] = lambda p: p.write_bytes(gallery.template)
         writers[folder / GALLERY_META] = lambda p: fileio.write_json(p, meta)
-        fileio.atomic_write_all(writers)
-        for name in names:                 # a shard saved without re-rank vectors keeps none from before
-            if gallery.shards[name].exact is None:
-                (shard_folder(folder, name) / VECTORS).unlink(missing_ok=True)
+        # a shard saved without re-rank vectors keeps none from before; shards no longer listed go
+        removals = [shard_folder(folder, name) / VECTORS for name in names if gallery.shards[name].exact is None]
         if (folder / SHARDS).is_dir():
-            for old in (folder / SHARDS).iterdir():
-                if old.name not in gallery.shards:
-                    shutil.rmtree(old, ignore_errors=True)
+            removals += [old for old in (folder / SHARDS).iterdir() if old.name not in gallery.shards]
+        fileio.atomic_write_all(writers, [p for p in removals if p.exists()])
 
 
 def load(cls, artifact_dir: str | Path, only: list[str] | None = None):
@@ -179,6 +175,10 @@ def load(cls, artifact_dir: str | Path, only: list[str] | None = None):
             raise HierError(f"{folder} is damaged: shard {name!r} is {found or 'an unknown'} index, the gallery "
                             f"{meta['kind']}; drop it (`hier index drop {artifact_dir} {name}`) or build again")
         ids = ids.astype(np.int64)
+        if index.ntotal != len(listings) or listed.get(name) not in (None, len(listings)):
+            raise HierError(f"{folder} is damaged: shard {name!r}'s files are of two versions ({INDEX} holds "
+                            f"{index.ntotal}, {LISTINGS} {len(listings)}, {GALLERY_META} {listed.get(name)}); "
+                            f"`hier index rebuild {artifact_dir}` embeds its listings again")
         if meta["kind"] == "pq" and (exact is None or exact.shape != (len(listings), index.d)
                                      or not np.issubdtype(exact.dtype, np.floating)
                                      or vectors_of.get(name) != ids_digest(ids.to_numpy())):
@@ -194,6 +194,12 @@ def load(cls, artifact_dir: str | Path, only: list[str] | None = None):
     if next_id is None:                    # before shards: one index, its largest id + 1
         ids = shards[BASE].listings[ID]
         next_id = int(ids.max()) + 1 if len(ids) else 0
+    read = [s.listings[ID] for s in shards.values() if s.listings is not None]
+    every = pd.concat(read) if read else pd.Series([], dtype=np.int64)
+    if every.duplicated().any() or (len(every) and int(every.max()) >= int(next_id)):
+        raise HierError(f"{folder} is damaged: its shards and {GALLERY_META} are of two versions (a listing id "
+                        f"{'is in two shards' if every.duplicated().any() else 'past the next id'}); "
+                        f"`hier index rebuild {artifact_dir}` embeds its listings again")
     return cls(shards, meta["kind"], meta.get("fingerprint"), meta.get("labels"), template, int(next_id))
 
 

@@ -19,8 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hier.data.images import IMAGENET_MEAN, IMAGENET_STD
-from hier.models.losses import classification_loss, coarser
 from hier.errors import HierError, check_number
+from hier.models.losses import classification_loss, coarser
 from hier.models.statistics import ClassStatistics
 from hier.taxonomy import Taxonomy
 

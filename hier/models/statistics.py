@@ -27,7 +27,6 @@ import torch
 from hier.errors import HierError, check_number
 
 
-
 @dataclass
 class HeadConfig:
     """How the statistics become scores (the measured defaults: docs/benchmarks/enroll.md)."""

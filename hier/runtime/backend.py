@@ -9,8 +9,6 @@ from hier.artifact.files import EXPORTS
 from hier.errors import HierError
 from hier.models import HierNet
 
-
-
 BACKENDS = ("auto", "torch", "onnx", "onnx-int8", "openvino", "openvino-bf16")
 
 

@@ -12,7 +12,6 @@ import numpy as np
 from hier.errors import HierWarning
 
 
-
 class OrtSession:
     """ONNX Runtime on an export file: ``run(images (N, 3, H, W) float32) -> embeddings (V, N, D)``."""
 

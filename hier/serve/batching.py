@@ -11,7 +11,6 @@ from concurrent.futures import ThreadPoolExecutor
 log = logging.getLogger("hier.serve")
 
 
-
 class Unavailable(Exception):
     """Answered 503 with ``Retry-After``: the service is full, slow or stopping, and the client may retry.
     ``reason`` labels the ``hier_refused`` series."""

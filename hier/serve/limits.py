@@ -11,14 +11,8 @@ from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-
-
 ADMIN_TOKEN_ENV = "HIER_ADMIN_TOKEN"     # /enroll is refused unless requests carry this variable's value
-
-
 FORM_OVERHEAD = 256 * 2 ** 10           # multipart framing and the text fields, beyond the files
-
-
 FORM_LIMITS = {"max_files": 1, "max_fields": 16, "max_part_size": 16 * 2 ** 10}
 
 

@@ -16,7 +16,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from hier.enrollment import MAX_BASE_DROP
-from hier.enrollment.state import Shot
 from hier.errors import HierError, check_number
 from hier.fileio import locked
 from hier.serve.batching import Unavailable
@@ -79,8 +78,7 @@ async def predict(file: Annotated[UploadFile, File(description="A car photo (JPE
                   service: Served, topk: Annotated[int, Query(ge=1, le=50)] = 5) -> dict:
     """Brand -> model -> fine class (years) with probabilities, and the top-k fine classes."""
     async def answer():
-        image, _ = await service.photo(file)
-        return await service.batcher.submit((image, topk))
+        return await service.batcher.submit((await service.photo(file), topk))
     return await service.model_lane.run(answer)     # admitted before the decode: overload is cheap
 
 
@@ -94,8 +92,7 @@ async def similar(file: Annotated[UploadFile, File(description="Query photo")], 
         raise HTTPException(409, f"{rec.path} has no listing index; run `hier index build` first")
 
     async def answer():
-        image, _ = await service.photo(file)
-        return await service.in_model_thread(rec.similar, image, k, same_brand)
+        return await service.in_model_thread(rec.similar, await service.photo(file), k, same_brand)
     table = await service.model_lane.run(answer)
     table = table.drop(columns="image", errors="ignore")
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
@@ -148,7 +145,7 @@ def enroll_route(max_enroll_files: int) -> APIRouter:
         service's ``HIER_ADMIN_TOKEN``; at most ``max_enroll_files`` photos). Answers include the class
         from the next request on."""
         check_number("--max-base-drop", max_base_drop, 0, 100)
-        shots = [Shot(*await service.photo(f)) for f in files]  # every shot checked before anything changes
+        shots = [await service.shot(f) for f in files]          # every shot checked before anything changes
         rec = service.rec
 
         def enroll_shots() -> dict:                             # in the model thread, however long it takes

@@ -14,10 +14,11 @@ from fastapi import HTTPException, Request, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from hier.data import NOT_IMAGE, TOO_LARGE, UNREADABLE, UploadRefused, decode_upload
+from hier.enrollment.state import Shot
+from hier.gallery.store import exists as gallery_exists
 from hier.recognizer import Recognizer
 from hier.serve.batching import Lane, MicroBatcher
 from hier.serve.metrics import Metrics
-from hier.gallery.store import exists as gallery_exists
 
 REFUSED_STATUS = {NOT_IMAGE: 415, UNREADABLE: 400, TOO_LARGE: 413}
 
@@ -68,9 +69,16 @@ class Service:
     def has_gallery(self) -> bool:
         return gallery_exists(self.rec.path)
 
-    async def photo(self, upload: UploadFile) -> tuple[np.ndarray, str]:
-        """The upload decoded (in a worker thread, never on the event loop) and the MD5 of its bytes (how
-        the CLI counts a shot file), or a 4xx."""
+    async def photo(self, upload: UploadFile) -> np.ndarray:
+        """The upload decoded (in a worker thread, never on the event loop), or a 4xx."""
+        return (await self._decoded(upload))[0]
+
+    async def shot(self, upload: UploadFile) -> Shot:
+        """An enrollment shot: the upload decoded and the MD5 of its bytes (how the CLI counts the same
+        file), both computed in a worker thread, or a 4xx."""
+        return Shot(*await self._decoded(upload, digest=True))
+
+    async def _decoded(self, upload: UploadFile, digest: bool = False) -> tuple[np.ndarray, str | None]:
         data = await upload.read(self.limit + 1)
         if len(data) > self.limit:
             raise HTTPException(413, f"{upload.filename or 'upload'} is over the {self.max_upload_mb:g} MB limit")
@@ -80,7 +88,7 @@ class Service:
                                             loaded.net.cfg.img_size if loaded else None)
         except UploadRefused as e:
             raise HTTPException(REFUSED_STATUS[e.reason], str(e)) from None
-        return image, hashlib.md5(data).hexdigest()
+        return image, (await run_in_threadpool(lambda: hashlib.md5(data).hexdigest()) if digest else None)
 
     async def start(self) -> None:
         await self.in_model_thread(self.rec.reload)             # load once, up front

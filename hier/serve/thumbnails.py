@@ -9,11 +9,7 @@ from PIL import Image
 
 from hier.data import pil_rgb
 
-
-
 THUMB = 256                              # thumbnail side, pixels
-
-
 THUMB_MAX_PIXELS = 50_000_000            # after the reduced-scale JPEG decode; larger photos get no thumbnail
 
 

@@ -14,7 +14,9 @@ their embedding out): a Ray Data ``map_batches`` or a Spark ``mapInPandas`` job 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import re
 from pathlib import Path
 
@@ -36,7 +38,7 @@ from hier.services.labelling import answers_digest, search_whitening
 
 EMBEDDING = "hier_embedding"
 CHUNK = 2048                    # rows embedded and written per row group
-META = b"hier"                  # Parquet key-value metadata: {"fingerprint", "shard", "of"}
+META = b"hier"                  # Parquet key-value metadata: {"fingerprint", "listings", "of", "shard"}
 PART = re.compile(r"part-(\d{5})-of-(\d{5})\.parquet")
 
 
@@ -95,13 +97,18 @@ def embed(artifact_dir: str | Path, listings: pd.DataFrame, out: str | Path, sha
     """Embed shard ``i`` of ``N`` of ``listings`` (``hier.gallery.read_listings``' table: every N-th row
     from row i) into ``out/part-i-of-N.parquet``, written atomically; an existing part is refused."""
     i, n = shard
+    if Path(out).exists() and not Path(out).is_dir():
+        raise HierError(f"--out {out} is a file; give the folder of the shards")
+    if Path(os.path.realpath(out)).is_relative_to(Path(os.path.realpath(artifact_dir))):
+        raise HierError(f"--out {out} is inside the artifact {artifact_dir}; write the shards elsewhere")
     dst = Path(out) / part_name(i, n)
     if dst.exists():
         raise HierError(f"{dst} exists; delete it to embed shard {i}/{n} again")
     rows = listings.iloc[i::n].reset_index(drop=True)
     embedder = BatchEmbedder(artifact_dir, backend, batch_size, workers)
     dim = embedder.predictor.net.cfg.embed_dim
-    meta = {META: json.dumps({"fingerprint": embedder.fingerprint, "shard": i, "of": n}).encode()}
+    launch = {"fingerprint": embedder.fingerprint, "listings": listings_digest(listings), "of": n}
+    meta = {META: json.dumps({**launch, "shard": i}).encode()}
     task = progress.add_task(f"embed {i}/{n}", total=len(rows), info="") if progress is not None else None
 
     def write(path: Path) -> None:
@@ -114,8 +121,17 @@ def embed(artifact_dir: str | Path, listings: pd.DataFrame, out: str | Path, sha
         finally:
             if writer is not None:
                 writer.close()
-    fileio.atomic_write(dst, write)
+    if not fileio.atomic_create(dst, write):      # two launches of one shard: the first one to finish lands
+        raise HierError(f"{dst} was written by another `hier embed` meanwhile; nothing of this run was kept")
     return dst
+
+
+def listings_digest(listings: pd.DataFrame) -> str:
+    """What identifies the listings a launch embeds (every shard of it reads the same table): the MD5 of
+    their ids, in order (not their photos' paths, which differ between machines that mount the data
+    elsewhere). Shards of launches over other listings never mix in one gallery."""
+    text = json.dumps(listings["listing_id"].astype(str).tolist(), ensure_ascii=False)
+    return hashlib.md5(text.encode("utf-8")).hexdigest()
 
 
 def read_embeddings(folder: str | Path, fingerprint: str | None = None) -> tuple[np.ndarray, pd.DataFrame]:
@@ -133,7 +149,7 @@ def read_embeddings(folder: str | Path, fingerprint: str | None = None) -> tuple
     if missing:
         raise HierError(f"{folder}: shard {missing[0]}/{n} is missing ({len(missing)} of {n}); run "
                         f"`hier embed ... --shard {missing[0]}/{n}`")
-    vectors, tables = [], []
+    vectors, tables, launches = [], [], {}
     for p in parts:
         try:
             table = pq.read_table(p)
@@ -144,6 +160,12 @@ def read_embeddings(folder: str | Path, fingerprint: str | None = None) -> tuple
         if fingerprint is not None and meta.get("fingerprint") != fingerprint:
             raise HierError(f"{p} was embedded by other weights than the artifact's (fingerprint "
                             f"{meta.get('fingerprint')!r}); embed again with `hier embed`")
+        launches.setdefault(meta.get("listings"), p)
+        if len(launches) > 1:
+            first = next(iter(launches.values()))
+            raise HierError(f"{folder} mixes shards of launches over different listings ({first.name} and {p.name}): "
+                            "a listing added between launches would be lost; embed every shard again from one "
+                            "listings file")
         column = table.column(EMBEDDING).combine_chunks()
         vectors.append(column.flatten().to_numpy(zero_copy_only=False).reshape(len(table), column.type.list_size))
         tables.append(table.drop_columns([EMBEDDING]).to_pandas())

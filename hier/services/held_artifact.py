@@ -24,12 +24,12 @@ class Snapshot(NamedTuple):
 
 
 class HeldArtifact:
-    """The version of the folder at ``path`` that answers; ``open()`` -> (net, taxonomy, predictor) reads
-    it (the caller of ``open`` holds the folder's lock). Thread-safe: one thread reads, the others use
+    """The version of the folder at ``path`` that answers; ``opener()`` -> (net, taxonomy, predictor) reads
+    it (the caller of ``opener`` holds the folder's lock). Thread-safe: one thread reads, the others use
     what it read."""
 
-    def __init__(self, path: Path, open: Callable[[], tuple]):
-        self.path, self.open = Path(path), open
+    def __init__(self, path: Path, opener: Callable[[], tuple]):
+        self.path, self.opener = Path(path), opener
         self.loaded: Snapshot | None = None          # read on first use
         self._reading = threading.Lock()
 
@@ -60,7 +60,7 @@ class HeldArtifact:
             with ExitStack() as held:
                 if not fileio.hold_lock(held, self.path, wait=force or loaded is None):
                     return loaded                 # busy: answer with the version in memory
-                net, taxonomy, predictor = self.open()
+                net, taxonomy, predictor = self.opener()
                 version = stamp(self.path)        # after an export on first use
             self.loaded = Snapshot(version, net, taxonomy, predictor)
             return self.loaded

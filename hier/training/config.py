@@ -10,10 +10,10 @@ from hier.models import ModelConfig
 from hier.models.losses import LOSSES
 
 
-
 @dataclass
 class TrainConfig:
-    """The settings of a training run (each a ``hier train`` flag), checked on creation."""
+    """The settings of a training run (each a ``hier train`` flag), checked on creation. Those that decide
+    the run's photos and split default to ``SplitSettings``' (one place for them)."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -28,17 +28,17 @@ class TrainConfig:
     accum: int = 1
     amp: bool = True
     cache_views: int = 0        # augmented views of the frozen stem's output to precompute (0: stream)
-    val_frac: float = 0.2
-    fold: int | None = None
-    folds: int = 5
-    seed: int = 0
+    val_frac: float = SplitSettings.val_frac
+    fold: int | None = SplitSettings.fold
+    folds: int = SplitSettings.folds
+    seed: int = SplitSettings.seed
     workers: int = 0
     pretrained: str = "auto"
-    layout: str = "auto"        # how the training data is laid out on disk (hier.data.readers)
-    crop: str = "none"          # none | yolo: train on the largest vehicle box of each photo
-    detector: str | None = None  # ultralytics weights for --crop yolo
+    layout: str = SplitSettings.layout  # how the training data is laid out on disk (hier.data.readers)
+    crop: str = SplitSettings.crop  # none | yolo: train on the largest vehicle box of each photo
+    detector: str | None = SplitSettings.detector  # ultralytics weights for --crop yolo
     export: bool = True         # write the ONNX export at the end (what `hier predict` runs on)
-    exclude: str | None = None  # file of photos (paths below DATA) not to train on: `hier audit --write-exclude`
+    exclude: str | None = SplitSettings.exclude   # photos (paths below DATA) not to train on: `hier audit`'s
     # the competitors' recipe (each lever measured by scripts/bench_recipe.py: docs/benchmarks/recipe.md)
     aug: str = "light"          # augmentation policy: none | light | seed | randaug (hier.data.augment)
     mixup: float = 0.0          # MixUp alpha on the batch (timm Mixup; 0: off)
@@ -49,7 +49,7 @@ class TrainConfig:
     low_res: int = 0            # progressive resizing: the first --low-res-epochs at this size ...
     low_res_epochs: int = 0     # ... then the rest at --img-size
     tensorboard: bool = False   # TensorBoard scalars in OUT/tensorboard (pip install tensorboard)
-    merge_classes: str | None = None   # class_a,class_b CSV of pairs scored as one: b's photos learned as a
+    merge_classes: str | None = SplitSettings.merge_classes   # class_a,class_b CSV: b's photos learned as a
 
     def __post_init__(self) -> None:
         """Refuse settings that would train nothing, crash later or put nan into the weights (one error
@@ -72,7 +72,7 @@ class TrainConfig:
             self.layer_decay = check_number("--layer-decay", self.layer_decay, 0, 1)
             if not self.layer_decay > 0:
                 raise HierError("--layer-decay must be above 0 (1: every layer at --lr)")
-        from hier.data.augment import AUG_POLICIES     # training's alone: predicting never imports albumentations
+        from hier.data.augment import AUG_POLICIES  # training's alone: predicting never imports albumentations
         if self.aug not in AUG_POLICIES:
             raise HierError(f"--aug must be one of {', '.join(AUG_POLICIES)}, not {self.aug!r}")
         if self.loss not in LOSSES:
@@ -92,14 +92,14 @@ def _flag(name: str) -> str:
 # Named presets: flags that reached a measured result (docs/benchmarks/train.md, recipe.md).
 PRESETS: dict[str, dict] = {
     # the best measured within the 45-minute CPU budget: the whole offline lite1 trunk, progressive resizing
-    # (12 epochs at 160 px, 6 at 224): 0.846 top-1 / 0.544 log loss in 31 min on the dev set, 2 cores
+    # (12 epochs at 160 px, 6 at 224)
     "cpu": {"model": {"trunk": "efficientnet_lite1", "freeze_stages": 0, "img_size": 224, "tta": True},
             "train": {"epochs": 18, "low_res": 160, "low_res_epochs": 12, "lr": 1e-3, "head_lr": 3e-3,
                       "ema": False, "aux": 0.1}},
-    # the earlier `cpu`: lite0 with 4 frozen stages whose output is cached for 6 views (0.812 / 0.677, 35 min)
+    # the earlier `cpu`: lite0 with 4 frozen stages whose output is cached for 6 views
     "cpu-cached": {"model": {"freeze_stages": 4, "img_size": 224, "tta": True},
                    "train": {"cache_views": 6, "epochs": 20, "lr": 1e-3, "head_lr": 3e-3, "ema": False, "aux": 0.1}},
-    # lite0, the whole trunk at 224 px throughout (0.834 / 0.625, 54 min): the enrollment benchmark's base
+    # lite0, the whole trunk at 224 px throughout: the enrollment benchmark's base (figures: docs/benchmarks/train.md)
     "cpu-max": {"model": {"freeze_stages": 0, "img_size": 224, "tta": True},
                 "train": {"epochs": 12, "lr": 1e-3, "head_lr": 3e-3, "ema": False, "aux": 0.1}},
 }
@@ -125,7 +125,3 @@ def configs(preset: str | None = None, **flags) -> tuple[ModelConfig, TrainConfi
     return (ModelConfig(**{**chosen["model"], **{k: v for k, v in given.items() if k in model_keys}}),
             TrainConfig(**train_flags))
 
-
-def split_settings(cfg: TrainConfig) -> SplitSettings:
-    """The settings of ``cfg`` that decide the run's photos and split (``hier.data.split``)."""
-    return SplitSettings.of(cfg)

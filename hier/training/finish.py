@@ -8,8 +8,8 @@ import warnings
 import numpy as np
 
 from hier import artifact, fileio
-from hier.artifact.files import ONNX, OOF, PROTOTYPES, STATISTICS, VALIDATION
-from hier.artifact.records import save_oof, save_validation, write_metrics
+from hier.artifact.files import METRICS, ONNX, OOF, PROTOTYPES, STATISTICS, VALIDATION
+from hier.artifact.records import save_oof, save_validation
 from hier.errors import HierWarning
 from hier.export import export
 from hier.metrics import evaluate_probs, fit_temperature, softmax
@@ -59,8 +59,8 @@ def finish(trainer, train_paths, train_y, val_paths, val_y) -> dict:
         metrics.update(trained_head_top1=head["top1"], trained_head_log_loss=head["log_loss"])
     metrics.update(head=best.cfg.head, statistics_s=round(statistics_s, 3), temperature=best.cfg.temperature,
                    best_epoch=artifact.read_config(out)["metrics"].get("best_epoch"))
+    files[METRICS] = lambda p: fileio.write_json(p, metrics)
     artifact.save(out, best, taxonomy, metrics, extra=extra, files=files)
-    write_metrics(out, metrics)
     _export(trainer)
     return metrics
 

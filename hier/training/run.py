@@ -12,13 +12,13 @@ from rich.markup import escape
 from hier import artifact
 from hier.artifact.files import CHECKPOINT, GALLERY, LOG, ONNX, TAXONOMY, TRAIN_RUN, WEIGHTS
 from hier.artifact.records import read_run, write_run
-from hier.data.split import training_split
+from hier.data.split import SplitSettings, training_split
 from hier.errors import HierError
 from hier.gallery import store as gallery_store
 from hier.models import HierNet, ModelConfig
 from hier.taxonomy import Taxonomy
 from hier.training import distributed
-from hier.training.config import TrainConfig, split_settings
+from hier.training.config import TrainConfig
 from hier.training.distributed import World
 from hier.training.trainer import Trainer
 
@@ -78,9 +78,10 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         cfg = TrainConfig(**{**saved["train"], "epochs": extend_to or saved["train"]["epochs"]})
         if taxonomy is None and (out / TAXONOMY).is_file():
             taxonomy = Taxonomy.from_csv(out / TAXONOMY)
-    split = training_split(data_dir, taxonomy, split_settings(cfg))
+    run_classes = Taxonomy.from_csv(out / TAXONOMY).classes if resume and (out / TAXONOMY).is_file() else None
+    split = training_split(data_dir, taxonomy, SplitSettings.of(cfg), required=run_classes)   # the heads' rows
     images, taxonomy, merged = split.images, split.taxonomy, split.merged
-    if split.excluded or split.absent:
+    if cfg.exclude:
         console.print(f"--exclude: {split.excluded} photo(s) left out" +
                       (f"; {split.absent} name(s) in {cfg.exclude} are not in {data_dir}" if split.absent else ""))
     if merged:
@@ -89,12 +90,6 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
     if split.unmerged:
         console.print(f"[yellow]--merge-classes: {split.unmerged} pair(s) of {escape(str(cfg.merge_classes))} name a "
                       f"class with no photos in {escape(str(data_dir))}: not merged[/]")
-    if resume and (out / TAXONOMY).is_file():     # the checkpoint's heads have a row per class
-        run_classes = Taxonomy.from_csv(out / TAXONOMY).classes
-        missing = [c for c in run_classes if c not in taxonomy]
-        if missing:
-            raise HierError(f"--resume: {len(missing)} of the run's {len(run_classes)} classes have no photos in {data_dir} "
-                            f"(e.g. {missing[0]!r}); resume with the data the run was trained on")
     if split.crop_fallback is not None:
         console.print(f"car crops: {split.crop_fallback:.1%} of the photos had no vehicle box and are used whole")
     y = np.array([taxonomy.class_index[c] for c in images.labels])

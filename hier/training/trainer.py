@@ -88,8 +88,8 @@ class Trainer:
             except ImportError:
                 raise HierError("--tensorboard needs the tensorboard package (pip install 'hier[tensorboard]')") from None
             self.board = SummaryWriter(str(self.out / "tensorboard"))
-        # channels-last on CUDA and on CPU alike: with oneDNN's convolutions a lite0 training step on 2 CPU cores
-        # takes 3.75 s instead of 7.15 s (batch 32, 224 px; 1.14 s instead of 1.71 s at 128 px; 2026-12-02)
+        # channels-last on CUDA and on CPU alike: oneDNN's convolutions train faster in it on a CPU too
+        # (docs/benchmarks/recipe.md, speed levers)
         self.model.to(memory_format=torch.channels_last)
         # the module each training step calls: DDP averages the ranks' gradients in backward
         self.step = DistributedDataParallel(self.task, device_ids=[self.dev] if self.dev != "cpu" else None) \

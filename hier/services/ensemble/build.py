@@ -26,10 +26,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from hier import artifact, fileio
+from hier import artifact, fileio, outputs
 from hier.artifact.files import CHECKPOINT, ENSEMBLE, GALLERY, MEMBERS, METRICS
 from hier.errors import HierError
-from hier.services.ensemble.fitting import _calibrate_oof, _candidate, _same_taxonomy, parse_weights, plan
+from hier.services.ensemble.fitting import calibrate_oof, candidate, check_same_taxonomy, parse_weights, plan
 
 NOT_COPIED = (CHECKPOINT, fileio.LOCK, GALLERY)   # resume state, the lock, the listing index
 
@@ -49,17 +49,23 @@ def build(members: list[str | Path], out: str | Path, weights: str = "fit") -> d
         raise HierError(f"an ensemble needs at least 2 members, not {len(members)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HierError(f"--out {out} exists and is not empty; choose another folder")
+    real = Path(os.path.realpath(out))
+    for m in members:               # copying a member into itself would recurse
+        if real.is_relative_to(Path(os.path.realpath(m))):
+            raise HierError(f"--out {out} is inside the member {m}; write the ensemble elsewhere")
+    existing = next(p for p in (real, *real.parents) if p.exists())
+    outputs.writable_folder(existing if existing.is_dir() else existing.parent, out)
     chosen = parse_weights(weights, len(members))
-    candidates = [_candidate(Path(m)) for m in members]
+    candidates = [candidate(Path(m)) for m in members]
     seen: dict[str, str] = {}
     for c in candidates:
-        _same_taxonomy(candidates[0], c)
+        check_same_taxonomy(candidates[0], c)
         f = c.config.get("fingerprint")
         if f is not None and f in seen:
             raise HierError(f"{c.name} has the same weights as {seen[f]}: give each model once")
         seen.setdefault(f, c.name)
     for c in candidates:
-        _calibrate_oof(c, chosen == "fit")
+        calibrate_oof(c, chosen == "fit")
     fitted = plan(candidates, chosen)
     spec = {"members": [{"name": c.name, "dir": f"{MEMBERS}/{i}", "weight": fitted["weights"][i],
                          "temperature": c.temperature, "fold": c.fold,
@@ -73,6 +79,7 @@ def build(members: list[str | Path], out: str | Path, weights: str = "fit") -> d
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
+        os.chmod(tmp, 0o777 & ~fileio.UMASK)      # mkdtemp's 0700 would hide it from a server's account
         for i, c in enumerate(candidates):
             with fileio.locked(c.path):             # one version of each member, not half of an enroll
                 shutil.copytree(c.path, tmp / MEMBERS / str(i), copy_function=_link_or_copy,

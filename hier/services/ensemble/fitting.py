@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from hier import artifact, fileio
-from hier.artifact.files import OOF, REQUIRED, TAXONOMY
+from hier.artifact.files import OOF, TAXONOMY
 from hier.artifact.records import read_oof, read_run
+from hier.artifact.store import check_artifact
 from hier.errors import HierError, check_number
 from hier.metrics import evaluate_probs, fit_temperature, log_softmax, softmax
-from hier.services.ensemble.serving import is_ensemble
 from hier.taxonomy import Taxonomy
-
 
 
 @dataclass
@@ -28,7 +27,7 @@ class Candidate:
     config: dict
     taxonomy: Taxonomy
     run: dict | None            # train.json
-    oof: dict | None            # read_oof; then (``_calibrate_oof``) paths, labels, log_softmax(logits / T)
+    oof: dict | None            # read_oof; then (``calibrate_oof``) paths, labels, log_softmax(logits / T)
 
     @property
     def temperature(self) -> float:
@@ -45,12 +44,9 @@ class Candidate:
         return json.dumps({**self.run, "train": {**self.run["train"], "fold": None}}, sort_keys=True, default=str)
 
 
-def _candidate(path: Path) -> Candidate:
-    if is_ensemble(path):
-        raise HierError(f"{path} is an ensemble; give its members (an ensemble of ensembles is not flattened)")
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
-    if missing:
-        raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
+def candidate(path: Path) -> Candidate:
+    """A member as given, read under its lock (one artifact: an ensemble's members are given instead)."""
+    check_artifact(path)
     with fileio.locked(path):
         config = artifact.read_config(path)
         taxonomy = Taxonomy.from_csv(path / TAXONOMY)
@@ -59,7 +55,7 @@ def _candidate(path: Path) -> Candidate:
     return Candidate(str(path), path, config, taxonomy, run, oof)
 
 
-def _calibrate_oof(c: Candidate, needed: bool) -> None:
+def calibrate_oof(c: Candidate, needed: bool) -> None:
     """The member's OOF logits as its calibrated log-probabilities (its own temperature); OOF scores of
     other classes are refused when weights are to be fitted, else left out (no temperature refit)."""
     oof = c.oof
@@ -75,7 +71,7 @@ def _calibrate_oof(c: Candidate, needed: bool) -> None:
              "scores": log_softmax(oof["logits"].astype(np.float64) / c.temperature, axis=1)}
 
 
-def _same_taxonomy(a: Candidate, b: Candidate) -> None:
+def check_same_taxonomy(a: Candidate, b: Candidate) -> None:
     """Refuse ``b`` unless its taxonomy is ``a``'s row for row, naming the first difference."""
     ta, tb = a.taxonomy.table, b.taxonomy.table
     if len(ta) != len(tb):
@@ -148,7 +144,7 @@ def nll(joint: np.ndarray, y: np.ndarray) -> float:
 def fit_weights(scores: list[np.ndarray], y: np.ndarray) -> np.ndarray:
     """Simplex weights (softmax of free parameters) minimising the log loss of softmax(sum_g w_g s_g / T)
     jointly with T, from equal weights and their best T: the result is never worse than equal weights."""
-    from scipy.optimize import minimize                  # fitting's alone: serving an ensemble needs no scipy
+    from scipy.optimize import minimize  # fitting's alone: serving an ensemble needs no scipy
     from scipy.special import softmax as np_softmax
     s = np.stack(scores)
     g = len(scores)

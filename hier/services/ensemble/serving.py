@@ -18,16 +18,8 @@ from hier.metrics import log_softmax, served_answer
 from hier.runtime import Predictor
 from hier.taxonomy import Taxonomy
 
-
-
 CHUNK = 1024            # photos each member predicts before they are combined: bounded memory
-
-
 KEYS = ("joint", "fine", "model", "brand")
-
-
-def is_ensemble(path: str | Path) -> bool:
-    return (Path(path) / ENSEMBLE).is_file()
 
 
 @dataclass(frozen=True)
@@ -85,7 +77,7 @@ class _OneRow:
 class EnsemblePredictor:
     """``Predictor``'s interface over the members' own predictors: ``joint`` = sum_i w_i log_softmax(
     joint_i / T_i) (E's scores before its temperature), ``probs`` = softmax(joint / T), ``answer`` as
-    ``metrics.answer``; ``fine``/``model``/``brand`` are the weighted geometric means of each member
+    ``metrics.served_answer``; ``fine``/``model``/``brand`` are the weighted geometric means of each member
     head's distribution (for ``evaluate``'s independent-heads figure). No ``embedding``: members embed
     in spaces of their own."""
 

@@ -1,8 +1,9 @@
-"""The kinds of folder a ``Recognizer`` holds, looked up in one table (as ultralytics' ``Model.task_map``):
-how each is recognised and opened, which predictor answers for it, and what it can do.
+"""The kinds of folder a ``Recognizer`` holds (an artifact, an ensemble), looked up in one table (as
+ultralytics' ``Model.task_map``): how each is recognised and opened, which predictor answers for it,
+and what it can do.
 
-A capability a kind lacks is refused by one rule (``ArtifactKind.refusal``) for every public method that
-needs it (``hier.recognizer.needs``): no subclass, no hand-kept list of refused methods to forget a new
+A capability a kind lacks is refused by one rule (``FolderKind.refusal``) for every public method that
+needs it (``hier.folders.needs``): no subclass, no hand-kept list of refused methods to forget a new
 method in.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ from typing import Callable
 
 from hier import artifact
 from hier.artifact.files import CONFIG, ENSEMBLE, REQUIRED, TAXONOMY
+from hier.artifact.store import is_ensemble
 from hier.export import artifact_predictor
-from hier.services.ensemble import is_ensemble, open_ensemble, refusal
+from hier.services.ensemble import open_ensemble, refusal
 from hier.services.ensemble.serving import ensemble_predictor
 
 # capability -> (what a refusal says the folder cannot do, the verb to do it with a member instead)
@@ -23,33 +25,33 @@ ANSWER, EMBED, EDIT, SEARCH, EXPLAIN, EXPORT = "answer", "embed", "edit", "searc
 CAPABILITIES = {
     ANSWER: ("answer photos", "predict"),
     EMBED: ("embed photos (its members embed in spaces of their own)", "embed"),
-    EDIT: ("enroll or unenroll classes", "enroll"),
-    SEARCH: ("hold or search a listing index", "index listings"),
+    EDIT: ("change its classes (enroll, unenroll)", "change classes"),
+    SEARCH: ("hold or search a listing index", "index and search listings"),
     EXPLAIN: ("draw activation maps", "explain"),
     EXPORT: ("be exported (each member has its own export)", "export"),
 }
 
 
 @dataclass(frozen=True)
-class ArtifactKind:
+class FolderKind:
     """One kind of folder: the files that make it one, how it opens, its predictor and capabilities.
 
-    ``open(path, device, backend, batch_size) -> (net, taxonomy, predictor)`` (the caller holds the lock);
+    ``opener(path, device, backend, batch_size) -> (net, taxonomy, predictor)`` (the caller holds the lock);
     ``predictor(path, net, backend, tta, batch_size)`` makes another predictor of an opened net (a TTA
-    override); ``refuse(path, what, verb)`` words a refusal."""
+    override); ``wording(path, what, verb)`` words a refusal."""
 
     name: str
     required: tuple[str, ...]
-    open: Callable[[Path, str, str, int], tuple]
+    opener: Callable[[Path, str, str, int], tuple]
     predictor: Callable
     capabilities: frozenset[str]
-    refuse: Callable[[Path, str, str], str] | None = None
+    wording: Callable[[Path, str, str], str] | None = None
 
     def refusal(self, path: Path, capability: str) -> str | None:
         """The one-line refusal of ``capability`` for the folder ``path`` (None: the kind has it)."""
         if capability in self.capabilities:
             return None
-        return self.refuse(path, *CAPABILITIES[capability])
+        return self.wording(path, *CAPABILITIES[capability])
 
 
 def _open_artifact(path: Path, device: str, backend: str, batch_size: int) -> tuple:
@@ -65,17 +67,17 @@ def _ensemble_predictor(path: Path, net, backend: str, tta: bool | None, batch_s
     return ensemble_predictor(net, backend, tta, batch_size)
 
 
-KINDS = {
-    "artifact": ArtifactKind("artifact", REQUIRED, _open_artifact, _artifact_predictor, frozenset(CAPABILITIES)),
-    "ensemble": ArtifactKind("ensemble", (ENSEMBLE, CONFIG, TAXONOMY), open_ensemble, _ensemble_predictor,
+FOLDER_KINDS = {
+    "artifact": FolderKind("artifact", REQUIRED, _open_artifact, _artifact_predictor, frozenset(CAPABILITIES)),
+    "ensemble": FolderKind("ensemble", (ENSEMBLE, CONFIG, TAXONOMY), open_ensemble, _ensemble_predictor,
                              frozenset({ANSWER}), refusal),
 }
 
 
-def kind_of(path: str | Path) -> ArtifactKind:
+def folder_kind(path: str | Path) -> FolderKind:
     """The kind of the folder at ``path`` (an ensemble has ``ensemble.json``; anything else is read as an
     artifact, whose missing files are then named)."""
-    return KINDS["ensemble" if is_ensemble(path) else "artifact"]
+    return FOLDER_KINDS["ensemble" if is_ensemble(path) else "artifact"]
 
 
 def needs(capability: str):

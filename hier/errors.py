@@ -9,6 +9,11 @@ class HierError(Exception):
     """Bad input or state the user can fix (missing folder, unknown class, wrong CSV...)."""
 
 
+class ArtifactGone(HierError):
+    """The artifact being served is no longer on disk (moved, being replaced): a state to wait out, not a
+    client's mistake (the service answers 503)."""
+
+
 class HierWarning(UserWarning):
     """Something the user should know once (an older artifact's missing parts); the CLI prints it as one
     ``warning:`` line. Python shows each distinct message once per process."""

@@ -125,7 +125,7 @@ def atomic_create(path: str | Path, write: Callable[[Path], None]) -> bool:
     except FileExistsError:
         return False
     except OSError as e:
-        refused = _refused_write(e, path)
+        refused = refused_write(e, path)
         if refused is None:
             raise
         raise refused from None
@@ -134,7 +134,7 @@ def atomic_create(path: str | Path, write: Callable[[Path], None]) -> bool:
             tmp.unlink(missing_ok=True)
 
 
-def _refused_write(e: OSError, path: Path) -> HierError | None:
+def refused_write(e: OSError, path: Path) -> HierError | None:
     """The one line for a write the disk or volume refused (full, read-only, no permission)."""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return HierError(f"no space left on device writing {path}: {_unchanged(path)}")
@@ -169,7 +169,7 @@ def atomic_write_all(writers: dict[Path, Callable[[Path], None]], remove: list[P
                 write(temps[path])
                 os.chmod(tmp, mode)              # after writing: a kept 0444 must not stop the write
             except OSError as e:
-                refused = _refused_write(e, path)
+                refused = refused_write(e, path)
                 if refused is not None:
                     raise refused from None
                 raise

@@ -21,7 +21,7 @@ from rich.table import Table
 from hier import Recognizer
 from hier.artifact.files import TAXONOMY
 from hier.artifact.records import read_run
-from hier.data.split import training_split
+from hier.data.split import SplitSettings, training_split
 from hier.metrics import answer, path_of
 from hier.taxonomy import Taxonomy
 
@@ -29,7 +29,7 @@ from hier.taxonomy import Taxonomy
 def validation_split(art: Path) -> tuple[list, list[str]]:
     """The photos ``hier train`` held out for validation: ``training_split`` of its saved settings."""
     run = read_run(art)
-    return training_split(run["data"], Taxonomy.from_csv(art / TAXONOMY), run["train"]).part("val")
+    return training_split(run["data"], Taxonomy.from_csv(art / TAXONOMY), SplitSettings.of(run["train"], run)).part("val")
 
 
 def main() -> None:

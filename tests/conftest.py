@@ -1,9 +1,15 @@
-"""Shared fixtures: a small drawn dataset and one tiny trained artifact, built once per session."""
+"""Shared fixtures: a small drawn dataset and one tiny trained artifact, built once per session; and the
+helpers that tests of several packages use (``from conftest import ...``: this folder is on sys.path for
+every test folder below it)."""
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import shutil
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +29,7 @@ from hier.taxonomy import Taxonomy
 from hier.training.config import TrainConfig
 from hier.training.run import train
 
+ROOT = Path(__file__).resolve().parents[1]             # the project: PYTHONPATH for `python -m hier`
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STANFORD = SHARED / "data" / "stanford-cars-dev" / "train"
 
@@ -72,6 +79,7 @@ def art(tiny_artifact, tmp_path):
 def rename_classes(path: Path, names: dict[str, str], brands: dict[str, str] | None = None) -> None:
     """Rename classes (and brands) of an artifact in place, in its taxonomy and its class statistics."""
     import pandas as pd
+
     from hier.artifact.files import STATISTICS
     from hier.models.statistics import ClassStatistics
 
@@ -86,6 +94,7 @@ def rename_classes(path: Path, names: dict[str, str], brands: dict[str, str] | N
     heads = path / "heads.safetensors"                # the head rows are stored under their names too
     if heads.is_file():
         import json
+
         from safetensors import safe_open
         from safetensors.torch import save_file
         with safe_open(heads, "pt") as f:
@@ -100,11 +109,11 @@ def make_legacy(path: Path, demo_data) -> Path:
     (mean embeddings of the training photos) instead of class statistics, no weights fingerprint, the
     heads inside model.safetensors (no heads.safetensors)."""
     import numpy as np
+
     from hier import artifact
-    from hier.runtime import Predictor
-    from hier.artifact.files import PROTOTYPES
+    from hier.artifact.files import PROTOTYPES, STATISTICS
     from hier.models.statistics import class_means
-    from hier.artifact.files import STATISTICS
+    from hier.runtime import Predictor
 
     net, tax = artifact.load(path)
     photos = sorted(demo_data.train_dir.glob("*/*.jpg"))
@@ -116,7 +125,7 @@ def make_legacy(path: Path, demo_data) -> Path:
     config.pop("fingerprint")
     fileio.write_json(path / artifact.CONFIG, config)
     (path / STATISTICS).unlink()
-    from safetensors.torch import load_file, save_file      # one weights file, the heads in it
+    from safetensors.torch import load_file, save_file  # one weights file, the heads in it
     save_file({**load_file(path / artifact.WEIGHTS), **load_file(path / artifact.HEADS)}, path / artifact.WEIGHTS)
     (path / artifact.HEADS).unlink()
     return path
@@ -194,3 +203,91 @@ def chromium():
         yield driver
     finally:
         driver.quit()
+
+
+# --- helpers shared by tests of several packages ----------------------------------------------------------
+
+def one_error_line(code, err) -> bool:
+    """Exit 2 and one ``error:`` line, no traceback (a leading blank line left by a progress bar is fine)."""
+    return code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1 \
+        and "Traceback" not in err
+
+
+def one_error_line_after_warnings(code, err) -> bool:
+    """Exit 2 and one ``error:`` line (after the one-line ``warning:`` an older artifact gets, if any)."""
+    lines = [line for line in err.strip().splitlines() if not line.startswith("warning:")]
+    return code == 2 and len(lines) == 1 and lines[0].startswith("error:")
+
+
+def error_line_only(code, err) -> bool:
+    """Exit 2 and stderr one ``error:`` line from its first character (nothing before it), no traceback."""
+    return code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def ends_in_one_error(code, err) -> bool:
+    """Progress lines may come first; then one error line, and no traceback."""
+    lines = err.strip().splitlines()
+    return code == 2 and lines[-1].startswith("error:") and sum(l.startswith("error:") for l in lines) == 1 \
+        and "Traceback" not in err
+
+
+def tree(folder) -> dict:
+    """Every path under ``folder`` with the SHA-256 of its bytes (folders: "dir"), to show nothing changed."""
+    return {p.relative_to(folder).as_posix(): "dir" if p.is_dir() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
+
+
+def files_and_modes(path) -> dict:
+    """Every file's bytes (temp files included, so a leftover shows), and its mode."""
+    return {str(p.relative_to(path)): (p.read_bytes(), p.stat().st_mode) for p in sorted(path.rglob("*"))
+            if p.is_file() and p.name != ".hier.lock"}
+
+
+def full_disk(*args, **kwargs):
+    """A writer on a full disk (monkeypatched in for one of the artifact's writers)."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def photos_of(demo_data, cls="Cinder_Rook_2019_2023", n=None) -> list[Path]:
+    """The drawn training photos of class ``cls``, sorted (the first ``n`` of them if given)."""
+    return sorted((demo_data.train_dir / cls).glob("*.jpg"))[:n]
+
+
+def image_flags(paths) -> list:
+    """``--images`` once per photo, as typer takes a list option."""
+    return [a for p in paths for a in ("--images", p)]
+
+
+def plain_photo(path, colour=(200, 30, 30), size=(40, 30)) -> Path:
+    """A photo of one colour at ``path`` (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def small_dataset(demo_data, root, classes=3, per_class=10) -> Path:
+    """A class folder for each of the first ``classes`` drawn classes, ``per_class`` photos each, at ``root``."""
+    for c in sorted(p.name for p in demo_data.train_dir.iterdir())[:classes]:
+        (root / c).mkdir(parents=True)
+        for p in photos_of(demo_data, c)[:per_class]:
+            shutil.copy(p, root / c / p.name)
+    return root
+
+
+def enroll_shots(art, demo_data, capsys, *extra, cls="Cinder_Rook_2019_2023", n=5, name="Zephyr_Gale_2025_2025"):
+    """``hier enroll ART --class NAME --images DIR EXTRA...``, DIR holding the first ``n`` photos of ``cls``."""
+    shot_dir = art.parent / f"shots_{name}_{n}"
+    shot_dir.mkdir(exist_ok=True)
+    for p in photos_of(demo_data, cls, n):
+        shutil.copy(p, shot_dir / p.name)
+    return run_cli("enroll", art, "--class", name, "--images", shot_dir, *extra, capsys=capsys)
+
+
+# an ASCII locale: LC_ALL=C without Python's UTF-8 mode
+ASCII = {**{k: v for k, v in os.environ.items() if k != "PYTHONIOENCODING"}, "PYTHONUTF8": "0", "LC_ALL": "C",
+         "LANG": "C"}
+
+
+def hier_ascii(*args) -> subprocess.CompletedProcess:
+    """``python -m hier ARGS`` in a process under the ASCII locale."""
+    return subprocess.run([sys.executable, "-m", "hier", *map(str, args)], capture_output=True, env=ASCII)

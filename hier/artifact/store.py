@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
 from hier.artifact.files import CONFIG, ENSEMBLE, HEAD_PARTS, HEADS, MEMBERS, REQUIRED, STATISTICS, TAXONOMY, WEIGHTS
-from hier.errors import HierError, HierWarning
+from hier.errors import ArtifactGone, HierError, HierWarning
 from hier.fileio import atomic_write_all, file_stamp, locked, read_json, write_json
 from hier.models import HierNet, ModelConfig
 from hier.models.statistics import ClassStatistics
@@ -91,7 +91,7 @@ def stamp(path: str | Path) -> tuple:
     config.json in its atomic set, so its (inode, mtime, size) changes with each one."""
     found = file_stamp(Path(path) / CONFIG)
     if found[0] is None:
-        raise HierError(f"{path} is no longer a hier artifact (no {CONFIG})")
+        raise ArtifactGone(f"{path} is no longer a hier artifact (no {CONFIG})")
     return found
 
 

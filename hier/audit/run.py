@@ -32,6 +32,7 @@ from hier.artifact import store
 from hier.audit.find import OUTLIER_Z, counts, embed, exclude_list, find, per_class
 from hier.audit.page import write_page
 from hier.audit.scan import file_table, rejected_files
+from hier.data.exclude import format_exclude
 from hier.data.readers import LAYOUTS, create_reader, detect_layout
 from hier.errors import HierError, check_number
 from hier.export import artifact_predictor
@@ -145,7 +146,7 @@ def _exclude_target(path: str | Path, out: Path, force: bool) -> Path:
 
 
 def _write_exclude(path: Path, listed: list[str], force: bool, given) -> None:
-    text = "".join(f"{p}\n" for p in listed)
+    text = format_exclude(listed)               # every path reads back as written (``parse_exclude``)
     try:
         if force:
             fileio.atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))

@@ -8,14 +8,14 @@ the merge and refused every ``--merge-classes`` artifact.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from hier.data.detect import CarDetector
-from hier.data.exclude import apply_exclude, read_exclude
+from hier.data.exclude import apply_exclude, exclude_keys, exclude_names
 from hier.data.files import ImageSet, require_cells
 from hier.data.readers import create_reader
 from hier.data.tables import read_table
@@ -37,13 +37,17 @@ class SplitSettings:
     seed: int = 0
     fold: int | None = None
     folds: int = 5
+    exclude_names: tuple[str, ...] | None = None   # the list as the run read it (train.json): used, not the file
 
     @classmethod
-    def of(cls, settings) -> "SplitSettings":
+    def of(cls, settings, run: dict | None = None) -> "SplitSettings":
         """The split settings of any object or dict holding them (a ``TrainConfig``, ``train.json``'s
-        "train"); absent ones take their defaults."""
+        "train"); absent ones take their defaults. ``run``: a run's ``train.json``, whose recorded exclude
+        list is the run's own (the file may have been edited since)."""
         get = settings.get if isinstance(settings, dict) else lambda k, d: getattr(settings, k, d)
-        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+        found = cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
+        recorded = (run or {}).get("exclude_names")
+        return found if recorded is None else replace(found, exclude_names=tuple(recorded))
 
 
 @dataclass
@@ -112,7 +116,8 @@ def training_split(data_dir: str | Path, taxonomy: Taxonomy | None, settings, ow
     excluded = absent = 0
     if s.exclude and own_data:
         before = len(images.paths)
-        images, absent = apply_exclude(images, read_exclude(s.exclude, data_dir))
+        listed = list(s.exclude_names) if s.exclude_names is not None else exclude_names(s.exclude)
+        images, absent = apply_exclude(images, exclude_keys(listed, data_dir))
         excluded = before - len(images.paths)
         emptied = sorted(set(names) - set(images.labels))
         if emptied:                          # refused now, not after a whole run that cannot serve it

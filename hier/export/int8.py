@@ -14,7 +14,7 @@ from hier import artifact, fileio
 from hier.artifact.files import INT8
 from hier.artifact.records import read_run
 from hier.data import ImageDataset, eval_transform, loader
-from hier.data.split import training_split
+from hier.data.split import SplitSettings, training_split
 from hier.errors import HierError
 from hier.export.onnx import export
 from hier.metrics import evaluate_probs
@@ -75,7 +75,7 @@ def split_photos(path: Path, data: Path | None, taxonomy) -> tuple[list, list, l
     if not str(data) or not data.is_dir():
         raise HierError(f"--int8 calibrates on photos: the training data {str(data) or '(none in train.json)'} "
                         "is not a folder here; pass --data DIR (labelled photos of the artifact's classes)")
-    split = training_split(data, taxonomy, run.get("train", {}), own_data=own)
+    split = training_split(data, taxonomy, SplitSettings.of(run.get("train", {}), run), own_data=own)
     if len(split.val) == 0:
         raise HierError(f"{data}: no validation photos (val_frac 0) to measure what int8 changes on")
     (train, _), (val, labels) = split.part("train"), split.part("val")
@@ -147,7 +147,14 @@ def export_int8(path: str | Path, data: str | Path | None = None, photos: int = 
         train, val, labels = split_photos(path, Path(data) if data else None, taxonomy)
         pick = np.random.default_rng(0).permutation(len(train))[:photos]
         with tempfile_path(path, INT8) as tmp:
-            quantize_int8(path / artifact.ONNX, tmp, [train[i] for i in sorted(pick)], net.cfg, keep, reduce_range)
+            try:
+                quantize_int8(path / artifact.ONNX, tmp, [train[i] for i in sorted(pick)], net.cfg, keep,
+                              reduce_range)
+            except OSError as e:               # a full disk (or read-only folder) under the quantizer
+                refused = fileio.refused_write(e, path / INT8)
+                if refused is None:
+                    raise
+                raise refused from None
             y = np.array([taxonomy.class_index[c] for c in labels])
             change = compare(Predictor(net, onnx=path / artifact.ONNX), Predictor(net, onnx=tmp), val, y, taxonomy)
             config = artifact.read_config(path)

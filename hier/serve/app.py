@@ -26,7 +26,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from hier.errors import HierError, check_number
+from hier.errors import ArtifactGone, HierError, check_number
 from hier.recognizer import Recognizer
 from hier.serve.batching import Unavailable
 from hier.serve.limits import FORM_LIMITS, FORM_OVERHEAD, BodyLimit
@@ -94,6 +94,9 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
 
     @app.exception_handler(HierError)
     async def hier_error(_: Request, e: HierError):
+        if isinstance(e, ArtifactGone):         # not the client's mistake: retry once it is back
+            service.metrics.refused.labels("artifact_gone").inc()
+            return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
         return JSONResponse({"detail": str(e)}, status_code=400)
 
     @app.exception_handler(Unavailable)

@@ -12,6 +12,7 @@ from rich.markup import escape
 from hier import artifact
 from hier.artifact.files import CHECKPOINT, GALLERY, LOG, ONNX, TAXONOMY, TRAIN_RUN, WEIGHTS
 from hier.artifact.records import read_run, write_run
+from hier.data.exclude import exclude_names
 from hier.data.split import SplitSettings, training_split
 from hier.errors import HierError
 from hier.gallery import store as gallery_store
@@ -79,7 +80,13 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         if taxonomy is None and (out / TAXONOMY).is_file():
             taxonomy = Taxonomy.from_csv(out / TAXONOMY)
     run_classes = Taxonomy.from_csv(out / TAXONOMY).classes if resume and (out / TAXONOMY).is_file() else None
-    split = training_split(data_dir, taxonomy, SplitSettings.of(cfg), required=run_classes)   # the heads' rows
+    settings = SplitSettings.of(cfg, saved if resume else None)     # a resumed run: its own exclude list
+    if resume and cfg.exclude and settings.exclude_names is not None and Path(cfg.exclude).is_file() and \
+            exclude_names(cfg.exclude) != list(settings.exclude_names):
+        console.print(f"[yellow]--exclude {escape(str(cfg.exclude))} changed since the run started; the run goes on "
+                      f"with the list it started with ({len(settings.exclude_names)} name(s)), so its split "
+                      "is the saved one[/]")
+    split = training_split(data_dir, taxonomy, settings, required=run_classes)   # the heads' rows
     images, taxonomy, merged = split.images, split.taxonomy, split.merged
     if cfg.exclude:
         console.print(f"--exclude: {split.excluded} photo(s) left out" +
@@ -102,6 +109,9 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         model.cfg.mean, model.cfg.std = tuple(data_cfg["mean"]), tuple(data_cfg["std"])
     run = {"model": model.cfg.to_dict(), "train": asdict(cfg), "data": str(data_dir), "merged_classes": merged,
            "world_size": world.size, "global_batch": cfg.batch_size * cfg.accum}
+    if cfg.exclude:                   # the list as read now: a resumed run splits as this one did
+        run["exclude_names"] = list(settings.exclude_names) if settings.exclude_names is not None else \
+            exclude_names(cfg.exclude)
     trainer = Trainer(model, taxonomy, cfg, out, console, world, merged, data_dir)   # a batch that does not split: refused here
     distributed.barrier(world)           # every rank has checked the folder before rank 0 writes to it
 

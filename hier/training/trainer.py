@@ -9,6 +9,7 @@ makes fine-tuning a real trunk fit in minutes.
 from __future__ import annotations
 
 import csv
+import io
 import time
 import warnings
 from contextlib import nullcontext
@@ -335,7 +336,9 @@ class Trainer:
                                                              state["history"])
 
 def _torch_save(obj, path: Path) -> None:
-    """torch.save through a Python file: given a name, its C++ writer turns a full disk into an opaque
-    RuntimeError; a file object's write raises OSError(ENOSPC), which ``atomic_write`` reports."""
-    with path.open("wb") as f:
-        torch.save(obj, f)
+    """torch.save into memory, then the bytes written by Python: torch's own writer turns a full disk
+    into an opaque ``RuntimeError: [enforce fail ...]`` (to a file object too), Python's write raises
+    OSError(ENOSPC), which ``atomic_write`` reports in one line."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    path.write_bytes(buffer.getbuffer())

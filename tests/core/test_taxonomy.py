@@ -1,14 +1,15 @@
+"""The taxonomy (class -> model -> brand): parsing class names, its index maps and checks, the Hecto
+registry, marginals, and taxonomy.csv round trips of any name it can store."""
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import SHARED
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hier.errors import HierError
 from hier.data.split import load_equivalent_pairs
-from hier.taxonomy import REGISTRY, Taxonomy, parse_class_name
-
-from conftest import SHARED
+from hier.errors import HierError
+from hier.taxonomy import REGISTRY, Taxonomy, check_name, parse_class_name
 
 
 def test_parse_hecto_name():
@@ -94,3 +95,32 @@ def test_marginals_are_sums_of_fine_probabilities(parents, seed):
         np.testing.assert_allclose(brand_p[:, j], p[:, t.fine_to_brand == j].sum(1), atol=1e-12)
         np.testing.assert_allclose(brand_p[:, j], model_p[:, t.model_to_brand == j].sum(1), atol=1e-12)
     np.testing.assert_allclose(brand_p.sum(1), 1, atol=1e-12)
+
+
+# --- names that pandas reads as missing, names that cannot be stored (issue 15, item 2) -----------------
+
+def test_the_registry_loads_exactly_as_before():
+    old = pd.read_csv(REGISTRY / "hecto2025.csv", dtype={"class": str, "brand": str, "model": str},
+                      encoding="utf-8-sig")              # the reader before the fix
+    assert Taxonomy.from_csv(REGISTRY / "hecto2025.csv").table.to_dict("list") == Taxonomy(old).table.to_dict("list")
+
+
+NAMES = st.text(st.characters(blacklist_categories=("Cc", "Cs", "Zl", "Zp")), min_size=1, max_size=12).filter(
+    lambda s: s.strip() == s and s.strip())
+
+
+@pytest.mark.slow
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(NAMES, NAMES, NAMES), min_size=1, max_size=4, unique_by=lambda r: r[0]))
+def test_every_storable_name_survives_the_round_trip(tmp_path_factory, rows):
+    """Property: any name ``check_name`` accepts reads back from taxonomy.csv exactly (one brand per model)."""
+    brand_of = {}
+    rows = [(c, brand_of.setdefault(m, b), m) for c, b, m in rows]
+    tax = Taxonomy(pd.DataFrame([[c, b, m, 2020, 2021] for c, b, m in rows],
+                                columns=["class", "brand", "model", "year_start", "year_end"]))
+    for c, b, m in rows:
+        for n in (c, b, m):
+            check_name("name", n)
+    path = tmp_path_factory.mktemp("rt") / "taxonomy.csv"
+    tax.to_csv(path)
+    assert Taxonomy.from_csv(path).table.to_dict("list") == tax.table.to_dict("list")

@@ -1,3 +1,6 @@
+"""The data layer's basics: scanning a folder (corrupt files and non-images skipped), the test CSV, image
+files given by name, the stratified split and k folds, seeded augmentation, the evaluation transform, and a
+predicting process that imports neither albumentations nor scipy."""
 import subprocess
 import sys
 
@@ -6,8 +9,16 @@ import pytest
 import torch
 from PIL import Image
 
-from hier.data import (ImageDataset, eval_transform, image_files, loader, read_test_csv, scan_folder, split_indices,
-                       train_transform)
+from hier.data import (
+    ImageDataset,
+    eval_transform,
+    image_files,
+    loader,
+    read_test_csv,
+    scan_folder,
+    split_indices,
+    train_transform,
+)
 from hier.errors import HierError
 
 

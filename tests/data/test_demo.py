@@ -238,9 +238,9 @@ def test_demo_reruns_into_the_folder_of_an_interrupted_run(tmp_path: Path, monke
     """Before: a run stopped after drawing left --out full, and every rerun said "is not empty"."""
     import json
 
-    from conftest import run_cli
+    from conftest import one_error_line, run_cli, tree
+
     from hier.recognizer import Recognizer
-    from test_cli import one_error_line, tree
 
     out = tmp_path / "demo"
     args = ("demo", "--out", out, "--epochs", "1", "--img-size", "32", "--images-per-class", "5")

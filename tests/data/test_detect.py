@@ -3,11 +3,10 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import SHARED, STANFORD, run_cli
 from PIL import Image
 
 from hier.data import Crop, to_rgb
-
-from conftest import SHARED, STANFORD, run_cli
 
 DETECTOR = SHARED / "models" / "yolov8n_int8.tflite"
 pytestmark = pytest.mark.skipif(not DETECTOR.is_file() or not STANFORD.is_dir(), reason="needs ../shared")

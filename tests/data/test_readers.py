@@ -1,15 +1,15 @@
-"""Dataset readers: layout detection and the AI-hub layout, on a small tree generated in that exact shape."""
+"""Dataset readers: layout detection and the AI-hub layout, on a small tree generated in that exact shape,
+and the same layout reached through a symlink (with a loop in the tree)."""
 import json
 import shutil
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from hier.data import Crop, to_rgb
-from hier.errors import HierError
 from hier.data.readers import create_reader, detect_layout
-
-from conftest import run_cli
+from hier.errors import HierError
 
 # (brand folder, model folder, year folder) -> the label fields a well-formed JSON carries
 TREE = {("BR_현대", "001_쏘나타", "2020_흰색_프리미엄"): ("현대", "쏘나타", "2020"),
@@ -89,3 +89,21 @@ def test_crop_of_a_degenerate_box_is_the_whole_photo(demo_data):
     full = to_rgb(photo)
     assert np.array_equal(to_rgb(Crop(photo, (10, 10, 10.5, 40))), full)
     assert to_rgb(Crop(photo, (-5, -5, 1000, 20))).shape == (20, full.shape[1], 3)     # clipped to the photo
+
+
+# --- a symlinked tree (issue 15, item 15) ---------------------------------------------------------------
+
+def test_aihub_layout_behind_a_symlink(demo_data, tmp_path):
+    real = tmp_path / "real" / "BR_현대" / "001_쏘나타" / "2020_흰색_프리미엄"
+    real.mkdir(parents=True)
+    for i, p in enumerate(sorted(demo_data.train_dir.glob("*/*.jpg"))[:2]):
+        shutil.copy(p, real / f"{i}.jpg")
+        (real / f"{i}.json").write_text(json.dumps({"rawDataInfo": {"brandName": "현대", "modelName": "쏘나타",
+                                                                    "modelYear": "2020"}}), encoding="utf-8")
+    root = tmp_path / "aihub"
+    root.mkdir()
+    (root / "BR_현대").symlink_to(tmp_path / "real" / "BR_현대", target_is_directory=True)
+    (root / "loop").symlink_to(root, target_is_directory=True)
+    assert detect_layout(root) == "aihub"
+    images, tax = create_reader(root)()
+    assert len(images.paths) == 2 and tax.classes == ["쏘나타_2020_2020"]

@@ -5,19 +5,18 @@ import threading
 import time
 
 import faiss
-import torch
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from conftest import TINY, run_cli
 from PIL import Image
 
 from hier import HierError, Recognizer, artifact, fileio
-from hier.errors import HierWarning
-from hier.services.labelling import SEARCH_SHRINK
 from hier.artifact.files import STATISTICS
+from hier.errors import HierWarning
 from hier.models.statistics import ClassStatistics
-
-from conftest import TINY, run_cli
+from hier.services.labelling import SEARCH_SHRINK
 
 
 @pytest.fixture
@@ -247,19 +246,19 @@ def test_answers_do_not_depend_on_the_batch_size(art, demo_data):
 
 
 def test_one_rule_refuses_what_a_kind_cannot_do_for_every_public_method(tmp_path):
-    """Every public method of ``Recognizer`` declares the capability it needs (``hier.kinds``), and a
+    """Every public method of ``Recognizer`` declares the capability it needs (``hier.folders``), and a
     folder whose kind lacks it refuses the call in one line, before any work. An ensemble's hand-kept list
     of refused methods once missed ``index_drop`` and ``index_merge``, which then said "has no index; run
     `hier index build E LISTINGS` first", a command ensembles refuse."""
-    from hier.kinds import CAPABILITIES, KINDS
+    from hier.folders import CAPABILITIES, FOLDER_KINDS
     holding = {"check_supports", "reload", "snapshot"}      # about the copy in memory, not the folder
     public = {n for n, v in vars(Recognizer).items() if not n.startswith("_") and callable(v)}
     declared = {n: getattr(Recognizer, n).capability for n in public - holding}
     assert set(declared.values()) <= set(CAPABILITIES)
-    for name in ("ensemble.json", "config.json", "taxonomy.csv"):     # an ensemble folder, as kind_of sees it
+    for name in ("ensemble.json", "config.json", "taxonomy.csv"):     # an ensemble folder, as folder_kind sees it
         (tmp_path / name).write_text("{}")
     rec = Recognizer(tmp_path)
-    refused = {n for n, c in declared.items() if c not in KINDS["ensemble"].capabilities}
+    refused = {n for n, c in declared.items() if c not in FOLDER_KINDS["ensemble"].capabilities}
     assert {"index_drop", "index_merge", "index_add", "similar", "enroll", "embed_shard", "export"} <= refused
     assert {"predict", "predict_proba", "evaluate", "submission", "report"}.isdisjoint(refused)
     for name in sorted(refused):

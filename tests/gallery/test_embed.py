@@ -6,14 +6,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
 
 from hier.errors import HierError
 from hier.gallery import Gallery, read_listings
 from hier.recognizer import Recognizer
 from hier.runtime import Predictor
 from hier.services import embedding
-
-from conftest import run_cli
 
 
 @pytest.fixture

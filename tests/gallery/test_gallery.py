@@ -1,8 +1,9 @@
 """The gallery's writers embed outside the artifact's lock and check before any work (issue 15, items 5
 and 12): a reader can take the lock while `index build/add` embeds, a change of the weights meanwhile is
-noticed, two adds at once both land, clashing ids and a mismatched sample submission are refused before
-a single photo is embedded. Then galleries for millions: the pq kind, per-call search parameters, and a
-filter that is one search with an ID selector."""
+noticed, two adds at once both land, clashing ids are refused before a single photo is embedded. Then
+galleries for millions: the pq kind, per-call search parameters, and a filter that is one search with an ID
+selector; listings labelled by the head of now (once per version of the artifact), and where a gallery
+lives (GPU or CPU)."""
 import json
 import shutil
 import threading
@@ -12,16 +13,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import enroll_shots, photos_of, run_cli
 
 from hier import artifact, fileio
 from hier.errors import HierError
-from hier.gallery import BRAND, ID, NPROBE, PQ_BITS, PQ_DIMS, SIMILARITY, Gallery, factory_string
-from hier.gallery import listings
+from hier.gallery import BRAND, ID, NPROBE, PQ_BITS, PQ_DIMS, SIMILARITY, Gallery, factory_string, listings
 from hier.recognizer import Recognizer
 from hier.runtime import Predictor
 from hier.services import indexing, labelling
-
-from conftest import run_cli
 
 
 def _one_line_error(code, err):
@@ -166,57 +165,6 @@ def test_index_add_without_an_index_is_refused_before_embedding(art, demo_data, 
     assert _one_line_error(code, err) and "has no index" in err and calls.n == 0
 
 
-@pytest.fixture
-def predicted(monkeypatch):
-    """Counts photos the predictor is asked for, whichever command asks."""
-    seen = []
-    real = Predictor.__call__
-
-    def counting(self, images, progress=None):
-        seen.append(len(images))
-        return real(self, images, progress)
-    monkeypatch.setattr(Predictor, "__call__", counting)
-    return seen
-
-
-@pytest.mark.parametrize("case", ["ids", "column", "missing class"])
-def test_a_sample_submission_that_does_not_fit_is_refused_before_predicting(case, tiny_artifact, demo_data,
-                                                                             tmp_path, predicted, capsys):
-    sample = pd.read_csv(demo_data.sample_submission, encoding="utf-8-sig", dtype={"ID": str})
-    if case == "ids":
-        sample.loc[0, "ID"] = "TEST_99999"
-    elif case == "column":
-        sample = sample.rename(columns={sample.columns[3]: "Nope_Car_2020_2020"})
-    else:
-        sample = sample.drop(columns=sample.columns[-1])
-    bad = tmp_path / "sample.csv"
-    sample.to_csv(bad, index=False, encoding="utf-8-sig")
-    code, _, err = run_cli("predict", tiny_artifact[0], "--test-csv", demo_data.test_csv, "--sample-submission",
-                           bad, "--out", tmp_path / "sub.csv", capsys=capsys)
-    message = {"ids": "'TEST_99999' is only in the sample", "column": "'Nope_Car_2020_2020' is not a class",
-               "missing class": "has no column"}[case]
-    assert _one_line_error(code, err) and message in err, err
-    assert predicted == [] and not (tmp_path / "sub.csv").exists()
-    with pytest.raises(HierError, match=message.replace("'", ".")):          # the Python API checks first too
-        Recognizer(tiny_artifact[0]).submission(demo_data.test_csv, bad, tmp_path / "sub.csv")
-    assert predicted == [] and not (tmp_path / "sub.csv").exists()
-
-
-def test_read_sample_then_write_matches_writing_from_the_path(tiny_artifact, demo_data, tmp_path):
-    from hier.data import read_test_csv
-    from hier.competitions.hecto import read_sample, write_submission
-    tax = artifact.load(tiny_artifact[0])[1]
-    ids = read_test_csv(demo_data.test_csv).ids
-    probs = np.random.default_rng(0).dirichlet(np.ones(len(tax)), len(ids))
-    checked = read_sample(demo_data.sample_submission, ids, tax)
-    a = write_submission(probs, ids, tax, checked, tmp_path / "a.csv")
-    b = write_submission(probs, ids, tax, demo_data.sample_submission, tmp_path / "b.csv")
-    assert a.equals(b) and (tmp_path / "a.csv").read_bytes() == (tmp_path / "b.csv").read_bytes()
-    assert (tmp_path / "a.csv").read_bytes()[:3] == b"\xef\xbb\xbf"          # the sample's BOM kept
-    with pytest.raises(HierError, match="IDs do not match"):
-        read_sample(demo_data.sample_submission, ids[1:], tax)
-
-
 # --- galleries for millions: the pq kind, per-call search parameters, one filtered search -------------
 
 DIM = 128
@@ -359,6 +307,26 @@ def test_too_few_images_for_pq_is_one_line(art, demo_data, capsys):
     assert not (art / "gallery").exists()
 
 
+# --- listings labelled by the head of now ---------------------------------------------------------------
+
+def test_listings_are_labelled_by_the_head_of_now(art, demo_data, tmp_path, capsys):
+    """Before: hier_brand was written at index time, so after enrolling a new brand `similar
+    --same-brand` found none of its listings (the query said Zephyr, every listing an older brand)."""
+    shots = photos_of(demo_data, "Cinder_Rook_2019_2023", 5)
+    listings = tmp_path / "listings.csv"
+    others = sorted(demo_data.train_dir.glob("Aurora_*/*.jpg"))[:6]
+    pd.DataFrame({"listing_id": [f"S{i}" for i in range(len(shots))] + [f"O{i}" for i in range(len(others))],
+                  "image": shots + others}).to_csv(listings, index=False)
+    assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
+    assert enroll_shots(art, demo_data, capsys, "--brand", "Zephyr", "--model", "Gale",
+                        "--max-base-drop", "100")[0] == 0
+    rec = Recognizer(art)
+    zephyr = [i for i, p in enumerate(rec.predict(shots)) if p.brand == "Zephyr"]
+    assert zephyr, "the enrolled class answers none of its own shots"
+    rows = rec.similar(shots[zephyr[0]], k=3, same_brand=True)
+    assert len(rows) >= 1 and set(rows["hier_brand"]) == {"Zephyr"} and rows["listing_id"][0] == f"S{zephyr[0]}"
+
+
 def test_listings_labelled_by_the_head_of_now_are_not_labelled_again(art, demo_data, tmp_path, monkeypatch, capsys):
     """`similar --same-brand` filters on the gallery's own columns while the head that wrote them is
     the artifact's (gallery.json's labels digest); after an enroll every listing is labelled again, once
@@ -383,3 +351,34 @@ def test_listings_labelled_by_the_head_of_now_are_not_labelled_again(art, demo_d
     assert labelled == [144] and all(len(a) == 5 and len(set(a["hier_brand"])) == 1 for a in again)
     assert run_cli("index", "add", art, shots, capsys=capsys)[0] == 0
     assert json.loads((art / "gallery" / "gallery.json").read_text())["labels"] is None
+
+
+# --- where a gallery lives: GPU or CPU ------------------------------------------------------------------
+
+def test_where_a_gallery_lives():
+    """Before: every load moved the index to the GPUs, edits included (no remove_ids there) and HNSW
+    (no GPU version): `index remove` and `similar` on HNSW raised on a GPU host."""
+    from hier.gallery.gpu import placement
+    assert [placement(k, 2, "search") for k in ("flat", "ivf", "hnsw", "pq")] == ["gpu", "gpu", "cpu", "cpu"]
+    assert {placement(k, g, "edit") for k in ("flat", "ivf", "hnsw", "pq") for g in (0, 1, 8)} == {"cpu"}
+    assert {placement(k, 0, "search") for k in ("flat", "ivf", "hnsw", "pq")} == {"cpu"}
+    with pytest.raises(ValueError):
+        placement("flat", 1, "serve")
+
+
+def test_edits_never_touch_a_gpu(art, demo_data, monkeypatch, capsys):
+    """With faiss-gpu seeing GPUs, index add/remove load, edit and save the CPU index; only the
+    recognizer's held gallery asks for a GPU copy (counted here, as this host has none)."""
+    import faiss
+    from conftest import run_cli
+
+    from hier.recognizer import Recognizer
+    moved = []
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index, raising=False)
+    photos = demo_data.train_dir / "Aurora_Nova_2015_2018"
+    assert run_cli("index", "build", art, photos, capsys=capsys)[0] == 0
+    first = sorted(photos.glob("*.jpg"))[0].stem
+    assert run_cli("index", "remove", art, first, capsys=capsys)[0] == 0 and moved == []
+    Recognizer(art).similar(sorted(photos.glob("*.jpg"))[1], k=2)
+    assert len(moved) == 1

@@ -8,18 +8,16 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_cli
+from test_gallery import _clustered, _exact, _listings, _one_line_error, _recall, _whitening
 
 from hier import artifact, fileio
 from hier.artifact.files import VECTORS
-from hier.gallery import BRAND, ID, Gallery, factory_string, shard_counts, shard_name
-from hier.gallery import store
-from hier.gallery.vectors import _read_ahead
-from hier.services import indexing
 from hier.errors import HierError, HierWarning
+from hier.gallery import BRAND, ID, Gallery, factory_string, shard_counts, shard_name, store
+from hier.gallery.vectors import _read_ahead
 from hier.recognizer import Recognizer
-
-from conftest import run_cli
-from test_gallery import _clustered, _exact, _listings, _one_line_error, _recall, _whitening
+from hier.services import indexing
 
 D = 64
 

@@ -1,15 +1,17 @@
+"""The model (``HierNet``): the joint score adds the parents' scores, the training task, the answer read top
+down, frozen stages, trunks and weights files (the offline ImageNet weights), and weight decay that leaves
+scales, norms and biases alone."""
 import numpy as np
 import pytest
 import timm
 import torch
+from conftest import STANFORD, TINY
 
 from hier.data import eval_transform, load_rgb
 from hier.errors import HierError
 from hier.metrics import answer, inconsistency_rate
 from hier.models import HierNet, HierTask, ModelConfig, create_trunk, load_offline_weights
 from hier.taxonomy import Taxonomy
-
-from conftest import STANFORD, TINY
 
 # ImageNet classes a car photo should land in (sports car, convertible, cab, jeep, limousine, minivan,
 # pickup, racer, beach wagon, grille, car wheel, ambulance, Model T, police van, tow truck, moving van).

@@ -1,22 +1,24 @@
-"""The inference backends beside ONNX Runtime fp32: OpenVINO on the same export, and the int8 export."""
+"""The inference backends beside ONNX Runtime fp32: OpenVINO on the same export, and the int8 export; and
+the export's config.json written as UTF-8 under an ASCII locale."""
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import onnx
 import pytest
+from conftest import hier_ascii, run_cli
 
 from hier import artifact, fileio
 from hier.artifact.files import INT8
-from hier.export.int8 import split_photos
-from hier.runtime.sessions import OpenVinoSession, OrtSession
-from hier.runtime import Predictor
-from hier.export.auto import artifact_predictor
-from hier.runtime.backend import choose_backend
-from hier.export.onnx import export
 from hier.errors import HierError
-from tests.conftest import run_cli
+from hier.export.auto import artifact_predictor
+from hier.export.int8 import split_photos
+from hier.export.onnx import export
+from hier.runtime import Predictor
+from hier.runtime.backend import choose_backend
+from hier.runtime.sessions import OpenVinoSession, OrtSession
 
 CPU = ["CPUExecutionProvider"]
 
@@ -232,3 +234,18 @@ def test_an_openvino_session_loaded_before_a_fork_compiles_in_each_worker(art, t
     r = subprocess.run([sys.executable, "-c", FORKED_WORKER, str(art / artifact.ONNX), str(size), str(tmp_path / "z.npy")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.split() == ["worker-status", "0", "parent-compiled-after-the-fork", "True"], r.stderr[-2000:]
+
+
+# --- an ASCII locale (issue 15, item 11) ----------------------------------------------------------------
+
+@pytest.mark.slow
+def test_export_writes_config_json_as_utf8_under_an_ascii_locale(art):
+    """Before: ``export`` wrote config.json in the locale's encoding: UnicodeEncodeError on a Korean name."""
+    config = json.loads((art / "config.json").read_text(encoding="utf-8"))
+    config["note"] = "신형모델_2025"
+    (art / "config.json").write_text(json.dumps(config, ensure_ascii=False), encoding="utf-8")
+    run = hier_ascii("export", art)
+    assert run.returncode == 0, run.stderr.decode(errors="replace")
+    saved = json.loads((art / "config.json").read_bytes().decode("utf-8"))
+    assert saved["note"] == "신형모델_2025" and saved["onnx"]["file"] == "model.onnx"
+    assert (art / "model.onnx").stat().st_size > 10_000

@@ -1,4 +1,5 @@
-"""Device and backend decisions as pure functions: what a GPU host would do, checked on CPU."""
+"""The runtime's device and backend decisions as pure functions: what a GPU host would do, checked on CPU
+(the backend for the device, decoding workers). Where a gallery lives: tests/gallery/test_gallery.py."""
 import pytest
 
 from hier import HierError
@@ -18,34 +19,6 @@ def test_the_backend_choice_fits_the_device():
                           (("fast", True, cpu_ort, "cpu"), "unknown backend")):
         with pytest.raises(HierError, match=message):
             choose_backend(*args)
-
-
-def test_where_a_gallery_lives():
-    """Before: every load moved the index to the GPUs, edits included (no remove_ids there) and HNSW
-    (no GPU version): `index remove` and `similar` on HNSW raised on a GPU host."""
-    from hier.gallery.gpu import placement
-    assert [placement(k, 2, "search") for k in ("flat", "ivf", "hnsw", "pq")] == ["gpu", "gpu", "cpu", "cpu"]
-    assert {placement(k, g, "edit") for k in ("flat", "ivf", "hnsw", "pq") for g in (0, 1, 8)} == {"cpu"}
-    assert {placement(k, 0, "search") for k in ("flat", "ivf", "hnsw", "pq")} == {"cpu"}
-    with pytest.raises(ValueError):
-        placement("flat", 1, "serve")
-
-
-def test_edits_never_touch_a_gpu(art, demo_data, monkeypatch, capsys):
-    """With faiss-gpu seeing GPUs, index add/remove load, edit and save the CPU index; only the
-    recognizer's held gallery asks for a GPU copy (counted here, as this host has none)."""
-    import faiss
-    from conftest import run_cli
-    from hier.recognizer import Recognizer
-    moved = []
-    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1, raising=False)
-    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", lambda index: moved.append(index) or index, raising=False)
-    photos = demo_data.train_dir / "Aurora_Nova_2015_2018"
-    assert run_cli("index", "build", art, photos, capsys=capsys)[0] == 0
-    first = sorted(photos.glob("*.jpg"))[0].stem
-    assert run_cli("index", "remove", art, first, capsys=capsys)[0] == 0 and moved == []
-    Recognizer(art).similar(sorted(photos.glob("*.jpg"))[1], k=2)
-    assert len(moved) == 1
 
 
 def test_decoding_workers_start_only_where_they_pay():

@@ -9,11 +9,12 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import chromium, run_cli, served, write_bomb
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import chromium, run_cli, served, write_bomb
 from hier import Recognizer
 from hier.serve import ADMIN_TOKEN_ENV, create_app
 from hier.serve.loadtest import load_test
@@ -91,6 +92,21 @@ def test_enroll_needs_the_admin_token_and_is_answered_at_once(client, art, demo_
     bad = client.post("/enroll", files=shots, data={**form, "max_base_drop": "150"}, headers={"X-Admin-Token": "s3cret"})
     assert bad.status_code == 400 and "--max-base-drop" in bad.json()["detail"]
     assert client.get("/health").json()["classes"] == before + 2
+
+
+def test_uploaded_shots_count_by_content_as_the_cli_counts_their_files(client, art, demo_data, monkeypatch, capsys):
+    """``/enroll`` hands the decoded uploads and the MD5 of their bytes to enrollment (no temporary PNGs):
+    a photo enrolled by the CLI and uploaded again is the same shot, and a copy uploaded twice counts once.
+    Before, uploads were re-encoded to PNG files whose digests matched no file the CLI had read."""
+    photos = _photos(demo_data, "Borealis_Lynx_2019_2022", n=3)
+    code, _, err = run_cli("enroll", art, "--class", "Newcar_2025", "--brand", "Borealis", "--images", photos[0],
+                           capsys=capsys)
+    assert code == 0, err
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret")
+    shots = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in (photos[0], photos[1], photos[1], photos[2])]
+    r = client.post("/enroll", files=shots, data={"class": "Newcar_2025"}, headers={"X-Admin-Token": "s3cret"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["added"], r.json()["total"], r.json()["duplicates"]) == (2, 3, 2)
 
 
 def test_malformed_uploads_are_4xx_and_the_service_stays_healthy(client, demo_data, tmp_path):

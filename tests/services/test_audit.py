@@ -13,10 +13,9 @@ import shutil
 
 import numpy as np
 import pytest
+from conftest import STANFORD, chromium, one_error_line, run_cli, tree
 from PIL import Image, ImageDraw
 
-from conftest import STANFORD, chromium, run_cli
-from test_cli import one_error_line, tree
 import hier.audit.find as audit_find
 import hier.audit.run as audit_mod
 from hier.data.exclude import apply_exclude, read_exclude

@@ -7,22 +7,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import TINY, rename_classes, run_cli
 from scipy.special import log_softmax
 
-from conftest import TINY, rename_classes, run_cli
 from hier import artifact
-from hier.export.auto import artifact_predictor
-from hier.artifact.files import OOF
-from hier.training.config import TrainConfig
+from hier.artifact.files import ENSEMBLE, OOF
 from hier.artifact.records import read_oof
-from hier.training.run import train
-from hier.artifact.files import ENSEMBLE
-from hier.services.ensemble.build import build
 from hier.errors import HierError
+from hier.export.auto import artifact_predictor
 from hier.metrics import fit_temperature, softmax
 from hier.models import ModelConfig
 from hier.recognizer import Recognizer
+from hier.services.ensemble.build import build
 from hier.taxonomy import Taxonomy
+from hier.training.config import TrainConfig
+from hier.training.run import train
 
 
 def tiny(demo_data, out, **train_flags):
@@ -235,6 +234,7 @@ def test_ensemble_keeps_its_version_when_a_member_changes(folds, demo_data, tmp_
 
 def test_serve_answers_with_an_ensemble(folds, demo_data, tmp_path):
     from fastapi.testclient import TestClient
+
     from hier.serve import create_app
 
     out = tmp_path / "E"

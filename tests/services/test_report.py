@@ -14,9 +14,8 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import chromium, one_error_line, rename_classes, run_cli, tree
 
-from conftest import chromium, rename_classes, run_cli
-from test_cli import one_error_line, tree
 from hier import Recognizer
 from hier.report import build, grad_cam
 

@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DistributedSampler
 
+from hier.errors import HierError
 from hier.training import distributed
 from hier.training.distributed import World, world_from_env
-from hier.errors import HierError
 
 TINY_FLAGS = ["--model", "test_efficientnet", "--img-size", "64", "--pretrained", "none", "--batch-size", "16",
               "--lr", "3e-3", "--head-lr", "1e-2", "--no-tta", "--seed", "0"]

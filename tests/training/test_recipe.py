@@ -5,18 +5,17 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY, run_cli
 
 from hier import artifact
 from hier.data import AUG_POLICIES, train_transform
-from hier.training.config import TrainConfig
-from hier.training.trainer import param_groups
-from hier.training.run import train
 from hier.errors import HierError
 from hier.models import HierNet, HierTask, ModelConfig
 from hier.models.losses import classification_loss, coarser
 from hier.taxonomy import Taxonomy
-
-from conftest import TINY, run_cli
+from hier.training.config import TrainConfig
+from hier.training.run import train
+from hier.training.trainer import param_groups
 
 
 def test_losses_match_their_formulas():
@@ -216,8 +215,8 @@ def test_equivalent_classes_learned_as_one_and_split_in_submissions(demo_data, t
                            demo_data.sample_submission, "--out", sub, capsys=capsys)
     assert code == 0, err
     got = pd.read_csv(sub, encoding="utf-8-sig").set_index("ID")
-    from hier.recognizer import Recognizer
     from hier.data import read_test_csv
+    from hier.recognizer import Recognizer
     test = read_test_csv(demo_data.test_csv)
     probs = pd.DataFrame(Recognizer(out).predict_proba(test.paths), index=test.ids, columns=classes).loc[got.index]
     np.testing.assert_allclose(got["Aurora_Nova_2015_2018"], got["Aurora_Nova_2019_2023"])

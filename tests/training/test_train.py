@@ -1,25 +1,42 @@
-"""Tiny train -> evaluate -> predict on drawn images, through the real `hier` entry point."""
+"""`hier train` on drawn images, through the real entry point and ``train``: the complete artifact a run
+writes, resume, runs without validation or with cached frozen stages, an exclude file; then the defects of
+issues 7 and 15: resume keeps the saved split and refuses an artifact with enrolled classes or data missing a
+class, interrupts (Ctrl-C exits 130 and the run resumes; a run stopped in its first epoch starts over), fewer
+photos than a batch, divergence, and non-finite settings refused by the library."""
 import json
-from pathlib import Path
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
+from conftest import (
+    ROOT,
+    TINY,
+    ends_in_one_error,
+    error_line_only,
+    files_and_modes,
+    image_flags,
+    one_error_line_after_warnings,
+    photos_of,
+    run_cli,
+    small_dataset,
+)
 from PIL import Image
 from scipy.special import logsumexp
 
-from hier import artifact
-from hier.recognizer import Recognizer
-from hier.artifact.files import STATISTICS
-from hier.models.statistics import ClassStatistics
-from hier.artifact.files import CHECKPOINT, OOF
-from hier.training.config import TrainConfig
+from hier import artifact, enrollment
+from hier.artifact.files import CHECKPOINT, OOF, STATISTICS
 from hier.artifact.records import read_oof
-from hier.training.run import train
+from hier.errors import HierError
 from hier.models import ModelConfig
+from hier.models.statistics import ClassStatistics
 from hier.taxonomy import Taxonomy
-
-from conftest import TINY, run_cli
+from hier.training.config import TrainConfig
+from hier.training.run import train
 
 
 def test_training_writes_a_complete_artifact(tiny_artifact):
@@ -51,57 +68,6 @@ def test_training_writes_a_complete_artifact(tiny_artifact):
         out / "taxonomy.csv").classes
     probs = np.exp(oof["logits"] / metrics["temperature"] - logsumexp(oof["logits"] / metrics["temperature"], 1, keepdims=True))
     assert abs(-np.log(probs[np.arange(29), oof["labels"]]).mean() - metrics["log_loss"]) < 1e-3
-
-
-def test_evaluate_json(tiny_artifact, demo_data, capsys):
-    code, out, _ = run_cli("evaluate", tiny_artifact[0], demo_data.train_dir, "--json", capsys=capsys)
-    m = json.loads(out)
-    assert code == 0 and m["images"] == 144
-    assert 0 <= m["ece"] <= 1 and m["top5"] >= m["top1"] > 1 / 12
-
-
-def test_the_reported_accuracy_is_that_of_the_answers_returned(tiny_artifact, demo_data):
-    """evaluate's top-1 and brand accuracy are the share of `predict`'s answers that are right (before,
-    evaluate scored the flat argmax while predict answered top-down)."""
-    from hier.data import image_files
-    rec = Recognizer(tiny_artifact[0])
-    m = rec.evaluate(demo_data.train_dir)
-    photos = image_files([demo_data.train_dir]).paths
-    preds = rec.predict(photos, topk=1)
-    truth = {c: rec.taxonomy.row(c) for c in rec.taxonomy.classes}
-    fine = np.mean([p.fine == Path(p.image).parent.name for p in preds])
-    brand = np.mean([p.brand == truth[Path(p.image).parent.name]["brand"] for p in preds])
-    assert (m["top1"], m["brand_acc"]) == (pytest.approx(fine), pytest.approx(brand))
-
-
-def test_submission_format(tiny_artifact, demo_data, tmp_path, capsys):
-    # The user's sample file fixes the order: shuffle its columns and rows, keep its BOM.
-    sample = pd.read_csv(demo_data.sample_submission, encoding="utf-8-sig")
-    cols = ["ID"] + list(np.random.default_rng(0).permutation(sample.columns[1:]))
-    shuffled = tmp_path / "sample.csv"
-    sample[cols].iloc[::-1].to_csv(shuffled, index=False, encoding="utf-8-sig")
-    sub = tmp_path / "sub.csv"
-    code, _, err = run_cli("predict", tiny_artifact[0], "--test-csv", demo_data.test_csv,
-                           "--sample-submission", shuffled, "--out", sub, "--tta", capsys=capsys)
-    assert code == 0, err
-    assert sub.read_bytes()[:3] == b"\xef\xbb\xbf"
-    got = pd.read_csv(sub, encoding="utf-8-sig")
-    assert got.columns.tolist() == cols
-    assert got["ID"].tolist() == sample["ID"].iloc[::-1].tolist()
-    p = got.iloc[:, 1:].to_numpy()
-    np.testing.assert_allclose(p.sum(1), 1, atol=1e-9)
-    assert p.min() > 0
-
-
-def test_topk_json_is_hierarchical(tiny_artifact, demo_data, capsys):
-    images = sorted((demo_data.root / "test").glob("*.jpg"))[:2]
-    code, out, _ = run_cli("predict", tiny_artifact[0], *images, "--topk", "3", "--format", "json", capsys=capsys)
-    rows = json.loads(out)
-    assert code == 0 and len(rows) == 6
-    tax = Taxonomy.from_csv(demo_data.taxonomy)
-    for r in rows:
-        assert tax.row(r["class"])["brand"] == r["brand"] and tax.row(r["class"])["model"] == r["model"]
-        assert r["p"] <= r["p_model"] + 1e-9 <= r["p_brand"] + 2e-9      # a class is inside its model and brand
 
 
 @pytest.mark.slow
@@ -136,45 +102,7 @@ def test_cached_frozen_stages_train_with_tta(demo_data, tmp_path):
     assert artifact.load(tmp_path / "run")[0].cfg.tta
 
 
-# --- bad input: one line on stderr, exit 2, nothing written ----------------------------------------------
-
-def test_predict_rejects_mismatched_sample(tiny_artifact, demo_data, tmp_path, capsys):
-    sample = pd.read_csv(demo_data.sample_submission, encoding="utf-8-sig")
-    bad = tmp_path / "bad.csv"
-    sample.rename(columns={sample.columns[3]: "Unknown_Car_2030_2031"}).to_csv(bad, index=False)
-    sub = tmp_path / "sub.csv"
-    code, _, err = run_cli("predict", tiny_artifact[0], "--test-csv", demo_data.test_csv,
-                           "--sample-submission", bad, "--out", sub, capsys=capsys)
-    assert code == 2 and "Unknown_Car_2030_2031" in err and not sub.exists()
-    assert list(tmp_path.iterdir()) == [bad]          # no temp file left behind either
-
-
-@pytest.mark.parametrize("case", ["missing_data", "not_empty", "unknown_class", "not_artifact", "bad_image"])
-def test_cli_errors_are_one_line(case, tiny_artifact, demo_data, tmp_path, capsys):
-    args = {
-        "missing_data": ["train", tmp_path / "nope", "--out", tmp_path / "o"],
-        "not_empty": ["train", demo_data.train_dir, "--out", tiny_artifact[0]],
-        "unknown_class": ["train", demo_data.train_dir, "--taxonomy", _one_class_taxonomy(demo_data, tmp_path),
-                          "--out", tmp_path / "o"],
-        "not_artifact": ["evaluate", tmp_path, demo_data.train_dir],
-        "bad_image": ["predict", tiny_artifact[0], demo_data.taxonomy],
-    }[case]
-    code, out, err = run_cli(*args, capsys=capsys)
-    assert code == 2
-    assert err.startswith("error:") and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "o").exists()
-
-
-def _one_class_taxonomy(demo_data, tmp_path):
-    t = pd.read_csv(demo_data.taxonomy).iloc[:1]
-    t.to_csv(tmp_path / "tax.csv", index=False)
-    return tmp_path / "tax.csv"
-
-
-def test_usage_errors_have_no_traceback(capsys):
-    code, _, err = run_cli("enroll", capsys=capsys)
-    assert code == 2 and "Missing" in err and "Traceback" not in err
-
+# --- the photos an exclude file lists ---------------------------------------------------------------------
 
 def test_train_leaves_out_the_photos_an_exclude_file_lists(demo_data, tmp_path, capsys):
     """`hier audit --write-exclude` lists photos below DATA; training leaves them out and says how many of
@@ -193,3 +121,141 @@ def test_train_leaves_out_the_photos_an_exclude_file_lists(demo_data, tmp_path, 
     code, _, err = run_cli("train", demo_data.train_dir, "--out", tmp_path / "b", *flags, "--exclude",
                            tmp_path / "none.txt", capsys=capsys)
     assert code == 2 and "cannot read exclude file" in err and not (tmp_path / "b").exists()
+
+
+# --- resume (issue 7, item 3; issue 15, item 10) --------------------------------------------------------
+
+def test_resume_keeps_the_saved_split(demo_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", out, "--taxonomy", demo_data.taxonomy,
+                           "--model", "test_efficientnet", "--pretrained", "none", "--img-size", "64", "--epochs", "1",
+                           "--val-frac", "0.5", "--seed", "7", "--batch-size", "16", capsys=capsys)
+    assert code == 0, err
+    assert json.loads((out / "metrics.json").read_text())["images"] == 72
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", out, "--resume", "--epochs", "2", capsys=capsys)
+    assert code == 0, err
+    # validated on the saved half of the photos (the defaults would have given 29, some trained on)
+    assert json.loads((out / "metrics.json").read_text())["images"] == 72
+    assert pd.read_csv(out / "log.csv")["epoch"].tolist() == [1, 2]
+    saved = json.loads((out / "train.json").read_text())["train"]
+    assert (saved["val_frac"], saved["seed"], saved["epochs"]) == (0.5, 7, 2)
+
+
+def test_resume_refuses_an_artifact_with_enrolled_classes(art, demo_data, capsys):
+    shots = photos_of(demo_data, "Cinder_Rook_2019_2023")[:3]
+    assert run_cli("enroll", art, "--class", "Zephyr_Gale_2025_2025", "--brand", "Zephyr", *image_flags(shots),
+                   capsys=capsys)[0] == 0
+    before = (art / "taxonomy.csv").read_bytes(), (art / "model.safetensors").read_bytes()
+    code, _, err = run_cli("train", demo_data.train_dir, "--out", art, "--resume", "--epochs", "13", capsys=capsys)
+    assert one_error_line_after_warnings(code, err) and "enrolled" in err
+    assert before == ((art / "taxonomy.csv").read_bytes(), (art / "model.safetensors").read_bytes())
+
+
+def test_resume_on_data_missing_a_class_is_refused_before_writing(art, demo_data, tmp_path, capsys):
+    """Before: train.json was rewritten, then a size-mismatch traceback from the checkpoint."""
+    data = tmp_path / "data"
+    for d in sorted(demo_data.train_dir.iterdir())[1:]:
+        shutil.copytree(d, data / d.name)
+    before = files_and_modes(art)
+    code, _, err = run_cli("train", data, "--out", art, "--resume", "--epochs", "13", capsys=capsys)
+    assert error_line_only(code, err) and "1 of the run's 12 classes have no photos" in err, err
+    assert files_and_modes(art) == before
+
+
+# --- interrupts (issue 7, item 5) -----------------------------------------------------------------------
+
+def test_a_run_interrupted_in_its_first_epoch_can_start_over(demo_data, tmp_path, monkeypatch, capsys):
+    from hier.training.trainer import Trainer
+    data = small_dataset(demo_data, tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["train", data, "--out", out, "--model", "test_efficientnet", "--pretrained", "none", "--img-size", "64",
+            "--epochs", "1", "--batch-size", "8"]
+
+    def interrupted(self, row):
+        raise KeyboardInterrupt
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_end_epoch", interrupted)
+        assert run_cli(*args, capsys=capsys)[0] == 130
+    assert (out / "train.json").is_file() and not (out / CHECKPOINT).exists()
+    code, _, err = run_cli(*args, "--resume", capsys=capsys)
+    assert one_error_line_after_warnings(code, err) and "without --resume to start it over" in err
+    code, _, err = run_cli(*args, capsys=capsys)
+    assert code == 0 and "starting over" in err, err
+    assert (out / CHECKPOINT).is_file() and (out / "model.safetensors").is_file()
+    code, _, err = run_cli(*args, capsys=capsys)         # a finished run is never overwritten
+    assert one_error_line_after_warnings(code, err) and "not empty" in err
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_real_process_exits_130_and_the_run_resumes(demo_data, tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    args = ["train", demo_data.train_dir, "--out", out, "--model", "test_efficientnet", "--pretrained", "none",
+            "--img-size", "64", "--batch-size", "16", "--no-ema"]
+    log = tmp_path / "stderr.txt"
+    with log.open("w") as stderr:               # a file, not a pipe: a full pipe would block the child
+        # as from a terminal: a shell without job control (CI) starts its jobs with SIGINT ignored, which
+        # the child would inherit, and Python installs no KeyboardInterrupt handler then
+        proc = subprocess.Popen([sys.executable, "-m", "hier", *map(str, args), "--epochs", "500"],
+                                stdout=subprocess.DEVNULL, stderr=stderr, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        deadline = time.time() + 600
+        while not (out / CHECKPOINT).is_file() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)                     # inside the training loop once the first epoch is saved
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=300)
+    err = log.read_text()
+    assert code == 130 and "interrupted" in err, err[-300:]
+    done = len(pd.read_csv(out / "log.csv"))
+    assert 1 <= done < 500
+    code, _, err = run_cli(*args, "--resume", "--epochs", str(done + 1))
+    assert code == 0 and len(pd.read_csv(out / "log.csv")) == done + 1, err
+
+
+# --- tiny data, divergence and numbers (issue 7, item 4; issue 15, item 3) ------------------------------
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_fewer_photos_than_a_batch_still_train(cached, demo_data, tmp_path):
+    """24 training photos, batch 32, accum 4: before, drop_last left no step and a nan loss, exit 0."""
+    from hier.models import HierNet
+    data = small_dataset(demo_data, tmp_path / "data")
+    model_cfg = ModelConfig(**{**vars(TINY), "freeze_stages": 1 if cached else 0})
+    out = tmp_path / "run"
+    train(data, out, None, model_cfg, TrainConfig(epochs=2, batch_size=32, accum=4, pretrained="none", ema=False,
+                                                  cache_views=1 if cached else 0))
+    log = pd.read_csv(out / "log.csv")
+    assert np.isfinite(log["train_loss"]).all() and np.isfinite(log["val_log_loss"]).all()
+    assert torch.load(out / CHECKPOINT, weights_only=False)["updates"] == 2     # one step per epoch
+    torch.manual_seed(0)                       # train() seeds the same way before building the model
+    initial = HierNet(model_cfg, artifact.load(out)[1]).state_dict()
+    trained = artifact.load(out)[0].state_dict()
+    assert not torch.allclose(trained["neck.1.weight"], initial["neck.1.weight"])
+
+
+def test_divergence_is_an_error_not_a_success(demo_data, tmp_path, capsys):
+    data = small_dataset(demo_data, tmp_path / "data")
+    code, _, err = run_cli("train", data, "--out", tmp_path / "run", "--model", "test_efficientnet",
+                           "--pretrained", "none", "--img-size", "64", "--epochs", "1", "--lr", "1e30",
+                           "--head-lr", "1e30", "--no-ema", "--batch-size", "4", capsys=capsys)
+    assert ends_in_one_error(code, err) and "diverged" in err, err
+
+
+def test_library_refuses_non_finite_numbers(art, demo_data):
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(HierError, match="--calibrate"):
+            enrollment.Calibration(bad)
+        with pytest.raises(HierError, match="--max-base-drop"):
+            enrollment.enroll(art, "Neu_Wagen_2025_2025", photos_of(demo_data, n=2), brand="Neu", max_base_drop=bad)
+    for kw, flag in (({"lr": float("inf")}, "--lr"), ({"head_lr": float("nan")}, "--head-lr"),
+                     ({"weight_decay": float("nan")}, "--weight-decay"), ({"smoothing": float("nan")}, "--smoothing"),
+                     ({"smoothing": 2.0}, "--smoothing"), ({"val_frac": float("nan")}, "--val-frac"),
+                     ({"epochs": float("inf")}, "--epochs"), ({"batch_size": 2.5}, "--batch-size"),
+                     ({"warmup_epochs": float("nan")}, "--warmup-epochs"), ({"fold": 5}, "--fold")):
+        with pytest.raises(HierError, match=flag):
+            TrainConfig(**kw)
+    for kw, name in (({"img_size": 0}, "--img-size"), ({"drop": float("nan")}, "drop"),
+                     ({"temperature": float("inf")}, "temperature"), ({"scale": 0.0}, "scale"),
+                     ({"alpha": float("nan")}, "alpha")):
+        with pytest.raises(HierError, match=name):
+            ModelConfig(**kw)

@@ -1,0 +1,46 @@
+"""What `evaluate` and `predict` report on the tiny artifact: evaluate's JSON, its top-1 and brand accuracy
+those of the answers `predict` returns (top-down, not the flat argmax), and the top-k JSON inside the
+hierarchy (a class within its model, a model within its brand)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli
+
+from hier.recognizer import Recognizer
+from hier.taxonomy import Taxonomy
+
+
+def test_evaluate_json(tiny_artifact, demo_data, capsys):
+    code, out, _ = run_cli("evaluate", tiny_artifact[0], demo_data.train_dir, "--json", capsys=capsys)
+    m = json.loads(out)
+    assert code == 0 and m["images"] == 144
+    assert 0 <= m["ece"] <= 1 and m["top5"] >= m["top1"] > 1 / 12
+
+
+def test_the_reported_accuracy_is_that_of_the_answers_returned(tiny_artifact, demo_data):
+    """evaluate's top-1 and brand accuracy are the share of `predict`'s answers that are right (before,
+    evaluate scored the flat argmax while predict answered top-down)."""
+    from hier.data import image_files
+    rec = Recognizer(tiny_artifact[0])
+    m = rec.evaluate(demo_data.train_dir)
+    photos = image_files([demo_data.train_dir]).paths
+    preds = rec.predict(photos, topk=1)
+    truth = {c: rec.taxonomy.row(c) for c in rec.taxonomy.classes}
+    fine = np.mean([p.fine == Path(p.image).parent.name for p in preds])
+    brand = np.mean([p.brand == truth[Path(p.image).parent.name]["brand"] for p in preds])
+    assert (m["top1"], m["brand_acc"]) == (pytest.approx(fine), pytest.approx(brand))
+
+
+def test_topk_json_is_hierarchical(tiny_artifact, demo_data, capsys):
+    images = sorted((demo_data.root / "test").glob("*.jpg"))[:2]
+    code, out, _ = run_cli("predict", tiny_artifact[0], *images, "--topk", "3", "--format", "json", capsys=capsys)
+    rows = json.loads(out)
+    assert code == 0 and len(rows) == 6
+    tax = Taxonomy.from_csv(demo_data.taxonomy)
+    for r in rows:
+        assert tax.row(r["class"])["brand"] == r["brand"] and tax.row(r["class"])["model"] == r["model"]
+        assert r["p"] <= r["p_model"] + 1e-9 <= r["p_brand"] + 2e-9      # a class is inside its model and brand

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA paths end to end, for a user with a GPU (this project's machines have none; the device and
-# backend decisions are pure functions tested on CPU in tests/test_devices.py):
+# backend decisions are pure functions tested on CPU in tests/runtime/test_devices.py, where a gallery
+# lives in tests/gallery/test_gallery.py):
 #   train 1 epoch (AMP on CUDA) -> export ONNX -> predict (auto and each backend) -> index build (flat,
 #   ivf, hnsw) -> index add/remove -> similar -> index rebuild.
 # With faiss-gpu (pip install -e ".[gpu]") galleries are edited on the CPU and searched on the GPUs;

@@ -27,7 +27,7 @@ from hier import outputs  # noqa: E402
 from hier.data import to_rgb  # noqa: E402
 from hier.data.readers import create_reader  # noqa: E402
 from hier.errors import HierError  # noqa: E402
-from hier.metrics import answer, evaluate_probs, softmax  # noqa: E402
+from hier.metrics import ECE_BINS, answer, calibration_bins, ece, evaluate_probs, softmax  # noqa: E402
 from hier.report.cam import grad_cam, overlay  # noqa: E402
 
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.05), 2)
@@ -203,7 +203,6 @@ def _confusion_block(probs, y, tax, confused: list[dict], size: int = 30):
 
 
 def _reliability(logits, probs, y, temperature: float):
-    from hier.metrics import ECE_BINS, calibration_bins, ece
     fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
     for ax, p, title in ((axes[0], softmax(logits), "before temperature"),
                          (axes[1], probs, f"after temperature T={temperature:.2f}")):

@@ -1,4 +1,5 @@
 """The Python API (``Recognizer``) and the one prediction path behind every command."""
+import inspect
 import json
 import shutil
 import threading
@@ -252,7 +253,8 @@ def test_one_rule_refuses_what_a_kind_cannot_do_for_every_public_method(tmp_path
     `hier index build E LISTINGS` first", a command ensembles refuse."""
     from hier.folders import CAPABILITIES, FOLDER_KINDS
     holding = {"check_supports", "reload", "snapshot"}      # about the copy in memory, not the folder
-    public = {n for n, v in vars(Recognizer).items() if not n.startswith("_") and callable(v)}
+    public = {n for n in dir(Recognizer) if not n.startswith("_") and            # its mixin's methods too
+              inspect.isfunction(inspect.getattr_static(Recognizer, n))}
     declared = {n: getattr(Recognizer, n).capability for n in public - holding}
     assert set(declared.values()) <= set(CAPABILITIES)
     for name in ("ensemble.json", "config.json", "taxonomy.csv"):     # an ensemble folder, as folder_kind sees it

@@ -8,7 +8,11 @@ with a large listing gallery, then, in order:
 4. overload: open-loop /predict at 4x the sustainable rate for 30 s: every request must be answered
    200 or 503 within the service's timeout, none may hang;
 5. fuzz: >= 1,000 random uploads, form fields, query values, listing ids and raw bodies over every
-   endpoint: no 5xx, and the service healthy and without a traceback in its log afterwards.
+   endpoint: no 5xx, and the service healthy and without a traceback in its log afterwards;
+6. slow clients: ``--slow-clients`` connections (half trickle their headers, half send 9 MB of a body and
+   then trickle) held for ``--slow-seconds`` (reopened whenever the service lets one go) beside the mixed
+   load: /predict's p95 against the baseline, and the spooled upload space the service still holds (its
+   deleted temporary files) once the body deadline has passed.
 
 The gallery: N listings (default 100,000) whose vectors are real embeddings of dev photos, perturbed,
 and whose rows point at those photos over and over (some with ids that need percent-encoding), written
@@ -56,6 +60,7 @@ from hier.serve.loadtest import mixed_load, overload
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "stanford-cars-dev" / "train"
 TOKEN = "bench-token"
+BODY_TIMEOUT_S = 10.0          # the service's --body-timeout here: slow bodies are let go after it
 
 
 def free_port() -> int:
@@ -94,7 +99,7 @@ def big_gallery(art: Path, photos: list[Path], n: int, seed: int) -> dict:
 def start_server(art: Path, port: int, log: Path, timeout_s: float, max_queue: int) -> subprocess.Popen:
     server = subprocess.Popen(
         [sys.executable, "-m", "hier", "serve", str(art), "--port", str(port), "--timeout", str(timeout_s),
-         "--max-queue", str(max_queue)],
+         "--max-queue", str(max_queue), "--body-timeout", str(BODY_TIMEOUT_S)],
         env={**os.environ, "PYTHONUNBUFFERED": "1", "HIER_ADMIN_TOKEN": TOKEN},
         stdout=subprocess.DEVNULL, stderr=log.open("w"))
     url = f"http://127.0.0.1:{port}"
@@ -239,6 +244,59 @@ def fuzz(url: str, port: int, jpeg: bytes, n: int, seed: int) -> dict:
             "first_server_errors": server_errors[:5], "healthy_after": health.get("status") == "ok"}
 
 
+def slow_clients(url: str, port: int, photos: list, clients: int, seconds: float, server_pid: int,
+                 deadline_s: float) -> dict:
+    """Phase 6: ``clients`` slow connections for ``seconds`` beside the mixed load (see the module)."""
+    stop, quiet = threading.Event(), threading.Event()
+    let_go = [0]
+    big = b"x" * (9 * 2 ** 20)
+
+    def slow(i: int) -> None:
+        while not stop.is_set():
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    if i % 2:                       # slow headers
+                        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
+                    else:                           # a big body, then a trickle
+                        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; "
+                                  b"boundary=b\r\nContent-Length: 10000000\r\n\r\n--b\r\nContent-Disposition: "
+                                  b'form-data; name="file"; filename="a.jpg"\r\n\r\n' + big)
+                    while not stop.is_set():
+                        if not quiet.is_set():          # quiet: connections held open, nothing sent
+                            s.sendall(b"x")
+                        s.settimeout(1.0)
+                        try:
+                            if s.recv(4096) == b"":
+                                break
+                        except socket.timeout:
+                            continue
+                    let_go[0] += 1
+                while quiet.is_set() and not stop.is_set():    # let go: no new connection once quiet
+                    time.sleep(0.2)
+            except OSError:
+                let_go[0] += 1
+                time.sleep(0.2)
+    threads = [threading.Thread(target=slow, args=(i,), daemon=True) for i in range(clients)]
+    for t in threads:
+        t.start()
+    load = mixed_load(url, photos, 4, seconds)
+    quiet.set()                                     # the slow clients go silent, their connections open
+    time.sleep(deadline_s + 2)                      # past the body deadline: nothing may stay pinned
+    pinned = 0
+    for fd in Path(f"/proc/{server_pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+            if target.endswith("(deleted)"):
+                pinned += os.stat(fd).st_size
+        except OSError:
+            pass
+    stop.set()
+    for t in threads:
+        t.join(10)
+    return {"clients": clients, "seconds": seconds, "let_go": let_go[0], "load": load,
+            "pinned_deleted_bytes_after_deadline": pinned}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("artifact", type=Path)
@@ -255,6 +313,9 @@ def main() -> None:
     ap.add_argument("--max-queue", type=int, default=32, help="the service's --max-queue")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the artifact copy and the server log")
+    ap.add_argument("--slow-clients", type=int, default=50)
+    ap.add_argument("--slow-seconds", type=float, default=60.0)
+    ap.add_argument("--skip", default="", help="phases to leave out, comma-separated: build,overload,fuzz")
     args = ap.parse_args()
     report: dict = {"machine_before": machine()}
     print(json.dumps(report["machine_before"]), flush=True)
@@ -268,6 +329,7 @@ def main() -> None:
         port, log = free_port(), work / "server.log"
         url = f"http://127.0.0.1:{port}"
         server = start_server(art, port, log, args.timeout, args.max_queue)
+        skip = set(filter(None, args.skip.split(",")))
         try:
             load_photos = photos[:200]
             capacity = mixed_load(url, load_photos, args.clients, args.seconds, similar_every=0)
@@ -275,20 +337,29 @@ def main() -> None:
             print(json.dumps({"capacity": report["capacity"]}), flush=True)
             report["mixed"] = mixed_load(url, load_photos, args.clients, args.seconds)
             print(json.dumps({"mixed": report["mixed"]}), flush=True)
-            report["during_build"] = build_during_load(url, art, load_photos, photos[200:200 + args.build_photos],
-                                                       work, args.clients, args.seconds, args.build_nice)
-            base, during = report["mixed"]["predict"], report["during_build"]["load"]["predict"]
-            report["during_build"]["predict_p95_ratio"] = round(during["p95_ms"] / max(base["p95_ms"], 1e-9), 2)
-            report["during_build"]["predict_503_share"] = {
-                "before": round(base["by_status"].get("503", 0) / max(base["n"], 1), 3),
-                "during": round(during["by_status"].get("503", 0) / max(during["n"], 1), 3)}
-            print(json.dumps({"during_build": report["during_build"]}), flush=True)
-            rate = max(1.0, args.overload_factor * capacity["predict_rps"])
-            report["overload"] = overload(url, load_photos, rate, args.overload_seconds, args.timeout + 5)
-            report["overload"]["service_timeout_s"] = args.timeout
-            print(json.dumps({"overload": report["overload"]}), flush=True)
-            report["fuzz"] = fuzz(url, port, photos[0].read_bytes(), args.fuzz, args.seed)
-            print(json.dumps({"fuzz": report["fuzz"]}), flush=True)
+            base = report["mixed"]["predict"]
+            if "build" not in skip:
+                report["during_build"] = build_during_load(url, art, load_photos,
+                                                           photos[200:200 + args.build_photos], work, args.clients,
+                                                           args.seconds, args.build_nice)
+                during = report["during_build"]["load"]["predict"]
+                report["during_build"]["predict_p95_ratio"] = round(during["p95_ms"] / max(base["p95_ms"], 1e-9), 2)
+                report["during_build"]["predict_503_share"] = {
+                    "before": round(base["by_status"].get("503", 0) / max(base["n"], 1), 3),
+                    "during": round(during["by_status"].get("503", 0) / max(during["n"], 1), 3)}
+                print(json.dumps({"during_build": report["during_build"]}), flush=True)
+            if "overload" not in skip:
+                rate = max(1.0, args.overload_factor * capacity["predict_rps"])
+                report["overload"] = overload(url, load_photos, rate, args.overload_seconds, args.timeout + 5)
+                report["overload"]["service_timeout_s"] = args.timeout
+                print(json.dumps({"overload": report["overload"]}), flush=True)
+            if "fuzz" not in skip:
+                report["fuzz"] = fuzz(url, port, photos[0].read_bytes(), args.fuzz, args.seed)
+                print(json.dumps({"fuzz": report["fuzz"]}), flush=True)
+            slow = report["slow_clients"] = slow_clients(url, port, load_photos, args.slow_clients,
+                                                         args.slow_seconds, server.pid, BODY_TIMEOUT_S)
+            slow["predict_p95_ratio"] = round(slow["load"]["predict"]["p95_ms"] / max(base["p95_ms"], 1e-9), 2)
+            print(json.dumps({"slow_clients": slow}), flush=True)
             report["metrics_sample"] = [line for line in httpx.get(url + "/metrics").text.splitlines()
                                         if line.startswith(("hier_artifact", "hier_refused", "hier_batch_size_sum",
                                                             "hier_batch_size_count", "hier_batcher"))]
@@ -310,13 +381,18 @@ def main() -> None:
         else:
             shutil.rmtree(work, ignore_errors=True)
     report["machine_after"] = machine()
-    report["goals"] = {
-        "overload_all_200_or_503": report["overload"]["other_than_200_503"] == 0,
-        "overload_none_slower_than_timeout": report["overload"]["max_ms"] <= 1000 * (args.timeout + 1),
-        "fuzz_no_5xx": report["fuzz"]["server_errors"] == 0 and report["fuzz"]["healthy_after"],
-        "build_p95_within_2x": report["during_build"]["predict_p95_ratio"] <= 2.0,
-        "build_succeeded": report["during_build"]["build"]["exit"] == 0,
-        "no_traceback_in_log": report["server_log"]["tracebacks"] == 0}
+    goals = {"no_traceback_in_log": report["server_log"]["tracebacks"] == 0,
+             "slow_clients_p95_within_2x": report["slow_clients"]["predict_p95_ratio"] <= 2.0,
+             "slow_clients_nothing_pinned": report["slow_clients"]["pinned_deleted_bytes_after_deadline"] == 0}
+    if "overload" in report:
+        goals.update(overload_all_200_or_503=report["overload"]["other_than_200_503"] == 0,
+                     overload_none_slower_than_timeout=report["overload"]["max_ms"] <= 1000 * (args.timeout + 1))
+    if "fuzz" in report:
+        goals["fuzz_no_5xx"] = report["fuzz"]["server_errors"] == 0 and report["fuzz"]["healthy_after"]
+    if report.get("during_build"):
+        goals.update(build_p95_within_2x=report["during_build"]["predict_p95_ratio"] <= 2.0,
+                     build_succeeded=report["during_build"]["build"]["exit"] == 0)
+    report["goals"] = goals
     print(json.dumps(report, indent=1, default=str, ensure_ascii=False))
 
 

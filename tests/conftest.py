@@ -157,12 +157,14 @@ def write_bomb(path: Path, width=20000, height=10000) -> None:
 
 
 @contextmanager
-def served(app):
-    """The app on a real loopback port, in a thread; stopped on exit. Start and stop each have a
-    deadline (SERVER_DEADLINE s): a server that never comes up, or never stops, fails the test."""
+def served(app, **limits):
+    """The app on a real loopback port, in a thread, as ``hier serve`` runs it (``server_config``: its
+    connection limits, ``limits`` overriding them); stopped on exit. Start and stop each have a deadline
+    (SERVER_DEADLINE s): a server that never comes up, or never stops, fails the test."""
+    from hier.serve.server import server_config
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app, **limits))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + SERVER_DEADLINE

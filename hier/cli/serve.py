@@ -36,6 +36,9 @@ def serve(
     timeout: Annotated[float, typer.Option(help="Seconds a request may wait for its answer; then 503")] = 30.0,
     max_enroll_files: Annotated[int, typer.Option(help="Photos one /enroll request may carry")] = 64,
     access_log: Annotated[bool, typer.Option(help="One JSON line per request on stderr")] = True,
+    max_connections: Annotated[int, typer.Option(help="Connections and requests at once; more get 503")] = 256,
+    body_timeout: Annotated[float, typer.Option(help="Seconds a request's body may take to arrive (and from 5 s "
+                                                "on at least 16 KB/s); then 408")] = 60.0,
 ):
     """HTTP API (/predict, /similar, /enroll, /health/live, /health/ready, /metrics, /docs) and an
     upload page at /. /enroll needs the header X-Admin-Token equal to the HIER_ADMIN_TOKEN environment
@@ -43,10 +46,12 @@ def serve(
     import uvicorn
 
     from hier.serve import create_app
+    from hier.serve.server import server_config
 
     check_number("--port", port, 1, 65535, integer=True)
+    check_number("--max-connections", max_connections, 1, 100_000, integer=True)
     service = create_app(artifact, max_upload_mb, max_batch, max_queue=max_queue, timeout_s=timeout,
-                         max_enroll_files=max_enroll_files)      # checks the flags and the folder only
+                         max_enroll_files=max_enroll_files, body_timeout_s=body_timeout)   # the flags and the folder
     check_listen(host, port)
     if access_log:
         handler = logging.StreamHandler(sys.stderr)
@@ -57,4 +62,5 @@ def serve(
         access.propagate = False
     err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
     # accepted requests are answered within --timeout, so a stop waits that long for them, no longer
-    uvicorn.run(service, host=host, port=port, log_level="warning", timeout_graceful_shutdown=int(timeout) + 5)
+    uvicorn.Server(server_config(service, host, port, max_connections=max_connections,
+                                 graceful_s=int(timeout) + 5)).run()

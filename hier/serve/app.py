@@ -40,7 +40,7 @@ RETRY_AFTER_S = 1
 
 def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int = 16, wait_ms: float = 5.0,
                recognizer: Recognizer | None = None, *, max_queue: int = 64, timeout_s: float = 30.0,
-               max_enroll_files: int = 64) -> FastAPI:
+               max_enroll_files: int = 64, body_timeout_s: float = 60.0, min_body_rate: float = 16 * 2 ** 10) -> FastAPI:
     """The service for one artifact.
 
     Args:
@@ -51,6 +51,8 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
         recognizer: a ``Recognizer`` to serve instead of opening ``artifact``.
         max_queue, timeout_s: requests that may wait for the model, and how long each may wait (503 past).
         max_enroll_files: photos one ``/enroll`` may upload.
+        body_timeout_s, min_body_rate: a request's body must arrive within this many seconds, and (after
+            5 s) at this many bytes a second at least; else 408 (a slow client holds no connection).
 
     Returns:
         The FastAPI app (run it with uvicorn; ``hier serve`` does).
@@ -67,6 +69,8 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
     check_number("--max-queue", max_queue, 1, 100_000, integer=True)
     check_number("--timeout", timeout_s, 0.1, 3600)
     check_number("--max-enroll-files", max_enroll_files, 1, 10_000, integer=True)
+    check_number("--body-timeout", body_timeout_s, 0.1, 3600)
+    check_number("min_body_rate", min_body_rate, 1)
     service = Service(recognizer or Recognizer(artifact), max_upload_mb, max_batch, wait_ms, max_queue, timeout_s,
                       max_enroll_files)
 
@@ -89,7 +93,8 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
     app.state.batcher, app.state.metrics = service.batcher, service.metrics
     app.state.lanes = (service.model_lane, service.thumb_lane)
     app.add_middleware(BodyLimit, default=service.limit + FORM_OVERHEAD,
-                       limits={"/enroll": max_enroll_files * service.limit + FORM_OVERHEAD})
+                       limits={"/enroll": max_enroll_files * service.limit + FORM_OVERHEAD},
+                       deadline_s=body_timeout_s, min_rate=min_body_rate)
     app.add_middleware(Observe, metrics=service.metrics)        # outermost: sees every answer
 
     @app.exception_handler(HierError)

@@ -2,6 +2,7 @@
 and the admin token checked before a body is read."""
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 
@@ -24,14 +25,26 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body over the {limit / 2 ** 20:.3g} MB limit")
 
 
+class BodyTooSlow(HTTPException):
+    """408, raised while a body is read: a client that trickles its upload holds a connection and
+    spooled temporary space; past the deadline or below the rate it is answered and let go."""
+
+    def __init__(self, why: str):
+        super().__init__(408, f"request body {why}; send it at once")
+
+
 class BodyLimit:
     """Stops reading a request body once it passes its limit, and answers 413 (JSON, as every refusal
     here): a declared Content-Length over the limit before a byte is read, a chunked body (no
     Content-Length) as soon as the bytes received pass it. ``limits``: bytes by path, ``default`` else.
-    (FastAPI's own ``max_body_size`` answers a declared length in plain text.)"""
+    (FastAPI's own ``max_body_size`` answers a declared length in plain text.) A body that takes longer
+    than ``deadline_s``, or arrives slower than ``min_rate`` bytes/s once ``grace_s`` have passed, is
+    answered 408 (a slow client cannot hold a connection and its upload's spooled files)."""
 
-    def __init__(self, app: ASGIApp, default: int, limits: dict[str, int]):
+    def __init__(self, app: ASGIApp, default: int, limits: dict[str, int], deadline_s: float = 30.0,
+                 min_rate: float = 16 * 2 ** 10, grace_s: float = 5.0):
         self.app, self.default, self.limits = app, default, limits
+        self.deadline_s, self.min_rate, self.grace_s = deadline_s, min_rate, grace_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,15 +55,30 @@ class BodyLimit:
         if declared.isdigit() and int(declared) > limit:
             await _refuse(BodyTooLarge(limit), scope, receive, send)
             return
-        received, started = 0, False
+        received, started, body_done = 0, False, False
+        loop = asyncio.get_running_loop()
+        start = loop.time()
 
         async def receive_() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, body_done
+            if body_done:                       # after the body: waiting for a disconnect is not bounded
+                return await receive()
+            elapsed = loop.time() - start
+            # by the deadline, and by when a client sending at min_rate would have sent more (grace_s' lag)
+            wait = min(self.deadline_s - elapsed, received / self.min_rate + self.grace_s - elapsed)
+            try:
+                message = await asyncio.wait_for(receive(), max(wait, 0.001))
+            except asyncio.TimeoutError:
+                raise BodyTooSlow(f"not received within {self.deadline_s:g} s" if loop.time() - start >=
+                                  self.deadline_s else f"arriving slower than {self.min_rate / 1024:g} KB/s") \
+                    from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > limit:
                     raise BodyTooLarge(limit)
+            else:
+                body_done = True
             return message
 
         async def send_(message: Message) -> None:
@@ -60,7 +88,7 @@ class BodyLimit:
 
         try:
             await self.app(scope, receive_, send_)
-        except BodyTooLarge as e:           # raised where no handler answered it
+        except (BodyTooLarge, BodyTooSlow) as e:     # raised where no handler answered it
             if started:
                 raise
             await _refuse(e, scope, receive, send)

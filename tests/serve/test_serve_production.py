@@ -21,13 +21,14 @@ import httpx
 import pandas as pd
 import pytest
 import uvicorn
-from conftest import run_cli
+from conftest import run_cli, served
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from hier import HierError, Recognizer, artifact, fileio
 from hier.cli.serve import check_listen
 from hier.serve import ADMIN_TOKEN_ENV, create_app
+from hier.serve.server import server_config
 
 CLS = "Cinder_Rook_2019_2023"
 DEADLINE = 20.0                          # seconds any one request may take before the test fails
@@ -43,7 +44,7 @@ def live(app):
     server is stopped on exit, forced if it does not stop in time."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(server_config(app))               # as `hier serve` runs it
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     start = time.monotonic()
@@ -480,3 +481,30 @@ def test_a_16_bit_listing_photo_gets_a_thumbnail_of_its_8_bit_version(tmp_path):
     Image.fromarray((ramp // 257).astype(np.uint8)).save(narrow)
     deep, plain = (np.asarray(Image.open(BytesIO(thumbnail_jpeg(str(p), (1,))))).astype(float) for p in (wide, narrow))
     assert abs(deep.mean() - plain.mean()) < 2 and deep.mean() < 200, (deep.mean(), plain.mean())
+
+
+def test_slow_clients_are_let_go_and_the_service_answers_meanwhile(art, demo_data):
+    """Before: with ``--timeout 10`` a slow-headers and a slow-body connection were still open after 75 s,
+    and 30 clients each sending 9 MB and then trickling pinned 270 MB of spooled temporary files. Now a
+    request's headers have a deadline (the connection is closed), its body a deadline and a minimum rate
+    (answered 408), and normal requests are answered meanwhile."""
+    photo = sorted((demo_data.train_dir / "Cinder_Rook_2019_2023").glob("*.jpg"))[0].read_bytes()
+    app = create_app(art, body_timeout_s=2.0, min_body_rate=1024)
+    with served(app, header_timeout_s=1.0) as url:
+        host, port = url.removeprefix("http://").split(":")
+        slow_headers = socket.create_connection((host, int(port)))
+        slow_headers.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")          # and never the rest
+        slow_body = socket.create_connection((host, int(port)))
+        slow_body.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                          b"Content-Length: 100000\r\n\r\n--b\r\n")                 # then it stalls
+        with httpx.Client(base_url=url, timeout=10) as http:
+            assert http.post("/predict", files={"file": ("a.jpg", photo, "image/jpeg")}).status_code == 200
+        started = time.monotonic()
+        for sock in (slow_headers, slow_body):
+            sock.settimeout(10)
+        assert slow_headers.recv(100) == b""                                    # closed by the server
+        answer = b"".join(iter(lambda: slow_body.recv(1000), b""))            # until the server closes it
+        assert answer.startswith(b"HTTP/1.1 408") and b"send it at once" in answer, answer
+        assert time.monotonic() - started < 5
+        slow_headers.close()
+        slow_body.close()

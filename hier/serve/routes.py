@@ -97,8 +97,17 @@ async def similar(file: Annotated[UploadFile, File(description="Query photo")], 
     table = table.drop(columns="image", errors="ignore")
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
     for row in rows:
-        row["photo_url"] = f"/listings/{quote(str(row['listing_id']), safe='')}/photo"
+        row["photo_url"] = photo_url(str(row["listing_id"]))
     return {"listings": rows}
+
+
+def photo_url(listing_id: str) -> str:
+    """Where a listing's thumbnail is served: ``/listings/<id>/photo`` with the id percent-encoded, or,
+    for the ids ``.`` and ``..`` (dot segments, which every client normalises out of a path, encoded or
+    not), ``/listings/photo?id=<id>``."""
+    if listing_id in (".", ".."):
+        return f"/listings/photo?id={quote(listing_id, safe='')}"
+    return f"/listings/{quote(listing_id, safe='')}/photo"
 
 
 def thumbnail_of(service: Service, listing_id: str) -> bytes:
@@ -115,6 +124,12 @@ def thumbnail_of(service: Service, listing_id: str) -> bytes:
         raise HTTPException(404, f"the photo of listing {listing_id!r} does not decode (damaged, or over "
                                  f"{THUMB_MAX_PIXELS / 1e6:.0f} megapixels)")
     return data
+
+
+@router.get("/listings/photo", include_in_schema=False)
+async def listing_photo_by_query(id: str, service: Served) -> Response:
+    """``listing_photo`` for an id that cannot stand in a path (``photo_url``)."""
+    return await listing_photo(id, service)
 
 
 @router.get("/listings/{listing_id:path}/photo", include_in_schema=False)

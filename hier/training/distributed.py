@@ -89,6 +89,15 @@ def joined(world: World, device: str) -> Iterator[World]:
         dist.destroy_process_group()
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether ``e`` is a collective failing because another rank of the launch is gone (killed, or
+    stopped on an error of its own): gloo's and NCCL's connection errors, torch's DistBackendError."""
+    backend_error = getattr(dist, "DistBackendError", ())
+    text = str(e)
+    return isinstance(e, backend_error) or any(s in text for s in ("gloo", "NCCL", "Connection reset by peer",
+                                                                  "Connection closed by peer"))
+
+
 def _reduced(value: float, op, world: World, device: str) -> float:
     if not world.distributed:
         return value

@@ -42,12 +42,19 @@ def train(data_dir: str | Path, out: str | Path, taxonomy: Taxonomy | None = Non
     run's saved settings (split included) are used; a given ``cfg`` only extends its ``epochs``. Under
     torchrun every rank runs this; rank 0 alone writes and prints."""
     world = distributed.world_from_env()
-    with distributed.joined(world, distributed.device_for(world, torch.cuda.device_count())):
-        console = console or Console(stderr=True)
-        metrics = _train(data_dir, out, taxonomy, model_cfg, cfg, resume,
-                         console if world.main else Console(quiet=True), world)
-        distributed.barrier(world)       # every rank returns once rank 0 has written the whole artifact
-        return metrics
+    try:
+        with distributed.joined(world, distributed.device_for(world, torch.cuda.device_count())):
+            console = console or Console(stderr=True)
+            metrics = _train(data_dir, out, taxonomy, model_cfg, cfg, resume,
+                             console if world.main else Console(quiet=True), world)
+            distributed.barrier(world)       # every rank returns once rank 0 has written the whole artifact
+            return metrics
+    except RuntimeError as e:            # another rank is gone: one line here, not a C++ collective's traceback
+        if not (world.distributed and distributed.peer_lost(e)):
+            raise
+        raise HierError(f"rank {world.rank}: another process of this torchrun launch stopped "
+                        f"({str(e).splitlines()[0][:100]}); the run ends here (`--resume` continues it from its "
+                        "last epoch)") from None
 
 
 def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: World) -> dict:

@@ -508,3 +508,20 @@ def test_slow_clients_are_let_go_and_the_service_answers_meanwhile(art, demo_dat
         assert time.monotonic() - started < 5
         slow_headers.close()
         slow_body.close()
+
+
+def test_listings_whose_ids_are_dot_segments_get_a_photo_url_that_works(art, demo_data, tmp_path):
+    """Before: the ``photo_url`` of listing ids ``.`` and ``..`` (``/listings/./photo``) lost its id to the
+    client's dot-segment normalisation, encoded or not, and fetched another listing's photo or a 404."""
+    photos = _photos(demo_data, n=3)
+    csv = tmp_path / "listings.csv"
+    pd.DataFrame({"listing_id": [".", "..", "plain"], "image": [str(p) for p in photos]}).to_csv(csv, index=False)
+    Recognizer(art).index(csv)
+    with TestClient(create_app(art)) as client:
+        rows = _post_photo(client, photos[0], url="/similar", params={"k": 3}).json()["listings"]
+        by_id = {row["listing_id"]: row["photo_url"] for row in rows}
+        assert set(by_id) == {".", "..", "plain"}
+        for listing_id, url in by_id.items():
+            thumb = client.get(url)
+            assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", (listing_id, url)
+        assert client.get(by_id["."]).content != client.get(by_id[".."]).content

@@ -143,7 +143,9 @@ def test_a_dead_rank_or_ctrl_c_ends_every_rank_with_failure(demo_data, tmp_path,
         workers[1].kill()
     else:
         os.killpg(p.pid, signal.SIGINT)          # what the terminal sends the whole foreground group
-    p.communicate(timeout=DEADLINE)
+    output, _ = p.communicate(timeout=DEADLINE)
     assert p.returncode != 0
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive
+    if how == "a rank dies":         # rank 0 says so in one line (before: a C++ collective's traceback)
+        assert "another process of this torchrun launch stopped" in output and "[rank0]: Traceback" not in output

@@ -61,6 +61,7 @@ def serve(
         access.setLevel(logging.INFO)
         access.propagate = False
     err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
-    # accepted requests are answered within --timeout, so a stop waits that long for them, no longer
+    # accepted requests are answered within --timeout, and a stalled upload 408 within --body-timeout, so a
+    # stop waits that long for them (answered, not cancelled), no longer
     uvicorn.Server(server_config(service, host, port, max_connections=max_connections,
-                                 graceful_s=int(timeout) + 5)).run()
+                                 graceful_s=int(max(timeout, body_timeout)) + 5)).run()

@@ -72,11 +72,12 @@ def recover(folder: Path) -> bool:
         return False
     try:
         record = json.loads(journal.read_text(encoding="utf-8"))
-        renames = [(folder / a, folder / b) for a, b in record["renames"]]
-        removals = [folder / p for p in record["remove"]]
+        renames = [(_inside(folder, a), _inside(folder, b)) for a, b in record["renames"]]
+        removals = [_inside(folder, p) for p in record["remove"]]
     except (OSError, ValueError, KeyError, TypeError):
-        raise HierError(f"{journal} does not read (a commit hier could not complete); restore {folder} from a "
-                        "copy, or delete the file and rebuild what the command wrote") from None
+        raise HierError(f"{journal} does not read, or names files outside {folder} (not a commit of hier's); "
+                        f"restore {folder} from a copy, or delete the file and rebuild what the command wrote") \
+            from None
     _apply(renames, removals)
     journal.unlink()
     return True
@@ -93,6 +94,18 @@ def _apply(renames: list[tuple[Path, Path]], removals: list[Path]) -> None:
             shutil.rmtree(path)
         else:
             path.unlink(missing_ok=True)
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name`` when it stays inside ``folder`` (no absolute path, no ``..`` out of it, no
+    symbolic link leading out); else ValueError: a journal is never a way to rename or delete elsewhere."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ValueError(f"not a path inside the folder: {name!r}")
+    path = Path(folder) / name
+    real, root = Path(os.path.realpath(path)), Path(os.path.realpath(folder))
+    if real == root or not real.is_relative_to(root):
+        raise ValueError(f"not a path inside the folder: {name!r}")
+    return path
 
 
 def _relative(path: Path, folder: Path) -> str:

@@ -9,6 +9,7 @@ file keeps its mode. UTF-8 (issue 15, item 11): the modules that read users' fil
 from __future__ import annotations
 
 import ast
+import json
 import os
 import shutil
 import subprocess
@@ -232,3 +233,24 @@ def _text_io_without_encoding(source: str) -> list[int]:
 @pytest.mark.parametrize("path", MINE)
 def test_every_text_file_is_read_and_written_as_utf8(path):
     assert _text_io_without_encoding((ROOT / path).read_text(encoding="utf-8")) == [], path
+
+
+@pytest.mark.parametrize("entry", [{"renames": [["../outside.tmp", "x"]], "remove": []},
+                                   {"renames": [], "remove": ["/etc/hostname"]},
+                                   {"renames": [], "remove": ["../victim"]},
+                                   {"renames": [], "remove": ["link/victim"]},
+                                   "not json"])
+def test_a_crafted_journal_renames_and_deletes_nothing_outside_its_folder(entry, tmp_path):
+    """A journal is read by every command that takes an artifact's lock: one planted in a downloaded
+    artifact must not make hier rename or delete anything outside that folder."""
+    from hier import journal
+    art, victim = tmp_path / "art", tmp_path / "victim"
+    art.mkdir()
+    victim.mkdir()
+    (victim / "precious.txt").write_text("mine")
+    (art / "link").symlink_to(tmp_path)
+    (art / journal.JOURNAL).write_text(entry if isinstance(entry, str) else json.dumps(entry), encoding="utf-8")
+    with pytest.raises(HierError, match="outside"):
+        with fileio.locked(art):
+            pass
+    assert (victim / "precious.txt").read_text() == "mine"

@@ -72,6 +72,9 @@ def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
     except OSError as e:                    # no lock file can be made or opened there: read-only
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise
+        if (folder / journal.JOURNAL).is_file():    # a killed writer's commit, seen where it cannot be completed
+            raise HierError(f"{path} holds an unfinished commit ({journal.JOURNAL}) of a command that was killed; run "
+                            "any hier command on it where the folder is writable to complete it") from None
         if folder not in _unlocked:
             _unlocked.add(folder)
             warnings.warn(f"{path} is read-only here: read without its lock (nothing can write it meanwhile "
@@ -176,8 +179,14 @@ def atomic_write_all(writers: dict[Path, Callable[[Path], None]], remove: list[P
         paths = [Path(os.path.realpath(p)) for p in [*temps, *remove]]
         folder = max((f for f in _held if all(p.is_relative_to(f) for p in paths)), key=lambda f: len(f.parts),
                      default=None)         # the journal goes in the (innermost) folder whose lock is held
-        journal.commit([(Path(os.path.realpath(t)), p) for t, p in zip(temps.values(), paths)],
-                       paths[len(temps):], folder)
+        try:
+            journal.commit([(Path(os.path.realpath(t)), p) for t, p in zip(temps.values(), paths)],
+                           paths[len(temps):], folder)
+        except OSError as e:               # a full disk for the journal itself: nothing renamed yet, or completed later
+            refused = refused_write(e, paths[0])
+            if refused is None:
+                raise
+            raise refused from None
     except BaseException:
         if folder is not None and (folder / journal.JOURNAL).is_file():
             temps = {}                     # the journal names them: the next holder of the lock renames them

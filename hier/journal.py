@@ -72,13 +72,20 @@ def recover(folder: Path) -> bool:
         return False
     try:
         record = json.loads(journal.read_text(encoding="utf-8"))
+        if not (isinstance(record["renames"], list) and isinstance(record["remove"], list) and
+                all(isinstance(r, list) and len(r) == 2 for r in record["renames"])):
+            raise ValueError("not a commit's record")
         renames = [(_inside(folder, a), _inside(folder, b)) for a, b in record["renames"]]
         removals = [_inside(folder, p) for p in record["remove"]]
     except (OSError, ValueError, KeyError, TypeError):
         raise HierError(f"{journal} does not read, or names files outside {folder} (not a commit of hier's); "
                         f"restore {folder} from a copy, or delete the file and rebuild what the command wrote") \
             from None
-    _apply(renames, removals)
+    try:
+        _apply(renames, removals)
+    except OSError as e:
+        raise HierError(f"{journal} could not be completed ({e.strerror or e}); restore {folder} from a copy, or "
+                        "delete the file and rebuild what the command wrote") from None
     journal.unlink()
     return True
 

@@ -39,9 +39,9 @@ def output_file(out: str | Path, inputs=(), inside: dict[str, str | Path | None]
     real = Path(os.path.realpath(out))
     if real.is_dir():
         raise HierError(f"{flag} {out} is a folder; give a file name")
-    for given in inputs:
-        if given is not None and Path(os.path.realpath(given)) == real:
-            raise HierError(f"{flag} {out} is {given}, which this command reads; write to another file")
+    same = next((given for given in inputs if given is not None and Path(os.path.realpath(given)) == real), None)
+    if same is not None:
+        raise HierError(f"{flag} {out} is {same}, which this command reads; write to another file")
     for what, folder in (inside or {}).items():
         if folder is not None and real.is_relative_to(Path(os.path.realpath(folder))):
             raise HierError(f"{flag} {out} is inside the {what} {folder}; write it elsewhere")

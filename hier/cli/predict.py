@@ -50,8 +50,7 @@ def predict(
     if test_csv is not None and (sample_submission is None or out is None):
         raise HierError("--test-csv needs --sample-submission and --out")
     if out is not None:                     # never an input, the artifact's own file, or a read-only folder
-        output_file(out, [test_csv, sample_submission, *(p for p in images or () if p.is_file())],
-                    {"artifact": artifact})
+        output_file(out, [test_csv, sample_submission], {"artifact": artifact})
     if explain is not None and (test_csv is not None or explain.is_file()):
         raise HierError("--explain DIR goes with IMAGES... and names a folder")
     if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
@@ -61,12 +60,15 @@ def predict(
         rec.check_supports("explain")
     if test_csv is not None:
         inputs = read_test_csv(test_csv)                # checked before any progress output
+        output_file(out, [p.path if hasattr(p, "path") else p for p in inputs.paths])   # nor a photo it lists
         sample = read_sample(sample_submission, inputs.ids, rec.taxonomy, rec.merged_classes)   # ... and before any prediction
         with progress_bar(err) as progress:
             table = rec.submission(inputs, sample, out, tta, progress)
         console.print(f"wrote {out}: {len(table)} rows x {table.shape[1] - 1} classes")
         return
     photos = image_files(images, strict)               # checked before any progress output
+    if out is not None:
+        output_file(out, [p.path if hasattr(p, "path") else p for p in photos.paths])   # nor a photo it reads
     if photos.skipped_message():
         err.print(f"[yellow]{photos.skipped_message()}[/]")
     with progress_bar(err) as progress:

@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
+from hier.artifact.store import stamp
 from hier.enrollment import MAX_BASE_DROP
 from hier.errors import HierError, check_number
 from hier.fileio import locked
@@ -88,6 +89,7 @@ async def similar(file: Annotated[UploadFile, File(description="Query photo")], 
     """The k nearest listings of the artifact's gallery, with the sellers' columns and a thumbnail
     URL (never the server's file paths)."""
     rec = service.rec
+    stamp(rec.path)                                      # a folder gone (being replaced): 503, not "no index"
     if not service.has_gallery():
         raise HTTPException(409, f"{rec.path} has no listing index; run `hier index build` first")
 

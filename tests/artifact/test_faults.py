@@ -218,6 +218,8 @@ def test_the_service_answers_503_while_its_artifact_is_gone(art, demo_data):
         r = client.post("/predict", files={"file": ("a.jpg", photo, "image/jpeg")})
         assert r.status_code == 503 and "no longer a hier artifact" in r.json()["detail"], r.text
         assert r.headers["Retry-After"] == "1"
+        r = client.post("/similar", files={"file": ("a.jpg", photo, "image/jpeg")})
+        assert r.status_code == 503, r.text                   # not "build an index" (a hostile review's find)
         (art / "config.json.moved").rename(art / "config.json")
         assert client.post("/predict", files={"file": ("a.jpg", photo, "image/jpeg")}).status_code == 200
 
@@ -267,3 +269,53 @@ def test_the_audit_near_duplicate_search_is_linear_in_photos():
     assert len(pairs) <= NEAR_PER_PHOTO * len(z) and peak < 50e6, (len(pairs), peak)
     assert {i for p in pairs for i in p[:2]} == set(range(len(z)))
     assert len({(i, j) for i, j, _ in pairs}) == len(pairs) and all(i < j for i, j, _ in pairs)
+
+
+@pytest.mark.parametrize("mode", ["test_csv", "folder"])
+def test_predict_out_never_replaces_a_photo_it_reads(mode, art, demo_data, tmp_path, capsys):
+    """Found by a hostile review: ``--out`` a photo the test CSV lists, or a photo of a folder given,
+    replaced that JPEG with the CSV (exit 0)."""
+    photos = tmp_path / "photos"
+    shutil.copytree(demo_data.train_dir / "Cinder_Rook_2019_2023", photos)
+    victim = sorted(photos.glob("*.jpg"))[0]
+    before = tree(tmp_path)
+    if mode == "test_csv":
+        csv = tmp_path / "test.csv"
+        pd.DataFrame({"ID": ["A"], "img_path": [f"photos/{victim.name}"]}).to_csv(csv, index=False)
+        sample = tmp_path / "sample.csv"
+        pd.DataFrame({"ID": ["A"], **{c: [0.0] for c in ["Cinder_Rook_2019_2023"]}}).to_csv(sample, index=False)
+        before = tree(tmp_path)
+        args = ["--test-csv", csv, "--sample-submission", sample]
+    else:
+        args = [photos]
+    code, _, err = run_cli("predict", art, *args, "--out", victim, capsys=capsys)
+    assert code == 2 and "which this command reads" in err and "Traceback" not in err, err
+    assert tree(tmp_path) == before
+
+
+def test_a_full_disk_for_the_journal_itself_is_one_line(art, demo_data, monkeypatch, capsys):
+    """Found by a hostile review: no space left when the commit's journal was written ended in a
+    traceback (nothing had been renamed yet)."""
+    import errno
+
+    from hier import journal
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(journal.json, "dump", full)
+    before = tree(art)
+    code, _, err = run_cli("enroll", art, "--class", "Zephyr_Gale_2025_2025", "--brand", "Zephyr", "--images",
+                           photos_of(demo_data, n=3)[0], capsys=capsys)
+    assert error_line_only(code, err) and "no space left on device" in err, err
+    assert tree(art) == before
+
+
+def test_an_unfinished_commit_seen_read_only_is_named(read_only, demo_data, tmp_path, capsys):
+    """Found by a hostile review: a killed writer's journal seen through a read-only mount (where it cannot
+    be completed) was read as a damaged artifact ("retrain")."""
+    from hier import journal
+    source = tmp_path / "src" / "artifact"                 # the writable side of the same folder
+    (source / journal.JOURNAL).write_text('{"renames": [], "remove": []}', encoding="utf-8")
+    code, _, err = run_cli("predict", read_only, photos_of(demo_data, n=1)[0], capsys=capsys)
+    assert code == 2 and err.strip().startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert "unfinished commit" in err and "Traceback" not in err

@@ -239,6 +239,7 @@ def test_every_text_file_is_read_and_written_as_utf8(path):
                                    {"renames": [], "remove": ["/etc/hostname"]},
                                    {"renames": [], "remove": ["../victim"]},
                                    {"renames": [], "remove": ["link/victim"]},
+                                   {"renames": {"ab": 1}, "remove": "cd"},
                                    "not json"])
 def test_a_crafted_journal_renames_and_deletes_nothing_outside_its_folder(entry, tmp_path):
     """A journal is read by every command that takes an artifact's lock: one planted in a downloaded
@@ -250,7 +251,18 @@ def test_a_crafted_journal_renames_and_deletes_nothing_outside_its_folder(entry,
     (victim / "precious.txt").write_text("mine")
     (art / "link").symlink_to(tmp_path)
     (art / journal.JOURNAL).write_text(entry if isinstance(entry, str) else json.dumps(entry), encoding="utf-8")
-    with pytest.raises(HierError, match="outside"):
+    with pytest.raises(HierError, match="outside|not a commit"):
         with fileio.locked(art):
             pass
     assert (victim / "precious.txt").read_text() == "mine"
+
+
+def test_a_journal_that_cannot_be_completed_is_one_line(tmp_path):
+    """A journal renaming onto a folder (found by a hostile review): ``IsADirectoryError`` was a traceback."""
+    from hier import journal
+    (tmp_path / "log.csv").write_text("x")
+    (tmp_path / "d").mkdir()
+    (tmp_path / journal.JOURNAL).write_text('{"renames": [["log.csv", "d"]], "remove": []}', encoding="utf-8")
+    with pytest.raises(HierError, match="could not be completed"):
+        with fileio.locked(tmp_path):
+            pass

@@ -43,10 +43,27 @@ def output_file(out: str | Path, inputs=(), inside: dict[str, str | Path | None]
     if same is not None:
         raise HierError(f"{flag} {out} is {same}, which this command reads; write to another file")
     for what, folder in (inside or {}).items():
-        if folder is not None and real.is_relative_to(Path(os.path.realpath(folder))):
+        if folder is not None and is_inside(real, folder):
             raise HierError(f"{flag} {out} is inside the {what} {folder}; write it elsewhere")
     writable_folder(real.parent, out, flag)
     return real
+
+
+def is_inside(path: str | Path, folder: str | Path) -> bool:
+    """``path`` is ``folder`` or below it, whatever links or ``..`` spell either."""
+    return Path(os.path.realpath(path)).is_relative_to(Path(os.path.realpath(folder)))
+
+
+def writable_destination(out: Path, given, flag: str = "--out") -> None:
+    """Refuse, before any work, an ``out`` (absent, or a folder to replace) whose nearest existing folder
+    is a file or not writable: its output is built beside it."""
+    parent = out.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HierError(f"{flag} {given}: {parent} is a file, not a folder; choose another {flag}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise HierError(f"{flag} {given}: folder {parent} is not writable; choose another {flag}")
 
 
 def writable_folder(folder: Path, given, flag: str = "--out") -> None:

@@ -61,7 +61,7 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
     if out.is_relative_to(data.resolve()):
         raise HierError(f"--out {given} is inside the data folder {data} (it would be read as a class); "
                         "choose a folder outside it")
-    _writable(out, given)
+    outputs.writable_destination(out, given)
     exclude_file = _exclude_target(write_exclude, out, force) if write_exclude is not None else None
     predictor = None
     if artifact is not None:         # refuses a folder that is not one artifact (an ensemble: a member)
@@ -106,24 +106,6 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
         _write_exclude(exclude_file, listed, force, write_exclude)
     return report
 
-
-def _writable(out: Path, given) -> None:
-    """Refuse, before minutes of embedding, an ``out`` whose nearest existing folder is a file or not
-    writable (the audit is built beside ``out``)."""
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise HierError(f"--out {given}: {parent} is a file, not a folder; choose another --out")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise HierError(f"--out {given}: folder {parent} is not writable; choose another --out")
-
-
-# --- reading: the files the reader left out, and every kept photo's bytes, size and brightness --------
-
-# --- embeddings ---------------------------------------------------------------------------------------
-
-# --- what is found ------------------------------------------------------------------------------------
 
 # --- the exclude file ---------------------------------------------------------------------------------
 

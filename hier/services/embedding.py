@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from hier.gallery.gallery import Gallery
 from hier.gallery.kinds import factory_string
 from hier.gallery.listings import PREFIX, answer_columns, label_columns
 from hier.gallery.results import LABEL_CHUNK
+from hier.outputs import is_inside
 from hier.runtime import device
 from hier.services.labelling import answers_digest, search_whitening
 
@@ -99,7 +99,7 @@ def embed(artifact_dir: str | Path, listings: pd.DataFrame, out: str | Path, sha
     i, n = shard
     if Path(out).exists() and not Path(out).is_dir():
         raise HierError(f"--out {out} is a file; give the folder of the shards")
-    if Path(os.path.realpath(out)).is_relative_to(Path(os.path.realpath(artifact_dir))):
+    if is_inside(out, artifact_dir):
         raise HierError(f"--out {out} is inside the artifact {artifact_dir}; write the shards elsewhere")
     dst = Path(out) / part_name(i, n)
     if dst.exists():

@@ -49,12 +49,10 @@ def build(members: list[str | Path], out: str | Path, weights: str = "fit") -> d
         raise HierError(f"an ensemble needs at least 2 members, not {len(members)}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HierError(f"--out {out} exists and is not empty; choose another folder")
-    real = Path(os.path.realpath(out))
     for m in members:               # copying a member into itself would recurse
-        if real.is_relative_to(Path(os.path.realpath(m))):
+        if outputs.is_inside(out, m):
             raise HierError(f"--out {out} is inside the member {m}; write the ensemble elsewhere")
-    existing = next(p for p in (real, *real.parents) if p.exists())
-    outputs.writable_folder(existing if existing.is_dir() else existing.parent, out)
+    outputs.writable_destination(Path(os.path.realpath(out)), out)
     chosen = parse_weights(weights, len(members))
     candidates = [candidate(Path(m)) for m in members]
     seen: dict[str, str] = {}

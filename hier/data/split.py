@@ -123,12 +123,13 @@ def training_split(data_dir: str | Path, taxonomy: Taxonomy | None, settings, ow
         if emptied:                          # refused now, not after a whole run that cannot serve it
             raise HierError(f"--exclude {s.exclude} leaves class {emptied[0]!r} without photos ({len(emptied)} "
                             "such classes); keep some of its photos, or take its folder out of the data")
-    missing = [c for c in required or () if c not in set(images.labels)]
+    present = set(images.labels)                # the set once, not once per class asked about
+    missing = [c for c in required or () if c not in present]
     if missing:
         raise HierError(f"{len(missing)} of the run's {len(required)} classes have no photos in {data_dir} "
                         f"(e.g. {missing[0]!r}); resume with the data the run was trained on")
     taxonomy = Taxonomy.from_class_names(names) if taxonomy is None else \
-        taxonomy.subset([c for c in taxonomy.classes if c in set(names)])
+        taxonomy.subset([c for c in taxonomy.classes if c in present])
     fallback = None
     if detector is not None:
         images.paths, fallback = detector.crops(images.paths)

@@ -39,7 +39,9 @@ def output_file(out: str | Path, inputs=(), inside: dict[str, str | Path | None]
     real = Path(os.path.realpath(out))
     if real.is_dir():
         raise HierError(f"{flag} {out} is a folder; give a file name")
-    same = next((given for given in inputs if given is not None and Path(os.path.realpath(given)) == real), None)
+    # an input exists, so only an existing out can be one: a new file costs no path resolution per photo
+    same = next((given for given in inputs if given is not None and Path(os.path.realpath(given)) == real),
+                None) if real.exists() else None
     if same is not None:
         raise HierError(f"{flag} {out} is {same}, which this command reads; write to another file")
     for what, folder in (inside or {}).items():

@@ -39,7 +39,7 @@ from hier.folders import ANSWER, EDIT, EMBED, EXPLAIN, EXPORT, folder_kind, need
 from hier.listing_search import ListingSearch
 from hier.metrics import evaluate_probs
 from hier.results import Prediction, Results, photo_name, results_of
-from hier.runtime import device
+from hier.runtime import device as default_device
 from hier.services.held_artifact import HeldArtifact, Snapshot
 from hier.services.held_gallery import HeldGalleries
 from hier.taxonomy import Taxonomy
@@ -52,7 +52,7 @@ class Recognizer(ListingSearch):
 
     Args:
         path: the folder ``hier train`` (or ``hier ensemble``) wrote.
-        device_: ``cpu`` or ``cuda`` (default: CUDA when available).
+        device: ``cpu`` or ``cuda`` (default: CUDA when available).
         batch_size: photos per forward pass.
         detector: a ``hier.data.detect.CarDetector`` (or its weights' path) to answer on the largest
             vehicle box of each photo path (predict, evaluate, submission, similar's query).
@@ -69,11 +69,11 @@ class Recognizer(ListingSearch):
         >>> rec.predict("car.jpg")[0].brand
     """
 
-    def __init__(self, path: str | Path, device_: str | None = None, batch_size: int = 64, detector=None,
+    def __init__(self, path: str | Path, device: str | None = None, batch_size: int = 64, detector=None,
                  backend: str = "auto"):
         self.path = Path(path)
         self.kind = folder_kind(self.path)
-        self.device, self.batch_size, self.backend = device_ or device(), batch_size, backend
+        self.device, self.batch_size, self.backend = device or default_device(), batch_size, backend
         if detector is not None and not isinstance(detector, CarDetector):
             detector = CarDetector(detector)
         self.detector, self.crop_fallback = detector, None
@@ -181,9 +181,12 @@ class Recognizer(ListingSearch):
             raise HierError(f"topk must be at least 1, not {topk}")
         items = photo_items(images)
         start = time.perf_counter()
+        self.snapshot().predictor               # the model read and compiled: once, and when the artifact changes
+        loaded = time.perf_counter()
         out, snap = self._embed(items, progress, tta)
         results = results_of(out, [photo_name(x, i) for i, x in enumerate(items)], snap.taxonomy, topk)
-        results.speed = {"photos": len(items), "ms_per_photo": 1000 * (time.perf_counter() - start) / max(1, len(items))}
+        results.speed = {"photos": len(items), "load_ms": 1000 * (loaded - start),
+                         "ms_per_photo": 1000 * (time.perf_counter() - loaded) / max(1, len(items))}
         return results
 
     @needs(ANSWER)

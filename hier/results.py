@@ -38,11 +38,43 @@ class Prediction:
         """The answer as JSON-ready values (without the full distribution)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "probs"}
 
+    def __repr__(self) -> str:
+        return (f"Prediction({Path(self.image).name}: {self.brand} > {self.model} > {self.fine}, "
+                f"p {self.p:.3f} (model {self.p_model:.3f}, brand {self.p_brand:.3f}))")
+
+    def plot(self, image=None, width: int = 480):
+        """The photo with its answer and top-k drawn below it, as a PIL image (Hangul included), for a
+        notebook. ``image``: the photo, when it was given in memory rather than as a path."""
+        from PIL import Image, ImageDraw, ImageFont
+
+        from hier.data import to_rgb
+        from hier.drawing import hangul_font
+        photo = Image.fromarray(to_rgb(image if image is not None else self.image, 2 * width))
+        photo.thumbnail((width, width))
+        lines = [(f"{self.brand} > {self.model} > {self.fine}  {self.p:.0%}", 18)] + \
+            [(f"{t['rank']}. {t['class']}  {t['p']:.1%}", 14) for t in self.topk]
+        height = photo.height + 12 + sum(size + 6 for _, size in lines)
+        canvas = Image.new("RGB", (max(width, photo.width), height), "white")
+        canvas.paste(photo, (0, 0))
+        draw, y = ImageDraw.Draw(canvas), photo.height + 8
+        for text, size in lines:
+            draw.text((8, y), text, font=ImageFont.truetype(str(hangul_font()), size), fill="#1d2329")
+            y += size + 6
+        return canvas
+
+    def save(self, path: str | Path, image=None, width: int = 480) -> Path:
+        """``plot()`` written as a PNG or JPEG (by ``path``'s suffix), atomically."""
+        picture = self.plot(image, width)
+        fileio.atomic_write(path, lambda p: picture.save(p, format="JPEG" if Path(path).suffix.lower() in
+                                                        (".jpg", ".jpeg") else "PNG"))
+        return Path(path)
+
 
 class Results(list):
     """``Prediction`` per photo, in the order given (an in-memory image given twice is answered twice; a
     path given twice once, as ``image_files`` reads each file once), with the (N, C) matrix ``probs`` over
-    ``classes``, ``speed`` (milliseconds per photo for the whole call) and one schema behind ``to_frame``,
+    ``classes``, ``speed`` (``load_ms``: reading and compiling the model, the first call and after the
+    artifact changed; ``ms_per_photo``: the rest of the call per photo) and one schema behind ``to_frame``,
     ``to_csv`` and ``to_json``.
 
     Example:
@@ -55,6 +87,13 @@ class Results(list):
                  speed: dict | None = None):
         super().__init__(predictions)
         self.probs, self.classes, self.speed = probs, classes or [], speed or {}
+
+    def __repr__(self) -> str:
+        speed = self.speed
+        timing = (f"; model read in {speed['load_ms']:,.0f} ms, {speed['ms_per_photo']:,.1f} ms a photo"
+                  if "load_ms" in speed else "")
+        rows = "".join(f"\n  {r!r}" for r in self[:10]) + (f"\n  ... {len(self) - 10} more" if len(self) > 10 else "")
+        return f"Results({len(self)} photo(s), {len(self.classes)} classes{timing}){rows}"
 
     def to_frame(self) -> pd.DataFrame:
         """One row per (photo, rank), as ``hier predict --format csv`` prints, each with the photo's

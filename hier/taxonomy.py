@@ -19,7 +19,7 @@ import pandas as pd
 from hier.errors import HierError
 
 COLUMNS = ["class", "brand", "model", "year_start", "year_end"]
-REGISTRY = Path(__file__).resolve().parent.parent / "registry"
+REGISTRY = Path(__file__).resolve().parent / "registry"      # package data: hecto2025.csv, its equivalent pairs
 
 _YEAR = re.compile(r"^(19|20)\d\d$")
 YEARS = (1886, 2100)          # the first car to a model year far enough ahead for any announcement
@@ -56,6 +56,16 @@ def check_name(what: str, name: str) -> str:
         why = "bytes that are not UTF-8" if unicodedata.category(bad) == "Cs" else f"the control character {bad!r}"
         raise HierError(f"{what} {name!r} holds {why}; names must be printable text")
     return name
+
+
+def registry_file(path: str | Path) -> Path:
+    """``path`` itself, or, for a bare name that is no file here (``hecto2025``), the CSV of that name
+    shipped in ``hier/registry``."""
+    path = Path(path)
+    shipped = REGISTRY / f"{path.name}.csv"
+    if not path.exists() and path.parent == Path(".") and not path.suffix and shipped.is_file():
+        return shipped
+    return path
 
 
 def read_registry(path: str | Path, **kw) -> pd.DataFrame:
@@ -121,7 +131,8 @@ class Taxonomy:
     # --- construction -------------------------------------------------------------------------------
     @classmethod
     def from_csv(cls, path: str | Path) -> "Taxonomy":
-        path = Path(path)
+        """From a CSV file, or by the name of one shipped with hier (``hecto2025``: ``registry_file``)."""
+        path = registry_file(path)
         if not path.is_file():
             raise HierError(f"taxonomy file not found: {path}")
         try:

@@ -26,6 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 from benchlib import machine
+from enroll_episodes import Protocol, draw, fmt
+from enroll_episodes import StatisticsHead as EpisodeHead
+from enroll_rehearsal import rehearse
 from rich.console import Console
 from rich.table import Table
 from scipy.special import log_softmax
@@ -346,12 +349,52 @@ def print_table(console: Console, title: str, rows: list[dict]) -> None:
     console.print(table)
 
 
+def episodes_section(console, args, net, base_tax, full_tax, z_base, y_base, tr, va, z_pool, z_test) -> dict:
+    """The enrollment figures over ``args.episodes`` episodes, with 95% intervals: the shipped defaults
+    (budget mapped by the artifact's rehearsals) against the budget as given and no offset, and the shots
+    curve at the shipped default."""
+    held = [*NEAR_SIBLING, *NO_SIBLING]
+    names = np.asarray(base_tax.classes, dtype=object)
+    head = EpisodeHead(z_base[tr], list(names[y_base[tr]]), base_tax.classes)
+    t = time.time()
+    rehearsal = rehearse(head.stats, z_base[tr], names[y_base[tr]], z_base[va], names[y_base[va]], base_tax,
+                         net.cfg.temperature, args.seed)
+    out = {"rehearsal": {**rehearsal.to_dict(), "seconds": time.time() - t}}
+    protocol = Protocol({c: np.concatenate([z_pool[c], z_test[c]]) for c in held}, set(NEAR_SIBLING),
+                        z_base[va], y_base[va], full_tax)
+    rows = []
+    five = draw(protocol.photos, len(va), 5, args.episodes, args.seed + 100)
+    for points in (0.1, 0.25, MAX_BASE_DROP, 1.0):
+        for mapped in (True, False):
+            budget = rehearsal.budget_for(points) if mapped else points
+            rows.append({"max_base_drop": points, "budget": "rehearsed" if mapped else "as given",
+                         "model budget": budget, **protocol.measure(head, five, budget)})
+    rows.append({"max_base_drop": "no offset", "budget": "", "model budget": None,
+                 **protocol.measure(head, five, None)})
+    out["budgets_5shot"] = rows
+    shots = []
+    for k in (1, 2, 5, 10, 20):
+        eps = five if k == 5 else draw(protocol.photos, len(va), k, args.episodes, args.seed + 100 + k)
+        shots.append({"k": k, **protocol.measure(head, eps, rehearsal.budget_for(MAX_BASE_DROP))})
+    out["shots_default"] = shots
+    show = lambda rows: [{k: fmt(v) if isinstance(v, tuple) else v for k, v in r.items()} for r in rows]  # noqa: E731
+    print_table(console, f"{args.episodes} episodes, 5 shots, served answer: --max-base-drop as rehearsed at the end "
+                         "of training vs as given (mean ± 95% interval; drop in points; hm: harmonic mean of base "
+                         "after and new)", show(rows))
+    print_table(console, f"{args.episodes} episodes at the shipped default (--max-base-drop {MAX_BASE_DROP}, "
+                         "rehearsed): shots per class", show(shots))
+    console.print_json(json.dumps(out["rehearsal"], default=float))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=SHARED / "stanford-cars-dev" / "train")
     ap.add_argument("--taxonomy", type=Path, default=SHARED / "stanford_cars_taxonomy.csv")
     ap.add_argument("--out", type=Path, default=Path("runs/bench_enroll"))
-    ap.add_argument("--preset", default="cpu-cached")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--smoothing", type=float, default=None, help="override the label smoothing (a transfer lever)")
+    ap.add_argument("--episodes", type=int, default=10, help="episodes of the many-episode protocol (0 skips it)")
     ap.add_argument("--model", default=None, help="override the preset's trunk (smoke tests)")
     ap.add_argument("--img-size", type=int, default=None)
     ap.add_argument("--epochs", type=int, default=None)
@@ -379,6 +422,7 @@ def main() -> None:
     smoke = dict(trunk=args.model, freeze_stages=0, img_size=args.img_size or 64, pretrained="none",
                  cache_views=0) if args.model else {}
     model_cfg, train_cfg = configs(args.preset, **{**smoke, "seed": args.seed, "epochs": args.epochs,
+                                                   "smoothing": args.smoothing,
                                                    **({"freeze_stages": args.freeze_stages}
                                                       if args.freeze_stages is not None else {})})
     base_art = args.out / "base"
@@ -411,14 +455,15 @@ def main() -> None:
     calib = (z_base[cal], y_base[cal])
     bench = Bench(held, z_pool, z_test, calib, z_base[ev], y_base[ev])
 
-    def lda(**kw):
-        return StatisticsHead(base_tax, ztr, ytr, *calib, full_tax=full_tax, **kw)
-    shipped = lda()                                   # HeadConfig's defaults: what `hier train` ships
+    def lda(**kw):                                    # the heads compared before debias existed: without it
+        return StatisticsHead(base_tax, ztr, ytr, *calib, full_tax=full_tax, **{"debias": 0.0, **kw})
+    shipped = StatisticsHead(base_tax, ztr, ytr, *calib, full_tax=full_tax)   # HeadConfig's defaults: what `hier train` ships
     heads = [("trained head + mapped prototypes (before)", MappedHead(net, base_tax, full_tax, prototypes)),
              ("nearest class mean", NearestMeanHead(base_tax, ztr, ytr)),
              *[(f"LDA, covariance {src}, shrink {sh}", lda(source=src, shrink=sh, teen=0.0))
                for src in ("train", "held", "both") for sh in (0.05, 0.1, 0.3, 0.5)],
              *[(f"LDA train 0.1 + TEEN {t}", lda(teen=t)) for t in (0.1, 0.2, 0.3)],
+             ("LDA train 0.1 + TEEN 0.1 + debias 1 (shipped)", shipped),
              ("LDA train 0.1 + TEEN 0.1 + parents 0.5/0.25", lda(parents=(0.5, 0.25))),
              *[(f"ridge, lambda {lam}", RidgeHead(base_tax, ztr, ytr, lam)) for lam in (1e-3, 1e-2, 1e-1)],
              *[(f"random ReLU 2048 + ridge, lambda {lam}", RidgeHead(base_tax, ztr, ytr, lam, m=2048))
@@ -493,7 +538,13 @@ def main() -> None:
         results["retrieval_held_out"].append({"space": "embedding" if shrink is None else f"whitened, shrink {shrink}",
                                               "recall@1": float(np.mean(hits1)), "recall@5": float(np.mean(hits5))})
 
-    # 6. search latency on a synthetic 1M x 256 gallery
+    # 6. many episodes (issue 32): shots drawn anew, base halves split anew; the served answer; the default
+    # budget mapped by the rehearsals `hier train` runs on the base classes (none of the 20 held out)
+    if args.episodes:
+        results["episodes"] = episodes_section(console, args, net, base_tax, full_tax, z_base, y_base, tr, va,
+                                               z_pool, z_test)
+
+    # 7. search latency on a synthetic 1M x 256 gallery
     results["search_1m"] = search_timing(args.gallery_size, 256, 200, args.seed) if args.gallery_size else {}
 
     print_table(console, "Heads side by side, 5 shots, no score offsets (base: held-out base photos; near/other: "

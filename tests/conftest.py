@@ -188,8 +188,9 @@ CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @contextmanager
-def chromium():
-    """Headless Debian Chromium through selenium, with the flags this machine's closed network needs."""
+def chromium(*flags: str):
+    """Headless Debian Chromium through selenium, with the flags this machine's closed network needs
+    (and ``flags``)."""
     webdriver = pytest.importorskip("selenium.webdriver")
     if not (CHROMIUM and CHROMEDRIVER):
         pytest.skip("Debian's chromium and chromium-driver are not installed")
@@ -197,7 +198,7 @@ def chromium():
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=1200,1000"):
+                 "--disable-dev-shm-usage", "--window-size=1200,1000", *flags):
         options.add_argument(flag)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))

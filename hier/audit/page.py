@@ -4,16 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
 import pandas as pd
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from PIL import Image, ImageDraw, ImageFont
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from hier.data import ImageSet
+from hier.drawing import hangul_font, pyplot
+from hier.report import build
 
-from hier.data import ImageSet  # noqa: E402
-from hier.report import build  # noqa: E402
+plt = pyplot()
 
 SHOWN = 30                  # duplicate groups and near pairs drawn on the page (all are in audit.json)
 
@@ -95,11 +94,7 @@ def _plot_brightness(files: pd.DataFrame):
 def _contact_sheet(thumbs: list[Image.Image], shown: list[dict], cols: int = 8, cell: int = 160) -> Image.Image:
     """The outliers on one PNG, most outlying first, each captioned with its rank, class, cosine and
     z-score (red: flagged). Drawn with PIL: a matplotlib grid of 48 axes took seconds to lay out."""
-    from matplotlib import font_manager
-    try:
-        font = ImageFont.truetype(font_manager.findfont("DejaVu Sans"), 11)
-    except OSError:
-        font = ImageFont.load_default()
+    font = ImageFont.truetype(str(hangul_font()), 11)
     rows, caption = -(-len(shown) // cols), 30
     sheet = Image.new("RGB", (cols * (cell + 8) + 8, rows * (cell + caption + 8) + 8), "white")
     draw = ImageDraw.Draw(sheet)

@@ -12,6 +12,8 @@ The audit finds, per class and across classes:
   Stanford dev photos: copies recompressed at JPEG quality 60 or upscaled 1.5x score 0.95-0.99, the
   same press photo filed under two classes 0.93-0.99, while 0.97 (the first guess) missed three of
   those four; a trained artifact's embeddings gather a class tighter, so give it a higher ``near``;
+  or perceptual hashes (pHash, ``imagehash``) at most ``PHASH_BITS`` of 64 bits apart: a half-size
+  re-encoded copy the embedding placed at 0.83 hashes 0 bits from its original;
 - outliers: a low cosine to the mean of the rest of the class, judged by a robust (median/MAD)
   z-score within the class, so a class of varied photos does not flag more than a uniform one;
 - unreadable, non-image and too-large files (the readers skip them; here each is listed).
@@ -29,7 +31,7 @@ from pathlib import Path
 
 from hier import fileio, outputs
 from hier.artifact import store
-from hier.audit.find import OUTLIER_Z, counts, embed, exclude_list, find, per_class
+from hier.audit.find import OUTLIER_Z, PHASH_BITS, counts, embed, exclude_list, find, per_class
 from hier.audit.page import write_page
 from hier.audit.scan import file_table, rejected_files
 from hier.data.exclude import format_exclude
@@ -78,7 +80,7 @@ def audit(data: str | Path, out: str | Path, artifact: str | Path | None = None,
     report = {
         "data": str(data), "artifact": str(artifact) if artifact else None,
         "embedding": "artifact" if artifact else "ImageNet efficientnet_lite0 (offline)",
-        "near_threshold": near, "outlier_z": OUTLIER_Z,
+        "near_threshold": near, "phash_bits": PHASH_BITS, "outlier_z": OUTLIER_Z,
         "counts": counts(files, result, rejected, listed),
         "skipped": images.skipped_message(),
         "classes": per_class(files, result),

@@ -8,6 +8,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import imagehash
 import numpy as np
 import pandas as pd
 from PIL import Image
@@ -31,20 +32,23 @@ def rejected_files(data: Path, images: ImageSet, layout: str) -> list[dict]:
             for p, s in zip(rest, check_images(rest))]
 
 
-def _read_one(path: Path) -> tuple[str, int, int, int, float]:
-    """(MD5, bytes, upright width, height, mean luminance 0..255) from one read of the file."""
+def _read_one(path: Path) -> tuple[str, int, int, int, float, str]:
+    """(MD5, bytes, upright width, height, mean luminance 0..255, perceptual hash) from one read of the
+    file. The pHash (64 bits, hex) stays within a few bits for a copy resized or re-encoded."""
     raw = path.read_bytes()
     with Image.open(io.BytesIO(raw)) as im:
         w, h = im.size
         if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):      # EXIF orientation: stored sideways
             w, h = h, w
-        im.draft("RGB", (64, 64))                           # JPEG decoded at 1/8: brightness needs no more
-        rgb = pil_rgb(im).astype(np.float32)
-    return hashlib.md5(raw).hexdigest(), len(raw), w, h, float((rgb @ [0.299, 0.587, 0.114]).mean())
+        im.draft("RGB", (64, 64))                           # JPEG decoded at 1/8: brightness and pHash need no more
+        rgb = pil_rgb(im)
+    phash = str(imagehash.phash(Image.fromarray(rgb)))
+    return (hashlib.md5(raw).hexdigest(), len(raw), w, h, float((rgb.astype(np.float32) @ [0.299, 0.587, 0.114]).mean()),
+            phash)
 
 
 def file_table(data: Path, images: ImageSet, progress=None) -> pd.DataFrame:
-    """One row per kept photo: path (relative to ``data``), class, md5, bytes, width, height, brightness."""
+    """One row per kept photo: path (relative to ``data``), class, md5, bytes, width, height, brightness, phash."""
     paths = [photo_path(p) for p in images.paths]
     task = progress.add_task("read", total=len(paths), info="") if progress else None
 
@@ -60,7 +64,7 @@ def file_table(data: Path, images: ImageSet, progress=None) -> pd.DataFrame:
 
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         rows = list(pool.map(one, paths))
-    table = pd.DataFrame(rows, columns=["md5", "bytes", "width", "height", "brightness"])
+    table = pd.DataFrame(rows, columns=["md5", "bytes", "width", "height", "brightness", "phash"])
     table.insert(0, "class", images.labels)
     table.insert(0, "path", [p.relative_to(data).as_posix() for p in paths])
     return table

@@ -4,10 +4,12 @@ User mistakes raise HierError; ``main`` prints them as one red line and exits 2,
 """
 from __future__ import annotations
 
+import glob
 import sys
 import warnings
 from enum import Enum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,9 +19,38 @@ from rich.table import Table
 from hier.errors import HierError, HierWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Fine-grained car recognition: brand, model and year that never contradict.")
 console = Console(width=None if sys.stdout.isatty() else 160)   # pipes and CI logs get whole rows
 err = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from hier.version import __version__
+        console.print(f"hier {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True,
+                                                   help="Print hier's version and exit")] = False) -> None:
+    """Fine-grained car recognition: brand, model and year that never contradict."""
+
+
+def expand_globs(paths: list[Path], flag: str) -> list[Path]:
+    """Paths as given, a quoted pattern (``'shots/*.jpg'``, which no shell expanded) replaced by the files
+    it matches, sorted; a pattern matching nothing is an error."""
+    out = []
+    for p in paths:
+        if p.exists() or not any(ch in str(p) for ch in "*?["):
+            out.append(p)
+            continue
+        found = sorted(glob.glob(str(p)))
+        if not found:
+            raise HierError(f"{flag} {p}: no file matches")
+        out += map(Path, found)
+    return out
 
 
 class Format(str, Enum):
@@ -96,7 +127,7 @@ def main() -> None:
             pass
     warnings.showwarning = _show_warning
     try:
-        code = app(standalone_mode=False)     # typer turns Ctrl-C into a returned 130, not an exception
+        code = app(standalone_mode=False, prog_name="hier")   # typer turns Ctrl-C into a returned 130
         if isinstance(code, int) and code:
             if code == 130:
                 err.print("[red]interrupted[/]")

@@ -7,14 +7,15 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from hier.cli.base import app, console, err
+from hier.cli.base import app, console, err, expand_globs
 
 
 @app.command()
 def enroll(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory (rewritten atomically)")],
     name: Annotated[str, typer.Option("--class", help="Class name, e.g. 신형모델_2025")],
-    images: Annotated[list[Path], typer.Option(help="Folder or image files of the new class's shots")],
+    images: Annotated[list[Path], typer.Option(
+        help="Folder, image files or a glob of the new class's shots: --images shots/*.jpg")],
     brand: Annotated[Optional[str], typer.Option(help="Default: the model's known brand or the parsed make")] = None,
     model: Annotated[Optional[str], typer.Option(help="Default: parsed from the class name")] = None,
     years: Annotated[Optional[str], typer.Option(help="e.g. 2025-2026; default: parsed from the name")] = None,
@@ -23,30 +24,24 @@ def enroll(
     calibrate: Annotated[float, typer.Option(
         help="TEEN strength toward similar base classes (artifacts served by their trained head; the "
              "statistical head calibrates every enrolled class by its own setting)")] = 0.0,
-    max_base_drop: Annotated[float, typer.Option(
-        help="Points of accuracy on the known classes' held-out photos this class may cost")] = 0.5,
+    max_base_drop: Annotated[Optional[float], typer.Option(
+        help="Points of accuracy on the known classes' held-out photos this class may cost [default: "
+             "hier.enrollment.MAX_BASE_DROP, the measured trade-off of docs/benchmarks/enroll.md]",
+        show_default=False)] = None,
+    more: Annotated[Optional[list[Path]], typer.Argument(
+        hidden=True, help="The rest of --images a.jpg b.jpg (what the shell makes of --images shots/*.jpg)")] = None,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
     from hier.enrollment.classes import OWN_SHOTS
     from hier.recognizer import Recognizer
 
-    r = Recognizer(artifact).enroll(name, images, brand, model, years, add_shots, min_shots, calibrate,
-                                    max_base_drop)
+    budget = {} if max_base_drop is None else {"max_base_drop": max_base_drop}
+    r = Recognizer(artifact).enroll(name, expand_globs([*images, *(more or [])], "--images"), brand, model, years,
+                                    add_shots, min_shots, calibrate, **budget)
     c = r.name
-    dropped = f"; {r.duplicates} duplicate photo(s) dropped" if r.duplicates else ""
+    console.print(r.summary(), markup=False, highlight=False, soft_wrap=True)
     if not r.added:
-        console.print(f"added nothing to {c!r}: every photo given is already one of its {r.total} shot(s)",
-                      markup=False)
         return
-    if r.base:
-        console.print(f"added {r.added} shot(s) to base class {c!r} ({r.total} in all{dropped}; "
-                      f"`hier unenroll --class {c!r}` takes them back out)", markup=False)
-    else:
-        console.print((f"enrolled {c!r} from {r.added} shot(s)" if r.new else
-                       f"added {r.added} shot(s) to {c!r} ({r.total} in all)")
-                      + f"{dropped}; {r.classes} classes now"
-                      + (f" ({_offset(r.offset)}: expected to cost at most {max_base_drop:g} point(s) "
-                         "of base accuracy)" if r.offset is not None else ""), markup=False)
     near, own = r.near_duplicate, r.own_shots_answered
     if near:
         x = escape(repr(near["class"]))

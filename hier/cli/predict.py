@@ -17,7 +17,8 @@ def predict(
     artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
     images: Annotated[Optional[list[Path]], typer.Argument(
         help="Image files or folders, searched recursively (top-k mode)")] = None,
-    test_csv: Annotated[Optional[Path], typer.Option(help="ID,img_path CSV (submission mode)")] = None,
+    test_csv: Annotated[Optional[Path], typer.Option(
+        help="ID,img_path CSV (submission mode: goes with --sample-submission and --out)")] = None,
     sample_submission: Annotated[Optional[Path], typer.Option(help="Gives the column and row order")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to write the submission / top-k CSV")] = None,
     topk: Annotated[int, typer.Option(help="Answers per image")] = 5,

@@ -18,8 +18,8 @@ DEMO_MIN_IMAGES = 5     # per class: the demo's stratified 20 % validation split
 def train(
     data: Annotated[Path, typer.Argument(help="Folder-per-class training images: DATA/<class>/*.jpg")],
     out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
-    taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV "
-                                                     "(default: parse the folder names)")] = None,
+    taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV, or "
+                                                     "hecto2025 (shipped) (default: parse the folder names)")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Named flag set: cpu | cpu-cached | cpu-max (docs: commands/train)")] = None,
     model: Annotated[Optional[str], typer.Option(help="Any timm model name [efficientnet_lite0]")] = None,
     pretrained: Annotated[Optional[str], typer.Option(
@@ -66,20 +66,23 @@ def train(
     tensorboard: Annotated[Optional[bool], typer.Option(
         "--tensorboard/--no-tensorboard", help="TensorBoard scalars in OUT/tensorboard")] = None,
     merge_classes: Annotated[Optional[str], typer.Option(
-        help="class_a,class_b CSV of classes scored as one (registry/hecto2025_equivalent.csv): learned as one, "
+        help="class_a,class_b CSV of classes scored as one (a CSV, or hecto2025_equivalent: the pairs hier ships): learned as one, "
              "split evenly in submissions")] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint")] = False,
 ):
     """Train a hierarchical model and write an artifact directory."""
     flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
+    from hier.artifact.files import METRICS
     from hier.recognizer import Recognizer
     from hier.training.distributed import world_from_env
 
     rec = Recognizer.train(data, out, preset, taxonomy, resume, console=err, trunk=model, **flags)
     if not world_from_env().main:        # under torchrun, rank 0 speaks for the run
         return
-    if rec.metrics:
-        print_metrics(rec.metrics, f"validation ({out})")
+    m = rec.metrics
+    if m:          # one figure: the answers `hier predict` gives, on the held-out photos; the rest in metrics.json
+        console.print(f"validation: top-1 {m['top1']:.3f}, log loss {m['log_loss']:.3f} on {m['images']:,} held-out "
+                      f"photos (as `hier predict` answers; every figure in {out / METRICS})", highlight=False, soft_wrap=True)
     console.print(f"artifact: {out}")
 
 
@@ -89,7 +92,8 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Add flipped views [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
-    as_json: Annotated[bool, typer.Option("--json", help="Print metrics as JSON")] = False,
+    fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
+    as_json: Annotated[bool, typer.Option("--json", hidden=True, help="The same as --format json")] = False,
     layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
 ):
     """Log loss, top-1/top-5 and brand/model accuracy of the answers, ECE before/after T."""
@@ -103,8 +107,11 @@ def evaluate(
     skipped = metrics.pop("skipped")
     if skipped:
         err.print(f"[yellow]{skipped}[/]")
-    if as_json:
+    if as_json or fmt is Format.json:
         print(json.dumps(metrics, indent=2))
+    elif fmt is Format.csv:
+        import pandas as pd
+        print_frame(pd.DataFrame([metrics]), fmt)
     else:
         print_metrics(metrics, f"{artifact} on {data}")
 

@@ -20,7 +20,7 @@ from hier.data.files import ImageSet, require_cells
 from hier.data.readers import create_reader
 from hier.data.tables import read_table
 from hier.errors import HierError
-from hier.taxonomy import Taxonomy, nfc
+from hier.taxonomy import Taxonomy, nfc, registry_file
 
 
 @dataclass(frozen=True)
@@ -139,8 +139,9 @@ def training_split(data_dir: str | Path, taxonomy: Taxonomy | None, settings, ow
 
 
 def load_equivalent_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Pairs the organiser scores as one class (e.g. ``registry/hecto2025_equivalent.csv``); ``hier train
-    --merge-classes`` learns each pair as its first class."""
+    """Pairs the organiser scores as one class (a CSV, or the name of one shipped with hier:
+    ``hecto2025_equivalent``); ``hier train --merge-classes`` learns each pair as its first class."""
+    path = registry_file(path)
     table = read_table(path, "class-pairs CSV", ["class_a", "class_b"])
     require_cells(table, ["class_a", "class_b"], path)
     return list(zip(table["class_a"].map(nfc), table["class_b"].map(nfc)))

@@ -108,6 +108,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             entries[k]["offset"] = base_drop_offset(net, new_taxonomy.class_index[name], validation, max_base_drop,
                                                     max_raise=MAX_RAISE if stats is not None else 0.0)
         own, cost = own_answers(net, new_taxonomy, name, entries[k].get("offset") or 0.0, z)
+        taken = taken_from_base(net, new_taxonomy, name, validation) if not is_base and validation is not None else None
         near = None
         if not is_base and own < OWN_SHOTS and (stats is not None or mapping is not None):
             base_names = stats.base_classes() if stats is not None else taxonomy.classes
@@ -116,7 +117,9 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             near = {"class": x, "similarity": round(similarity, 3)} if similarity >= NEAR_DUPLICATE else None
         save_state(path, net, new_taxonomy, entries, sums, trained, stats)
     return Enrolled(**result, added=len(z), total=entries[k]["shots"], classes=len(new_taxonomy),
-                    offset=entries[k].get("offset"), own_shots_answered=own, offset_cost=cost, near_duplicate=near)
+                    offset=entries[k].get("offset"), own_shots_answered=own, offset_cost=cost, near_duplicate=near,
+                    base_photos_taken=None if taken is None else taken["share"],
+                    taken_most_from=None if taken is None else taken["most"])
 
 
 @torch.no_grad()
@@ -133,6 +136,26 @@ def own_answers(net: HierNet, taxonomy: Taxonomy, name: str, offset: float, z: n
     own = answered(joint)
     joint[:, c] += offset
     return own, max(0.0, answered(joint) - own)
+
+
+@torch.no_grad()
+def taken_from_base(net: HierNet, taxonomy: Taxonomy, name: str, validation) -> dict | None:
+    """Of the artifact's held-out base photos (``validation.npz``), the share now answered as ``name``
+    (as served: ``served_answer``, its offset included), and the base class most of them are photos of:
+    {"share", "most": {"class", "photos", "of", "share"} or None}."""
+    z, y = validation
+    c = taxonomy.class_index[name]
+    maps = taxonomy.fine_to_model, taxonomy.fine_to_brand
+    answer = served_answer(net.heads(z)["joint"].numpy(), net.cfg.temperature, *maps)[1]
+    y = y.numpy()
+    hit = answer == c
+    if not hit.any():
+        return {"share": 0.0, "most": None}
+    counts = np.bincount(y[hit], minlength=int(y.max()) + 1)
+    b = int(counts.argmax())
+    of = int((y == b).sum())
+    return {"share": float(hit.mean()), "most": {"class": taxonomy.classes[b], "photos": int(counts[b]), "of": of,
+                                                  "share": float(counts[b] / of)}}
 
 
 def nearest_base(prototypes: np.ndarray, shot_sum: np.ndarray, classes: list[str]) -> tuple[str, float]:

@@ -43,6 +43,36 @@ class Enrolled(_Report):
     own_shots_answered: float | None = None   # share of its own shots answered as it
     offset_cost: float | None = None   # share of its own shots the offset costs it
     near_duplicate: dict | None = None  # {"class", "similarity"} of a base class it looks like
+    base_photos_taken: float | None = None   # share of the held-out base photos now answered as it
+    taken_most_from: dict | None = None      # {"class", "photos", "of", "share"}: the base class most of them are
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "summary": self.summary()}
+
+    def summary(self) -> str:
+        """What the enrollment means for the answers, in words (the CLI prints it, the service returns it):
+        how many of the photos given are answered as the class, and how many of the known classes' held-out
+        photos are now answered as it, both by the answer ``hier predict`` gives."""
+        dropped = f"; {self.duplicates} duplicate photo(s) dropped" if self.duplicates else ""
+        if not self.added:
+            return f"added nothing to {self.name!r}: every photo given is already one of its {self.total} shot(s)"
+        if self.base:
+            return (f"added {self.added} shot(s) to base class {self.name!r} ({self.total} in all{dropped}; "
+                    f"`hier unenroll --class {self.name!r}` takes them back out)")
+        words = [(f"enrolled {self.name!r} from {self.added} shot(s)" if self.new else
+                  f"added {self.added} shot(s) to {self.name!r} ({self.total} in all)") + f"{dropped}; "
+                 f"{self.classes} classes now."]
+        if self.own_shots_answered is not None:
+            words.append(f"{round(self.own_shots_answered * self.added)} of these {self.added} photo(s) are answered "
+                         f"as {self.name!r}.")
+        most = self.taken_most_from
+        if self.base_photos_taken:
+            words.append(f"Of the known classes' held-out photos, {self.base_photos_taken:.1%} are now answered as "
+                         f"{self.name!r}" + (f", most of them photos of {most['class']!r} ({most['photos']} of its "
+                                             f"{most['of']})" if most else "") + ".")
+        elif self.base_photos_taken == 0:
+            words.append(f"None of the known classes' held-out photos is answered as {self.name!r}.")
+        return " ".join(words)
 
 
 @dataclass(frozen=True)

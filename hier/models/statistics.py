@@ -8,7 +8,9 @@ from five photos is scored in the same geometry as one trained on forty (linear 
 
 with ``mu_c`` the class's mean embedding (training photos for a base class, plus any added shots; an
 enrolled class's few-shot mean is pulled toward the means of the base classes it resembles: TEEN,
-Wang et al. 2023). The covariance comes from the base classes' training photos only, so the held-out
+Wang et al. 2023). A mean of n shots carries noise of covariance S/n, which lowers its bias term by
+tr(P S)/(2n) in expectation: an enrolled class's bias is raised by that much (``debias``), so that a
+one-shot class is scored as its true mean would be, not buried under it. The covariance comes from the base classes' training photos only, so the held-out
 photos stay honest for the temperature, the offsets and every reported figure. Brand and model stay
 sums of the fine probabilities (the hierarchy is exact); enrollment adds a mean, with no gradient step.
 
@@ -34,15 +36,19 @@ class HeadConfig:
     shrink: float = 0.1      # covariance shrinkage toward its mean variance (0: none, 1: nearest mean)
     teen: float = 0.1        # share of an enrolled class's mean taken from similar base means
     tau: float = 16.0        # sharpness of that similarity (softmax over cosines)
+    debias: float = 1.0      # share of an n-shot mean's expected score deficit, tr(P S)/(2n), given back
 
     def __post_init__(self) -> None:
         self.shrink = check_number("shrink", self.shrink, 0, 1)
         self.teen = check_number("teen", self.teen, 0, 1)
+        self.debias = check_number("debias", self.debias, 0, 10)
         self.tau = check_number("tau", self.tau, 1e-3, 1e3)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "HeadConfig":
-        return cls(**{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__})
+        """As stored; statistics saved before ``debias`` existed keep scoring without it (their enrolled
+        classes' offsets were fitted to those scores)."""
+        return cls(**{"debias": 0.0, **{k: v for k, v in (d or {}).items() if k in cls.__dataclass_fields__}})
 
 
 class ClassStatistics:
@@ -137,10 +143,17 @@ class ClassStatistics:
         return out
 
     def linear_head(self, classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(W, b) with score = z @ W.T + b for each of ``classes``: LDA with equal priors."""
+        """(W, b) with score = z @ W.T + b for each of ``classes``: LDA with equal priors, an enrolled
+        class's bias raised by ``debias`` times its n-shot mean's expected deficit, tr(P S)/(2n)."""
         mu = self.means(classes)
-        pm = np.linalg.solve(self.covariance(), mu.T).T          # P mu_c (P symmetric)
+        cov = self.covariance()
+        pm = np.linalg.solve(cov, mu.T).T          # P mu_c (P symmetric)
         bias = -0.5 * np.einsum("cd,cd->c", mu, pm)
+        idx = np.array([self.index[c] for c in classes], dtype=np.int64)
+        few = (self.counts[idx] == 0) & (self.shot_counts[idx] > 0)
+        if self.config.debias and few.any():
+            noise = float(np.trace(np.linalg.solve(cov, self.scatter / max(self.dof, 1))))     # tr(P S)
+            bias[few] += self.config.debias * noise / (2 * self.shot_counts[idx][few])
         return torch.from_numpy(pm.astype(np.float32)), torch.from_numpy(bias.astype(np.float32))
 
     def whitening(self, shrink: float) -> np.ndarray:

@@ -14,21 +14,21 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from PIL import Image
-from sklearn.metrics import confusion_matrix, log_loss
+from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, log_loss
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from hier import outputs
+from hier.artifact.files import CURVES
+from hier.data import to_rgb
+from hier.data.readers import create_reader
+from hier.drawing import pyplot
+from hier.errors import HierError
+from hier.metrics import ECE_BINS, answer, calibration_bins, ece, evaluate_probs, softmax
+from hier.report.cam import grad_cam, overlay
 
-from hier import outputs  # noqa: E402
-from hier.data import to_rgb  # noqa: E402
-from hier.data.readers import create_reader  # noqa: E402
-from hier.errors import HierError  # noqa: E402
-from hier.metrics import ECE_BINS, answer, calibration_bins, ece, evaluate_probs, softmax  # noqa: E402
-from hier.report.cam import grad_cam, overlay  # noqa: E402
+plt = pyplot()
 
 THRESHOLDS = np.round(np.arange(0.0, 1.0, 0.05), 2)
 LEVELS = ("fine", "model", "brand")
@@ -84,6 +84,9 @@ def _write(artifact_dir: Path, snap, data, tmp: Path, images, paths, probs, logi
     page.figure("confusion_brand.png", _confusion_brand, probs, y, tax)
     page.figure("confusion_fine_block.png", _confusion_block, probs, y, tax, confused)
     page.figure("reliability.png", _reliability, logits, probs, y, snap.net.cfg.temperature)
+    if (artifact_dir / CURVES).is_file():           # how the artifact trained, drawn by `hier train`
+        shutil.copyfile(artifact_dir / CURVES, tmp / CURVES)
+        page.figures["curves"] = CURVES
     coverage = _coverage(probs, y, tax)
     page.figure("coverage.png", _plot_coverage, coverage)
     examples = _cams(snap.net, paths, probs, y, tax, page, cams)
@@ -171,15 +174,14 @@ def _confused_pairs(probs, y, tax, paths, page: Page, n: int) -> list[dict]:
 
 
 def _matrix_figure(cm: np.ndarray, names: list[str], title: str):
+    """scikit-learn's display: photo counts in the cells (up to 30 classes), a colour bar, names on both axes."""
     n = len(names)
-    fig, ax = plt.subplots(figsize=(max(5, 0.28 * n + 2), max(4, 0.28 * n + 1.5)))
-    rows = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), names if n <= 60 else [], rotation=90, fontsize=7)
-    ax.set_yticks(range(n), names if n <= 60 else [], fontsize=7)
-    ax.set_xlabel("answered")
-    ax.set_ylabel("true")
-    ax.set_title(title)
+    fig, ax = plt.subplots(figsize=(max(5, 0.3 * n + 3), max(4, 0.3 * n + 2)))
+    ConfusionMatrixDisplay(cm, display_labels=names if n <= 60 else None).plot(
+        ax=ax, cmap="Blues", include_values=n <= 30, xticks_rotation="vertical", colorbar=True,
+        text_kw={"fontsize": 7})
+    ax.tick_params(labelsize=7)
+    ax.set(xlabel="answered", ylabel="true", title=title)
     return fig
 
 
@@ -187,7 +189,7 @@ def _confusion_brand(probs, y, tax):
     brand, _, _ = answer(probs, tax)
     used = np.unique(np.concatenate([tax.fine_to_brand[y], brand]))
     cm = confusion_matrix(tax.fine_to_brand[y], brand, labels=used)
-    return _matrix_figure(cm, [tax.brands[b] for b in used], "brand confusion (rows: share of the true brand)")
+    return _matrix_figure(cm, [tax.brands[b] for b in used], "brand confusion (photos)")
 
 
 def _confusion_block(probs, y, tax, confused: list[dict], size: int = 30):

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
 
 from hier.errors import ArtifactGone, HierError, check_number
@@ -86,7 +87,8 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
         finally:
             await service.stop()
 
-    app = FastAPI(title="hier", version=__version__, lifespan=lifespan, form_limits=FORM_LIMITS,
+    # /docs and /redoc from files installed with hier (fastapi-offline: Swagger UI 5, ReDoc), not a CDN
+    app = FastAPIOffline(title="hier", version=__version__, lifespan=lifespan, form_limits=FORM_LIMITS,
                   description="Brand, model and year of a car photo (never contradicting each other), "
                               "similar listings, and few-shot enrollment of new classes.")
     app.state.service = service

@@ -1,5 +1,7 @@
 """What the service reports about itself: Prometheus series at ``/metrics`` and one JSON access-log line
-per request (logger ``hier.access``), both from one outermost ASGI layer (``Observe``).
+per request (logger ``hier.access``), both from one outermost ASGI layer (``Observe``), which also gives
+every request an id (the client's ``X-Request-ID`` when it is a plain token, else a new one), returned in
+the ``X-Request-ID`` header and written in the request's log lines.
 
 Each app has its own ``CollectorRegistry``, so several apps in one process (tests, a mounted app) never
 share or clash on series. Routes are labelled by their template (``/listings/{listing_id:path}/photo``),
@@ -9,13 +11,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 ACCESS_LOG = logging.getLogger("hier.access")
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")      # a client's id is kept only if it is a plain token
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -54,6 +59,9 @@ class Observe:
             return
         start, status = time.perf_counter(), 500
         headers = Headers(scope=scope)
+        given = headers.get("x-request-id", "")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
         body_read = headers.get("content-length", "0") == "0" and "transfer-encoding" not in headers
 
         async def receive_() -> Message:
@@ -67,8 +75,8 @@ class Observe:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                if not body_read:
-                    message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+                extra = [(b"x-request-id", request_id.encode())] + ([] if body_read else [(b"connection", b"close")])
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 
         try:
@@ -83,4 +91,4 @@ class Observe:
                 ACCESS_LOG.info(json.dumps({
                     "time": round(time.time(), 3), "method": scope["method"], "path": scope["path"],
                     "route": route, "status": status, "ms": round(1000 * seconds, 2),
-                    "client": client[0] if client else None}, ensure_ascii=False))
+                    "client": client[0] if client else None, "request_id": request_id}, ensure_ascii=False))

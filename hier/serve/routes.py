@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import time
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
 
-from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
 from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
@@ -19,12 +21,14 @@ from hier.artifact.store import stamp
 from hier.enrollment import MAX_BASE_DROP
 from hier.errors import HierError, check_number
 from hier.fileio import locked
+from hier.serve import schemas
 from hier.serve.batching import Unavailable
 from hier.serve.limits import ADMIN_TOKEN_ENV, FORM_LIMITS, AdminRoute
 from hier.serve.service import Service, service_of
 from hier.serve.thumbnails import THUMB_MAX_PIXELS, thumbnail_jpeg
 
 PAGE = Path(__file__).with_name("static") / "index.html"
+AUDIT_LOG = logging.getLogger("hier.audit")     # one JSON line per enrollment change: who, what, when
 Served = Annotated[Service, Depends(service_of)]
 router = APIRouter()
 
@@ -34,14 +38,14 @@ async def page():
     return HTMLResponse(PAGE.read_text(encoding="utf-8"))
 
 
-@router.get("/health/live")
+@router.get("/health/live", response_model=schemas.Live)
 async def live(service: Served) -> dict:
     """The process answers (touches neither the model nor the disk)."""
     return {"status": "ok", "uptime_s": round(time.time() - service.started, 1)}
 
 
-@router.get("/health/ready")
-@router.get("/health")
+@router.get("/health/ready", response_model=schemas.Ready)
+@router.get("/health", response_model=schemas.Ready)
 async def ready(response: Response, service: Served) -> dict:
     """Ready to answer, and what is being served (503 when not). Never waits for the model: an
     artifact changed on disk is read here, in a worker thread, if no command holds it."""
@@ -74,7 +78,7 @@ def prometheus(service: Served) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.post("/predict")
+@router.post("/predict", response_model=schemas.Answer)
 async def predict(file: Annotated[UploadFile, File(description="A car photo (JPEG, PNG, WebP...)")],
                   service: Served, topk: Annotated[int, Query(ge=1, le=50)] = 5) -> dict:
     """Brand -> model -> fine class (years) with probabilities, and the top-k fine classes."""
@@ -83,7 +87,7 @@ async def predict(file: Annotated[UploadFile, File(description="A car photo (JPE
     return await service.model_lane.run(answer)     # admitted before the decode: overload is cheap
 
 
-@router.post("/similar")
+@router.post("/similar", response_model=schemas.Similar)
 async def similar(file: Annotated[UploadFile, File(description="Query photo")], service: Served,
                   k: Annotated[int, Query(ge=1, le=100)] = 10, same_brand: bool = False) -> dict:
     """The k nearest listings of the artifact's gallery, with the sellers' columns and a thumbnail
@@ -144,11 +148,13 @@ async def listing_photo(listing_id: str, service: Served) -> Response:
 
 
 def enroll_route(max_enroll_files: int) -> APIRouter:
-    """The admin router with ``/enroll`` accepting at most ``max_enroll_files`` photos."""
+    """The admin router: ``/enroll`` accepting at most ``max_enroll_files`` photos, and
+    ``DELETE /enroll/{class}``. Each change is one JSON line of the ``hier.audit`` log."""
     router = APIRouter(route_class=AdminRoute)
 
-    @router.post("/enroll", form_limits={**FORM_LIMITS, "max_files": max_enroll_files})
-    async def enroll(files: Annotated[list[UploadFile], File(description="A few photos of the new class")],
+    @router.post("/enroll", form_limits={**FORM_LIMITS, "max_files": max_enroll_files}, response_model=schemas.Enrolled)
+    async def enroll(request: Request,
+                     files: Annotated[list[UploadFile], File(description="A few photos of the new class")],
                      name: Annotated[str, Form(alias="class", description="e.g. 신형모델_2025")],
                      service: Served,
                      brand: Annotated[str | None, Form()] = None, model: Annotated[str | None, Form()] = None,
@@ -163,16 +169,40 @@ def enroll_route(max_enroll_files: int) -> APIRouter:
         from the next request on."""
         check_number("--max-base-drop", max_base_drop, 0, 100)
         shots = [await service.shot(f) for f in files]          # every shot checked before anything changes
-        rec = service.rec
+        return await _edit(request, service, "enroll", name, lambda rec: rec.enroll(
+            name, shots, brand, model, years, max_base_drop=max_base_drop).to_dict())
 
-        def enroll_shots() -> dict:                             # in the model thread, however long it takes
-            with contextlib.ExitStack() as held:
-                try:                                            # the model thread never waits for a writer
-                    held.enter_context(locked(rec.path, timeout=0))
-                except HierError:
-                    raise Unavailable(f"{rec.path} is being written by another command; try again when it "
-                                      "ends", "busy") from None
-                return rec.enroll(name, shots, brand, model, years, max_base_drop=max_base_drop).to_dict()
-        return await service.model_lane.run(lambda: service.in_model_thread(enroll_shots), bounded=False)
+    @router.delete("/enroll/{name}", response_model=schemas.Unenrolled)
+    async def unenroll(request: Request, name: str, service: Served,
+                       x_admin_token: Annotated[str | None, Header(description="must equal the service's "
+                                                                   f"{ADMIN_TOKEN_ENV}")] = None) -> dict:
+        """Remove an enrolled class, or the shots added to a known class (admin only, as ``/enroll``)."""
+        return await _edit(request, service, "unenroll", name, lambda rec: rec.unenroll(name).to_dict())
 
     return router
+
+
+async def _edit(request: Request, service: Service, action: str, name: str, change) -> dict:
+    """``change(recognizer)`` in the model thread under the artifact's lock (503 while another command
+    writes it; the model thread never waits for a writer), and its audit line, done or refused."""
+    rec = service.rec
+
+    def edit() -> dict:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(locked(rec.path, timeout=0))
+            except HierError:
+                raise Unavailable(f"{rec.path} is being written by another command; try again when it ends",
+                                  "busy") from None
+            return change(rec)
+    line = {"time": round(time.time(), 3), "action": action, "class": name,
+            "request_id": getattr(request.state, "request_id", None),
+            "client": request.client.host if request.client else None}
+    try:
+        done = await service.model_lane.run(lambda: service.in_model_thread(edit), bounded=False)
+    except Exception as e:
+        AUDIT_LOG.info(json.dumps({**line, "done": False, "detail": str(e)[:300]}, ensure_ascii=False))
+        raise
+    AUDIT_LOG.info(json.dumps({**line, "done": True, "shots": done.get("added"), "classes": done["classes"]},
+                              ensure_ascii=False))
+    return done

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hier import fileio  # noqa: E402
+from hier import fileio
+from hier.drawing import pyplot
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
     """Loss (train, validation) and validation top-1 against the epoch, written atomically."""
     epochs = [r["epoch"] for r in history]
+    plt = pyplot()
     fig, (loss, top1) = plt.subplots(1, 2, figsize=(9, 3.2), constrained_layout=True)
     loss.plot(epochs, [r["train_loss"] for r in history], "o-", label="train loss")
     if "val_log_loss" in history[-1]:
@@ -25,6 +24,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     top1.set(xlabel="epoch", title="validation top-1 (the answer)", ylim=(0, 1))
     for ax in (loss, top1):
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # epochs are whole numbers
     try:
         fileio.atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=80))
     finally:

@@ -93,6 +93,7 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         console.print(f"[yellow]--exclude {escape(str(cfg.exclude))} changed since the run started; the run goes on "
                       f"with the list it started with ({len(settings.exclude_names)} name(s)), so its split "
                       "is the saved one[/]")
+    given = taxonomy
     split = training_split(data_dir, taxonomy, settings, required=run_classes)   # the heads' rows
     images, taxonomy, merged = split.images, split.taxonomy, split.merged
     if cfg.exclude:
@@ -120,6 +121,7 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         run["exclude_names"] = list(settings.exclude_names) if settings.exclude_names is not None else \
             exclude_names(cfg.exclude)
     trainer = Trainer(model, taxonomy, cfg, out, console, world, merged, data_dir)   # a batch that does not split: refused here
+    _summary(console, data_dir, settings, split, given, model.cfg, cfg, trainer.dev)
     distributed.barrier(world)           # every rank has checked the folder before rank 0 writes to it
 
     def record_run() -> None:
@@ -138,6 +140,23 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
             trainer.console.print(f"[yellow]--resume changes the weights: {stale}[/]", soft_wrap=True)
     paths = images.paths
     return trainer.fit([paths[i] for i in tr], y[tr], [paths[i] for i in va], y[va])
+
+
+def _summary(console, data_dir, settings, split, given: Taxonomy | None, model_cfg: ModelConfig, cfg: TrainConfig,
+             device: str) -> None:
+    """What the run is about to do, before its first epoch: the photos it read and how they split, the
+    taxonomy classes it has no photos for, and the model and schedule."""
+    classes = len(split.taxonomy)
+    console.print(f"data: {data_dir} (layout {settings.layout}): {len(split.images.paths):,} photos of {classes} "
+                  f"classes, {len(split.train):,} to train on and {len(split.val):,} to validate on", soft_wrap=True,
+                  markup=False, highlight=False)
+    if given is not None and len(given) > classes:
+        console.print(f"taxonomy: {len(given) - classes} of its {len(given)} classes have no photos here and are "
+                      "left out of this model", markup=False, highlight=False, soft_wrap=True)
+    low = f", the first {cfg.low_res_epochs} at {cfg.low_res} px" if cfg.low_res_epochs else ""
+    console.print(f"model: {model_cfg.trunk} ({cfg.pretrained} weights), {model_cfg.img_size} px, {cfg.epochs} epochs"
+                  f"{low}, batch {cfg.batch_size}, on {device} with {torch.get_num_threads()} threads",
+                  markup=False, highlight=False, soft_wrap=True)
 
 
 def check_resume_flags(out: Path, preset, taxonomy, flags: dict) -> None:

@@ -124,3 +124,15 @@ def test_every_storable_name_survives_the_round_trip(tmp_path_factory, rows):
     path = tmp_path_factory.mktemp("rt") / "taxonomy.csv"
     tax.to_csv(path)
     assert Taxonomy.from_csv(path).table.to_dict("list") == tax.table.to_dict("list")
+
+
+def test_the_shipped_registries_are_named_by_their_file_name(tmp_path, monkeypatch):
+    """``--taxonomy hecto2025`` from any folder (package data, not a path into the repository); a file
+    of that name in the working folder, or any path, is read as given."""
+    monkeypatch.chdir(tmp_path)
+    assert len(Taxonomy.from_csv("hecto2025")) == 396
+    assert len(load_equivalent_pairs("hecto2025_equivalent")) == 5
+    (tmp_path / "hecto2025").write_text("class,brand,model,year_start,year_end\nA_B_2020_2021,A,B,2020,2021\n")
+    assert Taxonomy.from_csv("hecto2025").classes == ["A_B_2020_2021"]
+    with pytest.raises(HierError, match="not found"):
+        Taxonomy.from_csv("hecto2024")

@@ -69,7 +69,7 @@ def test_a_new_class_costs_at_most_its_base_drop_budget(head, request, demo_data
     lost = {}
     for budget in ("0", "4", "100"):
         code, out, err = enroll_shots(art, demo_data, capsys, "--brand", "Zephyr", "--max-base-drop", budget)
-        assert code == 0 and "score offset" in out, err
+        assert code == 0 and "of the known classes' held-out photos" in out.lower(), err
         net, tax = artifact.load(art)
         answers = net.heads(z)["joint"].argmax(1)
         lost[budget] = (int((right & (answers != y)).sum()), artifact.read_config(art)["enrolled"][0]["offset"])
@@ -81,7 +81,7 @@ def test_a_new_class_costs_at_most_its_base_drop_budget(head, request, demo_data
     assert lost["4"][0] <= 0.04 * len(y) + 1 and lost["0"][1] > lost["4"][1] > lost["100"][1]
     (art / "validation.npz").unlink()                        # an artifact trained before validation.npz
     code, out, err = enroll_shots(art, demo_data, capsys, "--brand", "Zephyr")
-    assert code == 0 and "no validation.npz" in err and "score offset" not in out
+    assert code == 0 and "no validation.npz" in err and "held-out photos" not in out
     code, _, err = enroll_shots(art, demo_data, capsys, "--brand", "Zephyr", "--max-base-drop", "-1", name="Other_2025")
     assert code == 2 and "--max-base-drop" in err
 
@@ -339,3 +339,27 @@ def test_enrolling_the_nfd_spelling_of_a_base_class_is_the_base_class(art, demo_
     tax = artifact.load(art)[1]
     assert "신형모델_2025_2025" in tax.classes and tax.row("신형모델_2025_2025")["brand"] == "현대"
     assert run_cli("unenroll", art, "--class", "신형모델_2025_2025", capsys=capsys)[0] == 0
+
+
+def test_enroll_says_in_words_what_it_changed_for_the_answers(art, demo_data):
+    """Shots of a known class enrolled under a new name with the budget wide open: the words name the
+    known class whose held-out photos it now takes, and the share is the served answer's (the one
+    answer function, at the served temperature), not a score offset."""
+    from hier.metrics import served_answer
+    r = Recognizer(art).enroll(NEW, photos_of(demo_data, "Cinder_Rook_2019_2023", 5), brand="Zephyr",
+                               max_base_drop=100)
+    net, tax = artifact.load(art)
+    z, y = read_validation(art)
+    answers = served_answer(net.heads(z)["joint"].numpy(), net.cfg.temperature, tax.fine_to_model,
+                            tax.fine_to_brand)[1]
+    taken = answers == tax.class_index[NEW]
+    assert taken.any() and r.base_photos_taken == pytest.approx(taken.mean())
+    counts = np.bincount(y.numpy()[taken], minlength=len(tax))
+    most = int(counts.argmax())                   # the known class most of the photos it takes are photos of
+    assert r.taken_most_from == {"class": tax.classes[most], "photos": int(counts[most]),
+                                 "of": int((y.numpy() == most).sum()),
+                                 "share": pytest.approx(counts[most] / (y.numpy() == most).sum())}
+    words = r.summary()
+    assert f"{round(r.own_shots_answered * 5)} of these 5 photo(s) are answered as '{NEW}'" in words
+    assert f"{taken.mean():.1%} are now answered as '{NEW}', most of them photos of '{tax.classes[most]}'" in words
+    assert r.to_dict()["summary"] == words and "offset" in r.to_dict()

@@ -44,3 +44,26 @@ def test_topk_json_is_hierarchical(tiny_artifact, demo_data, capsys):
     for r in rows:
         assert tax.row(r["class"])["brand"] == r["brand"] and tax.row(r["class"])["model"] == r["model"]
         assert r["p"] <= r["p_model"] + 1e-9 <= r["p_brand"] + 2e-9      # a class is inside its model and brand
+
+
+def test_results_read_well_draw_themselves_and_time_the_model_read_apart(art, demo_data, tmp_path):
+    """For a notebook: a readable repr, ``plot()``/``save()`` drawing the photo with its answer and top-k
+    (as ultralytics' ``Results.plot``), and ``speed`` keeping the model read out of the per-photo time."""
+    from PIL import Image
+    from conftest import photos_of
+    rec = Recognizer(art)
+    photos = photos_of(demo_data, "Cinder_Rook_2019_2023", 2)
+    first = rec.predict(photos, topk=3)
+    again = rec.predict(photos, topk=3)
+    r = first[0]
+    assert repr(r) == (f"Prediction({photos[0].name}: {r.brand} > {r.model} > {r.fine}, p {r.p:.3f} "
+                       f"(model {r.p_model:.3f}, brand {r.p_brand:.3f}))")
+    assert repr(first).startswith("Results(2 photo(s), 12 classes; model read in ") and repr(r) in repr(first)
+    assert first.speed["load_ms"] > 10 * again.speed["load_ms"]          # read once, then held
+    assert first.speed["ms_per_photo"] > 0 and again.speed["photos"] == 2
+    picture = r.plot(width=240)
+    thumb = Image.open(photos[0]).convert("RGB")
+    thumb.thumbnail((240, 240))
+    assert picture.size == (240, thumb.height + 12 + (18 + 6) + 3 * (14 + 6))      # the photo, the answer, top-3
+    saved = r.save(tmp_path / "answer.png", width=240)
+    assert Image.open(saved).size == picture.size and Image.open(saved).format == "PNG"

@@ -86,3 +86,34 @@ def test_the_file_keeps_names_and_refuses_damage(tmp_path):
     with pytest.raises(HierError, match="finite"):
         stats.save(tmp_path / "t.safetensors")
     assert not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_an_enrolled_class_is_scored_as_its_true_mean_would_be(n):
+    """A mean of n shots scores its own photos lower than the class's true mean would, by tr(P S)/(2n)
+    in expectation (the noise in its bias term): ``debias`` gives that back, so over many shot draws an
+    enrolled class's bias is the true mean's on average, where without it a one-shot class sat far below."""
+    z, y = _data(classes=7, per=400)
+    base, new = y < 6, y == 6
+    names = np.array([f"C{i}" for i in y])
+    true_mean = z[new].mean(0)
+    rng = np.random.default_rng(1)
+    biases = {0.0: [], 1.0: []}
+    for debias in biases:
+        stats = ClassStatistics.fit(z[base], names[base], "f", HeadConfig(teen=0.0, debias=debias))
+        p = np.linalg.inv(stats.covariance())
+        target = -0.5 * true_mean @ p @ true_mean
+        for _ in range(300):
+            stats.add_shots("C6", z[new][rng.choice(new.sum(), n, replace=False)])
+            biases[debias].append(float(stats.linear_head(stats.classes)[1][-1]) - target)
+            stats.remove_shots("C6")
+    deficit = float(np.trace(p @ stats.scatter / stats.dof)) / (2 * n)
+    error = {d: np.std(b) / np.sqrt(len(b)) for d, b in biases.items()}     # standard errors of the means
+    assert deficit > 6 * max(error.values())                                      # a deficit well measured
+    assert abs(np.mean(biases[0.0]) + deficit) < 3 * error[0.0]                   # as modelled ...
+    assert abs(np.mean(biases[1.0])) < 3 * error[1.0]                             # ... and given back
+    # base classes are scored as before, and statistics saved before debias keep scoring without it
+    plain = ClassStatistics.fit(z[base], names[base], "f", HeadConfig(teen=0.0, debias=0.0))
+    assert np.allclose(stats.linear_head(stats.base_classes())[1], plain.linear_head(plain.base_classes())[1])
+    assert HeadConfig.from_dict({"shrink": 0.1, "teen": 0.1, "tau": 16.0}).debias == 0.0
+    assert HeadConfig().debias == 1.0

@@ -46,6 +46,12 @@ def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
     assert [t["class"] for t in got["topk"]] == [t["class"] for t in want.topk] and len(got["topk"]) == 3
     schema = client.get("/openapi.json").json()
     assert {"/predict", "/similar", "/enroll", "/health"} <= set(schema["paths"])
+    # typed: each answer's schema is in /docs, and the answer has exactly its fields
+    answer = schema["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert answer == {"$ref": "#/components/schemas/Answer"}
+    fields = schema["components"]["schemas"]["Answer"]["properties"]
+    assert set(got) == set(fields) and set(got["topk"][0]) == set(schema["components"]["schemas"]["RankedClass"]["properties"])
+    assert {"Similar", "Listing", "Enrolled", "Ready", "Live"} <= set(schema["components"]["schemas"])
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
 
@@ -92,6 +98,33 @@ def test_enroll_needs_the_admin_token_and_is_answered_at_once(client, art, demo_
     bad = client.post("/enroll", files=shots, data={**form, "max_base_drop": "150"}, headers={"X-Admin-Token": "s3cret"})
     assert bad.status_code == 400 and "--max-base-drop" in bad.json()["detail"]
     assert client.get("/health").json()["classes"] == before + 2
+
+
+def test_an_operator_unenrolls_over_http_and_every_change_is_audited(client, demo_data, monkeypatch, caplog):
+    """``DELETE /enroll/{class}`` beside ``/enroll`` (admin only); one ``hier.audit`` line per change, done
+    or refused, carrying the request id the client sent back in ``X-Request-ID`` (a new one otherwise)."""
+    import json
+    import logging
+    shots = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in _photos(demo_data, "Borealis_Lynx_2019_2022")]
+    monkeypatch.setenv(ADMIN_TOKEN_ENV, "s3cret")
+    admin = {"X-Admin-Token": "s3cret"}
+    before = client.get("/health").json()["classes"]
+    with caplog.at_level(logging.INFO, logger="hier.audit"):
+        r = client.post("/enroll", files=shots, data={"class": "신형모델_2025", "brand": "Borealis"},
+                        headers={**admin, "X-Request-ID": "dealer-42"})
+        assert r.status_code == 200 and r.headers["x-request-id"] == "dealer-42"
+        assert "answered as '신형모델_2025'" in r.json()["summary"]
+        assert client.delete("/enroll/신형모델_2025").status_code == 401           # no token given
+        gone = client.delete("/enroll/신형모델_2025", headers=admin)
+        assert gone.status_code == 200 and gone.json() == {"class": "신형모델_2025", "classes": before, "base": False}
+        again = client.delete("/enroll/신형모델_2025", headers=admin)
+        assert again.status_code == 400 and "not an enrolled class" in again.json()["detail"]
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hier.audit"]
+    assert [(x["action"], x["class"], x["done"]) for x in lines] == [
+        ("enroll", "신형모델_2025", True), ("unenroll", "신형모델_2025", True), ("unenroll", "신형모델_2025", False)]
+    assert lines[0]["request_id"] == "dealer-42" and lines[0]["shots"] == len(shots)
+    assert len(lines[1]["request_id"]) == 32 and lines[1]["request_id"] != lines[2]["request_id"]
+    assert client.get("/health/live", headers={"X-Request-ID": "bad id"}).headers["x-request-id"] != "bad id"
 
 
 def test_uploaded_shots_count_by_content_as_the_cli_counts_their_files(client, art, demo_data, monkeypatch, capsys):
@@ -196,3 +229,22 @@ def test_upload_page_in_headless_chromium(art, demo_data, tmp_path):
     assert all(a["y"] + a["height"] <= b["y"] for a, b in zip(boxes, boxes[1:])), boxes
     assert not logs, logs
     assert (tmp_path / "page.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_docs_render_with_no_network(art, tmp_path):
+    """/docs in headless Chromium that can reach nothing but the loopback (every other host resolves to
+    nothing): Swagger UI comes from files installed with hier and lists the routes (blank before: a CDN)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    offline = "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"
+    with served(create_app(art)) as url, chromium(offline) as browser:
+        browser.get(url + "/docs")
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+        paths = {e.text.replace("\u200b", "") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+        title = browser.find_element(By.CSS_SELECTOR, ".info .title").text
+        requested = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+        browser.save_screenshot(str(tmp_path / "docs.png"))
+    assert {"/predict", "/similar", "/enroll"} <= paths and title.startswith("hier")
+    assert requested and all(r.startswith(url) for r in requested), requested

@@ -112,6 +112,27 @@ def test_audit_finds_exactly_the_planted_faults(faulty, stand_in, tmp_path, caps
     assert Image.open(out / "outliers.png").size[1] > 600        # 28 photos: 4 rows of the sheet
 
 
+def test_a_resized_re_encoded_copy_is_found_by_its_perceptual_hash(faulty, monkeypatch, tmp_path, capsys):
+    """An embedding that sees no two photos alike (random unit vectors: every cosine far under 0.93)
+    still finds the copies a pHash sees: the planted resized photo, and a half-size JPEG quality 50 copy
+    filed under another class, as a cross-class pair; no pair of distinct drawings."""
+    root, planted = faulty
+    a, b, c = SHAPES
+    Image.open(root / b / "04.jpg").resize((32, 32)).save(root / c / "beta_half.jpg", quality=50)
+
+    def unlike(items, *args, **kwargs):
+        z = np.random.default_rng(0).normal(size=(len(items), 256))
+        return z / np.linalg.norm(z, axis=1, keepdims=True)
+    monkeypatch.setattr(audit_mod, "embed", unlike)
+    code, _, err = run_cli("audit", root, "--out", tmp_path / "audit", capsys=capsys)
+    assert code == 0, err
+    r = json.loads((tmp_path / "audit" / "audit.json").read_text(encoding="utf-8"))
+    found = {(p["a"], p["b"]): p for p in r["near_duplicates"]}
+    assert set(found) == {planted["near"], (f"{b}/04.jpg", f"{c}/beta_half.jpg")}, found
+    assert all(p["cosine"] < 0.5 and p["phash_bits"] <= r["phash_bits"] for p in found.values())
+    assert found[(f"{b}/04.jpg", f"{c}/beta_half.jpg")]["cross_class"] and r["counts"]["near_cross_class_pairs"] == 1
+
+
 def test_exclude_outliers_and_overwrite_refused(faulty, stand_in, tmp_path, capsys):
     root, planted = faulty
     exclude = tmp_path / "exclude.txt"

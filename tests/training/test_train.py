@@ -259,3 +259,28 @@ def test_library_refuses_non_finite_numbers(art, demo_data):
                      ({"alpha": float("nan")}, "alpha")):
         with pytest.raises(HierError, match=name):
             ModelConfig(**kw)
+
+
+def test_a_run_logged_to_a_file_says_every_epoch_as_it_ends(demo_data, tmp_path):
+    """``hier train ... > run.log 2>&1`` (nohup, CI): no live display, one plain line per epoch with its
+    loss and validation figures, written while the run goes on."""
+    log = tmp_path / "run.log"
+    with log.open("w") as f:
+        done = subprocess.run([sys.executable, "-m", "hier", "train", str(demo_data.train_dir), "--out",
+                               str(tmp_path / "run"), "--model", "test_efficientnet", "--pretrained", "none",
+                               "--img-size", "64", "--batch-size", "16", "--epochs", "3", "--no-export"],
+                              stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                              timeout=600)
+    text = log.read_text()
+    assert done.returncode == 0, text[-2000:]
+    epochs = [line for line in text.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/3", "epoch 2/3", "epoch 3/3"], text
+    assert all(" in 0:" in line and "loss " in line and "val_top1 " in line for line in epochs), epochs
+    assert "\x1b[" not in text and "━" not in text             # no escape codes, no bar drawn into the file
+    # what the run does, first; one validation figure, last
+    lines = text.splitlines()
+    data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
+    assert "photos of 12 classes" in lines[data] and lines[data + 1].startswith("model: test_efficientnet (none weights)")
+    assert data < lines.index(epochs[0])
+    headline = [line for line in lines if line.startswith("validation: top-1 ")]
+    assert len(headline) == 1 and "metrics.json" in headline[0] and lines[-1].startswith("artifact: ")

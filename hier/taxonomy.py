@@ -59,11 +59,11 @@ def check_name(what: str, name: str) -> str:
 
 
 def registry_file(path: str | Path) -> Path:
-    """``path`` itself, or, for a bare name that is no file here (``hecto2025``), the CSV of that name
-    shipped in ``hier/registry``."""
+    """``path`` itself, or, for a bare name that is no file here (``hecto2025``; a folder of that name,
+    such as the competition's data, does not count), the CSV of that name shipped in ``hier/registry``."""
     path = Path(path)
     shipped = REGISTRY / f"{path.name}.csv"
-    if not path.exists() and path.parent == Path(".") and not path.suffix and shipped.is_file():
+    if not path.is_file() and path.parent == Path(".") and not path.suffix and shipped.is_file():
         return shipped
     return path
 

@@ -172,7 +172,7 @@ def enroll_route(max_enroll_files: int) -> APIRouter:
         return await _edit(request, service, "enroll", name, lambda rec: rec.enroll(
             name, shots, brand, model, years, max_base_drop=max_base_drop).to_dict())
 
-    @router.delete("/enroll/{name}", response_model=schemas.Unenrolled)
+    @router.delete("/enroll/{name:path}", response_model=schemas.Unenrolled)
     async def unenroll(request: Request, name: str, service: Served,
                        x_admin_token: Annotated[str | None, Header(description="must equal the service's "
                                                                    f"{ADMIN_TOKEN_ENV}")] = None) -> dict:

@@ -130,6 +130,7 @@ def test_the_shipped_registries_are_named_by_their_file_name(tmp_path, monkeypat
     """``--taxonomy hecto2025`` from any folder (package data, not a path into the repository); a file
     of that name in the working folder, or any path, is read as given."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "hecto2025_equivalent").mkdir()            # the competition's data folder beside: not a CSV
     assert len(Taxonomy.from_csv("hecto2025")) == 396
     assert len(load_equivalent_pairs("hecto2025_equivalent")) == 5
     (tmp_path / "hecto2025").write_text("class,brand,model,year_start,year_end\nA_B_2020_2021,A,B,2020,2021\n")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hier import fileio
+from hier.errors import HierError
 from hier.metrics import path_of
 from hier.taxonomy import Taxonomy
 
@@ -49,6 +50,8 @@ class Prediction:
 
         from hier.data import to_rgb
         from hier.drawing import hangul_font
+        if image is None and not Path(self.image).is_file():
+            raise HierError(f"{self.image} was given in memory (or is gone): pass it, plot(image=...)")
         photo = Image.fromarray(to_rgb(image if image is not None else self.image, 2 * width))
         photo.thumbnail((width, width))
         lines = [(f"{self.brand} > {self.model} > {self.fine}  {self.p:.0%}", 18)] + \
@@ -63,10 +66,13 @@ class Prediction:
         return canvas
 
     def save(self, path: str | Path, image=None, width: int = 480) -> Path:
-        """``plot()`` written as a PNG or JPEG (by ``path``'s suffix), atomically."""
+        """``plot()`` written in the format ``path``'s suffix names (PNG, JPEG, WebP ...), atomically."""
+        from PIL import Image
         picture = self.plot(image, width)
-        fileio.atomic_write(path, lambda p: picture.save(p, format="JPEG" if Path(path).suffix.lower() in
-                                                        (".jpg", ".jpeg") else "PNG"))
+        kind = Image.registered_extensions().get(Path(path).suffix.lower())
+        if kind is None:
+            raise HierError(f"{path}: say the picture's format by its suffix (.png, .jpg, .webp ...)")
+        fileio.atomic_write(path, lambda p: picture.save(p, format=kind))
         return Path(path)
 
 

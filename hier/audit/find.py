@@ -14,6 +14,7 @@ OUTLIER_Z = -3.5            # modified z-score below which a photo is flagged (I
 MIN_CLASS = 5               # fewer photos than this: no robust spread to judge an outlier by
 NEAR_PER_PHOTO = 16         # near-duplicates looked for among each photo's nearest (memory linear in photos)
 PHASH_BITS = 8              # pHashes at most this many of 64 bits apart are copies of one photo
+FLAT_BITS = 4               # ... unless a hash has this few bits set (or unset): a flat photo's says nothing
 
 
 def imagenet_net():
@@ -93,16 +94,20 @@ def phash_codes(hashes) -> np.ndarray:
 def hash_duplicates(codes: np.ndarray, bits: int = PHASH_BITS, per_photo: int = NEAR_PER_PHOTO) -> list[tuple[int, int]]:
     """Pairs (i < j) whose pHashes are at most ``bits`` apart, among each photo's ``per_photo`` nearest
     by Hamming distance (FAISS binary k-NN): copies resized or re-encoded, which the embedding may place
-    under ``--near`` (a half-size re-encoded copy measured cosine 0.83)."""
+    under ``--near`` (a half-size re-encoded copy measured cosine 0.83). A flat photo (blank, one grey)
+    hashes to nearly all zeros whatever its shade, so such hashes pair with nothing."""
     import faiss
-    if not len(codes):
+    bits_set = np.unpackbits(codes, axis=1).sum(1) if len(codes) else np.zeros(0)
+    telling = np.flatnonzero((bits_set > FLAT_BITS) & (bits_set < 64 - FLAT_BITS))   # a flat photo hashes ~0
+    if len(telling) < 2:
         return []
     index = faiss.IndexBinaryFlat(64)
-    index.add(np.ascontiguousarray(codes))
-    dist, found = index.search(np.ascontiguousarray(codes), min(per_photo + 1, len(codes)))
-    query = np.repeat(np.arange(len(codes)), found.shape[1])
+    index.add(np.ascontiguousarray(codes[telling]))
+    dist, found = index.search(np.ascontiguousarray(codes[telling]), min(per_photo + 1, len(telling)))
+    query = np.repeat(np.arange(len(telling)), found.shape[1])
     keep = (found.ravel() >= 0) & (query != found.ravel()) & (dist.ravel() <= bits)
-    return sorted({(int(min(a, b)), int(max(a, b))) for a, b in zip(query[keep], found.ravel()[keep])})
+    a, b = telling[query[keep]], telling[found.ravel()[keep]]
+    return sorted({(int(min(i, j)), int(max(i, j))) for i, j in zip(a, b)})
 
 
 def _bits(a: np.ndarray, b: np.ndarray) -> int:

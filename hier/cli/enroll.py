@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from hier.cli.base import app, console, err, expand_globs
+from hier.errors import HierError
 
 
 @app.command()
@@ -32,12 +33,15 @@ def enroll(
         hidden=True, help="The rest of --images a.jpg b.jpg (what the shell makes of --images shots/*.jpg)")] = None,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
+    if artifact.is_file():          # `hier enroll --images a.jpg b.jpg ART`: the photos took its place
+        raise HierError(f"{artifact} is a file, not an artifact folder; the artifact comes first: "
+                        "hier enroll ARTIFACT --class NAME --images PHOTOS...")
+    shots = expand_globs([*images, *(more or [])], "--images")      # before the heavy imports
     from hier.enrollment.classes import OWN_SHOTS
     from hier.recognizer import Recognizer
 
     budget = {} if max_base_drop is None else {"max_base_drop": max_base_drop}
-    r = Recognizer(artifact).enroll(name, expand_globs([*images, *(more or [])], "--images"), brand, model, years,
-                                    add_shots, min_shots, calibrate, **budget)
+    r = Recognizer(artifact).enroll(name, shots, brand, model, years, add_shots, min_shots, calibrate, **budget)
     c = r.name
     console.print(r.summary(), markup=False, highlight=False, soft_wrap=True)
     if not r.added:

@@ -6,7 +6,7 @@ import torch
 
 from hier.models import HierNet
 
-MAX_BASE_DROP = 1.0             # default budget (points of base accuracy) one enrolled class may cost
+MAX_BASE_DROP = 0.8             # default budget (points of base accuracy) one enrolled class may cost
 MAX_RAISE = 6.0                 # most an offset may raise a class's statistical score (a 5-shot mean scores low)
 
 

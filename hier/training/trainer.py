@@ -72,6 +72,11 @@ class Trainer:
         self.console = console or Console(stderr=True)
         self.dev = distributed.device_for(world, torch.cuda.device_count())
         distributed.rank_batch(cfg.batch_size, world)      # a global batch that does not split: refused now
+        if cfg.cache_views > 0 and model.cfg.freeze_stages > 0 and cfg.low_res:
+            raise HierError("--low-res trains on photos, not on cached frozen-stage maps: add --cache-views 0")
+        if cfg.low_res >= model.cfg.img_size:
+            raise HierError(f"--low-res {cfg.low_res} must be below --img-size {model.cfg.img_size} (the first epochs "
+                            "train on smaller photos; --low-res 0 --low-res-epochs 0 trains at one size)")
         self.amp = cfg.amp and self.dev.startswith("cuda")
         self.amp_dtype = torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
         self.model.to(self.dev)
@@ -138,11 +143,6 @@ class Trainer:
         cached = cfg.cache_views > 0 and model.cfg.freeze_stages > 0
         if len(train_paths) < 2:
             raise HierError(f"{len(train_paths)} training photo(s) after the validation split; need at least 2")
-        if cached and cfg.low_res:
-            raise HierError("--low-res trains on photos, not on cached frozen-stage maps: add --cache-views 0")
-        if cfg.low_res >= model.cfg.img_size:
-            raise HierError(f"--low-res {cfg.low_res} must be below --img-size {model.cfg.img_size} (the first epochs "
-                            "train on smaller photos; --low-res 0 --low-res-epochs 0 trains at one size)")
         world, validates = self.world, self.world.main and len(val_paths) > 0     # rank 0 alone validates
         dev_type = self.dev.split(":")[0]
         train_set = ImageDataset(train_paths, train_y, tf_train, model.cfg.img_size)

@@ -28,10 +28,11 @@ def test_version_and_short_help():
 @pytest.mark.parametrize("args", [["predict", "ART", "--bogus"], ["train", "/no/such/folder", "--epochs", "x"],
                                   ["enroll", "ART"], ["evaluate", "ART", "DATA", "--format", "xml"]])
 def test_a_mistyped_command_is_one_line_in_under_two_seconds(args):
-    """No torch, timm or FastAPI import before the flags are checked (measured: 0.5-1.0 s a process)."""
-    done, seconds = _hier(*args)
+    """No torch, timm or FastAPI import before the flags are checked (measured: 0.6-0.9 s a process on an
+    idle machine; the faster of two runs, so that a moment's load elsewhere does not decide)."""
+    (done, first), (_, second) = _hier(*args), _hier(*args)
     assert done.returncode == 2 and error_line_only(done.returncode, done.stderr), done.stderr
-    assert seconds < 2.0, seconds
+    assert min(first, second) < 2.0, (first, second)
 
 
 def test_evaluate_speaks_format_like_every_other_command(tiny_artifact, demo_data, capsys):
@@ -60,3 +61,11 @@ def test_images_take_what_a_shell_glob_expands_to_and_a_quoted_glob(art, demo_da
     code, _, err = run_cli("enroll", art, "--class", "Cinder_Rook_2026_2026", "--images", f"{shots}/*.png",
                            capsys=capsys)
     assert error_line_only(code, err) and "no file matches" in err
+
+
+def test_photos_where_the_artifact_goes_are_named_as_such(art, demo_data, tmp_path, capsys):
+    """``hier enroll --class X --images a.jpg b.jpg ART``: the shell's order puts a photo in the artifact's
+    place; one line says the artifact comes first, before any heavy import."""
+    files = photos_of(demo_data, "Cinder_Rook_2019_2023", 2)
+    code, _, err = run_cli("enroll", "--class", "Cinder_Rook_2025_2025", "--images", *files, art, capsys=capsys)
+    assert error_line_only(code, err) and "the artifact comes first" in err

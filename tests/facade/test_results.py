@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import run_cli
 
+from hier.errors import HierError
 from hier.recognizer import Recognizer
 from hier.taxonomy import Taxonomy
 
@@ -67,3 +68,10 @@ def test_results_read_well_draw_themselves_and_time_the_model_read_apart(art, de
     assert picture.size == (240, thumb.height + 12 + (18 + 6) + 3 * (14 + 6))      # the photo, the answer, top-3
     saved = r.save(tmp_path / "answer.png", width=240)
     assert Image.open(saved).size == picture.size and Image.open(saved).format == "PNG"
+    assert Image.open(r.save(tmp_path / "answer.webp")).format == "WEBP"            # the suffix's format
+    with pytest.raises(HierError, match="suffix"):
+        r.save(tmp_path / "answer.unknown")
+    in_memory = rec.predict(Image.open(photos[0]))[0]
+    with pytest.raises(HierError, match="plot\\(image="):
+        in_memory.plot()                       # its name is no file: before, '<image 0>' was opened as one
+    assert in_memory.plot(Image.open(photos[0])).width == 480

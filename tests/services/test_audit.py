@@ -115,10 +115,13 @@ def test_audit_finds_exactly_the_planted_faults(faulty, stand_in, tmp_path, caps
 def test_a_resized_re_encoded_copy_is_found_by_its_perceptual_hash(faulty, monkeypatch, tmp_path, capsys):
     """An embedding that sees no two photos alike (random unit vectors: every cosine far under 0.93)
     still finds the copies a pHash sees: the planted resized photo, and a half-size JPEG quality 50 copy
-    filed under another class, as a cross-class pair; no pair of distinct drawings."""
+    filed under another class, as a cross-class pair; no pair of distinct drawings, nor of flat photos
+    (a blank photo's pHash is all zeros whatever its shade: every two paired before)."""
     root, planted = faulty
     a, b, c = SHAPES
     Image.open(root / b / "04.jpg").resize((32, 32)).save(root / c / "beta_half.jpg", quality=50)
+    for k, cls in enumerate(SHAPES):                 # flat photos of other shades hash alike: not copies
+        Image.new("RGB", (64, 64), (40 * k, 40 * k, 40 * k)).save(root / cls / f"flat{k}.jpg")
 
     def unlike(items, *args, **kwargs):
         z = np.random.default_rng(0).normal(size=(len(items), 256))

@@ -56,7 +56,8 @@ def test_report_agrees_with_evaluate_and_loads_in_chromium(tiny_artifact, demo_d
         images = browser.execute_script(
             "return [...document.images].map(i => [i.getAttribute('src'), i.complete && i.naturalWidth > 0])")
         browser.save_screenshot(str(tmp_path / "report.png"))
-    assert len(images) == 4 + len(m["confused_pairs"]) + len(cams)
+    # 4 figures, the artifact's training curves (drawn by `hier train`), the pairs and the activation maps
+    assert len(images) == 5 + len(m["confused_pairs"]) + len(cams) and ["curves.png", True] in images
     assert all(ok for _, ok in images), [src for src, ok in images if not ok]
     assert (tmp_path / "report.png").stat().st_size > 10_000
 

@@ -11,9 +11,10 @@ EVERY = 30.0          # seconds between two lines of one unfinished task in a lo
 
 
 def progress_bar(console: Console | None = None) -> Progress:
-    """A live bar when ``console`` is a terminal; else (``hier train > run.log``, nohup, CI) ``LogProgress``."""
+    """A live bar when ``console`` is a terminal (or a notebook); else (``hier train > run.log``, nohup,
+    CI) ``LogProgress``."""
     console = console or Console(stderr=True)
-    if not console.is_terminal and not console.quiet:
+    if not (console.is_terminal or console.is_jupyter or console.quiet):
         return LogProgress(console)
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),

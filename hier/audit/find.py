@@ -13,7 +13,7 @@ from hier.taxonomy import Taxonomy
 OUTLIER_Z = -3.5            # modified z-score below which a photo is flagged (Iglewicz & Hoaglin)
 MIN_CLASS = 5               # fewer photos than this: no robust spread to judge an outlier by
 NEAR_PER_PHOTO = 16         # near-duplicates looked for among each photo's nearest (memory linear in photos)
-PHASH_BITS = 8              # pHashes at most this many of 64 bits apart are copies of one photo
+PHASH_BITS = 4              # pHashes at most this many of 64 bits apart are copies of one photo
 FLAT_BITS = 4               # ... unless a hash has this few bits set (or unset): a flat photo's says nothing
 
 

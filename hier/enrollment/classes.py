@@ -71,7 +71,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
         names = [e["class"] for e in entries]
         is_base = name in taxonomy and (name not in names or entries[names.index(name)].get("base"))
         if is_base and not add_shots:
-            raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots to add photos to it")
+            raise HierError(f"{name!r} is a base class of this artifact; pass --add-shots (add_shots over HTTP) to add photos to it")
         mapping = prototype_map(path, net, taxonomy) if stats is None else None
         if is_base and stats is None and mapping is None:
             raise HierError(f"{path} has no {PROTOTYPES} (trained by an older hier), so shots cannot be added to "

@@ -159,6 +159,8 @@ def enroll_route(max_enroll_files: int) -> APIRouter:
                      service: Served,
                      brand: Annotated[str | None, Form()] = None, model: Annotated[str | None, Form()] = None,
                      years: Annotated[str | None, Form(description="e.g. 2025-2026")] = None,
+                     add_shots: Annotated[bool, Form(description="the class is a known one: add the photos "
+                                                     "to it")] = False,
                      max_base_drop: Annotated[float, Form(description="points of the known classes' held-out "
                                                           "accuracy the class may cost")] = MAX_BASE_DROP,
                      x_admin_token: Annotated[str | None, Header(description="must equal the service's "
@@ -170,7 +172,7 @@ def enroll_route(max_enroll_files: int) -> APIRouter:
         check_number("--max-base-drop", max_base_drop, 0, 100)
         shots = [await service.shot(f) for f in files]          # every shot checked before anything changes
         return await _edit(request, service, "enroll", name, lambda rec: rec.enroll(
-            name, shots, brand, model, years, max_base_drop=max_base_drop).to_dict())
+            name, shots, brand, model, years, add_shots=add_shots, max_base_drop=max_base_drop).to_dict())
 
     @router.delete("/enroll/{name:path}", response_model=schemas.Unenrolled)
     async def unenroll(request: Request, name: str, service: Served,

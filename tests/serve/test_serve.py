@@ -124,6 +124,12 @@ def test_an_operator_unenrolls_over_http_and_every_change_is_audited(client, dem
         ("enroll", "신형모델_2025", True), ("unenroll", "신형모델_2025", True), ("unenroll", "신형모델_2025", False)]
     assert lines[0]["request_id"] == "dealer-42" and lines[0]["shots"] == len(shots)
     assert len(lines[1]["request_id"]) == 32 and lines[1]["request_id"] != lines[2]["request_id"]
+    # a known class takes photos over HTTP too, as `hier enroll --add-shots`; refused without the field
+    known = {"class": "Borealis_Lynx_2019_2022"}
+    refused = client.post("/enroll", files=shots, data=known, headers=admin)
+    assert refused.status_code == 400 and "add_shots" in refused.json()["detail"]
+    added = client.post("/enroll", files=shots, data={**known, "add_shots": "true"}, headers=admin)
+    assert added.status_code == 200 and added.json()["base"] and added.json()["added"] == len(shots)
     assert client.get("/health/live", headers={"X-Request-ID": "bad id"}).headers["x-request-id"] != "bad id"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from hier import fileio
-from hier.errors import HierError
+from hier.errors import HierError, check_number
 from hier.metrics import path_of
 from hier.taxonomy import Taxonomy
 
@@ -50,6 +50,7 @@ class Prediction:
 
         from hier.data import to_rgb
         from hier.drawing import hangul_font
+        width = int(check_number("width", width, 16, 8192, integer=True))
         if image is None and not Path(self.image).is_file():
             raise HierError(f"{self.image} was given in memory (or is gone): pass it, plot(image=...)")
         photo = Image.fromarray(to_rgb(image if image is not None else self.image, 2 * width))
@@ -72,7 +73,10 @@ class Prediction:
         kind = Image.registered_extensions().get(Path(path).suffix.lower())
         if kind is None:
             raise HierError(f"{path}: say the picture's format by its suffix (.png, .jpg, .webp ...)")
-        fileio.atomic_write(path, lambda p: picture.save(p, format=kind))
+        try:
+            fileio.atomic_write(path, lambda p: picture.save(p, format=kind))
+        except (OSError, ValueError) as e:     # a format PIL cannot write RGB in, a folder that is a file ...
+            raise HierError(f"cannot save {path} ({getattr(e, 'strerror', None) or e})") from None
         return Path(path)
 
 

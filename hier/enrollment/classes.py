@@ -34,6 +34,7 @@ from hier.errors import HierError, check_number
 from hier.export import artifact_predictor
 from hier.metrics import served_answer
 from hier.models import HierNet
+from hier.outputs import is_inside
 from hier.taxonomy import Taxonomy, check_name, nfc
 
 OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this gets a warning
@@ -61,6 +62,10 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     model = None if model is None else check_name("--model", nfc(model))
     span = parse_years(years)
     shots, digests, copies = distinct_shots(images)
+    inside = next((s for s in shots if isinstance(s, Path) and is_inside(s, path)), None)
+    if inside is not None:                 # `--images ART`: the artifact's own curves.png is no car photo
+        raise HierError(f"{inside} is a file of the artifact {path}, not a photo of {name!r}; give the shots' "
+                        "folder or files")
     if len(shots) < min_shots:
         raise HierError(f"{len(shots)} shot(s) given for {name!r}"
                         + (f" ({copies} more were copies of them)" if copies else "") + f"; --min-shots is {min_shots}")

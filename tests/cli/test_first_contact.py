@@ -69,3 +69,11 @@ def test_photos_where_the_artifact_goes_are_named_as_such(art, demo_data, tmp_pa
     files = photos_of(demo_data, "Cinder_Rook_2019_2023", 2)
     code, _, err = run_cli("enroll", "--class", "Cinder_Rook_2025_2025", "--images", *files, art, capsys=capsys)
     assert error_line_only(code, err) and "the artifact comes first" in err
+
+
+def test_the_artifact_s_own_files_are_no_shots(art, capsys):
+    """``--images ART`` (or a folder inside it): its curves.png was enrolled as a car photo."""
+    before = sorted(p.name for p in art.iterdir())
+    code, _, err = run_cli("enroll", art, "--class", "Cinder_Rook_2025_2025", "--images", art, capsys=capsys)
+    assert error_line_only(code, err) and "is a file of the artifact" in err
+    assert sorted(p.name for p in art.iterdir()) == before

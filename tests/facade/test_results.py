@@ -71,6 +71,10 @@ def test_results_read_well_draw_themselves_and_time_the_model_read_apart(art, de
     assert Image.open(r.save(tmp_path / "answer.webp")).format == "WEBP"            # the suffix's format
     with pytest.raises(HierError, match="suffix"):
         r.save(tmp_path / "answer.unknown")
+    with pytest.raises(HierError, match="cannot save"):
+        r.save(tmp_path / "answer.xbm")                 # a format PIL cannot write a colour picture in
+    with pytest.raises(HierError, match="width"):
+        r.plot(width=0)
     in_memory = rec.predict(Image.open(photos[0]))[0]
     with pytest.raises(HierError, match="plot\\(image="):
         in_memory.plot()                       # its name is no file: before, '<image 0>' was opened as one

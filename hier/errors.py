@@ -14,6 +14,10 @@ class ArtifactGone(HierError):
     client's mistake (the service answers 503)."""
 
 
+class NotFound(HierError):
+    """A name the user gave is not there (an enrolled class to remove): the service answers 404."""
+
+
 class HierWarning(UserWarning):
     """Something the user should know once (an older artifact's missing parts); the CLI prints it as one
     ``warning:`` line. Python shows each distinct message once per process."""

@@ -41,6 +41,10 @@ def _read_umask() -> int:
 UMASK = _read_umask()
 
 
+class Busy(HierError):
+    """``locked`` waited its timeout and another process still holds the folder."""
+
+
 @contextmanager
 def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
     """Hold the artifact's lock: writers for the whole read-modify-write, readers while they read. A
@@ -67,8 +71,8 @@ def locked(path: str | Path, timeout: float | None = None) -> Iterator[None]:
                           f"{timeout:.0f} s", HierWarning, stacklevel=3)
             lock.acquire(timeout=timeout)
     except Timeout:
-        raise HierError(f"{path} is busy: another hier command has been writing it for over "
-                        f"{timeout:.0f} s; try again when it ends") from None
+        raise Busy(f"{path} is busy: another hier command " + (f"has been writing it for over {timeout:.0f} s"
+                   if timeout > 0 else "is writing it") + "; try again when it ends") from None
     except OSError as e:                    # no lock file can be made or opened there: read-only
         if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
             raise

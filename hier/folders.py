@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from hier import artifact
-from hier.artifact.files import CONFIG, ENSEMBLE, REQUIRED, TAXONOMY
+from hier.artifact.files import ENSEMBLE_REQUIRED, REQUIRED
 from hier.artifact.store import is_ensemble
 from hier.export import artifact_predictor
 from hier.services.ensemble import open_ensemble, refusal
@@ -69,7 +69,7 @@ def _ensemble_predictor(path: Path, net, backend: str, tta: bool | None, batch_s
 
 FOLDER_KINDS = {
     "artifact": FolderKind("artifact", REQUIRED, _open_artifact, _artifact_predictor, frozenset(CAPABILITIES)),
-    "ensemble": FolderKind("ensemble", (ENSEMBLE, CONFIG, TAXONOMY), open_ensemble, _ensemble_predictor,
+    "ensemble": FolderKind("ensemble", ENSEMBLE_REQUIRED, open_ensemble, _ensemble_predictor,
                              frozenset({ANSWER}), refusal),
 }
 

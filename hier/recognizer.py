@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -43,6 +44,11 @@ from hier.runtime import device as default_device
 from hier.services.held_artifact import HeldArtifact, Snapshot
 from hier.services.held_gallery import HeldGalleries
 from hier.taxonomy import Taxonomy
+
+if TYPE_CHECKING:                 # the training stack is imported when training: predicting does without it
+    from typing_extensions import Unpack
+
+    from hier.training.config import TrainFlags
 
 __all__ = ["Prediction", "Recognizer", "Results", "Snapshot"]
 
@@ -313,7 +319,7 @@ class Recognizer(ListingSearch):
     # --- training -----------------------------------------------------------------------------------
     @classmethod
     def train(cls, data: str | Path, out: str | Path, preset: str | None = None, taxonomy=None,
-              resume: bool = False, console=None, **flags) -> "Recognizer":
+              resume: bool = False, console=None, **flags: Unpack[TrainFlags]) -> "Recognizer":
         """Train on a folder-per-class dataset into ``out`` and hold the result.
 
         Args:
@@ -322,7 +328,11 @@ class Recognizer(ListingSearch):
             preset: a named flag set (``cpu``, ``cpu-cached``, ``cpu-max``).
             taxonomy: a ``Taxonomy`` or its CSV (default: parsed from the class names).
             resume: continue the run in ``out`` (only ``epochs``, to extend it, is taken from ``flags``).
-            flags: the ``hier train`` options (``epochs=``, ``trunk=``, ``freeze_stages=``...).
+            flags: the ``hier train`` options (``epochs=``, ``trunk=``, ``freeze_stages=``...; their
+                names and types: ``hier.training.config.TrainFlags``).
+
+        Raises:
+            HierError: an unknown flag, a value out of range, a dataset or ``out`` hier cannot use.
 
         Example:
             >>> rec = Recognizer.train("data/train", out="runs/x", preset="cpu")

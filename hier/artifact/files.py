@@ -8,6 +8,8 @@ member artifacts instead (``ENSEMBLE``). The lock file is the generic per-folder
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 # --- the model: written by `hier train`, heads and statistics rewritten by `hier enroll` ---------------
 WEIGHTS = "model.safetensors"      # the trunk and embedding: immutable after training
 HEADS = "heads.safetensors"        # the rows that follow the taxonomy, keyed by name; all enrollment rewrites
@@ -49,3 +51,12 @@ SHARD_FILES = (INDEX, LISTINGS, VECTORS)
 # --- ensembles: `hier ensemble` ---------------------------------------------------------------------------
 ENSEMBLE = "ensemble.json"         # the members and their weights; a folder with it is not one artifact
 MEMBERS = "members"                # members/<i>: each member artifact
+ENSEMBLE_REQUIRED = (ENSEMBLE, CONFIG, TAXONOMY)   # a folder with ENSEMBLE lacking one of these is damaged
+
+
+def missing(path: str | Path) -> list[str]:
+    """The files that make ``path`` a folder hier reads (an artifact; an ensemble when it has ``ENSEMBLE``)
+    that it lacks: [] for one."""
+    path = Path(path)
+    required = ENSEMBLE_REQUIRED if (path / ENSEMBLE).is_file() else REQUIRED
+    return [f for f in required if not (path / f).is_file()]

@@ -6,15 +6,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from hier.cli.base import app, console, err
+from hier.cli.base import app, artifact_option, console, err, input_argument
 
 
 @app.command()
 def audit(
-    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
+    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout")],
     out: Annotated[Path, typer.Option(help="Audit folder (audit.html, audit.json, PNGs, exclude.txt)")] = Path("audit"),
-    artifact: Annotated[Optional[Path], typer.Option(
-        help="Artifact whose embeddings judge similarity (default: the offline ImageNet efficientnet_lite0)")] = None,
+    artifact: Annotated[Optional[Path], artifact_option(
+        "Artifact whose embeddings judge similarity (default: the offline ImageNet efficientnet_lite0)")] = None,
     layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
     near: Annotated[float, typer.Option(help="Embedding cosine from which two photos are near-duplicates")] = 0.93,
     outliers: Annotated[int, typer.Option(help="Photos on the outlier contact sheet")] = 48,

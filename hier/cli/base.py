@@ -5,6 +5,7 @@ User mistakes raise HierError; ``main`` prints them as one red line and exits 2,
 from __future__ import annotations
 
 import glob
+import inspect
 import sys
 import warnings
 from enum import Enum
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from hier.artifact import files
 from hier.errors import HierError, HierWarning
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -23,6 +26,28 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Fine-grained car recognition: brand, model and year that never contradict.")
 console = Console(width=None if sys.stdout.isatty() else 160)   # pipes and CI logs get whole rows
 err = Console(stderr=True)
+
+
+class Command(typer.core.TyperCommand):
+    """A command whose usage line leaves out its hidden arguments (``hier enroll``'s ``more``: the rest of
+    ``--images a.jpg b.jpg``, which the user writes as ``--images``)."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if not getattr(param, "hidden", False):
+                pieces.extend(param.get_usage_pieces(ctx))
+        return pieces
+
+
+def one_line_helps(app: typer.Typer) -> None:
+    """The command list shows each command's first docstring paragraph on one line (rich kept the
+    docstring's line breaks there, so it wrapped mid-sentence)."""
+    for command in app.registered_commands:
+        if command.short_help is None and command.callback is not None and command.callback.__doc__:
+            command.short_help = " ".join(inspect.getdoc(command.callback).split("\n\n")[0].split())
+    for group in app.registered_groups:
+        one_line_helps(group.typer_instance)
 
 
 def _version(value: bool) -> None:
@@ -40,17 +65,75 @@ def _options(version: Annotated[bool, typer.Option("--version", "-V", callback=_
 
 def expand_globs(paths: list[Path], flag: str) -> list[Path]:
     """Paths as given, a quoted pattern (``'shots/*.jpg'``, which no shell expanded) replaced by the files
-    it matches, sorted; a pattern matching nothing is an error."""
+    it matches, sorted (its existing folders taken literally: ``'shots[1]/*.jpg'``); a path that does not
+    exist or a pattern matching nothing is an error."""
     out = []
     for p in paths:
-        if p.exists() or not any(ch in str(p) for ch in "*?["):
+        if p.exists():
             out.append(p)
             continue
-        found = sorted(glob.glob(str(p)))
+        if not any(ch in str(p) for ch in "*?["):
+            raise HierError(f"{flag} {p}: not found")
+        found = sorted(glob.glob(_literal_folders(p)))
         if not found:
             raise HierError(f"{flag} {p}: no file matches")
         out += map(Path, found)
     return out
+
+
+def _literal_folders(pattern: Path) -> str:
+    """``pattern`` with its longest existing leading folder escaped (``[`` in a folder's name is no class)."""
+    parts = pattern.parts
+    for i in range(len(parts) - 1, 0, -1):
+        head = Path(*parts[:i])
+        if head.is_dir():
+            return str(Path(glob.escape(str(head)), *parts[i:]))
+    return str(pattern)
+
+
+def _hier_folders(ctx: typer.Context, value):
+    """Check ARTIFACT arguments as they are parsed, before any heavy import: a folder hier reads (its
+    missing files named), not a path that is absent or a file (a photo where the artifact goes)."""
+    for path in value if isinstance(value, (list, tuple)) else [value]:
+        if path is None:
+            continue
+        if not path.exists():
+            raise HierError(f"artifact not found: {path}")
+        if not path.is_dir():
+            raise HierError(f"{path} is a file, not an artifact folder; the artifact comes first: "
+                            f"hier {ctx.command_path.removeprefix('hier ')} ARTIFACT ...")
+        lacks = files.missing(path)
+        if lacks:
+            raise HierError(f"{path} is not a hier artifact (missing {', '.join(lacks)})")
+    return value
+
+
+def artifact_argument(help: str = "Artifact directory"):
+    """The ARTIFACT argument of a command, checked as it is parsed (``_hier_folders``)."""
+    return typer.Argument(help=help, callback=_hier_folders)
+
+
+def artifact_option(help: str):
+    """An ``--artifact`` option, checked as it is parsed (``_hier_folders``)."""
+    return typer.Option(help=help, callback=_hier_folders)
+
+
+def _inputs(ctx: typer.Context, param: typer.CallbackParam, value):
+    """Check input paths as they are parsed, before any heavy import: each exists."""
+    for path in value if isinstance(value, (list, tuple)) else [value]:
+        if path is not None and not Path(path).exists():
+            raise HierError(f"{param.opts[0] + ' ' if param.param_type_name == 'option' else ''}{path}: not found")
+    return value
+
+
+def input_argument(help: str):
+    """An input path argument, checked to exist as it is parsed (``_inputs``)."""
+    return typer.Argument(help=help, callback=_inputs)
+
+
+def input_option(help: str):
+    """An input path option (``--test-csv``...), checked to exist as it is parsed (``_inputs``)."""
+    return typer.Option(help=help, callback=_inputs)
 
 
 class Format(str, Enum):

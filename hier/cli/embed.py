@@ -6,14 +6,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from hier.cli.base import app, console, err
+from hier.cli.base import app, artifact_argument, console, err, input_argument
 from hier.errors import check_number
 
 
 @app.command()
 def embed(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
-    listings: Annotated[Path, typer.Argument(help="Folder of listing photos, or CSV listing_id,image[,price,...]")],
+    artifact: Annotated[Path, artifact_argument()],
+    listings: Annotated[Path, input_argument("Folder of listing photos, or CSV listing_id,image[,price,...]")],
     out: Annotated[Path, typer.Option(help="Folder of the Parquet shards (part-i-of-N.parquet)")],
     shard: Annotated[str, typer.Option(help="i/N: embed every N-th listing from the i-th (one machine of N)")] = "0/1",
     backend: Annotated[str, typer.Option(help="auto | torch | onnx")] = "auto",

@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from hier.cli.base import app, console, err, expand_globs
+from hier.cli.base import Command, app, artifact_argument, console, err, expand_globs
 from hier.errors import HierError
 
 
-@app.command()
+@app.command(cls=Command)
 def enroll(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory (rewritten atomically)")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory (rewritten atomically)")],
     name: Annotated[str, typer.Option("--class", help="Class name, e.g. 신형모델_2025")],
     images: Annotated[list[Path], typer.Option(
         help="Folder, image files or a glob of the new class's shots: --images shots/*.jpg")],
@@ -74,7 +74,7 @@ def _offset(offset: float) -> str:
 
 @app.command()
 def unenroll(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    artifact: Annotated[Path, artifact_argument()],
     name: Annotated[str, typer.Option("--class", help="An enrolled class")],
 ):
     """Remove an enrolled class, or the shots added to a base class (base classes stay)."""

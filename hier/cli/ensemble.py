@@ -7,12 +7,12 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from hier.cli.base import app, console
+from hier.cli.base import app, artifact_argument, console
 
 
 @app.command()
 def ensemble(
-    members: Annotated[list[Path], typer.Argument(help="Member artifacts (e.g. the folds of one run, other recipes)")],
+    members: Annotated[list[Path], artifact_argument("Member artifacts (e.g. the folds of one run, other recipes)")],
     out: Annotated[Path, typer.Option(help="Ensemble folder to write (absent or empty)")] = Path("runs/ensemble"),
     weights: Annotated[str, typer.Option(
         help="fit (on the members' out-of-fold scores; folds of one run weigh equally) | equal | w1,w2,...")] = "fit",

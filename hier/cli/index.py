@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from hier.cli.base import Format, app, console, err, print_frame
+from hier.cli.base import Format, app, artifact_argument, console, err, input_argument, input_option, print_frame
 from hier.errors import HierError, check_number
 
 index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-listing FAISS index.")
@@ -23,14 +23,14 @@ def _listings(listings: Path, strict: bool):
 
 @index_app.command("build")
 def index_build(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
-    listings: Annotated[Optional[Path], typer.Argument(
-        help="Folder of listing photos, or CSV listing_id,image[,price,...]")] = None,
+    artifact: Annotated[Path, artifact_argument()],
+    listings: Annotated[Optional[Path], input_argument(
+        "Folder of listing photos, or CSV listing_id,image[,price,...]")] = None,
     kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw | pq (millions: 60-byte codes in memory, "
                                       "re-ranked by float16 vectors on disk)")] = "flat",
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
-    from_embeddings: Annotated[Optional[Path], typer.Option(
-        help="Folder of `hier embed` shards: build from their vectors, without running the network")] = None,
+    from_embeddings: Annotated[Optional[Path], input_option(
+        "Folder of `hier embed` shards: build from their vectors, without running the network")] = None,
 ):
     """Embed listing photos and (re)build ARTIFACT/gallery."""
     from hier.gallery.kinds import factory_string
@@ -54,8 +54,8 @@ def index_build(
 
 @index_app.command("add")
 def index_add(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
-    listings: Annotated[Path, typer.Argument(help="Folder or CSV of new listings")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
+    listings: Annotated[Path, input_argument("Folder or CSV of new listings")],
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
     shard: Annotated[Optional[str], typer.Option(
         help="Shard to add to (created if new; `today`: the UTC date, e.g. 2025-03-07). Default: base")] = None,
@@ -75,7 +75,7 @@ def index_add(
 
 @index_app.command("rebuild")
 def index_rebuild(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
     kind: Annotated[str | None, typer.Option("--index", help="flat | ivf | hnsw | pq (default: the gallery's)")] = None,
 ):
     """Embed the gallery's listings again with the artifact's current weights (after `hier train --resume`)."""
@@ -93,7 +93,7 @@ def index_rebuild(
 
 @index_app.command("remove")
 def index_remove(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
     ids: Annotated[list[str], typer.Argument(help="listing_id values to remove")],
 ):
     """Remove listings by listing_id."""
@@ -105,7 +105,7 @@ def index_remove(
 
 @index_app.command("drop")
 def index_drop(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
     shard: Annotated[str, typer.Argument(help="Shard to drop whole (e.g. a day whose listings expired)")],
 ):
     """Drop a whole shard of the gallery (no index read or rewritten; the base shard is emptied)."""
@@ -117,7 +117,7 @@ def index_drop(
 
 @index_app.command("merge")
 def index_merge(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
     shards: Annotated[list[str], typer.Argument(help="Shards to merge")],
     into: Annotated[str, typer.Option("--into", help="Shard they become (new, one of them, or another)")],
 ):
@@ -131,7 +131,7 @@ def index_merge(
 
 @index_app.command("shards")
 def index_shards(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
 ):
     """The gallery's shards and their listing images (from gallery.json; no index read)."""
@@ -145,8 +145,8 @@ def index_shards(
 
 @app.command()
 def similar(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory with an index")],
-    image: Annotated[Path, typer.Argument(help="Query photo")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
+    image: Annotated[Path, input_argument("Query photo")],
     k: Annotated[int, typer.Option("--k", help="How many listings")] = 10,
     same_brand: Annotated[bool, typer.Option(help="Only listings of the query's predicted brand")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,

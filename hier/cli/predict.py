@@ -6,7 +6,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from hier.cli.base import Format, app, console, err, print_frame
+from hier.cli.base import (
+    Format,
+    app,
+    artifact_argument,
+    console,
+    err,
+    expand_globs,
+    input_argument,
+    input_option,
+    print_frame,
+)
 from hier.errors import HierError, check_number
 
 MAX_BATCH = 4096          # photos per forward pass: more only fills memory
@@ -14,12 +24,12 @@ MAX_BATCH = 4096          # photos per forward pass: more only fills memory
 
 @app.command()
 def predict(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    artifact: Annotated[Path, artifact_argument()],
     images: Annotated[Optional[list[Path]], typer.Argument(
         help="Image files or folders, searched recursively (top-k mode)")] = None,
-    test_csv: Annotated[Optional[Path], typer.Option(
-        help="ID,img_path CSV (submission mode: goes with --sample-submission and --out)")] = None,
-    sample_submission: Annotated[Optional[Path], typer.Option(help="Gives the column and row order")] = None,
+    test_csv: Annotated[Optional[Path], input_option(
+        "ID,img_path CSV (submission mode: goes with --sample-submission and --out)")] = None,
+    sample_submission: Annotated[Optional[Path], input_option("Gives the column and row order")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Where to write the submission / top-k CSV")] = None,
     topk: Annotated[int, typer.Option(help="Answers per image")] = 5,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
@@ -28,7 +38,7 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 64,
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
     crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
-    detector: Annotated[Optional[Path], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
+    detector: Annotated[Optional[Path], input_option("ultralytics detector weights for --crop yolo")] = None,
     backend: Annotated[str, typer.Option(help="auto (model.onnx: OpenVINO f32 if installed, else ONNX Runtime) | "
                                          "torch | onnx | openvino (same file, f32; needs hier[openvino]) | "
                                          "openvino-bf16 | onnx-int8 (after `hier export --int8`); bf16 and int8 "
@@ -37,13 +47,9 @@ def predict(
         help="Also save each photo's class-activation map (top-1 answer) as DIR/<photo>.png")] = None,
 ):
     """Write a competition submission (--test-csv) or print top-k answers for images."""
-    from hier.competitions.hecto import read_sample
-    from hier.data import image_files, read_test_csv
-    from hier.fileio import atomic_write
     from hier.outputs import output_file
-    from hier.progress import progress_bar
-    from hier.recognizer import Recognizer
 
+    images = expand_globs(images or [], "IMAGES")      # every check before the heavy imports
     check_number("--topk", topk, 1, integer=True)
     check_number("--batch-size", batch_size, 1, MAX_BATCH, integer=True)
     if (test_csv is None) == (not images):
@@ -56,6 +62,12 @@ def predict(
         raise HierError("--explain DIR goes with IMAGES... and names a folder")
     if crop not in ("none", "yolo") or (crop == "yolo") != (detector is not None):
         raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
+    from hier.competitions.hecto import read_sample
+    from hier.data import image_files, read_test_csv
+    from hier.fileio import atomic_write
+    from hier.progress import progress_bar
+    from hier.recognizer import Recognizer
+
     rec = Recognizer(artifact, batch_size=batch_size, detector=detector, backend=backend)
     if explain is not None:
         rec.check_supports("explain")
@@ -85,9 +97,9 @@ def predict(
 
 @app.command("crop")
 def crop_cmd(
-    data: Annotated[Path, typer.Argument(help="Photos in any layout (folders are searched recursively)")],
+    data: Annotated[Path, input_argument("Photos in any layout (folders are searched recursively)")],
     out: Annotated[Path, typer.Option(help="Where the cropped copies go (same tree)")],
-    detector: Annotated[Path, typer.Option(help="ultralytics detector weights (.pt, .onnx, .tflite...)")],
+    detector: Annotated[Path, input_option("ultralytics detector weights (.pt, .onnx, .tflite...)")],
 ):
     """Crop every photo to its largest car/bus/truck box (+8% margin); photos without one stay whole."""
     from hier.data.detect import CarDetector, crop_folder

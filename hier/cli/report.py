@@ -6,13 +6,13 @@ from typing import Annotated
 
 import typer
 
-from hier.cli.base import app, console, err
+from hier.cli.base import app, artifact_argument, console, err, input_argument
 
 
 @app.command()
 def report(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
-    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
+    artifact: Annotated[Path, artifact_argument()],
+    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout")],
     out: Annotated[Path, typer.Option(help="Report folder (index.html, PNGs, metrics.json)")] = Path("report"),
     layout: Annotated[str, typer.Option(help="auto | folder | aihub")] = "auto",
 ):

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from hier.cli.base import app, err
+from hier.cli.base import app, artifact_argument, err
 from hier.errors import HierError, check_number
 
 
@@ -27,7 +27,7 @@ def check_listen(host: str, port: int) -> None:
 
 @app.command()
 def serve(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    artifact: Annotated[Path, artifact_argument()],
     host: Annotated[str, typer.Option(help="Interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option()] = 8000,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted photo")] = 10.0,
@@ -43,16 +43,16 @@ def serve(
     """HTTP API (/predict, /similar, /enroll, /health/live, /health/ready, /metrics, /docs) and an
     upload page at /. /enroll needs the header X-Admin-Token equal to the HIER_ADMIN_TOKEN environment
     variable."""
+    check_number("--port", port, 1, 65535, integer=True)          # before the heavy imports
+    check_number("--max-connections", max_connections, 1, 100_000, integer=True)
+    check_listen(host, port)
     import uvicorn
 
     from hier.serve import create_app
     from hier.serve.server import server_config
 
-    check_number("--port", port, 1, 65535, integer=True)
-    check_number("--max-connections", max_connections, 1, 100_000, integer=True)
     service = create_app(artifact, max_upload_mb, max_batch, max_queue=max_queue, timeout_s=timeout,
                          max_enroll_files=max_enroll_files, body_timeout_s=body_timeout)   # the flags and the folder
-    check_listen(host, port)
     if access_log:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -7,7 +7,17 @@ from typing import Annotated, Optional
 
 import typer
 
-from hier.cli.base import Format, app, console, err, print_frame, print_metrics
+from hier.cli.base import (
+    Format,
+    app,
+    artifact_argument,
+    console,
+    err,
+    input_argument,
+    input_option,
+    print_frame,
+    print_metrics,
+)
 from hier.errors import HierError, check_number
 
 MAX_BATCH = 65536
@@ -16,7 +26,7 @@ DEMO_MIN_IMAGES = 5     # per class: the demo's stratified 20 % validation split
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Folder-per-class training images: DATA/<class>/*.jpg")],
+    data: Annotated[Path, input_argument("Folder-per-class training images: DATA/<class>/*.jpg")],
     out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
     taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV, or "
                                                      "hecto2025 (shipped) (default: parse the folder names)")] = None,
@@ -52,7 +62,7 @@ def train(
     layout: Annotated[Optional[str], typer.Option(
         help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
     crop: Annotated[Optional[str], typer.Option(help="none | yolo: train on each photo's largest vehicle box")] = None,
-    detector: Annotated[Optional[str], typer.Option(help="ultralytics detector weights for --crop yolo")] = None,
+    detector: Annotated[Optional[str], input_option("ultralytics detector weights for --crop yolo")] = None,
     aug: Annotated[Optional[str], typer.Option(help="Augmentation: none | light | seed | randaug [light]")] = None,
     mixup: Annotated[Optional[float], typer.Option(help="MixUp alpha on each batch [0: off]")] = None,
     cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha on each batch [0: off]")] = None,
@@ -88,8 +98,8 @@ def train(
 
 @app.command()
 def evaluate(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory from `hier train`")],
-    data: Annotated[Path, typer.Argument(help="Labelled photos: folder per class, or the AI-hub layout")],
+    artifact: Annotated[Path, artifact_argument("Artifact directory from `hier train`")],
+    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout")],
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Add flipped views [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
@@ -127,36 +137,36 @@ def demo(
     check_number("--epochs", epochs, 1, 1000, integer=True)         # every check before anything is drawn
     check_number("--img-size", img_size, 32, 1024, integer=True)
     check_number("--images-per-class", images_per_class, DEMO_MIN_IMAGES, 1000, integer=True)
-    from hier.data.demo import claim_demo_folder, finish_demo_folder, make_demo_dataset
+    from hier.data.demo import demo_folder, make_demo_dataset
     from hier.recognizer import Recognizer
 
-    if claim_demo_folder(out):
-        err.print(f"[yellow]{out} held an unfinished demo run; starting over[/]")
-    data = make_demo_dataset(out / "data", images_per_class=images_per_class, img_size=img_size)
-    held_out = make_demo_dataset(out / "eval", images_per_class=8, test_images_per_class=1, img_size=img_size,
-                                 seed=1)
-    console.print(f"[bold]1/4[/] drew {len(data.classes)} classes in {data.train_dir}")
-    rec = Recognizer.train(data.train_dir, out / "artifact", taxonomy=data.taxonomy, console=err, img_size=img_size,
-                           freeze_stages=3, epochs=epochs, cache_views=2, ema=False)
-    console.print("[bold]2/4[/] evaluate on freshly drawn images")
-    metrics = rec.evaluate(held_out.train_dir)
-    metrics.pop("skipped")
-    print_metrics(metrics, f"{rec.path} on {held_out.train_dir}")
-    console.print("[bold]3/4[/] submission")
-    table = rec.submission(data.test_csv, data.sample_submission, out / "submission.csv")
-    console.print(f"wrote {out / 'submission.csv'}: {len(table)} rows x {table.shape[1] - 1} classes")
-    console.print("[bold]4/4[/] top-3 answers for two images")
-    print_frame(rec.predict(sorted((out / "data" / "test").glob("*.jpg"))[:2], topk=3).to_frame(), Format.table)
-    finish_demo_folder(out)
+    with demo_folder(out) as started_over:
+        if started_over:
+            err.print(f"[yellow]{out} held an unfinished demo run; starting over[/]")
+        data = make_demo_dataset(out / "data", images_per_class=images_per_class, img_size=img_size)
+        held_out = make_demo_dataset(out / "eval", images_per_class=8, test_images_per_class=1, img_size=img_size,
+                                     seed=1)
+        console.print(f"[bold]1/4[/] drew {len(data.classes)} classes in {data.train_dir}")
+        rec = Recognizer.train(data.train_dir, out / "artifact", taxonomy=data.taxonomy, console=err, img_size=img_size,
+                               freeze_stages=3, epochs=epochs, cache_views=2, ema=False)
+        console.print("[bold]2/4[/] evaluate on freshly drawn images")
+        metrics = rec.evaluate(held_out.train_dir)
+        metrics.pop("skipped")
+        print_metrics(metrics, f"{rec.path} on {held_out.train_dir}")
+        console.print("[bold]3/4[/] submission")
+        table = rec.submission(data.test_csv, data.sample_submission, out / "submission.csv")
+        console.print(f"wrote {out / 'submission.csv'}: {len(table)} rows x {table.shape[1] - 1} classes")
+        console.print("[bold]4/4[/] top-3 answers for two images")
+        print_frame(rec.predict(sorted((out / "data" / "test").glob("*.jpg"))[:2], topk=3).to_frame(), Format.table)
 
 
 @app.command()
 def export(
-    artifact: Annotated[Path, typer.Argument(help="Artifact directory")],
+    artifact: Annotated[Path, artifact_argument()],
     fmt: Annotated[str, typer.Option("--format", help="onnx")] = "onnx",
     int8: Annotated[bool, typer.Option("--int8", help="Also write model.int8.onnx (static int8, calibrated on "
                                        "the training photos) for --backend onnx-int8, and measure what it changes")] = False,
-    data: Annotated[Optional[Path], typer.Option(help="--int8: labelled photos to calibrate and measure on "
+    data: Annotated[Optional[Path], input_option("--int8: labelled photos to calibrate and measure on "
                                                  "[the artifact's training data, split as training split it]")] = None,
     photos: Annotated[int, typer.Option(help="--int8: training photos to calibrate on")] = 256,
     keep_float: Annotated[str, typer.Option(help="--int8: parts left in float, comma-separated: "

@@ -6,12 +6,15 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from hier.data.synthetic import TAXONOMY, _save_jpeg, draw_car
+from hier import fileio
 from hier.errors import HierError
 from hier.version import __version__
 
@@ -121,40 +124,57 @@ DEMO_MARKER = ".hier-demo"
 DEMO_PARTS = ("data", "eval", "artifact", "submission.csv")     # everything a demo run writes
 
 
-def claim_demo_folder(out: Path) -> bool:
-    """Make ``out`` the folder of a new demo run and mark it unfinished; True when it held an unfinished
-    earlier run (only the demo's own parts and marker), which is cleared so a failed or interrupted run
-    can simply be run again. Anything else in a non-empty ``out`` is refused."""
+@contextmanager
+def demo_folder(out: Path) -> Iterator[bool]:
+    """Hold ``out`` for one ``hier demo`` run, marked unfinished until the body ends without an error.
+
+    Yields True when ``out`` held an unfinished earlier run (only the demo's own parts and marker), which is
+    cleared so a failed or interrupted run can simply be run again.
+
+    Raises:
+        HierError: ``out`` is a file, holds anything the demo did not write or a finished demo (nothing
+            written there), or another demo run holds it (its lock, ``fileio.LOCK``).
+    """
     out = Path(out)
+    _unfinished_or_empty(out)                      # refused before anything is written into a user's folder
+    out.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as held:
+        try:
+            held.enter_context(fileio.locked(out, timeout=0))
+        except fileio.Busy:
+            raise HierError(f"{out} is being written by another hier demo run; wait for it to end or choose "
+                            "another --out") from None
+        started_over = _unfinished_or_empty(out)       # again, now that no other demo run can change it
+        if started_over:
+            for name in DEMO_PARTS:
+                part = out / name
+                if part.is_dir() and not part.is_symlink():
+                    shutil.rmtree(part)
+                else:
+                    part.unlink(missing_ok=True)
+        _mark(out, finished=False)
+        yield started_over
+        _mark(out, finished=True)
+
+
+def _unfinished_or_empty(out: Path) -> bool:
+    """True: ``out`` holds an unfinished demo run; False: it is empty or absent; else HierError."""
     if out.exists() and not out.is_dir():
         raise HierError(f"--out {out} is a file, not a folder; choose another --out")
-    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    started_over = False
-    if entries:
-        try:
-            unfinished = json.loads((out / DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is False
-        except (OSError, ValueError, KeyError, TypeError):
-            raise HierError(f"{out} is not empty; choose another --out") from None
-        if not unfinished:
-            raise HierError(f"{out} holds a finished demo; choose another --out")
-        other = [name for name in entries if name not in (DEMO_MARKER, *DEMO_PARTS)]
-        if other:
-            raise HierError(f"{out} holds an unfinished demo but also {other[0]!r}, which the demo did not write; "
-                            "move it out or choose another --out")
-        for name in DEMO_PARTS:
-            part = out / name
-            if part.is_dir() and not part.is_symlink():
-                shutil.rmtree(part)
-            else:
-                part.unlink(missing_ok=True)
-        started_over = True
-    _mark(out, finished=False)
-    return started_over
-
-
-def finish_demo_folder(out: Path) -> None:
-    """Mark the demo run in ``out`` finished: a rerun into it is refused from then on."""
-    _mark(Path(out), finished=True)
+    entries = sorted(p.name for p in out.iterdir() if p.name != fileio.LOCK) if out.is_dir() else []
+    if not entries:
+        return False
+    try:
+        unfinished = json.loads((out / DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is False
+    except (OSError, ValueError, KeyError, TypeError):
+        raise HierError(f"{out} is not empty; choose another --out") from None
+    if not unfinished:
+        raise HierError(f"{out} holds a finished demo; choose another --out")
+    other = [name for name in entries if name not in (DEMO_MARKER, *DEMO_PARTS)]
+    if other:
+        raise HierError(f"{out} holds an unfinished demo but also {other[0]!r}, which the demo did not write; "
+                        "move it out or choose another --out")
+    return True
 
 
 def _mark(out: Path, finished: bool) -> None:

@@ -30,7 +30,7 @@ from hier.enrollment.mapped import enroll_mapped, prototype_map, trained_row_ind
 from hier.enrollment.names import new_row, parse_years
 from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, base_drop_offset
 from hier.enrollment.state import Enrolled, Unenrolled, distinct_shots, enrolled_state, save_state, usable_statistics
-from hier.errors import HierError, check_number
+from hier.errors import HierError, NotFound, check_number
 from hier.export import artifact_predictor
 from hier.metrics import served_answer
 from hier.models import HierNet
@@ -190,7 +190,7 @@ def unenroll(path: str | Path, name: str) -> Unenrolled:
         entries, sums, trained = enrolled_state(path, stats)
         names = [e["class"] for e in entries]
         if name not in names:
-            raise HierError(f"{name!r} is not an enrolled class"
+            raise NotFound(f"{name!r} is not an enrolled class"
                             + (" (it is a base class with no added shots)" if name in taxonomy else ""))
         k = names.index(name)
         base = bool(entries[k].get("base"))

@@ -17,7 +17,7 @@ from hier.gallery.gpu import faiss_gpus, placement
 from hier.gallery.introspect import index_bytes, ivf_of, kind_of
 from hier.gallery.joining import joined, merge_into, stacked, sync_ntotal
 from hier.gallery.kinds import EF_SEARCH, NPROBE, check_size, factory_string, training_sample
-from hier.gallery.listings import ID
+from hier.gallery.listings import ID, number_columns
 from hier.gallery.shards import BASE, Shard
 from hier.gallery.vectors import whole
 from hier.gallery.whitening import transformed, unwhitening, whitened, whitening_of
@@ -47,7 +47,7 @@ class Gallery:
     def _changed(self) -> None:
         """After an edit: the joined listings, the IndexShards and the re-rank lookup are made again when
         next needed."""
-        self._listings = self._joined = self._lookup = None
+        self._listings = self._joined = self._lookup = self._numbers = None
 
     def loaded(self) -> list[Shard]:
         """The shards read (the others are listed, not read)."""
@@ -61,6 +61,12 @@ class Gallery:
             self._listings = parts[0] if len(parts) == 1 else \
                 pd.concat(parts, ignore_index=True) if parts else pd.DataFrame({ID: pd.Series(dtype=np.int64)})
         return self._listings
+
+    def number_columns(self) -> dict[str, type]:
+        """``listings.number_columns`` of every listing (found once until the next edit)."""
+        if self._numbers is None:
+            self._numbers = number_columns(self.listings)
+        return self._numbers
 
     @property
     def index(self) -> faiss.Index:

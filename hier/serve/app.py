@@ -27,7 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi_offline import FastAPIOffline
 from fastapi.responses import JSONResponse
 
-from hier.errors import ArtifactGone, HierError, check_number
+from hier.errors import ArtifactGone, HierError, NotFound, check_number
 from hier.recognizer import Recognizer
 from hier.serve.batching import Unavailable
 from hier.serve.limits import FORM_LIMITS, FORM_OVERHEAD, BodyLimit
@@ -104,7 +104,7 @@ def create_app(artifact: str | Path, max_upload_mb: float = 10.0, max_batch: int
         if isinstance(e, ArtifactGone):         # not the client's mistake: retry once it is back
             service.metrics.refused.labels("artifact_gone").inc()
             return JSONResponse({"detail": str(e)}, status_code=503, headers={"Retry-After": str(RETRY_AFTER_S)})
-        return JSONResponse({"detail": str(e)}, status_code=400)
+        return JSONResponse({"detail": str(e)}, status_code=404 if isinstance(e, NotFound) else 400)
 
     @app.exception_handler(Unavailable)
     async def unavailable(_: Request, e: Unavailable):

@@ -73,7 +73,7 @@ def mixed_load(url: str, photos: list[Path], clients: int = 4, seconds: float = 
                timeout_s: float = 60.0) -> dict:
     """Closed-loop mixed traffic for ``seconds`` (or until ``stop`` is set): each client posts a photo
     to /predict, every ``similar_every``-th time to /similar (k=10) too (0: never), then fetches
-    ``thumbnails`` of the listings' photo_url. Per endpoint: latency summary of every answer, of the 200
+    ``thumbnails`` of the listings' hier_photo_url. Per endpoint: latency summary of every answer, of the 200
     answers (``ok``) and answers by status (``failed``: no answer); /predict's throughput in 200 answers."""
     bodies = [(Path(p).name, Path(p).read_bytes()) for p in photos]
     stop = stop or threading.Event()
@@ -104,7 +104,7 @@ def mixed_load(url: str, photos: list[Path], clients: int = 4, seconds: float = 
                     r = timed("similar", lambda f=file: http.post("/similar", params={"k": 10}, files=f))
                     rows = r.json().get("listings", []) if r is not None and r.status_code == 200 else []
                     for row in rows[:thumbnails]:
-                        timed("thumbnail", lambda url=row["photo_url"]: http.get(url))
+                        timed("thumbnail", lambda url=row["hier_photo_url"]: http.get(url))
 
     timer = threading.Timer(seconds, stop.set)
     timer.start()

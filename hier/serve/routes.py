@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from hier.artifact.store import stamp
 from hier.enrollment import MAX_BASE_DROP
 from hier.errors import HierError, check_number
-from hier.fileio import locked
+from hier.fileio import Busy, locked
 from hier.serve import schemas
 from hier.serve.batching import Unavailable
 from hier.serve.limits import ADMIN_TOKEN_ENV, FORM_LIMITS, AdminRoute
@@ -102,9 +102,20 @@ async def similar(file: Annotated[UploadFile, File(description="Query photo")], 
     table = await service.model_lane.run(answer)
     table = table.drop(columns="image", errors="ignore")
     rows = table.astype(object).where(table.notna(), None).to_dict("records")
+    numbers = rec.gallery().number_columns()           # a price is a number, "01234" stays text
     for row in rows:
-        row["photo_url"] = photo_url(str(row["listing_id"]))
+        row["hier_photo_url"] = photo_url(str(row["listing_id"]))
+        for column, kind in numbers.items():
+            row[column] = _as_number(kind, row.get(column))
     return {"listings": rows}
+
+
+def _as_number(kind: type, cell):
+    """A seller's cell of a number column as that number (a cell of a gallery edited since: as it is)."""
+    try:
+        return cell if cell is None else kind(cell)
+    except (TypeError, ValueError):
+        return cell
 
 
 def photo_url(listing_id: str) -> str:
@@ -193,7 +204,7 @@ async def _edit(request: Request, service: Service, action: str, name: str, chan
         with contextlib.ExitStack() as held:
             try:
                 held.enter_context(locked(rec.path, timeout=0))
-            except HierError:
+            except Busy:
                 raise Unavailable(f"{rec.path} is being written by another command; try again when it ends",
                                   "busy") from None
             return change(rec)

@@ -34,12 +34,14 @@ class Answer(_Model):
 
 
 class Listing(_Model):
-    """A similar listing: its id, hier's answer for its photo, its similarity, a thumbnail URL, and the
-    sellers' own columns (as given to ``hier index build``)."""
+    """A similar listing: its id, hier's answer for its photo, its similarity, a thumbnail URL (hier's own
+    fields start with ``hier_``), and the sellers' own columns as given to ``hier index build``: a column
+    whose every cell is a plain number (``12000``, ``12.5``) as a JSON number, any other as text
+    (``"01234"`` stays ``"01234"``), an empty cell as null."""
 
     model_config = ConfigDict(extra="allow")
     listing_id: str
-    photo_url: str
+    hier_photo_url: str = Field(description="the listing's thumbnail (`hier_`: never a seller's column)")
     hier_similarity: float | None = None
 
 

@@ -3,6 +3,9 @@ the named presets, and ``configs``, the one place a preset and the flags given a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypedDict
+
+from typing_extensions import Unpack
 
 from hier.data.split import SplitSettings
 from hier.errors import HierError, check_number
@@ -85,6 +88,62 @@ class TrainConfig:
             raise HierError("--crop yolo goes with --detector PATH (ultralytics weights), --crop none without")
 
 
+class TrainFlags(TypedDict, total=False):
+    """The ``hier train`` options as keyword arguments of ``Recognizer.train`` and ``configs``: the model's
+    (``ModelConfig``) and the run's (``TrainConfig``), typed for editors and type checkers. Each is
+    described on its config; a test keeps this list equal to the two configs' settable fields."""
+
+    # ModelConfig
+    trunk: str
+    img_size: int
+    embed_dim: int
+    alpha: float
+    beta: float
+    scale: float
+    drop: float
+    freeze_stages: int
+    tta: bool
+    head: str
+    # TrainConfig
+    epochs: int
+    batch_size: int
+    lr: float
+    head_lr: float
+    weight_decay: float
+    warmup_epochs: float
+    smoothing: float
+    aux: float
+    ema: bool
+    ema_decay: float
+    accum: int
+    amp: bool
+    cache_views: int
+    val_frac: float
+    fold: int | None
+    folds: int
+    seed: int
+    workers: int
+    pretrained: str
+    layout: str
+    crop: str
+    detector: str | None
+    export: bool
+    exclude: str | None
+    aug: str
+    mixup: float
+    cutmix: float
+    loss: str
+    swa_epochs: int
+    layer_decay: float | None
+    low_res: int
+    low_res_epochs: int
+    tensorboard: bool
+    merge_classes: str | None
+
+
+MODEL_STATE = ("temperature", "mean", "std")   # ModelConfig fields training sets itself, not flags
+
+
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -105,15 +164,20 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def configs(preset: str | None = None, **flags) -> tuple[ModelConfig, TrainConfig]:
+def configs(preset: str | None = None, **flags: Unpack[TrainFlags]) -> tuple[ModelConfig, TrainConfig]:
     """A preset's settings overridden by the flags given (None = not given): the one place presets are
-    merged, for the CLI, the Python API and the benchmarks alike."""
+    merged, for the CLI, the Python API and the benchmarks alike.
+
+    Raises:
+        HierError: an unknown preset or setting (one the model sets itself, ``MODEL_STATE``, included),
+            or a value out of range.
+    """
     if preset is not None and preset not in PRESETS:
         raise HierError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     chosen = PRESETS.get(preset, {"model": {}, "train": {}})
     given = {k: v for k, v in flags.items() if v is not None}
     model_keys, train_keys = set(ModelConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(given) - model_keys - train_keys)
+    unknown = sorted(set(given) - (model_keys - set(MODEL_STATE)) - train_keys)
     if unknown:
         raise HierError(f"unknown training setting {unknown[0]!r}")
     train_flags = {**chosen["train"], **{k: v for k, v in given.items() if k in train_keys}}

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hier import fileio
 from hier.data import synthetic as demo
 from hier.data.demo import DEMO_MARKER, DEMO_PARTS, DemoData, make_demo_dataset
 from hier.data.synthetic import draw_car
@@ -266,9 +267,38 @@ def test_demo_reruns_into_the_folder_of_an_interrupted_run(tmp_path: Path, monke
     assert code == 0 and "unfinished demo run; starting over" in err, err
     assert len(_rows(out / "submission.csv")) == 12 * 8 and "4/4" in stdout
     assert json.loads((out / DEMO_MARKER).read_text(encoding="utf-8"))["finished"] is True
-    assert sorted(p.name for p in out.iterdir()) == sorted([DEMO_MARKER, *DEMO_PARTS])
+    assert sorted(p.name for p in out.iterdir()) == sorted([DEMO_MARKER, fileio.LOCK, *DEMO_PARTS])
 
     before = tree(out)                             # a finished demo is the user's now: refused, untouched
     code, _, err = run_cli(*args, capsys=capsys)
     assert one_error_line(code, err) and "finished demo" in err, err
     assert tree(out) == before
+
+
+def test_a_second_demo_run_into_the_folder_of_a_running_one_is_refused(tmp_path: Path, capsys) -> None:
+    """Before: two ``hier demo`` runs into one --out each took the other's unfinished folder for an
+    interrupted run and deleted its data (then one ended in a traceback). A running demo holds the
+    folder's lock; the second is one line and leaves the folder as it was."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import one_error_line, run_cli, tree
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / DEMO_MARKER).write_text(json.dumps({"finished": False}), encoding="utf-8")   # a run under way
+    (out / "data").mkdir()
+    (out / "data" / "drawn.jpg").write_bytes(b"the first run's photo")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from hier import fileio\n"
+                               f"with fileio.locked({str(out)!r}):\n print('held', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = tree(out)
+        code, _, err = run_cli("demo", "--out", out, "--epochs", "1", capsys=capsys)
+        assert one_error_line(code, err) and "another hier demo run" in err, err
+        assert tree(out) == before
+    finally:
+        holder.kill()
+        holder.wait()

@@ -382,3 +382,15 @@ def test_edits_never_touch_a_gpu(art, demo_data, monkeypatch, capsys):
     assert run_cli("index", "remove", art, first, capsys=capsys)[0] == 0 and moved == []
     Recognizer(art).similar(sorted(photos.glob("*.jpg"))[1], k=2)
     assert len(moved) == 1
+
+
+def test_number_columns_are_the_ones_typing_changes_no_character_of():
+    """/similar sent every seller's cell as text (a price was "12000"): a column is a number column when
+    every cell is written as Python writes that number back; an id with a leading zero, a "+", a trailing
+    zero, an exponent or a word keeps its column text, and so do hier's own columns."""
+    table = pd.DataFrame({
+        "listing_id": ["1", "2", "3"], "image": ["a", "b", "c"], ID: ["1", "2", "3"],
+        "price": ["12000", "-5", None], "mileage": ["12.5", "3", "0.1"], "zip": ["01234", "5", "6"],
+        "plus": ["+3", "4", "5"], "trim": ["2.10", "2.5", "3.0"], "sci": ["1e3", "2", "3"],
+        "word": ["12", "n/a", "7"], "huge": [str(2**53), "1", "2"], "empty": [None, None, None]})
+    assert listings.number_columns(table) == {"price": int, "mileage": float}

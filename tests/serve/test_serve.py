@@ -66,7 +66,7 @@ def test_similar_needs_an_index_then_returns_listings_with_photos(client, art, d
     rows = r.json()["listings"]
     assert len(rows) == 4 and rows[0]["hier_similarity"] >= rows[-1]["hier_similarity"]
     assert rows[0]["listing_id"] == f"{CLS}/{photo.stem}"          # the photo itself is in the gallery
-    thumb = client.get(rows[0]["photo_url"])
+    thumb = client.get(rows[0]["hier_photo_url"])
     assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
     assert max(Image.open(io.BytesIO(thumb.content)).size) <= 256
     escape = client.get("/listings/..%2F..%2F..%2Fetc%2Fpasswd/photo")      # reaches the handler as one id
@@ -102,7 +102,8 @@ def test_enroll_needs_the_admin_token_and_is_answered_at_once(client, art, demo_
 
 def test_an_operator_unenrolls_over_http_and_every_change_is_audited(client, demo_data, monkeypatch, caplog):
     """``DELETE /enroll/{class}`` beside ``/enroll`` (admin only); one ``hier.audit`` line per change, done
-    or refused, carrying the request id the client sent back in ``X-Request-ID`` (a new one otherwise)."""
+    or refused, carrying the request id the client sent back in ``X-Request-ID`` (a new one otherwise).
+    A class that is not enrolled is 404 (it was 400, as a malformed request)."""
     import json
     import logging
     shots = [("files", (p.name, p.read_bytes(), "image/jpeg")) for p in _photos(demo_data, "Borealis_Lynx_2019_2022")]
@@ -118,7 +119,7 @@ def test_an_operator_unenrolls_over_http_and_every_change_is_audited(client, dem
         gone = client.delete("/enroll/신형모델_2025", headers=admin)
         assert gone.status_code == 200 and gone.json() == {"class": "신형모델_2025", "classes": before, "base": False}
         again = client.delete("/enroll/신형모델_2025", headers=admin)
-        assert again.status_code == 400 and "not an enrolled class" in again.json()["detail"]
+        assert again.status_code == 404 and "not an enrolled class" in again.json()["detail"]   # was 400
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "hier.audit"]
     assert [(x["action"], x["class"], x["done"]) for x in lines] == [
         ("enroll", "신형모델_2025", True), ("unenroll", "신형모델_2025", True), ("unenroll", "신형모델_2025", False)]
@@ -206,6 +207,8 @@ def test_serve_refuses_a_port_in_use_in_one_line(art, capsys):
         code, _, err = run_cli("serve", art, "--port", taken.getsockname()[1], capsys=capsys)
     assert code == 2 and err.startswith("error: cannot listen on 127.0.0.1:") and len(err.strip().splitlines()) == 1
     code, _, err = run_cli("serve", art.parent / "nothing", capsys=capsys)
+    assert code == 2 and "artifact not found" in err
+    code, _, err = run_cli("serve", art.parent, capsys=capsys)
     assert code == 2 and "is not a hier artifact" in err
 
 

@@ -224,9 +224,15 @@ def test_enroll_refuses_too_many_files_and_bad_numbers_leaving_the_artifact_as_i
     (["--max-upload-mb", "-1"], "--max-upload-mb"), (["--max-upload-mb", "nan"], "--max-upload-mb"),
     (["--max-batch", "0"], "--max-batch"), (["--port", "70000"], "--port"), (["--max-queue", "0"], "--max-queue"),
     (["--timeout", "inf"], "--timeout"), (["--max-enroll-files", "0"], "--max-enroll-files")])
-def test_serve_refuses_bad_numbers_in_one_line_before_reading_the_artifact(tmp_path, capsys, flags, words):
-    """The artifact does not even exist: the flag is refused first (nothing was loaded)."""
-    code, _, err = run_cli("serve", tmp_path / "nothing", *flags, capsys=capsys)
+def test_serve_refuses_bad_numbers_in_one_line_before_reading_the_artifact(art, tmp_path, capsys, flags, words,
+                                                                          monkeypatch):
+    """The flag is refused in one line before the artifact is read (its loader is never called)."""
+    from hier import artifact as store
+
+    def unread(*a, **k):
+        raise AssertionError("the artifact was read")
+    monkeypatch.setattr(store, "snapshot", unread)
+    code, _, err = run_cli("serve", art, *flags, capsys=capsys)
     assert code == 2 and err.startswith(f"error: {words} must be") and len(err.strip().splitlines()) == 1, err
     with pytest.raises(HierError, match="--max-batch"):
         create_app(tmp_path / "nothing", max_batch=0)
@@ -381,12 +387,16 @@ def odd_gallery(art, demo_data, tmp_path):
         (photos / f"{i}.jpg").write_bytes(src.read_bytes())
     csv = tmp_path / "listings.csv"
     pd.DataFrame({"listing_id": ids, "image": [f"photos/{i}.jpg" for i in range(len(ids))],
-                  "price": range(len(ids))}).to_csv(csv, index=False)
+                  "price": range(len(ids)), "zip": [f"0{i}" for i in range(len(ids))],
+                  "photo_url": [f"https://cdn.example/{i}.jpg" for i in range(len(ids))]}).to_csv(csv, index=False)
     Recognizer(art).index(csv)
     return ids, photos
 
 
 def test_similar_gives_encoded_photo_urls_and_no_server_paths(art, demo_data, odd_gallery, tmp_path):
+    """Thumbnail URLs with every id percent-encoded, no server path; the sellers' columns as given, a
+    number column as numbers (prices came back as strings), a seller's own ``photo_url`` kept (hier's
+    thumbnail URL overwrote it before it was named ``hier_photo_url``)."""
     ids, _ = odd_gallery
     with TestClient(create_app(art)) as client:
         r = _post_photo(client, _photos(demo_data)[0], url="/similar", params={"k": len(ids)})
@@ -394,12 +404,15 @@ def test_similar_gives_encoded_photo_urls_and_no_server_paths(art, demo_data, od
         rows = r.json()["listings"]
         assert sorted(row["listing_id"] for row in rows) == sorted(ids)
         assert str(tmp_path) not in r.text and "image" not in rows[0]            # no absolute paths
+        assert sorted(row["price"] for row in rows) == list(range(len(ids)))     # ints, not "0", "1"...
+        assert {row["zip"] for row in rows} == {f"0{i}" for i in range(len(ids))}   # "01" stays text
+        assert {row["photo_url"] for row in rows} == {f"https://cdn.example/{i}.jpg" for i in range(len(ids))}
         for row in rows:
-            assert not set("#? ") & set(row["photo_url"]), row["photo_url"]
-            thumb = client.get(row["photo_url"])
+            assert not set("#? ") & set(row["hier_photo_url"]), row["hier_photo_url"]
+            thumb = client.get(row["hier_photo_url"])
             assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", row
         assert client.get("/listings/a%231/photo").content == client.get(
-            next(row["photo_url"] for row in rows if row["listing_id"] == "a#1")).content
+            next(row["hier_photo_url"] for row in rows if row["listing_id"] == "a#1")).content
         assert client.get("/listings/a/photo").status_code == 404                # not a listing
 
 
@@ -519,7 +532,7 @@ def test_listings_whose_ids_are_dot_segments_get_a_photo_url_that_works(art, dem
     Recognizer(art).index(csv)
     with TestClient(create_app(art)) as client:
         rows = _post_photo(client, photos[0], url="/similar", params={"k": 3}).json()["listings"]
-        by_id = {row["listing_id"]: row["photo_url"] for row in rows}
+        by_id = {row["listing_id"]: row["hier_photo_url"] for row in rows}
         assert set(by_id) == {".", "..", "plain"}
         for listing_id, url in by_id.items():
             thumb = client.get(url)

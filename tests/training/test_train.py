@@ -284,3 +284,23 @@ def test_a_run_logged_to_a_file_says_every_epoch_as_it_ends(demo_data, tmp_path)
     assert data < lines.index(epochs[0])
     headline = [line for line in lines if line.startswith("validation: top-1 ")]
     assert len(headline) == 1 and "metrics.json" in headline[0] and lines[-1].startswith("artifact: ")
+
+
+def test_the_typed_flags_are_every_setting_of_the_two_configs():
+    """``Recognizer.train(**flags)`` took untyped flags: an editor offered no name and a checker caught no
+    misspelling. ``TrainFlags`` types them; it must list every settable field of ``ModelConfig`` and
+    ``TrainConfig`` with the same type (a field added to a config and not here fails this), and a name
+    outside it is refused, a setting the model fits itself (the temperature) included."""
+    import typing
+
+    from hier.training.config import MODEL_STATE, TrainFlags, configs
+    flags = typing.get_type_hints(TrainFlags)
+    fields = {**typing.get_type_hints(ModelConfig), **typing.get_type_hints(TrainConfig)}
+    for name in MODEL_STATE:
+        fields.pop(name)
+    assert flags == fields
+    for bad in ({"epoch": 3}, {"temperature": 2.0}):
+        with pytest.raises(HierError, match="unknown training setting"):
+            configs(**bad)
+    model, train = configs("cpu", epochs=6, trunk="efficientnet_lite0")
+    assert (model.trunk, train.epochs, train.low_res_epochs) == ("efficientnet_lite0", 6, 4)

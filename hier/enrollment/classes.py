@@ -92,6 +92,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             entry = entries[names.index(name)]
             return Enrolled(**result, added=0, total=entry["shots"], classes=len(taxonomy), offset=entry.get("offset"))
         shots, digests = [shots[i] for i in fresh], [digests[i] for i in fresh]
+        before = held_out_accuracy(net, taxonomy, validation) if validation is not None else None
         z = artifact_predictor(path, net)(shots)["embedding"]     # as the artifact serves: TTA included
         if name not in names:
             entries.append({"class": name, "shots": 0, **({"base": True} if is_base else {})})
@@ -113,6 +114,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             entries[k]["offset"] = base_drop_offset(net, new_taxonomy.class_index[name], validation, max_base_drop,
                                                     max_raise=MAX_RAISE if stats is not None else 0.0)
         own, cost = own_answers(net, new_taxonomy, name, entries[k].get("offset") or 0.0, z)
+        after = held_out_accuracy(net, new_taxonomy, validation) if validation is not None else None
         taken = taken_from_base(net, new_taxonomy, name, validation) if not is_base and validation is not None else None
         near = None
         if not is_base and own < OWN_SHOTS and (stats is not None or mapping is not None):
@@ -124,7 +126,8 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
     return Enrolled(**result, added=len(z), total=entries[k]["shots"], classes=len(new_taxonomy),
                     offset=entries[k].get("offset"), own_shots_answered=own, offset_cost=cost, near_duplicate=near,
                     base_photos_taken=None if taken is None else taken["share"],
-                    taken_most_from=None if taken is None else taken["most"])
+                    taken_most_from=None if taken is None else taken["most"],
+                    base_accuracy_before=before, base_accuracy_after=after)
 
 
 @torch.no_grad()
@@ -150,9 +153,7 @@ def taken_from_base(net: HierNet, taxonomy: Taxonomy, name: str, validation) -> 
     {"share", "most": {"class", "photos", "of", "share"} or None}."""
     z, y = validation
     c = taxonomy.class_index[name]
-    maps = taxonomy.fine_to_model, taxonomy.fine_to_brand
-    answer = served_answer(net.heads(z)["joint"].numpy(), net.cfg.temperature, *maps)[1]
-    y = y.numpy()
+    answer, y = served(net, taxonomy, z), y.numpy()
     hit = answer == c
     if not hit.any():
         return {"share": 0.0, "most": None}
@@ -161,6 +162,21 @@ def taken_from_base(net: HierNet, taxonomy: Taxonomy, name: str, validation) -> 
     of = int((y == b).sum())
     return {"share": float(hit.mean()), "most": {"class": taxonomy.classes[b], "photos": int(counts[b]), "of": of,
                                                   "share": float(counts[b] / of)}}
+
+
+@torch.no_grad()
+def served(net: HierNet, taxonomy: Taxonomy, z: torch.Tensor) -> np.ndarray:
+    """The fine class ``hier predict`` answers for embeddings ``z`` (the artifact's temperature, then the
+    one answer rule, ``served_answer``)."""
+    maps = taxonomy.fine_to_model, taxonomy.fine_to_brand
+    return served_answer(net.heads(z)["joint"].numpy(), net.cfg.temperature, *maps)[1]
+
+
+def held_out_accuracy(net: HierNet, taxonomy: Taxonomy, validation) -> float:
+    """Share of the artifact's held-out base photos (``validation.npz``) answered right as served: what an
+    enrollment changes, through its own class or through the model and brand sums it joins."""
+    z, y = validation
+    return float((served(net, taxonomy, z) == y.numpy()).mean())
 
 
 def nearest_base(prototypes: np.ndarray, shot_sum: np.ndarray, classes: list[str]) -> tuple[str, float]:

@@ -45,6 +45,8 @@ class Enrolled(_Report):
     near_duplicate: dict | None = None  # {"class", "similarity"} of a base class it looks like
     base_photos_taken: float | None = None   # share of the held-out base photos now answered as it
     taken_most_from: dict | None = None      # {"class", "photos", "of", "share"}: the base class most of them are
+    base_accuracy_before: float | None = None  # held-out base photos answered right before the change ...
+    base_accuracy_after: float | None = None   # ... and after it (every changed answer, brand sums included)
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "summary": self.summary()}
@@ -57,14 +59,20 @@ class Enrolled(_Report):
         if not self.added:
             return f"added nothing to {self.name!r}: every photo given is already one of its {self.total} shot(s)"
         if self.base:
-            return (f"added {self.added} shot(s) to base class {self.name!r} ({self.total} in all{dropped}; "
-                    f"`hier unenroll --class {self.name!r}` takes them back out)")
-        words = [(f"enrolled {self.name!r} from {self.added} shot(s)" if self.new else
-                  f"added {self.added} shot(s) to {self.name!r} ({self.total} in all)") + f"{dropped}; "
-                 f"{self.classes} classes now."]
+            words = [f"added {self.added} shot(s) to base class {self.name!r} ({self.total} in all{dropped}; "
+                     f"`hier unenroll --class {self.name!r}` takes them back out)."]
+        else:
+            words = [(f"enrolled {self.name!r} from {self.added} shot(s)" if self.new else
+                      f"added {self.added} shot(s) to {self.name!r} ({self.total} in all)") + f"{dropped}; "
+                     f"{self.classes} classes now."]
         if self.own_shots_answered is not None:
             words.append(f"{round(self.own_shots_answered * self.added)} of these {self.added} photo(s) are answered "
                          f"as {self.name!r}.")
+        if self.base_accuracy_before is not None and self.base_accuracy_after is not None:
+            words.append(f"The known classes' held-out photos are answered right {self.base_accuracy_after:.1%} of "
+                         f"the time (before: {self.base_accuracy_before:.1%}).")
+        if self.base:
+            return " ".join(words)
         most = self.taken_most_from
         if self.base_photos_taken:
             words.append(f"Of the known classes' held-out photos, {self.base_photos_taken:.1%} are now answered as "

@@ -77,6 +77,9 @@ class Enrolled(_Model):
     base_photos_taken: float | None = Field(None, description="share of the known classes' held-out photos now "
                                                               "answered as it")
     taken_most_from: TakenFrom | None = None
+    base_accuracy_before: float | None = Field(None, description="the known classes' held-out photos answered "
+                                                                 "right before the change")
+    base_accuracy_after: float | None = Field(None, description="... and after it (every changed answer)")
     near_duplicate: NearClass | None = None
     offset: float | None = Field(None, description="its score offset (positive: lowered to keep the base budget)")
     offset_cost: float | None = None

@@ -363,3 +363,18 @@ def test_enroll_says_in_words_what_it_changed_for_the_answers(art, demo_data):
     assert f"{round(r.own_shots_answered * 5)} of these 5 photo(s) are answered as '{NEW}'" in words
     assert f"{taken.mean():.1%} are now answered as '{NEW}', most of them photos of '{tax.classes[most]}'" in words
     assert r.to_dict()["summary"] == words and "offset" in r.to_dict()
+    # every changed answer counts, not only those answered as the class (the brand sum it joins can flip
+    # another class's photo to one of its siblings): the held-out accuracy before and after, served
+    assert r.base_accuracy_after == pytest.approx(float((answers == y.numpy()).mean()))
+    assert r.base_accuracy_before > r.base_accuracy_after          # it takes photos its budget let it take
+    assert f"answered right {r.base_accuracy_after:.1%} of the time (before: {r.base_accuracy_before:.1%})" in words
+
+
+def test_shots_added_to_a_known_class_are_worded_too(art, demo_data):
+    """``--add-shots`` to a base class said only how many shots it added: now also how many of them are
+    answered as it and the held-out accuracy of the known classes before and after."""
+    cls = "Cinder_Rook_2019_2023"
+    r = Recognizer(art).enroll(cls, photos_of(demo_data, cls, 12)[-4:], add_shots=True)
+    words = r.summary()
+    assert r.base and r.own_shots_answered is not None and r.base_accuracy_before is not None
+    assert f"of these 4 photo(s) are answered as '{cls}'" in words and "(before: " in words, words

@@ -154,7 +154,8 @@ def _summary(console, data_dir, settings, split, given: Taxonomy | None, model_c
         console.print(f"taxonomy: {len(given) - classes} of its {len(given)} classes have no photos here and are "
                       "left out of this model", markup=False, highlight=False, soft_wrap=True)
     low = f", the first {cfg.low_res_epochs} at {cfg.low_res} px" if cfg.low_res_epochs else ""
-    console.print(f"model: {model_cfg.trunk} ({cfg.pretrained} weights), {model_cfg.img_size} px, {cfg.epochs} epochs"
+    start = "random weights" if cfg.pretrained == "none" else f"{cfg.pretrained} weights"
+    console.print(f"model: {model_cfg.trunk} ({start}), {model_cfg.img_size} px, {cfg.epochs} epochs"
                   f"{low}, batch {cfg.batch_size}, on {device} with {torch.get_num_threads()} threads",
                   markup=False, highlight=False, soft_wrap=True)
 

@@ -280,7 +280,7 @@ def test_a_run_logged_to_a_file_says_every_epoch_as_it_ends(demo_data, tmp_path)
     # what the run does, first; one validation figure, last
     lines = text.splitlines()
     data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
-    assert "photos of 12 classes" in lines[data] and lines[data + 1].startswith("model: test_efficientnet (none weights)")
+    assert "photos of 12 classes" in lines[data] and lines[data + 1].startswith("model: test_efficientnet (random weights)")
     assert data < lines.index(epochs[0])
     headline = [line for line in lines if line.startswith("validation: top-1 ")]
     assert len(headline) == 1 and "metrics.json" in headline[0] and lines[-1].startswith("artifact: ")

@@ -1,4 +1,5 @@
-"""How hier draws: in a font that has Hangul as well as Latin letters, and matplotlib with no display.
+"""How hier draws: in a font that has Hangul as well as Latin letters, and matplotlib with no display;
+the HTML pages hier writes carry the glyphs they need (``hangul_css``).
 
 Hecto's 396 classes and AI-hub's models are named in Korean; matplotlib's own DejaVu Sans has no Hangul
 and draws every syllable as an empty box. NanumGothic (SIL Open Font License) comes with the
@@ -9,7 +10,10 @@ PIL, in a notebook whose own backend stays as it is); ``pyplot`` sets up the fig
 """
 from __future__ import annotations
 
+import base64
 import importlib.util
+import io
+import logging
 from functools import cache
 from pathlib import Path
 
@@ -40,3 +44,32 @@ def pyplot():
     matplotlib.rcParams["font.family"] = [FAMILY, "DejaVu Sans"]
     matplotlib.rcParams["axes.unicode_minus"] = False       # NanumGothic has no U+2212 minus
     return plt
+
+
+HTML_FAMILY = "hier-hangul"   # the family the pages' font stacks name after the system's (base_style.html)
+CSS_MARK = "/* hier-hangul */"  # where a page template's <style> takes ``hangul_css``
+
+
+def hangul_css(text: str) -> str:
+    """An ``@font-face`` rule for an HTML page: NanumGothic cut to the characters of ``text`` beyond ASCII
+    and embedded, as the family ``HTML_FAMILY``, which the pages name after the system's fonts. A viewer
+    without a Korean font (a server, a fresh container) then sees Hangul, not boxes; one with it never uses
+    it. "" when ``text`` is all ASCII.
+
+    Example:
+        >>> html = page.replace(CSS_MARK, hangul_css(page), 1)
+    """
+    chars = "".join(sorted({c for c in text if ord(c) > 0x7F}))
+    if not chars:
+        return ""
+    from fontTools import subset                 # matplotlib's dependency: only pages with such text need it
+    logging.getLogger("fontTools.subset").setLevel(logging.ERROR)   # tables it drops, one line each
+    options = subset.Options()
+    font = subset.load_font(str(hangul_font()), options)
+    subsetter = subset.Subsetter(options)
+    subsetter.populate(text=chars)
+    subsetter.subset(font)
+    data = io.BytesIO()
+    subset.save_font(font, data, options)
+    return (f'@font-face {{ font-family: "{HTML_FAMILY}"; '
+            f'src: url(data:font/ttf;base64,{base64.b64encode(data.getvalue()).decode("ascii")}) format("truetype"); }}')

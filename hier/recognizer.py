@@ -90,6 +90,12 @@ class Recognizer(ListingSearch):
                                                                      self.batch_size))
         self._galleries = HeldGalleries(self.path)
 
+    def __repr__(self) -> str:
+        """Its folder and kind, the classes once read (repr reads nothing), where it runs."""
+        loaded = self.loaded
+        classes = f", {len(loaded.taxonomy)} classes" if loaded is not None else ""
+        return f"Recognizer({str(self.path)!r}, {self.kind.name}{classes}, device={self.device!r}, backend={self.backend!r})"
+
     def check_supports(self, method: str) -> None:
         """Raise now the refusal ``method`` would raise on this folder (an ensemble answers but does not
         edit, embed, search, explain or export), so a command refuses before it prints or writes anything."""

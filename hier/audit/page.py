@@ -9,7 +9,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from PIL import Image, ImageDraw, ImageFont
 
 from hier.data import ImageSet
-from hier.drawing import hangul_font, pyplot
+from hier.drawing import CSS_MARK, hangul_css, hangul_font, pyplot
 from hier.report import build
 
 plt = pyplot()
@@ -49,7 +49,7 @@ def write_page(tmp: Path, data: Path, files: pd.DataFrame, images: ImageSet, rep
     env = Environment(loader=FileSystemLoader(Path(build.__file__).parent), autoescape=select_autoescape(["html"]))
     html = env.get_template("audit.html").render(r=report, c=report["counts"], exact=exact, near=near,
                                                  outliers=thumbs, figures=page.figures, shown=SHOWN)
-    (tmp / "audit.html").write_text(html, encoding="utf-8")
+    (tmp / "audit.html").write_text(html.replace(CSS_MARK, hangul_css(html), 1), encoding="utf-8")
 
 
 def _plot_counts(files: pd.DataFrame):

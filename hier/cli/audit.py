@@ -11,7 +11,7 @@ from hier.cli.base import app, artifact_option, console, err, input_argument
 
 @app.command()
 def audit(
-    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout")],
+    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout", "data folder")],
     out: Annotated[Path, typer.Option(help="Audit folder (audit.html, audit.json, PNGs, exclude.txt)")] = Path("audit"),
     artifact: Annotated[Optional[Path], artifact_option(
         "Artifact whose embeddings judge similarity (default: the offline ImageNet efficientnet_lite0)")] = None,
@@ -29,6 +29,7 @@ def audit(
     """One HTML page on a dataset before training: per-class counts, sizes and brightness, exact
     duplicates (within and across classes), near-duplicates, outliers (a contact sheet), unreadable files."""
     from hier.audit import audit as run
+    from hier.audit.find import PHASH_BITS
     from hier.progress import progress_bar
 
     with progress_bar(err) as progress:
@@ -37,9 +38,14 @@ def audit(
     c = r["counts"]
     if r["skipped"]:
         err.print(f"[yellow]{r['skipped']}[/]")
-    console.print(f"{c['images']} photos in {c['classes']} classes: {c['exact_extra_copies']} extra exact cop(ies) "
-                  f"in {c['exact_groups']} group(s) within classes, {c['cross_class_groups']} group(s) across classes "
-                  f"({c['cross_class_files']} photos), {c['near_pairs']} near-duplicate pair(s) (cosine >= {near}), "
-                  f"{c['outliers']} outlier(s), {c['unreadable']} unreadable file(s)", highlight=False)
+    console.print(f"{c['images']} photos in {c['classes']} classes: exact copies {c['exact_extra_copies']} beyond the "
+                  f"first in {c['exact_groups']} within classes, {c['cross_class_groups']} across classes "
+                  f"({c['cross_class_files']} photos); near-duplicate pairs {c['near_pairs']} (cosine >= {near} or pHash "
+                  f"<= {PHASH_BITS} bits apart); outliers {c['outliers']}; unreadable files {c['unreadable']}",
+                  highlight=False)
+    if artifact is not None and c["near_pairs"] > c["images"] // 2:
+        err.print(f"[yellow]warning:[/] {c['near_pairs']} near-duplicate pairs among {c['images']} photos: the "
+                  f"embeddings of {artifact} may not tell these photos apart; try without --artifact (the ImageNet "
+                  "trunk) or a higher --near", highlight=False, soft_wrap=True)
     console.print(f"wrote {out / 'audit.html'}" + (f" and {write_exclude} ({c['excluded']} paths)" if write_exclude else
                                                     f" ({c['excluded']} paths in exclude.txt)"), highlight=False)

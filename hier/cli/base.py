@@ -118,22 +118,25 @@ def artifact_option(help: str):
     return typer.Option(help=help, callback=_hier_folders)
 
 
-def _inputs(ctx: typer.Context, param: typer.CallbackParam, value):
-    """Check input paths as they are parsed, before any heavy import: each exists."""
-    for path in value if isinstance(value, (list, tuple)) else [value]:
-        if path is not None and not Path(path).exists():
-            raise HierError(f"{param.opts[0] + ' ' if param.param_type_name == 'option' else ''}{path}: not found")
-    return value
+def _exists(noun: str | None):
+    """A callback checking input paths as they are parsed, before any heavy import: each exists (else
+    ``NOUN not found: PATH``, the option's flag for a noun by default)."""
+    def check(ctx: typer.Context, param: typer.CallbackParam, value):
+        for path in value if isinstance(value, (list, tuple)) else [value]:
+            if path is not None and not Path(path).exists():
+                raise HierError(f"{noun or param.opts[0]} not found: {path}")
+        return value
+    return check
 
 
-def input_argument(help: str):
-    """An input path argument, checked to exist as it is parsed (``_inputs``)."""
-    return typer.Argument(help=help, callback=_inputs)
+def input_argument(help: str, noun: str):
+    """An input path argument (``noun``: what the error calls it), checked to exist as it is parsed."""
+    return typer.Argument(help=help, callback=_exists(noun))
 
 
-def input_option(help: str):
-    """An input path option (``--test-csv``...), checked to exist as it is parsed (``_inputs``)."""
-    return typer.Option(help=help, callback=_inputs)
+def input_option(help: str, noun: str | None = None):
+    """An input path option (``--test-csv``...), checked to exist as it is parsed."""
+    return typer.Option(help=help, callback=_exists(noun))
 
 
 class Format(str, Enum):

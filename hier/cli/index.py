@@ -25,7 +25,7 @@ def _listings(listings: Path, strict: bool):
 def index_build(
     artifact: Annotated[Path, artifact_argument()],
     listings: Annotated[Optional[Path], input_argument(
-        "Folder of listing photos, or CSV listing_id,image[,price,...]")] = None,
+        "Folder of listing photos, or CSV listing_id,image[,price,...]", "listings")] = None,
     kind: Annotated[str, typer.Option("--index", help="flat | ivf | hnsw | pq (millions: 60-byte codes in memory, "
                                       "re-ranked by float16 vectors on disk)")] = "flat",
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
@@ -55,7 +55,7 @@ def index_build(
 @index_app.command("add")
 def index_add(
     artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
-    listings: Annotated[Path, input_argument("Folder or CSV of new listings")],
+    listings: Annotated[Path, input_argument("Folder or CSV of new listings", "listings")],
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in a folder instead of skipping them")] = False,
     shard: Annotated[Optional[str], typer.Option(
         help="Shard to add to (created if new; `today`: the UTC date, e.g. 2025-03-07). Default: base")] = None,
@@ -146,7 +146,7 @@ def index_shards(
 @app.command()
 def similar(
     artifact: Annotated[Path, artifact_argument("Artifact directory with an index")],
-    image: Annotated[Path, input_argument("Query photo")],
+    image: Annotated[Path, input_argument("Query photo", "photo")],
     k: Annotated[int, typer.Option("--k", help="How many listings")] = 10,
     same_brand: Annotated[bool, typer.Option(help="Only listings of the query's predicted brand")] = False,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,

@@ -25,6 +25,17 @@ def check_listen(host: str, port: int) -> None:
         raise HierError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
 
 
+def _json_lines_to_stderr(logger: str) -> None:
+    """The service's JSON log lines (``hier.access``: one a request; ``hier.audit``: one an enrollment
+    change) on stderr, as they are, at INFO (Python's default WARNING level dropped them)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 @app.command()
 def serve(
     artifact: Annotated[Path, artifact_argument()],
@@ -53,13 +64,9 @@ def serve(
 
     service = create_app(artifact, max_upload_mb, max_batch, max_queue=max_queue, timeout_s=timeout,
                          max_enroll_files=max_enroll_files, body_timeout_s=body_timeout)   # the flags and the folder
-    if access_log:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        access = logging.getLogger("hier.access")
-        access.addHandler(handler)
-        access.setLevel(logging.INFO)
-        access.propagate = False
+    err.print(f"loading {artifact} ...")             # read and warmed before the first request: seconds
+    for name in ("hier.audit", "hier.access") if access_log else ("hier.audit",):
+        _json_lines_to_stderr(name)
     err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
     # accepted requests are answered within --timeout, and a stalled upload 408 within --body-timeout, so a
     # stop waits that long for them (answered, not cancelled), no longer

@@ -26,7 +26,7 @@ DEMO_MIN_IMAGES = 5     # per class: the demo's stratified 20 % validation split
 
 @app.command()
 def train(
-    data: Annotated[Path, input_argument("Folder-per-class training images: DATA/<class>/*.jpg")],
+    data: Annotated[Path, input_argument("Folder-per-class training images: DATA/<class>/*.jpg", "data folder")],
     out: Annotated[Path, typer.Option(help="Artifact directory to write")] = Path("runs/hier"),
     taxonomy: Annotated[Optional[Path], typer.Option(help="class,brand,model,year_start,year_end CSV, or "
                                                      "hecto2025 (shipped) (default: parse the folder names)")] = None,
@@ -62,7 +62,7 @@ def train(
     layout: Annotated[Optional[str], typer.Option(
         help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
     crop: Annotated[Optional[str], typer.Option(help="none | yolo: train on each photo's largest vehicle box")] = None,
-    detector: Annotated[Optional[str], input_option("ultralytics detector weights for --crop yolo")] = None,
+    detector: Annotated[Optional[str], input_option("ultralytics detector weights for --crop yolo", "detector weights")] = None,
     aug: Annotated[Optional[str], typer.Option(help="Augmentation: none | light | seed | randaug [light]")] = None,
     mixup: Annotated[Optional[float], typer.Option(help="MixUp alpha on each batch [0: off]")] = None,
     cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha on each batch [0: off]")] = None,
@@ -92,14 +92,16 @@ def train(
     m = rec.metrics
     if m:          # one figure: the answers `hier predict` gives, on the held-out photos; the rest in metrics.json
         console.print(f"validation: top-1 {m['top1']:.3f}, log loss {m['log_loss']:.3f} on {m['images']:,} held-out "
-                      f"photos (as `hier predict` answers; every figure in {out / METRICS})", highlight=False, soft_wrap=True)
+                      f"photos, as `hier predict` answers (the served head, fitted after the last epoch: the per-epoch "
+                      f"val_* figures are the trained head's; every figure in {out / METRICS})", highlight=False,
+                      soft_wrap=True)
     console.print(f"artifact: {out}")
 
 
 @app.command()
 def evaluate(
     artifact: Annotated[Path, artifact_argument("Artifact directory from `hier train`")],
-    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout")],
+    data: Annotated[Path, input_argument("Labelled photos: folder per class, or the AI-hub layout", "data folder")],
     tta: Annotated[Optional[bool], typer.Option("--tta/--no-tta", help="Add flipped views [artifact's setting]")] = None,
     batch_size: Annotated[int, typer.Option()] = 64,
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,

@@ -33,8 +33,13 @@ def decode_text(data: bytes, where: str) -> tuple[str, str]:
         text = body.decode("utf-16" if encoding == "utf-16" else "utf-8")
     except UnicodeDecodeError as e:
         kind = "UTF-16" if encoding == "utf-16" else "UTF-8"
+        try:
+            body.decode("cp949")
+            guess = "CP949 (EUC-KR), as Excel saves a CSV on Korean Windows"
+        except UnicodeDecodeError:
+            guess = "in a legacy encoding"
         raise HierError(f"{where} is not {kind}: byte 0x{body[e.start]:02x} at offset {e.start + skip} does not "
-                        "decode (Latin-1 or another legacy encoding?); save it as UTF-8") from None
+                        f"decode (it may be {guess}); save it as UTF-8 (Excel: 'CSV UTF-8')") from None
     nul = text.find("\x00")
     if nul >= 0:
         raise HierError(f"{where} holds a NUL character (character {nul}): UTF-16 without a byte-order mark, "

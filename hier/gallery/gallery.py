@@ -17,7 +17,7 @@ from hier.gallery.gpu import faiss_gpus, placement
 from hier.gallery.introspect import index_bytes, ivf_of, kind_of
 from hier.gallery.joining import joined, merge_into, stacked, sync_ntotal
 from hier.gallery.kinds import EF_SEARCH, NPROBE, check_size, factory_string, training_sample
-from hier.gallery.listings import ID, number_columns
+from hier.gallery.listings import ID, as_numbers, number_columns
 from hier.gallery.shards import BASE, Shard
 from hier.gallery.vectors import whole
 from hier.gallery.whitening import transformed, unwhitening, whitened, whitening_of
@@ -242,8 +242,11 @@ class Gallery:
 
     def results(self, queries: np.ndarray, k: int = 10, where=None, labels=None, labels_key=None,
                 nprobe: int | None = None) -> list[pd.DataFrame]:
-        """Metadata rows of the nearest listings per query, best first: ``hier.gallery.results.results``."""
-        return result_rows.results(self, queries, k, where, labels, labels_key, nprobe)
+        """Metadata rows of the nearest listings per query, best first: ``hier.gallery.results.results``;
+        the sellers' number columns as numbers (``listings.number_columns``), the others as written."""
+        numbers = self.number_columns()
+        return [as_numbers(rows, numbers) for rows in result_rows.results(self, queries, k, where, labels, labels_key,
+                                                                          nprobe)]
 
     def labelled(self, labels, key=None) -> pd.DataFrame:
         """Every listing labelled by ``labels`` of its stored vector: ``hier.gallery.results.labelled``."""

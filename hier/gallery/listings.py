@@ -72,6 +72,12 @@ def number_columns(table: pd.DataFrame) -> dict[str, type]:
     return out
 
 
+def as_numbers(rows: pd.DataFrame, numbers: dict[str, type]) -> pd.DataFrame:
+    """``rows`` with the ``number_columns`` as numbers (whole numbers as ``Int64``, an empty cell missing)."""
+    kinds = {c: "Int64" if kind is int else "float64" for c, kind in numbers.items() if c in rows}
+    return rows.assign(**{c: pd.to_numeric(rows[c]).astype(kind) for c, kind in kinds.items()}) if kinds else rows
+
+
 def read_listings(listings: Path, strict: bool = False) -> pd.DataFrame:
     """A folder of photos, searched recursively, symlinked folders included (listing_id = path below it
     without the extension), or a CSV ``listing_id,image[,price,...]`` (``read_table``), checked: images

@@ -21,9 +21,10 @@ from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, log_loss
 
 from hier import outputs
 from hier.artifact.files import CURVES
+from hier.artifact.records import read_run
 from hier.data import to_rgb
 from hier.data.readers import create_reader
-from hier.drawing import pyplot
+from hier.drawing import CSS_MARK, hangul_css, pyplot
 from hier.errors import HierError
 from hier.metrics import ECE_BINS, answer, calibration_bins, ece, evaluate_probs, softmax
 from hier.report.cam import grad_cam, overlay
@@ -70,6 +71,15 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
     return metrics
 
 
+def in_training_folder(artifact_dir: Path, paths: list) -> int:
+    """How many of ``paths`` lie in the folder the artifact was trained from (``train.json``): figures on
+    photos it trained on flatter it, so the report says so."""
+    folder = read_run(artifact_dir).get("data")
+    if not folder or not Path(folder).is_dir():
+        return 0
+    return sum(outputs.is_inside(p, folder) for p in paths if isinstance(p, (str, Path)))
+
+
 # --- where the report goes: only an absent or empty folder, or an earlier hier report, is replaced ------
 MARKER = ".hier-report"
 
@@ -79,6 +89,7 @@ def _write(artifact_dir: Path, snap, data, tmp: Path, images, paths, probs, logi
     metrics = _metrics(probs, logits, y, tax)
     metrics["images"], metrics["unknown_class_images"] = len(y), len(images.paths) - len(y)
     metrics["skipped"], metrics["temperature"] = images.skipped_message(), snap.net.cfg.temperature
+    metrics["in_training_folder"] = in_training_folder(artifact_dir, paths)
     classes = _per_class(probs, y, tax)
     confused = _confused_pairs(probs, y, tax, paths, page, pairs)
     page.figure("confusion_brand.png", _confusion_brand, probs, y, tax)
@@ -96,7 +107,7 @@ def _write(artifact_dir: Path, snap, data, tmp: Path, images, paths, probs, logi
                                       encoding="utf-8")
     html = _template().render(artifact=str(artifact_dir), data=str(data), m=metrics, classes=classes[:15],
                               pairs=confused, examples=examples, figures=page.figures, levels=LEVELS)
-    (tmp / "index.html").write_text(html, encoding="utf-8")
+    (tmp / "index.html").write_text(html.replace(CSS_MARK, hangul_css(html), 1), encoding="utf-8")
     return metrics
 
 

@@ -104,7 +104,7 @@ def admin_refusal(token: str | None) -> tuple[int, str] | None:
     if not expected:
         return 403, f"enrollment is disabled: start the service with {ADMIN_TOKEN_ENV} set"
     if not token or not hmac.compare_digest(token.encode(), expected.encode()):
-        return 401, "a valid X-Admin-Token header is needed to enroll"
+        return 401, "a valid X-Admin-Token header is needed to change classes (enroll, unenroll)"
     return None
 
 

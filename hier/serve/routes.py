@@ -13,11 +13,12 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from hier.artifact.store import stamp
+from hier.drawing import hangul_font
 from hier.enrollment import MAX_BASE_DROP
 from hier.errors import HierError, check_number
 from hier.fileio import Busy, locked
@@ -66,7 +67,13 @@ async def ready(response: Response, service: Served) -> dict:
             "batcher_restarts": batcher.restarts}
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/hangul.ttf", include_in_schema=False)
+def hangul() -> FileResponse:
+    """NanumGothic for the upload page's Hangul, which a browser fetches only when the viewer's fonts lack it."""
+    return FileResponse(hangul_font(), media_type="font/ttf", headers={"Cache-Control": "max-age=86400"})
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 def prometheus(service: Served) -> Response:
     """Prometheus series (``hier.serve.metrics``), in a worker thread."""
     snap, metrics, fingerprinted = service.rec.loaded, service.metrics, service.fingerprinted
@@ -101,21 +108,10 @@ async def similar(file: Annotated[UploadFile, File(description="Query photo")], 
         return await service.in_model_thread(rec.similar, await service.photo(file), k, same_brand)
     table = await service.model_lane.run(answer)
     table = table.drop(columns="image", errors="ignore")
-    rows = table.astype(object).where(table.notna(), None).to_dict("records")
-    numbers = rec.gallery().number_columns()           # a price is a number, "01234" stays text
+    rows = table.astype(object).where(table.notna(), None).to_dict("records")   # numbers stay numbers
     for row in rows:
         row["hier_photo_url"] = photo_url(str(row["listing_id"]))
-        for column, kind in numbers.items():
-            row[column] = _as_number(kind, row.get(column))
     return {"listings": rows}
-
-
-def _as_number(kind: type, cell):
-    """A seller's cell of a number column as that number (a cell of a gallery edited since: as it is)."""
-    try:
-        return cell if cell is None else kind(cell)
-    except (TypeError, ValueError):
-        return cell
 
 
 def photo_url(listing_id: str) -> str:
@@ -149,7 +145,9 @@ async def listing_photo_by_query(id: str, service: Served) -> Response:
     return await listing_photo(id, service)
 
 
-@router.get("/listings/{listing_id:path}/photo", include_in_schema=False)
+@router.get("/listings/{listing_id:path}/photo", response_class=Response,
+            responses={200: {"content": {"image/jpeg": {}}}, 404: {"description": "no such listing, or its photo is "
+                                                                                  "gone or does not decode"}})
 async def listing_photo(listing_id: str, service: Served) -> Response:
     """A listing's photo as a 256 px JPEG thumbnail (only photos the gallery lists are served)."""
     loop = asyncio.get_running_loop()

@@ -9,8 +9,9 @@ records the fingerprint of the weights that embedded it, and ``hier index build 
 --from-embeddings EMB/`` refuses shards of other weights, missing shards or repeated listings.
 
 ``BatchEmbedder`` is the function every shard maps over its rows (a pandas batch in, the same rows with
-their embedding out): a Ray Data ``map_batches`` or a Spark ``mapInPandas`` job maps the same
-(docs/commands/embed.md).
+their embedding out): a Ray Data ``map_batches`` or a Spark ``mapInPandas`` job maps the same, and
+``gallery_of_table`` builds the gallery of what such a job wrote (docs/commands/embed.md;
+tests/services/test_ray.py runs the Ray Data pipeline).
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from hier import artifact, fileio
@@ -56,8 +58,32 @@ def part_name(shard: int, shards: int) -> str:
 
 class BatchEmbedder:
     """``BatchEmbedder(ARTIFACT)(rows)``: listings (``listing_id``, ``image``, ...) -> the same rows with
-    ``hier_embedding`` and the answer. The artifact is read once (under its lock); ``fingerprint``
-    names the weights."""
+    ``hier_embedding`` and the answer. The artifact is read once (under its lock), in the process that
+    constructs it (a Ray Data actor gets the path, ``fn_constructor_args``, never a pickled network);
+    ``fingerprint`` names the weights.
+
+    Args:
+        artifact_dir: the folder ``hier train`` wrote.
+        backend: ``auto``, ``torch`` or ``onnx`` (as ``hier embed --backend``).
+        batch_size: photos per forward pass.
+        workers: photo decoding processes beside the network.
+
+    Returns:
+        Called on a pandas DataFrame with an ``image`` column (a path of a photo file this process can
+        open; every other column is kept as it is), the same rows in the same order plus
+        ``hier_embedding`` (one float32 vector of the artifact's embedding size a row) and
+        ``hier_class``, ``hier_brand``, ``hier_model``.
+
+    Raises:
+        HierError: ``artifact_dir`` is not an artifact (on construction). A photo that is missing or does
+            not decode raises its reader's error (``OSError``, ``PIL.UnidentifiedImageError``): ``hier
+            embed`` checks its listings first (``hier.gallery.read_listings``); another job should too.
+
+    Example:
+        >>> rows = BatchEmbedder("runs/base")(pd.DataFrame({"listing_id": ["L1"], "image": ["car.jpg"]}))
+        >>> list(rows.columns)
+        ['listing_id', 'image', 'hier_class', 'hier_brand', 'hier_model', 'hier_embedding']
+    """
 
     def __init__(self, artifact_dir: str | Path, backend: str = "auto", batch_size: int = 64,
                  workers: int | None = None):
@@ -177,15 +203,75 @@ def read_embeddings(folder: str | Path, fingerprint: str | None = None) -> tuple
     return np.concatenate(vectors).astype(np.float32), rows
 
 
+def table_embeddings(table: pa.Table, dim: int | None = None) -> tuple[np.ndarray, pd.DataFrame]:
+    """A table of ``BatchEmbedder``'s rows as another job wrote them (Ray Data's ``write_parquet``, Spark)
+    -> (embeddings (n, D) float32, listings with their own columns as text, as ``read_embeddings``
+    gives them). ``hier_embedding`` may be a list, a fixed-size list or Ray's tensor column; every
+    vector must have ``dim`` numbers (when given) and no listing may be there twice."""
+    missing = [c for c in ("listing_id", EMBEDDING) if c not in table.column_names]
+    if missing:
+        raise HierError(f"the embeddings table has no {missing[0]!r} column (columns: "
+                        f"{', '.join(table.column_names)[:200]}); give the rows BatchEmbedder returned")
+    column = table.column(EMBEDDING).combine_chunks()
+    if isinstance(column, pa.ExtensionArray):         # Ray's tensor column, when ray is imported
+        column = column.storage
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)
+            or pa.types.is_fixed_size_list(column.type)) or column.null_count:
+        raise HierError(f"{EMBEDDING} of the embeddings table is {column.type}"
+                        f"{' with missing rows' if column.null_count else ''}, not one vector a row")
+    lengths = sorted(set(pc.list_value_length(column).to_numpy(zero_copy_only=False).tolist()))
+    if len(lengths) > 1 or (dim is not None and set(lengths) - {dim}):
+        raise HierError(f"{EMBEDDING} vectors of {' and '.join(map(str, lengths[:3]))} numbers"
+                        f"{f', where the artifact embeds {dim}' if dim is not None else ''}: embed every listing "
+                        "with the artifact the gallery is built in")
+    width = lengths[0] if lengths else dim or 0
+    vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(table), width)
+    rows = _as_text(table.drop_columns([EMBEDDING]).to_pandas())
+    rows = rows.astype(object).where(rows.notna(), np.nan)
+    repeat = first_repeat(rows["listing_id"])
+    if repeat:
+        raise HierError(f"listing_id {repeat[0]!r} is in two rows of the embeddings table; embed each listing once")
+    return vectors, rows
+
+
 def build_gallery(artifact_dir: str | Path, folder: str | Path, kind: str = "flat"):
     """``hier index build ARTIFACT --from-embeddings EMB/``: the gallery of the shards' vectors, no network
     run. Their answers are those of the artifact's head of now (an enrolled class included); the index
     is trained unlocked and saved under the lock if the artifact is still the one read."""
+    return _gallery_of(artifact_dir, kind, lambda net: read_embeddings(folder, net.fingerprint()))
+
+
+def gallery_of_table(artifact_dir: str | Path, table: pa.Table, kind: str = "flat"):
+    """The gallery of a table of ``BatchEmbedder``'s rows that another job wrote, saved in the artifact as
+    ``build_gallery`` saves it (answers of the head of now, no network run).
+
+    Args:
+        artifact_dir: the artifact whose weights embedded the rows.
+        table: the rows, e.g. ``pyarrow.parquet.read_table`` of a Ray Data ``write_parquet`` folder.
+        kind: the index kind (``flat``, ``ivf``, ``hnsw``, ``pq``; as ``--index``).
+
+    Returns:
+        The ``Gallery``, saved in ``artifact_dir``.
+
+    Raises:
+        HierError: no ``listing_id`` or ``hier_embedding`` column, vectors of another size than the
+            artifact's embedding, a listing twice, an unknown kind, an artifact that changed meanwhile.
+            Unlike ``hier embed`` shards, such a table carries no fingerprint of the weights and no
+            count of its parts: it must come from this artifact's weights, and all of it.
+
+    Example:
+        >>> gallery_of_table("runs/base", pyarrow.parquet.read_table("emb_ray/"), kind="ivf")
+    """
+    return _gallery_of(artifact_dir, kind, lambda net: table_embeddings(table, net.cfg.embed_dim))
+
+
+def _gallery_of(artifact_dir: str | Path, kind: str, read):
+    """``read(net) -> (vectors, rows)`` labelled by the head of now, indexed and saved (``build_gallery``)."""
     artifact_dir = Path(artifact_dir)
     factory_string(kind, 1)
     with fileio.locked(artifact_dir):
         stamp, net, taxonomy = artifact.snapshot(artifact_dir, device())
-    vectors, rows = read_embeddings(folder, net.fingerprint())
+    vectors, rows = read(net)
     predictor = artifact_predictor(artifact_dir, net, "torch")
     labels = [label_columns(predictor.probs_of(vectors[s:s + LABEL_CHUNK]), taxonomy)
               for s in range(0, len(vectors), LABEL_CHUNK)] or [answer_columns(np.zeros(0, int), taxonomy)]

@@ -2,6 +2,7 @@
 the named presets, and ``configs``, the one place a preset and the flags given are merged."""
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -144,6 +145,17 @@ class TrainFlags(TypedDict, total=False):
 MODEL_STATE = ("temperature", "mean", "std")   # ModelConfig fields training sets itself, not flags
 
 
+CLI_NAMES = {"model": "trunk"}    # `hier train` flags whose Python name differs (--model: any timm trunk)
+
+
+def _unknown(name: str, settable: set[str]) -> str:
+    """``name`` and what was probably meant: its Python name, or the closest setting's."""
+    if name in CLI_NAMES:
+        return f"{name!r} (the CLI's --{name} is {CLI_NAMES[name]}= here)"
+    close = difflib.get_close_matches(name, sorted(settable), n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]}=?)" if close else "")
+
+
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -177,9 +189,10 @@ def configs(preset: str | None = None, **flags: Unpack[TrainFlags]) -> tuple[Mod
     chosen = PRESETS.get(preset, {"model": {}, "train": {}})
     given = {k: v for k, v in flags.items() if v is not None}
     model_keys, train_keys = set(ModelConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
-    unknown = sorted(set(given) - (model_keys - set(MODEL_STATE)) - train_keys)
+    settable = (model_keys - set(MODEL_STATE)) | train_keys
+    unknown = sorted(set(given) - settable)
     if unknown:
-        raise HierError(f"unknown training setting {unknown[0]!r}")
+        raise HierError("unknown training setting(s): " + "; ".join(_unknown(name, settable) for name in unknown))
     train_flags = {**chosen["train"], **{k: v for k, v in given.items() if k in train_keys}}
     if "low_res_epochs" in chosen["train"] and "epochs" in given and "low_res_epochs" not in given:
         # a preset's progressive resizing keeps its share of a run made longer or shorter

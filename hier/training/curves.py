@@ -21,7 +21,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
         top1.plot(epochs, [r.get("val_top1") for r in history], "o-", color="tab:green")
     loss.set(xlabel="epoch", title="loss")
     loss.legend()
-    top1.set(xlabel="epoch", title="validation top-1 (the answer)", ylim=(0, 1))
+    top1.set(xlabel="epoch", title="validation top-1 per epoch (trained head)", ylim=(0, 1))
     for ax in (loss, top1):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))      # epochs are whole numbers

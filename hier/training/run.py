@@ -150,6 +150,11 @@ def _summary(console, data_dir, settings, split, given: Taxonomy | None, model_c
     console.print(f"data: {data_dir} (layout {settings.layout}): {len(split.images.paths):,} photos of {classes} "
                   f"classes, {len(split.train):,} to train on and {len(split.val):,} to validate on", soft_wrap=True,
                   markup=False, highlight=False)
+    tax = split.taxonomy
+    if given is None and len(tax.brands) == len(tax.models) > 1:        # e.g. Hecto's names: no make in them
+        console.print(f"taxonomy: parsed from the folder names, every one of the {len(tax.models)} models its own "
+                      "brand (the names hold no make); give --taxonomy (a CSV, or hecto2025) for a brand level",
+                      markup=False, highlight=False, soft_wrap=True)
     if given is not None and len(given) > classes:
         console.print(f"taxonomy: {len(given) - classes} of its {len(given)} classes have no photos here and are "
                       "left out of this model", markup=False, highlight=False, soft_wrap=True)

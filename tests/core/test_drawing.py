@@ -44,3 +44,21 @@ def test_no_module_but_hier_drawing_sets_up_matplotlib():
     own = [p.relative_to(hier).as_posix() for p in hier.rglob("*.py")
            if re.search(r"import matplotlib\.pyplot|matplotlib\.use\(|pyplot as plt", p.read_text(encoding="utf-8"))]
     assert own == ["drawing.py"]
+
+
+def test_html_pages_carry_the_hangul_they_show():
+    """The report, audit and upload pages named system fonts only: on a server or a fresh container
+    without a Korean font every syllable was an empty box. A page embeds NanumGothic cut to its own
+    characters (a few KB), as a family its font stack names after the system's."""
+    import base64
+
+    from fontTools.ttLib import TTFont
+    assert drawing.hangul_css("plain ASCII page <b>x</b>") == ""
+    css = drawing.hangul_css(f"<p>{NAMES}</p>")
+    assert css.startswith(f'@font-face {{ font-family: "{drawing.HTML_FAMILY}"; src: url(data:font/ttf;base64,')
+    font = TTFont(io.BytesIO(base64.b64decode(re.search(r"base64,([A-Za-z0-9+/=]+)\)", css).group(1))))
+    cmap = font.getBestCmap()
+    assert all(ord(c) in cmap for c in NAMES if ord(c) > 0x7F)          # every syllable shown has its glyph
+    assert ord("현") not in cmap and len(css) < 40_000                    # and only those: small
+    style = (Path(drawing.__file__).parent / "report" / "base_style.html").read_text(encoding="utf-8")
+    assert drawing.CSS_MARK in style and f'"{drawing.HTML_FAMILY}"' in style

@@ -23,6 +23,8 @@ def _files(root):
 
 BAD_CSVS = {
     "latin1": ("ID,img_path\nTEST_é,a.jpg\n".encode("latin-1"), "is not UTF-8: byte 0xe9 at offset"),
+    # Excel on Korean Windows saves CP949: named as such (the message suggested Latin-1)
+    "cp949": ("ID,img_path\nTEST_그랜저,a.jpg\n".encode("cp949"), "it may be CP949 (EUC-KR)"),
     "empty": (b"", "is empty (0 bytes)"),
     "header only": (b"ID,img_path\n", "has a header but no rows"),
     "open quote": (b'ID,img_path\nA,"a.jpg\nB,b.jpg\n', "the quote opened on line 2 is never closed"),

@@ -53,8 +53,10 @@ def test_results_read_well_draw_themselves_and_time_the_model_read_apart(art, de
     from PIL import Image
     from conftest import photos_of
     rec = Recognizer(art)
+    assert repr(rec) == f"Recognizer({str(art)!r}, artifact, device='cpu', backend='auto')"     # nothing read
     photos = photos_of(demo_data, "Cinder_Rook_2019_2023", 2)
     first = rec.predict(photos, topk=3)
+    assert repr(rec) == f"Recognizer({str(art)!r}, artifact, 12 classes, device='cpu', backend='auto')"
     again = rec.predict(photos, topk=3)
     r = first[0]
     assert repr(r) == (f"Prediction({photos[0].name}: {r.brand} > {r.model} > {r.fine}, p {r.p:.3f} "

@@ -394,3 +394,7 @@ def test_number_columns_are_the_ones_typing_changes_no_character_of():
         "plus": ["+3", "4", "5"], "trim": ["2.10", "2.5", "3.0"], "sci": ["1e3", "2", "3"],
         "word": ["12", "n/a", "7"], "huge": [str(2**53), "1", "2"], "empty": [None, None, None]})
     assert listings.number_columns(table) == {"price": int, "mileage": float}
+    typed = listings.as_numbers(table, listings.number_columns(table))       # what every search returns
+    assert typed["price"].tolist()[:2] == [12000, -5] and typed["price"].isna().tolist() == [False, False, True]
+    assert typed["mileage"].tolist() == [12.5, 3.0, 0.1] and typed["zip"].tolist() == ["01234", "5", "6"]
+    assert typed.to_json(orient="records").count('"price":12000') == 1

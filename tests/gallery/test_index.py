@@ -40,7 +40,7 @@ def test_index_build_similar_add_remove(art, demo_data, tmp_path, capsys):
     assert run_cli("index", "build", art, listings, capsys=capsys)[0] == 0
     code, out, _ = run_cli("similar", art, photos[0], "--k", "5", "--format", "json", capsys=capsys)
     rows = json.loads(out)
-    assert code == 0 and len(rows) == 5 and rows[0]["listing_id"] == "L000" and rows[0]["price"] == "0"
+    assert code == 0 and len(rows) == 5 and rows[0]["listing_id"] == "L000" and rows[0]["price"] == 0
     assert rows[0]["hier_similarity"] == pytest.approx(1.0, abs=1e-4)
     assert all(a["hier_similarity"] >= b["hier_similarity"] for a, b in zip(rows, rows[1:]))
     code, out, _ = run_cli("similar", art, photos[0], "--k", "4", "--same-brand", "--format", "json", capsys=capsys)
@@ -162,7 +162,7 @@ def test_sellers_columns_are_kept(art, demo_data, tmp_path, capsys):
     rows = json.loads(out)
     assert code == 0 and rows[0]["listing_id"] == "a"
     assert {(r["brand"], r["model"], r["id"], r["kind"], r["class"], r["similarity"]) for r in rows} == \
-        {("Kia", "K5", str(i), "sedan", "x", "n/a") for i in (11, 12, 13, 14)}   # as written, as text
+        {("Kia", "K5", i, "sedan", "x", "n/a") for i in (11, 12, 13, 14)}   # as written: text, and plain numbers
     assert rows[0]["hier_brand"] in artifact.load(art)[1].brands and rows[0]["hier_similarity"] > 0.99
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"listing_id": ["a"], "image": photos[:1], "hier_brand": ["x"]}).to_csv(bad, index=False)

@@ -45,7 +45,10 @@ def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
     assert got["p"] == pytest.approx(want.p, abs=1e-6) and got["p"] <= got["p_model"] <= got["p_brand"] + 1e-9
     assert [t["class"] for t in got["topk"]] == [t["class"] for t in want.topk] and len(got["topk"]) == 3
     schema = client.get("/openapi.json").json()
-    assert {"/predict", "/similar", "/enroll", "/health"} <= set(schema["paths"])
+    assert {"/predict", "/similar", "/enroll", "/health", "/metrics", "/listings/{listing_id}/photo",
+            "/enroll/{name}"} <= set(schema["paths"]), set(schema["paths"])     # every route serving.md lists
+    photo_route = schema["paths"]["/listings/{listing_id}/photo"]["get"]["responses"]
+    assert "image/jpeg" in photo_route["200"]["content"] and "404" in photo_route
     # typed: each answer's schema is in /docs, and the answer has exactly its fields
     answer = schema["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
     assert answer == {"$ref": "#/components/schemas/Answer"}
@@ -54,6 +57,9 @@ def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
     assert {"Similar", "Listing", "Enrolled", "Ready", "Live"} <= set(schema["components"]["schemas"])
     page = client.get("/")
     assert page.status_code == 200 and 'id="file"' in page.text
+    # Hangul on a viewer without a Korean font: the page names the font the service serves
+    font = client.get("/hangul.ttf")
+    assert "url(hangul.ttf)" in page.text and font.status_code == 200 and font.content[:4] == b"\x00\x01\x00\x00"
 
 
 def test_similar_needs_an_index_then_returns_listings_with_photos(client, art, demo_data):

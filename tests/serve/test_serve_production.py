@@ -538,3 +538,37 @@ def test_listings_whose_ids_are_dot_segments_get_a_photo_url_that_works(art, dem
             thumb = client.get(url)
             assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg", (listing_id, url)
         assert client.get(by_id["."]).content != client.get(by_id[".."]).content
+
+
+@pytest.mark.slow
+def test_hier_serve_writes_its_audit_and_access_lines_on_stderr(art, tmp_path):
+    """``hier serve`` attached a handler to ``hier.access`` only, so the ``hier.audit`` lines the docs
+    promise (one JSON line per enrollment change, done or refused) were dropped at Python's default
+    WARNING level. A real ``hier serve`` process: a refused DELETE is one audit line on stderr."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, ADMIN_TOKEN_ENV: "s3cret"}
+    proc = subprocess.Popen([sys.executable, "-m", "hier", "serve", str(art), "--port", str(port)], env=env,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "hier serve did not come up"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health/live", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        r = httpx.delete(f"http://127.0.0.1:{port}/enroll/없는클래스_2025", headers={"X-Admin-Token": "s3cret",
+                                                                                  "X-Request-ID": "op-7"})
+        assert r.status_code == 404
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=60)
+    lines = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    audit = [x for x in lines if x.get("action") == "unenroll"]
+    assert len(audit) == 1 and audit[0]["class"] == "없는클래스_2025" and audit[0]["done"] is False, err
+    assert audit[0]["request_id"] == "op-7"
+    assert any(x.get("path", "").startswith("/enroll/") for x in lines if "action" not in x), err   # access line
+    assert err.splitlines()[0].startswith("loading "), err          # something before the seconds of loading

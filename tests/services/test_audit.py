@@ -99,7 +99,7 @@ def test_audit_finds_exactly_the_planted_faults(faulty, stand_in, tmp_path, caps
     # the exclude list: the second copy, both photos of the cross-class group (no outliers by default)
     want = sorted([planted["copy"], *planted["cross"]])
     assert exclude.read_text(encoding="utf-8").splitlines() == want == (out / "exclude.txt").read_text().splitlines()
-    assert c["excluded"] == 3 and "3 paths" in stdout and "1 near-duplicate pair(s)" in stdout
+    assert c["excluded"] == 3 and "3 paths" in stdout and "near-duplicate pairs 1 (cosine" in stdout
     assert "skipped 1 unreadable image(s)" in err
     html = (out / "audit.html").read_text(encoding="utf-8")
     for name in (planted["copy"], *planted["cross"], *planted["near"], planted["broken"], planted["grey"]):
@@ -241,6 +241,13 @@ def test_audit_with_an_artifact_embeds_through_the_predictor(faulty, tiny_artifa
     assert r["embedding"] == "artifact"
     pair = {(p["a"], p["b"]) for p in r["near_duplicates"]}
     assert planted["near"] in pair
+    assert ("may not tell these photos apart" in err) == (c["near_pairs"] > c["images"] // 2)
+    # at a --near the tiny 32-d embeddings cannot hold, pairs flood the list: the command says why
+    code, _, err = run_cli("audit", root, "--out", tmp_path / "flood", "--artifact", tiny_artifact[0], "--near", "0.5",
+                           capsys=capsys)
+    flood = json.loads((tmp_path / "flood" / "audit.json").read_text(encoding="utf-8"))["counts"]
+    assert code == 0 and flood["near_pairs"] > flood["images"] // 2, flood
+    assert "may not tell these photos apart; try without --artifact" in err
 
 
 @pytest.mark.slow

@@ -41,6 +41,9 @@ def test_report_agrees_with_evaluate_and_loads_in_chromium(tiny_artifact, demo_d
     for key in ("images", "top1", "log_loss", "model_acc", "brand_acc", "ece", "ece_before_temperature"):
         assert m[key] == pytest.approx(want[key], abs=1e-9), key
     assert m["brand_acc"] >= m["model_acc"] >= m["top1"] and m["model_log_loss"] <= m["log_loss"]
+    # the artifact was trained from this very folder: the page and the command say the figures flatter it
+    assert m["in_training_folder"] == m["images"] and "flatter it" in err
+    assert f"{m['images']} of these {m['images']}\nphotos are in the folder" in (out / "index.html").read_text()
     # worst first; pairs counted from real mistakes; coverage falls as the threshold rises
     assert [c["accuracy"] for c in m["worst_classes"]] == sorted(c["accuracy"] for c in m["worst_classes"])
     assert sum(p["count"] for p in m["confused_pairs"]) <= round((1 - m["top1"]) * m["images"])

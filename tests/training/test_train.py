@@ -280,7 +280,9 @@ def test_a_run_logged_to_a_file_says_every_epoch_as_it_ends(demo_data, tmp_path)
     # what the run does, first; one validation figure, last
     lines = text.splitlines()
     data = next(i for i, line in enumerate(lines) if line.startswith("data: "))
-    assert "photos of 12 classes" in lines[data] and lines[data + 1].startswith("model: test_efficientnet (random weights)")
+    assert "photos of 12 classes" in lines[data] and lines[data + 2].startswith("model: test_efficientnet (random weights)")
+    # names that hold no make: said up front (a Hecto run's brand level silently equalled its models)
+    assert lines[data + 1].startswith("taxonomy: parsed from the folder names, every one of the 3 models its own brand")
     assert data < lines.index(epochs[0])
     headline = [line for line in lines if line.startswith("validation: top-1 ")]
     assert len(headline) == 1 and "metrics.json" in headline[0] and lines[-1].startswith("artifact: ")
@@ -302,5 +304,9 @@ def test_the_typed_flags_are_every_setting_of_the_two_configs():
     for bad in ({"epoch": 3}, {"temperature": 2.0}):
         with pytest.raises(HierError, match="unknown training setting"):
             configs(**bad)
+    with pytest.raises(HierError) as e:       # every unknown name at once, with what was meant
+        configs(model="test_efficientnet", img_siz=64)
+    assert "'img_siz' (did you mean img_size=?)" in str(e.value) and "'model' (the CLI's --model is trunk= here)" \
+        in str(e.value)
     model, train = configs("cpu", epochs=6, trunk="efficientnet_lite0")
     assert (model.trunk, train.epochs, train.low_res_epochs) == ("efficientnet_lite0", 6, 4)

@@ -46,15 +46,18 @@ def pyplot():
     return plt
 
 
-HTML_FAMILY = "hier-hangul"   # the family the pages' font stacks name after the system's (base_style.html)
+HTML_FAMILY = "hier-hangul"   # the family first in the pages' font stacks, for Hangul alone (base_style.html)
+HANGUL = ((0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF))   # jamo, compatibility jamo, syllables
+HANGUL_RANGE = ", ".join(f"U+{a:04X}-{b:04X}" for a, b in HANGUL)    # as CSS unicode-range says it
 CSS_MARK = "/* hier-hangul */"  # where a page template's <style> takes ``hangul_css``
 
 
 def hangul_css(text: str) -> str:
     """An ``@font-face`` rule for an HTML page: NanumGothic cut to the characters of ``text`` beyond ASCII
-    and embedded, as the family ``HTML_FAMILY``, which the pages name after the system's fonts. A viewer
-    without a Korean font (a server, a fresh container) then sees Hangul, not boxes; one with it never uses
-    it. "" when ``text`` is all ASCII.
+    and embedded, as the family ``HTML_FAMILY`` for Hangul alone (``HANGUL_RANGE``), first in the pages'
+    font stacks: Hangul draws in it on every viewer, a server or a fresh container without a Korean font
+    included (as a fallback after the system's fonts, Chromium still drew some cells as boxes); the rest
+    of the page in the system's fonts. "" when ``text`` is all ASCII.
 
     Example:
         >>> html = page.replace(CSS_MARK, hangul_css(page), 1)
@@ -62,14 +65,27 @@ def hangul_css(text: str) -> str:
     chars = "".join(sorted({c for c in text if ord(c) > 0x7F}))
     if not chars:
         return ""
-    from fontTools import subset                 # matplotlib's dependency: only pages with such text need it
+    data = base64.b64encode(_subset(text=chars)).decode("ascii")
+    return (f'@font-face {{ font-family: "{HTML_FAMILY}"; unicode-range: {HANGUL_RANGE}; '
+            f'src: url(data:font/ttf;base64,{data}) format("truetype"); }}')
+
+
+@cache
+def hangul_webfont() -> bytes:
+    """NanumGothic's Hangul as a browser takes it, for the service's upload page: the file as shipped has
+    zero-length hinting-source tables (``TSI*``) that Chromium's font sanitizer refuses whole."""
+    return _subset(unicodes=[c for a, b in HANGUL for c in range(a, b + 1)])
+
+
+def _subset(**chosen) -> bytes:
+    """NanumGothic cut to ``chosen`` (``text=`` or ``unicodes=``, as fontTools' ``Subsetter.populate``)."""
+    from fontTools import subset                 # matplotlib's dependency: only pages with Hangul need it
     logging.getLogger("fontTools.subset").setLevel(logging.ERROR)   # tables it drops, one line each
     options = subset.Options()
     font = subset.load_font(str(hangul_font()), options)
     subsetter = subset.Subsetter(options)
-    subsetter.populate(text=chars)
+    subsetter.populate(**chosen)
     subsetter.subset(font)
     data = io.BytesIO()
     subset.save_font(font, data, options)
-    return (f'@font-face {{ font-family: "{HTML_FAMILY}"; '
-            f'src: url(data:font/ttf;base64,{base64.b64encode(data.getvalue()).decode("ascii")}) format("truetype"); }}')
+    return data.getvalue()

@@ -13,12 +13,12 @@ from typing import Annotated
 from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Header, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import HTMLResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from hier.artifact.store import stamp
-from hier.drawing import hangul_font
+from hier.drawing import hangul_webfont
 from hier.enrollment import MAX_BASE_DROP
 from hier.errors import HierError, check_number
 from hier.fileio import Busy, locked
@@ -68,9 +68,10 @@ async def ready(response: Response, service: Served) -> dict:
 
 
 @router.get("/hangul.ttf", include_in_schema=False)
-def hangul() -> FileResponse:
-    """NanumGothic for the upload page's Hangul, which a browser fetches only when the viewer's fonts lack it."""
-    return FileResponse(hangul_font(), media_type="font/ttf", headers={"Cache-Control": "max-age=86400"})
+def hangul() -> Response:
+    """NanumGothic's Hangul for the upload page (a browser fetches it once a page shows some), in a worker
+    thread: cut from the font file on the first request."""
+    return Response(hangul_webfont(), media_type="font/ttf", headers={"Cache-Control": "max-age=604800"})
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})

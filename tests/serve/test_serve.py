@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from hier import Recognizer
+from hier.drawing import HANGUL_RANGE
 from hier.serve import ADMIN_TOKEN_ENV, create_app
 from hier.serve.loadtest import load_test
 
@@ -60,6 +61,7 @@ def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
     # Hangul on a viewer without a Korean font: the page names the font the service serves
     font = client.get("/hangul.ttf")
     assert "url(hangul.ttf)" in page.text and font.status_code == 200 and font.content[:4] == b"\x00\x01\x00\x00"
+    assert HANGUL_RANGE in page.text                                          # the range the reports embed
 
 
 def test_similar_needs_an_index_then_returns_listings_with_photos(client, art, demo_data):
@@ -237,7 +239,11 @@ def test_upload_page_in_headless_chromium(art, demo_data, tmp_path):
         rows = browser.find_elements(By.CSS_SELECTOR, "#topk tr")
         boxes = [browser.find_element(By.CSS_SELECTOR, sel).rect for sel in ("h1", "#drop", "#preview", "#path")]
         browser.save_screenshot(str(tmp_path / "page.png"))
-        logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        # the page's Hangul font is one Chromium takes (the shipped file was refused: "OTS parsing error")
+        hangul = browser.execute_async_script("const done = arguments[0]; document.fonts.load('16px \"hier-hangul\"', "
+                                              "'그랜저').then(f => done(f.map(x => x.status))).catch(e => done(String(e)))")
+        logs = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" or "font" in e["message"]]
+    assert hangul == ["loaded"], hangul
     assert want.brand in path and want.model in path and want.years in path
     assert len(rows) == 5 and browser is not None
     # title, drop zone, photo and answer stacked without overlapping (the drop zone once covered the title)

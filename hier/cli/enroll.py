@@ -37,7 +37,7 @@ def enroll(
         raise HierError(f"{artifact} is a file, not an artifact folder; the artifact comes first: "
                         "hier enroll ARTIFACT --class NAME --images PHOTOS...")
     shots = expand_globs([*images, *(more or [])], "--images")      # before the heavy imports
-    from hier.enrollment.classes import OWN_SHOTS
+    from hier.enrollment import OWN_SHOTS
     from hier.recognizer import Recognizer
 
     budget = {} if max_base_drop is None else {"max_base_drop": max_base_drop}

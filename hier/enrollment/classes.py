@@ -29,7 +29,7 @@ from hier.enrollment.heads import Calibration, imprint, rebuild_heads
 from hier.enrollment.mapped import enroll_mapped, prototype_map, trained_row_index
 from hier.enrollment.names import new_row, parse_years
 from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, base_drop_offset
-from hier.enrollment.state import Enrolled, Unenrolled, distinct_shots, enrolled_state, save_state, usable_statistics
+from hier.enrollment.state import OWN_SHOTS, Enrolled, Unenrolled, distinct_shots, enrolled_state, save_state, usable_statistics
 from hier.errors import HierError, NotFound, check_number
 from hier.export import artifact_predictor
 from hier.metrics import served_answer
@@ -37,7 +37,6 @@ from hier.models import HierNet
 from hier.outputs import is_inside
 from hier.taxonomy import Taxonomy, check_name, nfc
 
-OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this gets a warning
 NEAR_DUPLICATE = 0.9            # ... naming the base class whose prototype is this similar (``nearest_base``)
 
 

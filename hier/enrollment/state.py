@@ -18,6 +18,9 @@ from hier.models import HierNet
 from hier.taxonomy import Taxonomy
 
 
+OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this is told how to do better
+
+
 class _Report:
     def to_dict(self) -> dict:
         """As the service returns it: ``name`` under the key ``class``, first."""
@@ -68,6 +71,10 @@ class Enrolled(_Report):
         if self.own_shots_answered is not None:
             words.append(f"{round(self.own_shots_answered * self.added)} of these {self.added} photo(s) are answered "
                          f"as {self.name!r}.")
+            if self.own_shots_answered < OWN_SHOTS and not self.base and not self.near_duplicate:
+                words.append("More (and more varied) photos of it make it stronger" + (
+                    f"; a larger budget (max_base_drop) lets it take more, its offset costs it {self.offset_cost:.0%} "
+                    "of these" if self.offset_cost else "") + ".")
         if self.base_accuracy_before is not None and self.base_accuracy_after is not None:
             words.append(f"The known classes' held-out photos are answered right {self.base_accuracy_after:.1%} of "
                          f"the time (before: {self.base_accuracy_before:.1%}).")

@@ -378,3 +378,16 @@ def test_shots_added_to_a_known_class_are_worded_too(art, demo_data):
     words = r.summary()
     assert r.base and r.own_shots_answered is not None and r.base_accuracy_before is not None
     assert f"of these 4 photo(s) are answered as '{cls}'" in words and "(before: " in words, words
+
+
+def test_a_class_answered_on_few_of_its_photos_is_told_what_helps():
+    """``POST /enroll`` said "0 of these 5 photo(s) are answered as ..." and nothing to do about it (the
+    CLI alone warned): the summary itself says what helps, unless the class looks like a known one."""
+    from hier.enrollment import Enrolled
+    r = Enrolled(name="EV6_CV_2022_2025", head="statistics", mapped=False, base=False, new=True, calibrated=True,
+                 duplicates=0, added=5, total=5, classes=13, offset=3.2, own_shots_answered=0.2, offset_cost=0.4)
+    words = r.summary()
+    assert "1 of these 5 photo(s) are answered as 'EV6_CV_2022_2025'. More (and more varied) photos" in words
+    assert "a larger budget (max_base_drop) lets it take more, its offset costs it 40% of these." in words
+    near = Enrolled(**{**r.__dict__, "near_duplicate": {"class": "K5_DL3_2020_2023", "similarity": 0.97}})
+    assert "More (and more varied)" not in near.summary()        # the near-duplicate warning says what to do

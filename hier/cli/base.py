@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import inspect
+import json
 import sys
 import warnings
 from enum import Enum
@@ -164,12 +165,14 @@ def _encodable(text: str) -> bool:
         return False
 
 
-def print_frame(frame, fmt: Format) -> None:
+def print_frame(frame, fmt: Format, as_written: tuple[str, ...] = ()) -> None:
     """JSON and CSV stay lossless whatever the locale: JSON falls back to \\u escapes, CSV to UTF-8 bytes
-    (the encoding of every file hier writes) when stdout's encoding cannot hold a class name."""
-    if fmt is Format.json:
-        text = frame.to_json(orient="records", force_ascii=False, indent=1)
-        print(text if _encodable(text) else frame.to_json(orient="records", force_ascii=True, indent=1))
+    (the encoding of every file hier writes) when stdout's encoding cannot hold a class name. The table
+    rounds hier's own numbers to 3 decimals, never the ``as_written`` columns (sellers' numbers)."""
+    if fmt is Format.json:          # every digit and sign as Python holds it (pandas' to_json keeps 10 decimals)
+        rows = frame.astype(object).where(frame.notna(), None).to_dict("records")
+        text = json.dumps(rows, ensure_ascii=False, indent=1, default=str)
+        print(text if _encodable(text) else json.dumps(rows, ensure_ascii=True, indent=1, default=str))
     elif fmt is Format.csv:
         text = frame.to_csv(index=False)
         if _encodable(text) or not hasattr(sys.stdout, "buffer"):
@@ -183,8 +186,8 @@ def print_frame(frame, fmt: Format) -> None:
         for col in frame.columns:
             table.add_column(str(col))
         for row in frame.itertuples(index=False):
-            table.add_row(*[f"{v:.3f}" if isinstance(v, float) else Path(v).name if col == "image" else str(v)
-                            for col, v in zip(frame.columns, row)])
+            table.add_row(*[f"{v:.3f}" if isinstance(v, float) and col not in as_written else
+                            Path(v).name if col == "image" else str(v) for col, v in zip(frame.columns, row)])
         console.print(table)
 
 

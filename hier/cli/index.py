@@ -152,7 +152,9 @@ def similar(
     fmt: Annotated[Format, typer.Option("--format", help="table | json | csv")] = Format.table,
 ):
     """Nearest listings to a photo: the seller's columns, hier's class and similarity."""
+    from hier.gallery.listings import PREFIX
     from hier.recognizer import Recognizer
 
     check_number("--k", k, 1, integer=True)
-    print_frame(Recognizer(artifact).similar(image, k, same_brand), fmt)
+    table = Recognizer(artifact).similar(image, k, same_brand)
+    print_frame(table, fmt, as_written=tuple(c for c in table.columns if not str(c).startswith(PREFIX)))

@@ -17,8 +17,8 @@ ID, CLASS, BRAND, MODEL, SIMILARITY = (PREFIX + c for c in ("id", "class", "bran
 # Sellers' cells come back as written, as text ("01234" stays "01234"): only an empty cell is missing
 # ("n/a", "NA", "null" stay text).
 AS_GIVEN = dict(dtype=str, keep_default_na=False, na_values=[""])
-_WHOLE = r"-?(?:0|[1-9][0-9]*)"           # as Python writes an int: no sign '+', no leading zero, no spaces
-_DECIMAL = _WHOLE + r"\.[0-9]+"
+_WHOLE = r"0|-?[1-9][0-9]*"               # as Python writes an int: no sign '+' or "-0", no leading zero
+_DECIMAL = r"-?(?:0|[1-9][0-9]*)\.[0-9]+"
 JSON_SAFE = 2**53                          # a JavaScript client reads whole numbers below it exactly
 
 
@@ -38,16 +38,18 @@ def answer_columns(fine: np.ndarray, taxonomy) -> dict:
 
 def number_columns(table: pd.DataFrame) -> dict[str, type]:
     """The sellers' columns that are numbers: every non-empty cell written as Python writes that number
-    back, so a JSON answer may carry it as a number without changing a character of what the seller wrote.
+    back, so a JSON answer may carry it as a number, and a CSV writes it again, without changing a
+    character of what the seller wrote.
 
     Args:
         table: listings as stored (cells as text, ``AS_GIVEN``).
 
     Returns:
         {column: int} where every cell is a whole number below 2**53 in size, {column: float} where every
-        cell is such a whole number or a decimal that ``repr(float(cell))`` writes back unchanged. A column
-        with one "007", "+3", "12.50", "1e3" or "n/a" stays text, and so do ``listing_id``, ``image``
-        and hier's own columns.
+        cell is a decimal that ``repr(float(cell))`` writes back unchanged. A column with one "007", "+3",
+        "-0", "12.50", "1e3", "n/a", or whole numbers beside decimals ("3" would come back "3.0") stays
+        text, and so do ``listing_id``, ``image`` and hier's own columns. One such cell added later makes
+        its column text again for every listing.
 
     Example:
         >>> number_columns(pd.DataFrame({"listing_id": ["1"], "price": ["12000"], "zip": ["01234"]}))
@@ -60,14 +62,10 @@ def number_columns(table: pd.DataFrame) -> dict[str, type]:
                 or not all(isinstance(c, str) for c in cells):
             continue
         cells = cells.astype(object)
-        whole = cells.str.fullmatch(_WHOLE)
-        if not whole.all() and not (whole | cells.str.fullmatch(_DECIMAL)).all():
-            continue
-        if not all(abs(int(c)) < JSON_SAFE for c in cells[whole]):
-            continue
-        if whole.all():
-            out[column] = int
-        elif all(repr(float(c)) == c for c in cells[~whole]):
+        if cells.str.fullmatch(_WHOLE).all():
+            if all(abs(int(c)) < JSON_SAFE for c in cells):
+                out[column] = int
+        elif cells.str.fullmatch(_DECIMAL).all() and all(repr(float(c)) == c for c in cells):
             out[column] = float
     return out
 

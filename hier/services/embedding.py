@@ -207,11 +207,20 @@ def table_embeddings(table: pa.Table, dim: int | None = None) -> tuple[np.ndarra
     """A table of ``BatchEmbedder``'s rows as another job wrote them (Ray Data's ``write_parquet``, Spark)
     -> (embeddings (n, D) float32, listings with their own columns as text, as ``read_embeddings``
     gives them). ``hier_embedding`` may be a list, a fixed-size list or Ray's tensor column; every
-    vector must have ``dim`` numbers (when given) and no listing may be there twice."""
+    vector must have ``dim`` numbers (when given), all finite; every other column must be text (a reader
+    that typed the cells has changed them), every listing_id given, none twice. Else HierError."""
     missing = [c for c in ("listing_id", EMBEDDING) if c not in table.column_names]
     if missing:
         raise HierError(f"the embeddings table has no {missing[0]!r} column (columns: "
                         f"{', '.join(table.column_names)[:200]}); give the rows BatchEmbedder returned")
+    typed = [f for f in table.schema if f.name != EMBEDDING
+             and not (pa.types.is_string(f.type) or pa.types.is_large_string(f.type) or pa.types.is_null(f.type))]
+    if typed:       # a reader that typed the cells has changed them already ("01234" -> 1234, "n/a" -> missing)
+        raise HierError(f"column {typed[0].name!r} of the embeddings table is {typed[0].type}, not text: read every "
+                        "column of the listings as text, as written (docs/commands/embed.md shows how), or its cells "
+                        "may no longer be what the sellers wrote")
+    if table.column("listing_id").null_count:
+        raise HierError("a row of the embeddings table has no listing_id; every listing needs one")
     column = table.column(EMBEDDING).combine_chunks()
     if isinstance(column, pa.ExtensionArray):         # Ray's tensor column, when ray is imported
         column = column.storage
@@ -226,6 +235,10 @@ def table_embeddings(table: pa.Table, dim: int | None = None) -> tuple[np.ndarra
                         "with the artifact the gallery is built in")
     width = lengths[0] if lengths else dim or 0
     vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(table), width)
+    bad = ~np.isfinite(vectors).all(axis=1)
+    if bad.any():                 # a NaN or inf is in no search's answer: the listing would be lost
+        raise HierError(f"listing {table.column('listing_id')[int(np.argmax(bad))].as_py()!r} of the embeddings "
+                        f"table has a vector with a missing, NaN or infinite number ({int(bad.sum())} such rows)")
     rows = _as_text(table.drop_columns([EMBEDDING]).to_pandas())
     rows = rows.astype(object).where(rows.notna(), np.nan)
     repeat = first_repeat(rows["listing_id"])

@@ -386,15 +386,18 @@ def test_edits_never_touch_a_gpu(art, demo_data, monkeypatch, capsys):
 
 def test_number_columns_are_the_ones_typing_changes_no_character_of():
     """/similar sent every seller's cell as text (a price was "12000"): a column is a number column when
-    every cell is written as Python writes that number back; an id with a leading zero, a "+", a trailing
-    zero, an exponent or a word keeps its column text, and so do hier's own columns."""
+    every cell is written as Python writes that number back; an id with a leading zero, a "+", "-0", a
+    trailing zero, an exponent, a word, or whole numbers beside decimals keep its column text, and so do
+    hier's own columns: a CSV of the typed rows is the CSV the seller wrote."""
     table = pd.DataFrame({
         "listing_id": ["1", "2", "3"], "image": ["a", "b", "c"], ID: ["1", "2", "3"],
-        "price": ["12000", "-5", None], "mileage": ["12.5", "3", "0.1"], "zip": ["01234", "5", "6"],
+        "price": ["12000", "-5", None], "mileage": ["12.5", "3.0", "0.1"], "zip": ["01234", "5", "6"],
+        "negzero": ["-0", "1", "2"], "mixed": ["3", "12.5", "1.5"], "negzerof": ["-0.0", "1.5", None],
         "plus": ["+3", "4", "5"], "trim": ["2.10", "2.5", "3.0"], "sci": ["1e3", "2", "3"],
         "word": ["12", "n/a", "7"], "huge": [str(2**53), "1", "2"], "empty": [None, None, None]})
-    assert listings.number_columns(table) == {"price": int, "mileage": float}
+    assert listings.number_columns(table) == {"price": int, "mileage": float, "negzerof": float}
     typed = listings.as_numbers(table, listings.number_columns(table))       # what every search returns
     assert typed["price"].tolist()[:2] == [12000, -5] and typed["price"].isna().tolist() == [False, False, True]
     assert typed["mileage"].tolist() == [12.5, 3.0, 0.1] and typed["zip"].tolist() == ["01234", "5", "6"]
     assert typed.to_json(orient="records").count('"price":12000') == 1
+    assert typed.drop(columns=[ID]).to_csv(index=False) == table.drop(columns=[ID]).to_csv(index=False)  # as written

@@ -52,15 +52,18 @@ def same_neighbours(a: pd.DataFrame, b: pd.DataFrame) -> int:
 @pytest.fixture
 def listings(tmp_path):
     """Real photos (the first PER_CLASS of each of the first CLASSES Stanford classes) as a listings CSV
-    whose ids are digits with leading zeros and whose prices are numbers, the cells a CSV reader retypes."""
+    whose ids and zips are digits with leading zeros, prices numbers (one blank), notes "n/a" and "1e5": the
+    cells a CSV reader retypes (the page's first snippet read zip 01234 as 1234 and n/a as missing)."""
     if not STANFORD.is_dir():
         pytest.skip(f"no Stanford Cars photos at {STANFORD}")
     classes = sorted(p.name for p in STANFORD.iterdir() if p.is_dir())[:CLASSES]
     photos = [p for c in classes for p in sorted((STANFORD / c).glob("*.jpg"))[:PER_CLASS]]
     path = tmp_path / "listings.csv"
     pd.DataFrame({"listing_id": [f"{i:05d}" for i in range(len(photos))], "image": [str(p) for p in photos],
-                  "price": [str(9000 + 250 * i) for i in range(len(photos))]}).to_csv(path, index=False,
-                                                                                       encoding="utf-8")
+                  "price": [str(9000 + 250 * i) if i else "" for i in range(len(photos))],
+                  "zip": [f"0{1000 + i}" for i in range(len(photos))],
+                  "note": ["n/a" if i % 2 else "1e5" for i in range(len(photos))]}).to_csv(path, index=False,
+                                                                                           encoding="utf-8")
     return path
 
 
@@ -118,7 +121,7 @@ def test_the_documented_ray_pipeline_builds_the_gallery_hier_embed_builds(tiny_a
         == (cli_gallery.kind, cli_gallery.fingerprint, cli_gallery.labels_digest)
     assert cli_gallery.kind == "ivf" and cli_gallery.fingerprint == Recognizer(cli_art).net.fingerprint() \
         and cli_gallery.labels_digest is not None
-    columns = ["listing_id", "image", "price", "hier_class", "hier_brand", "hier_model"]
+    columns = ["listing_id", "image", "price", "zip", "note", "hier_class", "hier_brand", "hier_model"]
     listed = [g.listings[columns].sort_values("listing_id", ignore_index=True) for g in (ray_gallery, cli_gallery)]
     pd.testing.assert_frame_equal(*listed)
 
@@ -135,13 +138,14 @@ def test_the_documented_ray_pipeline_builds_the_gallery_hier_embed_builds(tiny_a
 
 def test_a_table_another_job_wrote_gives_its_vectors_or_one_line_why_not():
     """``table_embeddings`` (what ``gallery_of_table`` reads): a list, a fixed-size list or a large list
-    column give the same (2, 3) float32 vectors and the listings as text (an id of 7 is "7"); refused in
-    one HierError each: no listing_id, no hier_embedding, vectors of two sizes, vectors of another size
-    than the artifact's, a missing vector, and a listing twice (an emb/ folder Ray wrote twice: its
-    write_parquet adds files beside the first run's)."""
+    column give the same (2, 3) float32 vectors and the listings as text; refused in one HierError each:
+    no listing_id, no hier_embedding, vectors of two sizes, vectors of another size than the artifact's, a
+    missing vector, a listing twice (an emb/ folder Ray wrote twice: its write_parquet adds files beside
+    the first run's), a column a reader typed (an int id: ``00017`` read as 17), a NaN in a vector (the
+    gallery took it and no search ever found the listing) and a row without a listing_id."""
     vectors = np.array([[1, 0, 0], [0, 0.6, 0.8]], np.float32)
     flat = pa.array(vectors.ravel())
-    columns = {"listing_id": pa.array([7, 8]), "image": pa.array(["a.jpg", "b.jpg"])}
+    columns = {"listing_id": pa.array(["7", "8"]), "image": pa.array(["a.jpg", "b.jpg"])}
     for column in (pa.array(vectors.tolist(), pa.list_(pa.float32())),
                    pa.FixedSizeListArray.from_arrays(flat, 3), pa.array(vectors.tolist(), pa.large_list(pa.float32()))):
         got, rows = embedding.table_embeddings(pa.table({**columns, "hier_embedding": column}), dim=3)
@@ -152,7 +156,13 @@ def test_a_table_another_job_wrote_gives_its_vectors_or_one_line_why_not():
                "no 'hier_embedding' column": good.drop_columns(["hier_embedding"]),
                "vectors of 2 and 3 numbers": good.set_column(2, "hier_embedding", pa.array([[1.0, 0.0], [0.0, 0.6, 0.8]])),
                "with missing rows": good.set_column(2, "hier_embedding", pa.array([[1.0, 0.0, 0.0], None])),
-               "listing_id '7' is in two rows": pa.concat_tables([good, good.slice(0, 1)])}
+               "listing_id '7' is in two rows": pa.concat_tables([good, good.slice(0, 1)]),
+               # a reader that typed the cells changed them; a row no search can find; a listing no one can name
+               "column 'listing_id' of the embeddings table is int64, not text": good.set_column(
+                   0, "listing_id", pa.array([7, 8])),
+               "listing '8' of the embeddings table has a vector with a missing, NaN or infinite number": good.set_column(
+                   2, "hier_embedding", pa.array([[1.0, 0.0, 0.0], [0.0, float("nan"), 0.8]])),
+               "has no listing_id": good.set_column(0, "listing_id", pa.array(["7", None]))}
     for message, table in refused.items():
         with pytest.raises(HierError, match=re.escape(message)):
             embedding.table_embeddings(table, dim=3)

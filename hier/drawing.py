@@ -53,16 +53,15 @@ CSS_MARK = "/* hier-hangul */"  # where a page template's <style> takes ``hangul
 
 
 def hangul_css(text: str) -> str:
-    """An ``@font-face`` rule for an HTML page: NanumGothic cut to the characters of ``text`` beyond ASCII
-    and embedded, as the family ``HTML_FAMILY`` for Hangul alone (``HANGUL_RANGE``), first in the pages'
+    """An ``@font-face`` rule for an HTML page: NanumGothic cut to the Hangul of ``text`` and embedded, as the family ``HTML_FAMILY`` for Hangul alone (``HANGUL_RANGE``), first in the pages'
     font stacks: Hangul draws in it on every viewer, a server or a fresh container without a Korean font
     included (as a fallback after the system's fonts, Chromium still drew some cells as boxes); the rest
-    of the page in the system's fonts. "" when ``text`` is all ASCII.
+    of the page in the system's fonts. "" when ``text`` has no Hangul.
 
     Example:
         >>> html = page.replace(CSS_MARK, hangul_css(page), 1)
     """
-    chars = "".join(sorted({c for c in text if ord(c) > 0x7F}))
+    chars = "".join(sorted({c for c in text if any(a <= ord(c) <= b for a, b in HANGUL)}))
     if not chars:
         return ""
     data = base64.b64encode(_subset(text=chars)).decode("ascii")

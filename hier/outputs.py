@@ -58,7 +58,9 @@ def is_inside(path: str | Path, folder: str | Path) -> bool:
 
 def writable_destination(out: Path, given, flag: str = "--out") -> None:
     """Refuse, before any work, an ``out`` (absent, or a folder to replace) whose nearest existing folder
-    is a file or not writable: its output is built beside it."""
+    is a file or not writable, or an ``out`` that is a link to nothing: its output is built beside it."""
+    if out.is_symlink() and not out.exists():
+        raise HierError(f"{flag} {given}: a link to nothing ({os.readlink(out)}); choose another {flag}")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
@@ -66,6 +68,16 @@ def writable_destination(out: Path, given, flag: str = "--out") -> None:
         raise HierError(f"{flag} {given}: {parent} is a file, not a folder; choose another {flag}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise HierError(f"{flag} {given}: folder {parent} is not writable; choose another {flag}")
+
+
+def make_folder(out: Path, given, flag: str = "--out") -> None:
+    """Create ``out`` and its parents (an existing folder is fine), or say in one line why it cannot be:
+    a read-only volume, a file on the way, a link to nothing, no permission."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = "a link to nothing" if out.is_symlink() and not out.exists() else e.strerror or str(e)
+        raise HierError(f"{flag} {given}: cannot create the folder ({why}); choose another {flag}") from None
 
 
 def writable_folder(folder: Path, given, flag: str = "--out") -> None:

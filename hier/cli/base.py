@@ -64,13 +64,30 @@ def _options(version: Annotated[bool, typer.Option("--version", "-V", callback=_
     """Fine-grained car recognition: brand, model and year that never contradict."""
 
 
+def _is(path: Path, kind: str = "exists") -> bool:
+    """``path.exists()`` (or ``is_dir``) whose OS error (a name too long, no permission) is one line."""
+    try:
+        return getattr(path, kind)()
+    except OSError as e:
+        shown = str(path) if len(str(path)) <= 120 else str(path)[:120] + "..."
+        raise HierError(f"{shown}: {e.strerror or e}") from None
+
+
+def path_of(text: str) -> Path:
+    """A path argument as typed: an empty one is refused (``Path("")`` is the current folder, searched
+    whole: an empty variable in a script indexed every photo below it)."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path")
+    return Path(text)
+
+
 def expand_globs(paths: list[Path], flag: str) -> list[Path]:
     """Paths as given, a quoted pattern (``'shots/*.jpg'``, which no shell expanded) replaced by the files
     it matches, sorted (its existing folders taken literally: ``'shots[1]/*.jpg'``); a path that does not
     exist or a pattern matching nothing is an error."""
     out = []
     for p in paths:
-        if p.exists():
+        if _is(p):
             out.append(p)
             continue
         if not any(ch in str(p) for ch in "*?["):
@@ -87,22 +104,23 @@ def _literal_folders(pattern: Path) -> str:
     parts = pattern.parts
     for i in range(len(parts) - 1, 0, -1):
         head = Path(*parts[:i])
-        if head.is_dir():
+        if _is(head, "is_dir"):
             return str(Path(glob.escape(str(head)), *parts[i:]))
     return str(pattern)
 
 
-def _hier_folders(ctx: typer.Context, value):
+def _hier_folders(ctx: typer.Context, param: typer.CallbackParam, value):
     """Check ARTIFACT arguments as they are parsed, before any heavy import: a folder hier reads (its
     missing files named), not a path that is absent or a file (a photo where the artifact goes)."""
     for path in value if isinstance(value, (list, tuple)) else [value]:
         if path is None:
             continue
-        if not path.exists():
+        if not _is(path):
             raise HierError(f"artifact not found: {path}")
-        if not path.is_dir():
-            raise HierError(f"{path} is a file, not an artifact folder; the artifact comes first: "
-                            f"hier {ctx.command_path.removeprefix('hier ')} ARTIFACT ...")
+        if not _is(path, "is_dir"):
+            raise HierError(f"{path} is a file, not an artifact folder" + (
+                "" if param.param_type_name == "option" else
+                f"; the artifact comes first: hier {ctx.command_path.removeprefix('hier ')} ARTIFACT ..."))
         lacks = files.missing(path)
         if lacks:
             raise HierError(f"{path} is not a hier artifact (missing {', '.join(lacks)})")
@@ -111,12 +129,12 @@ def _hier_folders(ctx: typer.Context, value):
 
 def artifact_argument(help: str = "Artifact directory"):
     """The ARTIFACT argument of a command, checked as it is parsed (``_hier_folders``)."""
-    return typer.Argument(help=help, callback=_hier_folders)
+    return typer.Argument(help=help, callback=_hier_folders, parser=path_of)
 
 
 def artifact_option(help: str):
     """An ``--artifact`` option, checked as it is parsed (``_hier_folders``)."""
-    return typer.Option(help=help, callback=_hier_folders)
+    return typer.Option(help=help, callback=_hier_folders, parser=path_of)
 
 
 def _exists(noun: str | None):
@@ -124,7 +142,7 @@ def _exists(noun: str | None):
     ``NOUN not found: PATH``, the option's flag for a noun by default)."""
     def check(ctx: typer.Context, param: typer.CallbackParam, value):
         for path in value if isinstance(value, (list, tuple)) else [value]:
-            if path is not None and not Path(path).exists():
+            if path is not None and not _is(Path(path)):
                 raise HierError(f"{noun or param.opts[0]} not found: {path}")
         return value
     return check
@@ -132,12 +150,12 @@ def _exists(noun: str | None):
 
 def input_argument(help: str, noun: str):
     """An input path argument (``noun``: what the error calls it), checked to exist as it is parsed."""
-    return typer.Argument(help=help, callback=_exists(noun))
+    return typer.Argument(help=help, callback=_exists(noun), parser=path_of)
 
 
 def input_option(help: str, noun: str | None = None):
     """An input path option (``--test-csv``...), checked to exist as it is parsed."""
-    return typer.Option(help=help, callback=_exists(noun))
+    return typer.Option(help=help, callback=_exists(noun), parser=path_of)
 
 
 class Format(str, Enum):
@@ -202,6 +220,11 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 _python_showwarning = warnings.showwarning
 
 
+def _one_line(message: str) -> str:
+    """An error message on one line (a newline in a path given would split it)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def main() -> None:
     """Exit codes: 0 done, 2 a user error (one ``error:`` line), 130 interrupted (Ctrl-C), so
     ``hier train ... && hier predict ...`` never goes on after a failed or interrupted step.
@@ -222,7 +245,7 @@ def main() -> None:
                 err.print("[red]interrupted[/]")
             sys.exit(code)
     except HierError as e:
-        err.print(f"[red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(_one_line(str(e)))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("[red]interrupted[/]")
@@ -235,7 +258,7 @@ def main() -> None:
             if type(e).__name__ == "NoArgsIsHelpError":
                 e.show()
             else:
-                err.print(f"[red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+                err.print(f"[red]error:[/] {escape(_one_line(e.format_message()))}", highlight=False, soft_wrap=True)
             sys.exit(e.exit_code)
         if type(e).__name__ == "Abort":
             sys.exit(1)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from hier.cli.base import Command, app, artifact_argument, console, err, expand_globs
+from hier.cli.base import Command, app, artifact_argument, console, err, expand_globs, path_of
 from hier.errors import HierError
 
 
@@ -16,7 +16,7 @@ def enroll(
     artifact: Annotated[Path, artifact_argument("Artifact directory (rewritten atomically)")],
     name: Annotated[str, typer.Option("--class", help="Class name, e.g. 신형모델_2025")],
     images: Annotated[list[Path], typer.Option(
-        help="Folder, image files or a glob of the new class's shots: --images shots/*.jpg")],
+        help="Folder, image files or a glob of the new class's shots: --images shots/*.jpg", parser=path_of)],
     brand: Annotated[Optional[str], typer.Option(help="Default: the model's known brand or the parsed make")] = None,
     model: Annotated[Optional[str], typer.Option(help="Default: parsed from the class name")] = None,
     years: Annotated[Optional[str], typer.Option(help="e.g. 2025-2026; default: parsed from the name")] = None,
@@ -30,7 +30,7 @@ def enroll(
              "hier.enrollment.MAX_BASE_DROP, the measured trade-off of docs/benchmarks/enroll.md]",
         show_default=False)] = None,
     more: Annotated[Optional[list[Path]], typer.Argument(
-        hidden=True, help="The rest of --images a.jpg b.jpg (what the shell makes of --images shots/*.jpg)")] = None,
+        hidden=True, parser=path_of, help="The rest of --images a.jpg b.jpg (what the shell makes of --images shots/*.jpg)")] = None,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
     if artifact.is_file():          # `hier enroll --images a.jpg b.jpg ART`: the photos took its place

@@ -15,6 +15,7 @@ from hier.cli.base import (
     expand_globs,
     input_argument,
     input_option,
+    path_of,
     print_frame,
 )
 from hier.errors import HierError, check_number
@@ -26,7 +27,7 @@ MAX_BATCH = 4096          # photos per forward pass: more only fills memory
 def predict(
     artifact: Annotated[Path, artifact_argument()],
     images: Annotated[Optional[list[Path]], typer.Argument(
-        help="Image files or folders, searched recursively (top-k mode)")] = None,
+        help="Image files or folders, searched recursively (top-k mode)", parser=path_of)] = None,
     test_csv: Annotated[Optional[Path], input_option(
         "ID,img_path CSV (submission mode: goes with --sample-submission and --out)")] = None,
     sample_submission: Annotated[Optional[Path], input_option("Gives the column and row order")] = None,

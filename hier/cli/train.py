@@ -82,6 +82,9 @@ def train(
 ):
     """Train a hierarchical model and write an artifact directory."""
     flags = {k: v for k, v in locals().items() if k not in ("data", "out", "taxonomy", "preset", "model", "resume")}
+    from hier.outputs import writable_destination, writable_folder
+
+    (writable_folder if out.is_dir() else writable_destination)(out, out)     # before the heavy imports
     from hier.artifact.files import METRICS
     from hier.recognizer import Recognizer
     from hier.training.distributed import world_from_env

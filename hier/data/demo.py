@@ -16,6 +16,7 @@ import numpy as np
 from hier.data.synthetic import TAXONOMY, _save_jpeg, draw_car
 from hier import fileio
 from hier.errors import HierError
+from hier.outputs import make_folder, writable_folder
 from hier.version import __version__
 
 
@@ -137,7 +138,8 @@ def demo_folder(out: Path) -> Iterator[bool]:
     """
     out = Path(out)
     _unfinished_or_empty(out)                      # refused before anything is written into a user's folder
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, out)
+    writable_folder(out, out)                      # a read-only volume: one line, not a traceback at the marker
     with ExitStack() as held:
         try:
             held.enter_context(fileio.locked(out, timeout=0))
@@ -178,5 +180,4 @@ def _unfinished_or_empty(out: Path) -> bool:
 
 
 def _mark(out: Path, finished: bool) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text(json.dumps({"hier": __version__, "finished": finished}), encoding="utf-8")

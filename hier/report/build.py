@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, log_loss
 
 from hier import outputs
-from hier.artifact.files import CURVES
+from hier.artifact.files import CURVES, ENSEMBLE, MEMBERS
 from hier.artifact.records import read_run
 from hier.data import to_rgb
 from hier.data.readers import create_reader
@@ -72,12 +72,16 @@ def report(rec, data: str | Path, out: str | Path, layout: str = "auto", cams: i
 
 
 def in_training_folder(artifact_dir: Path, paths: list) -> int:
-    """How many of ``paths`` lie in the folder the artifact was trained from (``train.json``): figures on
-    photos it trained on flatter it, so the report says so."""
-    folder = read_run(artifact_dir).get("data")
-    if not folder or not Path(folder).is_dir():
-        return 0
-    return sum(outputs.is_inside(p, folder) for p in paths if isinstance(p, (str, Path)))
+    """How many of ``paths`` lie in a folder the artifact (an ensemble: any member) was trained from
+    (``train.json``): figures on photos it trained on flatter it, so the report says so. A train.json
+    that does not say (an older, damaged or hand-made one) counts nothing."""
+    members = artifact_dir / MEMBERS
+    runs = [read_run(m) for m in sorted(members.iterdir())] if (artifact_dir / ENSEMBLE).is_file() and \
+        members.is_dir() else [read_run(artifact_dir)]
+    folders = [run["data"] for run in runs if isinstance(run, dict) and isinstance(run.get("data"), str)]
+    folders = [f for f in folders if Path(f).is_dir()]
+    return sum(any(outputs.is_inside(p, f) for f in folders) for p in paths if isinstance(p, (str, Path))) \
+        if folders else 0
 
 
 # --- where the report goes: only an absent or empty folder, or an earlier hier report, is replaced ------

@@ -3,6 +3,8 @@ the named presets, and ``configs``, the one place a preset and the flags given a
 from __future__ import annotations
 
 import difflib
+import numbers
+import typing
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -156,6 +158,23 @@ def _unknown(name: str, settable: set[str]) -> str:
     return f"{name!r}" + (f" (did you mean {close[0]}=?)" if close else "")
 
 
+def _kinds(annotation) -> tuple[type, ...]:
+    return tuple(t for t in typing.get_args(annotation) or (annotation,) if t is not type(None))
+
+
+def _fits(value, annotation) -> bool:
+    """``value`` is of a flag's type: a bool only where a bool goes, a whole number where a float does."""
+    if isinstance(value, bool):
+        return bool in _kinds(annotation)
+    return any(isinstance(value, numbers.Integral) if kind is int else isinstance(value, numbers.Real)
+               if kind is float else isinstance(value, kind) for kind in _kinds(annotation))
+
+
+def _kind(annotation) -> str:
+    words = {int: "a whole number", float: "a number", str: "text", bool: "True or False"}
+    return " or ".join(words[k] for k in _kinds(annotation))
+
+
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
 
@@ -187,12 +206,16 @@ def configs(preset: str | None = None, **flags: Unpack[TrainFlags]) -> tuple[Mod
     if preset is not None and preset not in PRESETS:
         raise HierError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     chosen = PRESETS.get(preset, {"model": {}, "train": {}})
-    given = {k: v for k, v in flags.items() if v is not None}
     model_keys, train_keys = set(ModelConfig.__dataclass_fields__), set(TrainConfig.__dataclass_fields__)
     settable = (model_keys - set(MODEL_STATE)) | train_keys
-    unknown = sorted(set(given) - settable)
+    unknown = sorted(set(flags) - settable)           # a misspelled name is refused even given as None
     if unknown:
         raise HierError("unknown training setting(s): " + "; ".join(_unknown(name, settable) for name in unknown))
+    given = {k: v for k, v in flags.items() if v is not None}
+    types = typing.get_type_hints(TrainFlags)
+    wrong = [name for name, value in given.items() if not _fits(value, types[name])]
+    if wrong:                 # "no" would have stored as tta, "1" failed deep inside with a TypeError
+        raise HierError("; ".join(f"{name}={given[name]!r} is not {_kind(types[name])}" for name in wrong))
     train_flags = {**chosen["train"], **{k: v for k, v in given.items() if k in train_keys}}
     if "low_res_epochs" in chosen["train"] and "epochs" in given and "low_res_epochs" not in given:
         # a preset's progressive resizing keeps its share of a run made longer or shorter

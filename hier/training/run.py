@@ -15,6 +15,7 @@ from hier.artifact.records import read_run, write_run
 from hier.data.exclude import exclude_names
 from hier.data.split import SplitSettings, training_split
 from hier.errors import HierError
+from hier.outputs import make_folder
 from hier.gallery import store as gallery_store
 from hier.models import HierNet, ModelConfig
 from hier.taxonomy import Taxonomy
@@ -128,7 +129,7 @@ def _train(data_dir, out, taxonomy, model_cfg, cfg, resume, console, world: Worl
         if world.main:
             write_run(out, run)
     if world.main:
-        out.mkdir(parents=True, exist_ok=True)
+        make_folder(out, out)
     if not resume:
         record_run()          # first: a run stopped in its first epoch is recognised by it
     if images.skipped_message():

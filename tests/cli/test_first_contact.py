@@ -97,3 +97,18 @@ def test_the_artifact_s_own_files_are_no_shots(art, capsys):
     code, _, err = run_cli("enroll", art, "--class", "Cinder_Rook_2025_2025", "--images", art, capsys=capsys)
     assert error_line_only(code, err) and "is a file of the artifact" in err
     assert sorted(p.name for p in art.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["train", "demo"])
+@pytest.mark.parametrize("where", ["under a file", "a link to nothing"])
+def test_an_out_that_cannot_be_a_folder_is_one_line(command, where, demo_data, tmp_path, capsys):
+    """``--out`` under a file or at a dangling link (and a read-only volume, which root cannot stage here)
+    was a traceback (NotADirectoryError, FileExistsError) from the first mkdir."""
+    (tmp_path / "afile").write_text("mine")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    out = tmp_path / "afile" / "sub" if where == "under a file" else tmp_path / "dangling"
+    args = ["train", demo_data.train_dir, "--model", "test_efficientnet", "--pretrained", "none", "--epochs", "1"] \
+        if command == "train" else ["demo", "--epochs", "1"]
+    code, _, err = run_cli(*args, "--out", out, capsys=capsys)
+    assert error_line_only(code, err) and f"--out {out}" in err, err
+    assert (tmp_path / "afile").read_text() == "mine" and not (tmp_path / "nowhere").exists()

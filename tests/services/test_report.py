@@ -222,3 +222,25 @@ def test_predict_explain_saves_one_map_per_photo(tiny_artifact, demo_data, tmp_p
     other, _ = grad_cam(net, photos, [(c + 6) % 12 for c in classes])
     assert top.min() >= 0 and np.allclose(top.max((1, 2)), 1)
     assert np.abs(top - other).mean() > 0.01                       # the map depends on the class asked about
+
+
+def test_photos_of_the_training_folder_are_counted_for_an_ensemble_and_never_crash_it(tmp_path):
+    """An ensemble has no train.json of its own: its members' say where they trained (the report said
+    nothing); a damaged train.json counts nothing (it was a traceback)."""
+    import json
+
+    from hier.artifact.files import ENSEMBLE, MEMBERS, TRAIN_RUN
+    from hier.report.build import in_training_folder
+    data = tmp_path / "data"
+    (data / "A").mkdir(parents=True)
+    photos = [data / "A" / "1.jpg", tmp_path / "elsewhere.jpg"]
+    ensemble = tmp_path / "ens"
+    for i in range(2):
+        (ensemble / MEMBERS / str(i)).mkdir(parents=True)
+        (ensemble / MEMBERS / str(i) / TRAIN_RUN).write_text(json.dumps({"data": str(data)}))
+    (ensemble / ENSEMBLE).write_text("{}")
+    assert in_training_folder(ensemble, photos) == 1
+    for damaged in ("[1, 2]", json.dumps({"data": ["x"]}), json.dumps({"data": None})):
+        (ensemble / MEMBERS / "0" / TRAIN_RUN).write_text(damaged)
+        (ensemble / MEMBERS / "1" / TRAIN_RUN).write_text(damaged)
+        assert in_training_folder(ensemble, photos) == 0

@@ -308,5 +308,11 @@ def test_the_typed_flags_are_every_setting_of_the_two_configs():
         configs(model="test_efficientnet", img_siz=64)
     assert "'img_siz' (did you mean img_size=?)" in str(e.value) and "'model' (the CLI's --model is trunk= here)" \
         in str(e.value)
+    with pytest.raises(HierError) as e:       # a value of the wrong type, before any work (was a TypeError)
+        configs(epochs="1", tta="no", lr=True)
+    assert "epochs='1' is not a whole number; tta='no' is not True or False; lr=True is not a number" in str(e.value)
+    with pytest.raises(HierError, match="'epoch'"):                  # a misspelling given as None too
+        configs(epoch=None)
+    assert configs(lr=1, fold=None)[1].lr == 1                       # a whole number where a number goes
     model, train = configs("cpu", epochs=6, trunk="efficientnet_lite0")
     assert (model.trunk, train.epochs, train.low_res_epochs) == ("efficientnet_lite0", 6, 4)

@@ -152,6 +152,7 @@ def counts(files: pd.DataFrame, result: dict, rejected: list, listed: list) -> d
             "exact_groups": len(within), "exact_extra_copies": sum(len(g["paths"]) - 1 for g in within),
             "cross_class_groups": len(cross), "cross_class_files": sum(len(g["paths"]) for g in cross),
             "near_pairs": len(near), "near_cross_class_pairs": sum(p["cross_class"] for p in near),
+            "near_pairs_by_embedding_alone": sum(p["phash_bits"] > PHASH_BITS for p in near),
             "near_photos": len({p for r in near for p in (r["a"], r["b"])}),
             "outliers": sum(o["flagged"] for o in result["ranked_outliers"]), "excluded": len(listed)}
 

@@ -43,9 +43,10 @@ def audit(
                   f"({c['cross_class_files']} photos); near-duplicate pairs {c['near_pairs']} (cosine >= {near} or pHash "
                   f"<= {PHASH_BITS} bits apart); outliers {c['outliers']}; unreadable files {c['unreadable']}",
                   highlight=False)
-    if artifact is not None and c["near_pairs"] > c["images"] // 2:
-        err.print(f"[yellow]warning:[/] {c['near_pairs']} near-duplicate pairs among {c['images']} photos: the "
-                  f"embeddings of {artifact} may not tell these photos apart; try without --artifact (the ImageNet "
+    alone = c["near_pairs_by_embedding_alone"]     # pairs pHash calls copies are copies whatever the embedding
+    if artifact is not None and alone > c["images"] // 2:
+        err.print(f"[yellow]warning:[/] {alone} near-duplicate pairs among {c['images']} photos by the embeddings "
+                  f"alone: those of {artifact} may not tell these photos apart; try without --artifact (the ImageNet "
                   "trunk) or a higher --near", highlight=False, soft_wrap=True)
     console.print(f"wrote {out / 'audit.html'}" + (f" and {write_exclude} ({c['excluded']} paths)" if write_exclude else
                                                     f" ({c['excluded']} paths in exclude.txt)"), highlight=False)

@@ -241,12 +241,12 @@ def test_audit_with_an_artifact_embeds_through_the_predictor(faulty, tiny_artifa
     assert r["embedding"] == "artifact"
     pair = {(p["a"], p["b"]) for p in r["near_duplicates"]}
     assert planted["near"] in pair
-    assert ("may not tell these photos apart" in err) == (c["near_pairs"] > c["images"] // 2)
+    assert ("may not tell these photos apart" in err) == (c["near_pairs_by_embedding_alone"] > c["images"] // 2)
     # at a --near the tiny 32-d embeddings cannot hold, pairs flood the list: the command says why
     code, _, err = run_cli("audit", root, "--out", tmp_path / "flood", "--artifact", tiny_artifact[0], "--near", "0.5",
                            capsys=capsys)
     flood = json.loads((tmp_path / "flood" / "audit.json").read_text(encoding="utf-8"))["counts"]
-    assert code == 0 and flood["near_pairs"] > flood["images"] // 2, flood
+    assert code == 0 and flood["near_pairs_by_embedding_alone"] > flood["images"] // 2, flood
     assert "may not tell these photos apart; try without --artifact" in err
 
 

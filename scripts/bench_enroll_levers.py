@@ -6,6 +6,9 @@ more-views lever, ``views.npz``: six extra views of each held-out class's first 
 shots, budgets 0.25 / 0.5 / 1 / 2 and none, the served (top-down) and the flat answer.
 
     python scripts/bench_enroll_levers.py --out runs/bench_enroll --levers shipped,debias1,lunch1k3
+
+Every lever's offsets go through ``served_offset`` (the served answers' check, as ``hier enroll``) but
+``unchecked``'s: the shipped head with ``budget_offset`` alone, as shipped before it.
 """
 from __future__ import annotations
 
@@ -77,6 +80,7 @@ def levers(classes):
         "pool": lambda: Variant(z_base[tr], labels, classes, debias=1.0),
         "before": lambda: Variant(z_base[tr], labels, classes, HeadConfig(debias=0.0)),    # TEEN 0.1
         "shipped": lambda: Variant(z_base[tr], labels, classes),                           # TEEN 0.1 + debias 1
+        "unchecked": lambda: Variant(z_base[tr], labels, classes),      # shipped, offsets without served_offset
         "teen0": lambda: Variant(z_base[tr], labels, classes, HeadConfig(teen=0.0, debias=0.0)),
         "teen0.3": lambda: Variant(z_base[tr], labels, classes, HeadConfig(teen=0.3, debias=0.0)),
         "shrink0.3": lambda: Variant(z_base[tr], labels, classes, HeadConfig(shrink=0.3, debias=0.0)),
@@ -159,7 +163,8 @@ def main() -> None:
             for budget in (None, 0.25, 0.5, 1.0, 2.0):
                 for rule in (("top-down", "flat") if budget in (None, 0.5, 1.0) else ("top-down",)):
                     t = time.time()
-                    m = protocol.measure(head, eps, budget, alone=budget is not None, rule=rule)
+                    m = protocol.measure(head, eps, budget, alone=budget is not None, rule=rule,
+                                         served=name != "unchecked")
                     rows.append({"lever": name, "k": k, "budget": budget, "rule": rule, **m})
                     print(json.dumps({**rows[-1], **{c: fmt(v) for c, v in m.items()}}, ensure_ascii=False),
                           f"{time.time() - t:.0f} s", flush=True)

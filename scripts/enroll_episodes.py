@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from scipy import stats as st
 
-from hier.enrollment.offsets import budget_offset
+from hier.enrollment.offsets import budget_offset, served_offset
 from hier.metrics import answer_class, fit_temperature, softmax, sum_columns
 from hier.models.statistics import ClassStatistics, HeadConfig
 
@@ -117,8 +117,9 @@ class Protocol:
         raise ValueError(rule)
 
     def run(self, head, episode: Episode, classes: list, budget=None, max_raise=6.0, rule="top-down",
-            budget_scale: float = 1.0) -> dict:
-        """Enroll ``classes`` together, offsets fitted one after another as ``hier enroll`` does."""
+            budget_scale: float = 1.0, served: bool = True) -> dict:
+        """Enroll ``classes`` together, offsets fitted one after another as ``hier enroll`` does (``served``:
+        with its check of the served answers, ``served_offset``; False: ``budget_offset`` alone, as before)."""
         base = head.base
         new = {c: self.shot_photos[c][episode.shots[c]] for c in classes}
         w = head.fit(new)
@@ -134,10 +135,16 @@ class Protocol:
             cal = torch.from_numpy(cal_scores)
             off = torch.zeros(cal.shape[1], dtype=torch.float64)
             off[nb:] = 1e4
+            maps = self._maps(base + list(classes))
             for i in range(len(classes)):
                 off[nb + i] = 0.0
                 off[nb + i] = budget_offset(cal - off, torch.from_numpy(self.y_val[episode.cal]), nb + i,
                                             budget * budget_scale, max_raise=max_raise)
+                if served:          # hier enroll's check of the served answers (``served_offset``)
+                    shifted = (cal - off).numpy()
+                    shifted[:, nb + i] += off[nb + i].item()
+                    off[nb + i] = served_offset(shifted, self.y_val[episode.cal], nb + i, off[nb + i].item(),
+                                                budget * budget_scale, t, *maps)
             offsets = off.numpy()
         maps, maps0 = self._maps(base + list(classes)), self._maps(base)
         ev, y_ev = self.z_val[episode.ev], self.y_val[episode.ev]

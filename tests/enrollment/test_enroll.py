@@ -391,3 +391,29 @@ def test_a_class_answered_on_few_of_its_photos_is_told_what_helps():
     assert "a larger budget (max_base_drop) lets it take more, its offset costs it 40% of these." in words
     near = Enrolled(**{**r.__dict__, "near_duplicate": {"class": "K5_DL3_2020_2023", "similarity": 0.97}})
     assert "More (and more varied)" not in near.summary()        # the near-duplicate warning says what to do
+
+
+def test_the_budget_holds_for_the_served_answer_not_only_for_the_photos_the_class_takes():
+    """A class joining brand A makes A's probability sum outweigh brand B for photos of B's one class,
+    whose own score stays the highest: the served answer (brand first) flips them to A's classes, the
+    new class never the answer itself. ``budget_offset`` counts only what the class takes (nothing here),
+    so a weak 2-epoch model lost 10 points at a 0.8-point budget; ``served_offset`` raises the offset
+    until the served answers are within the budget."""
+    import torch
+
+    from hier.enrollment.offsets import budget_offset, served_offset
+    from hier.metrics import served_answer
+    fine_to_model, fine_to_brand = np.array([0, 1, 2, 3]), np.array([0, 0, 1, 0])   # a1 a2 | b1 | new (A)
+    rng = np.random.default_rng(0)
+    b_photos = np.column_stack([np.full(50, 1.0), np.full(50, 1.0), np.full(50, 2.0), 1.2 + rng.normal(0, .05, 50)])
+    a_photos = np.column_stack([np.full(50, 2.0), np.full(50, 0.0), np.full(50, 0.0), np.full(50, 0.5)])
+    scores, y = np.vstack([b_photos, a_photos]).astype(np.float32), np.array([2] * 50 + [0] * 50)
+    served = lambda off: (served_answer(scores - np.eye(4)[3] * off, 1.0, fine_to_model, fine_to_brand)[1] == y).mean()  # noqa: E731
+    without = scores.copy()
+    without[:, 3] = -np.inf
+    assert (served_answer(without, 1.0, fine_to_model, fine_to_brand)[1] == y).mean() == 1.0
+    flat = budget_offset(torch.from_numpy(scores), torch.from_numpy(y), 3, max_base_drop=1.0)
+    assert (scores[:, 3] - flat < scores[:, :3].max(1)).all() and served(flat) < 0.6     # B's photos flipped
+    offset = served_offset(scores, y, 3, flat, 1.0, 1.0, fine_to_model, fine_to_brand)
+    assert served(offset) >= 0.99 and served(offset - 0.01) < 0.99 and offset > flat    # the smallest within it
+    assert served_offset(scores, y, 3, offset + 1, 1.0, 1.0, fine_to_model, fine_to_brand) == offset + 1   # kept

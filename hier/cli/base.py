@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import inspect
 import json
+import os
 import sys
 import warnings
 from enum import Enum
@@ -82,17 +83,19 @@ def path_of(text: str) -> Path:
 
 
 def expand_globs(paths: list[Path], flag: str) -> list[Path]:
-    """Paths as given, a quoted pattern (``'shots/*.jpg'``, which no shell expanded) replaced by the files
-    it matches, sorted (its existing folders taken literally: ``'shots[1]/*.jpg'``); a path that does not
-    exist or a pattern matching nothing is an error."""
+    """Paths as given, a quoted pattern (``'shots/*.jpg'``, which no shell expanded; ``**`` any depth)
+    replaced by the files it matches, sorted (its existing folders taken literally: ``'shots[1]/*.jpg'``);
+    a path that does not exist, a dangling link or a pattern matching nothing is an error."""
     out = []
     for p in paths:
         if _is(p):
             out.append(p)
             continue
+        if p.is_symlink():
+            raise HierError(f"{flag} {p} is a symlink that leads nowhere (dangling or a loop): -> {os.readlink(p)}")
         if not any(ch in str(p) for ch in "*?["):
             raise HierError(f"{flag} {p}: not found")
-        found = sorted(glob.glob(_literal_folders(p)))
+        found = sorted(glob.glob(_literal_folders(p), recursive=True))     # 'deep/**/*.jpg' as a shell's globstar
         if not found:
             raise HierError(f"{flag} {p}: no file matches")
         out += map(Path, found)

@@ -54,6 +54,8 @@ def serve(
     """HTTP API (/predict, /similar, /enroll, /health/live, /health/ready, /metrics, /docs) and an
     upload page at /. /enroll needs the header X-Admin-Token equal to the HIER_ADMIN_TOKEN environment
     variable."""
+    if not host.strip():                # "" listens on every interface: say 0.0.0.0 if that is meant
+        raise HierError("--host is empty; give an interface (127.0.0.1, or 0.0.0.0 for every one)")
     check_number("--port", port, 1, 65535, integer=True)          # before the heavy imports
     check_number("--max-connections", max_connections, 1, 100_000, integer=True)
     check_listen(host, port)
@@ -67,7 +69,8 @@ def serve(
     err.print(f"loading {artifact} ...")             # read and warmed before the first request: seconds
     for name in ("hier.audit", "hier.access") if access_log else ("hier.audit",):
         _json_lines_to_stderr(name)
-    err.print(f"serving {artifact} on http://{host}:{port} (API docs at /docs)")
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"      # an IPv6 address in brackets
+    err.print(f"serving {artifact} on {url} (API docs at {url}/docs)")
     # accepted requests are answered within --timeout, and a stalled upload 408 within --body-timeout, so a
     # stop waits that long for them (answered, not cancelled), no longer
     uvicorn.Server(server_config(service, host, port, max_connections=max_connections,

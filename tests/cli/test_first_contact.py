@@ -43,7 +43,8 @@ def test_version_and_short_help(monkeypatch):
     ["predict", "/no/such/artifact", "a.jpg"], ["predict", "{tests}", "a.jpg"], ["predict", "{art}", "/no/a.jpg"],
     ["predict", "{art}", "--test-csv", "/no/test.csv", "--sample-submission", "/no/s.csv", "--out", "o.csv"],
     ["enroll", "{art}", "--class", "New_2025", "--images", "/no/shots/*.jpg"], ["evaluate", "{art}", "/no/data"],
-    ["serve", "{art}", "--port", "99999"], ["index", "build", "{art}", "/no/listings.csv"],
+    ["serve", "{art}", "--port", "99999"], ["serve", "{art}", "--host", ""], ["index", "build", "{art}", "/no/listings.csv"],
+    ["predict", "{art}", ""],                       # an empty path: it was the current folder, searched whole
     ["train", "/no/such/folder"]])
 def test_a_mistyped_command_is_one_line_in_under_two_seconds(args, tiny_artifact):
     """No torch, timm or FastAPI import before the flags and the paths are checked (measured: 0.6-0.9 s a
@@ -81,6 +82,11 @@ def test_images_take_what_a_shell_glob_expands_to_and_a_quoted_glob(art, demo_da
     code, _, err = run_cli("enroll", art, "--class", "Cinder_Rook_2026_2026", "--images", f"{shots}/*.png",
                            capsys=capsys)
     assert error_line_only(code, err) and "no file matches" in err
+    deep = shots / "a" / "b"                          # '**' goes any depth, as a shell's globstar (it went one)
+    deep.mkdir(parents=True)
+    files[0].rename(deep / files[0].name)
+    code, out, err = run_cli("predict", art, f"{shots}/**/*.jpg", "--format", "csv", capsys=capsys)
+    assert code == 0 and out.count(".jpg") >= 4 and files[0].name in out, err
 
 
 def test_photos_where_the_artifact_goes_are_named_as_such(art, demo_data, tmp_path, capsys):

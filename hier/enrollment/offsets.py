@@ -21,7 +21,7 @@ def base_drop_offset(net: HierNet, c: int, validation: tuple[torch.Tensor, torch
     joint = net.heads(z)["joint"]
     joint[:, c] += net.fine_offset[c]
     offset = budget_offset(joint, y, c, max_base_drop, floor, max_raise)
-    return served_offset(joint.numpy(), y.numpy(), c, offset, max_base_drop, net.cfg.temperature,
+    return served_offset(joint.cpu().numpy(), y.cpu().numpy(), c, offset, max_base_drop, net.cfg.temperature,
                          net.fine_to_model.cpu().numpy(), net.fine_to_brand.cpu().numpy())
 
 
@@ -70,8 +70,8 @@ def served_offset(scores: np.ndarray, y: np.ndarray, c: int, offset: float, max_
 
     ``budget_offset`` counts the photos ``c`` itself takes (its score above the best other). The served
     answer reads brand, then model, then class, from sums of probabilities: a class joining a brand can
-    flip a sibling's photo to another class of its brand while never being the answer itself (a 2-epoch
-    model lost 10 points this way at a 0.8-point budget). Here the drop is measured on the photos, against
+    flip another brand's photo to one of its brand's classes while never being the answer itself (the
+    enrollment benchmark page has a weak model's case). Here the drop is measured on the photos, against
     the answers with ``c`` left out; when even the largest offset does not bring it within the budget, the
     drop is not ``c``'s score's doing and ``offset`` stays.
 

@@ -110,5 +110,5 @@ class ListingSearch:
     @needs(EMBED)
     def embed_shard(self, listings, out: str | Path, shard: tuple[int, int] = (0, 1), progress=None) -> Path:
         """Shard ``i`` of ``N`` of the listings' embeddings as Parquet (``hier embed``)."""
-        return embedding.embed(self.path, indexing.listings_table(listings), out, shard, self.backend, self.batch_size,
-                               progress=progress)
+        table = indexing.listings_table(listings, self.path)
+        return embedding.embed(self.path, table, out, shard, self.backend, self.batch_size, progress=progress)

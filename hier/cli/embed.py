@@ -33,7 +33,7 @@ def embed(
     from hier.services.embedding import parse_shard
 
     where = parse_shard(shard)
-    table = _listings(listings, strict)
+    table = _listings(listings, strict, artifact)
     with progress_bar(err) as progress:
         path = embed_shard(artifact, table, out, where, backend, batch_size, workers, progress)
     console.print(f"wrote {path}")

@@ -13,8 +13,10 @@ index_app = typer.Typer(no_args_is_help=True, help="Build and edit the similar-l
 app.add_typer(index_app, name="index")
 
 
-def _listings(listings: Path, strict: bool):
+def _listings(listings: Path, strict: bool, artifact: Path):
     from hier.gallery.listings import read_listings
+    from hier.services.indexing import refuse_inside
+    refuse_inside(listings, artifact)          # `hier index build ART ART` indexed the artifact's curves.png
     table = read_listings(listings, strict)
     if table.attrs.get("skipped"):
         err.print(f"[yellow]{table.attrs['skipped']}[/]")
@@ -46,7 +48,7 @@ def index_build(
         gallery = build_gallery(artifact, from_embeddings, kind)
         console.print(f"indexed {len(gallery)} listing image(s) ({kind}) from {from_embeddings} in {artifact}/gallery")
         return
-    table = _listings(listings, strict)      # bad input stops here, before any progress output
+    table = _listings(listings, strict, artifact)      # bad input stops here, before any progress output
     with progress_bar(err) as progress:
         gallery = rec.index(table, kind, progress)
     console.print(f"indexed {len(gallery)} listing image(s) ({kind}) in {artifact}/gallery")
@@ -67,7 +69,7 @@ def index_add(
 
     shard = shard_name(shard)
     rec = Recognizer(artifact)
-    table = _listings(listings, strict)
+    table = _listings(listings, strict, artifact)
     with progress_bar(err) as progress:
         added, gallery = rec.index_add(table, progress, shard)
     console.print(f"added {added} to shard {shard} ({len(gallery.shards[shard])}); {len(gallery)} in the index")

@@ -71,7 +71,7 @@ class Enrolled(_Report):
         if self.own_shots_answered is not None:
             words.append(f"{round(self.own_shots_answered * self.added)} of these {self.added} photo(s) are answered "
                          f"as {self.name!r}.")
-            if self.own_shots_answered < OWN_SHOTS and not self.base and not self.near_duplicate:
+            if self.own_shots_answered < OWN_SHOTS and not self.near_duplicate:
                 words.append("More (and more varied) photos of it make it stronger" + (
                     f"; a larger budget (max_base_drop) lets it take more, its offset costs it {self.offset_cost:.0%} "
                     "of these" if self.offset_cost else "") + ".")

@@ -67,7 +67,7 @@ async def ready(response: Response, service: Served) -> dict:
             "batcher_restarts": batcher.restarts}
 
 
-@router.get("/hangul.ttf", include_in_schema=False)
+@router.api_route("/hangul.ttf", methods=["GET", "HEAD"], include_in_schema=False)
 def hangul() -> Response:
     """NanumGothic's Hangul for the upload page (a browser fetches it once a page shows some), in a worker
     thread: cut from the font file on the first request."""

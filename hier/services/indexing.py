@@ -18,6 +18,7 @@ from hier import artifact, fileio
 from hier.artifact.files import LISTINGS
 from hier.data import refuse_listed
 from hier.errors import HierError
+from hier.outputs import is_inside
 from hier.gallery import store
 from hier.gallery.gallery import Gallery
 from hier.gallery.kinds import check_size, factory_string
@@ -52,9 +53,21 @@ def refuse_clashes(artifact_dir: str | Path, table: pd.DataFrame) -> None:
                         "remove it first (`hier index remove`) or give it another listing_id")
 
 
-def listings_table(listings: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """Listings as given: ``read_listings``' table, or a folder or CSV read by it."""
-    return listings if isinstance(listings, pd.DataFrame) else read_listings(Path(listings))
+def listings_table(listings: str | Path | pd.DataFrame, artifact_dir: str | Path | None = None) -> pd.DataFrame:
+    """Listings as given: ``read_listings``' table, or a folder or CSV read by it; a folder or CSV inside
+    ``artifact_dir`` is refused (`hier index build ART ART` indexed the artifact's curves.png)."""
+    if isinstance(listings, pd.DataFrame):
+        return listings
+    if artifact_dir is not None:
+        refuse_inside(listings, artifact_dir)
+    return read_listings(Path(listings))
+
+
+def refuse_inside(listings: str | Path, artifact_dir: str | Path) -> None:
+    """HierError when the listings' folder or CSV is the artifact or inside it."""
+    if is_inside(listings, artifact_dir):
+        raise HierError(f"{listings} is inside the artifact {artifact_dir}: its files are no listings; give the "
+                        "listings' folder or CSV")
 
 
 def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: str = "flat",
@@ -63,7 +76,7 @@ def build(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, kind: s
     (one shard, or the rows ``parts`` names per shard); the embedding and the index's training run
     unlocked, the save under the lock."""
     factory_string(kind, 1)                   # an unknown kind fails before any work
-    table = listings_table(listings)
+    table = listings_table(listings, artifact_dir)
     check_size(kind, len(table))              # so do too few images to train it
 
     def save(_, gallery: Gallery) -> Gallery:
@@ -104,7 +117,7 @@ def add(artifact_dir: str | Path, listings: str | Path | pd.DataFrame, progress=
     lock, after the unlocked embedding (so two adds at once both land). Returns the gallery with that
     shard read (the others listed)."""
     shard = shard_name(shard)
-    table = listings_table(listings)
+    table = listings_table(listings, artifact_dir)
     refuse_clashes(artifact_dir, table)
 
     def save(done: Embedded, _) -> Gallery:

@@ -391,6 +391,8 @@ def test_a_class_answered_on_few_of_its_photos_is_told_what_helps():
     assert "a larger budget (max_base_drop) lets it take more, its offset costs it 40% of these." in words
     near = Enrolled(**{**r.__dict__, "near_duplicate": {"class": "K5_DL3_2020_2023", "similarity": 0.97}})
     assert "More (and more varied)" not in near.summary()        # the near-duplicate warning says what to do
+    base = Enrolled(**{**r.__dict__, "base": True, "new": False, "offset": None, "offset_cost": None})
+    assert "More (and more varied) photos of it make it stronger." in base.summary()     # --add-shots too
 
 
 def test_the_budget_holds_for_the_served_answer_not_only_for_the_photos_the_class_takes():

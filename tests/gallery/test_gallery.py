@@ -165,6 +165,16 @@ def test_index_add_without_an_index_is_refused_before_embedding(art, demo_data, 
     assert _one_line_error(code, err) and "has no index" in err and calls.n == 0
 
 
+def test_the_artifact_itself_is_no_listings(art, calls, capsys):
+    """``hier index build ART ART`` indexed the artifact's curves.png as a listing; refused before any
+    embedding, and so is ``hier embed ART ART``."""
+    for args in (("index", "build", art, art), ("index", "build", art, art / "taxonomy.csv"), ("embed", art, art,
+                                                                                        "--out", art.parent / "emb")):
+        code, _, err = run_cli(*args, capsys=capsys)
+        assert _one_line_error(code, err) and "is inside the artifact" in err and calls.n == 0, (args, err)
+    assert not (art / "gallery").exists()
+
+
 # --- galleries for millions: the pq kind, per-call search parameters, one filtered search -------------
 
 DIM = 128

@@ -62,6 +62,7 @@ def test_predict_answers_as_the_recognizer_does(client, art, demo_data):
     font = client.get("/hangul.ttf")
     assert "url(hangul.ttf)" in page.text and font.status_code == 200 and font.content[:4] == b"\x00\x01\x00\x00"
     assert HANGUL_RANGE in page.text                                          # the range the reports embed
+    assert client.head("/hangul.ttf").status_code == 200                      # HEAD as GET (it was 405)
 
 
 def test_similar_needs_an_index_then_returns_listings_with_photos(client, art, demo_data):

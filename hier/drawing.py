@@ -47,16 +47,17 @@ def pyplot():
 
 
 HTML_FAMILY = "hier-hangul"   # the family first in the pages' font stacks, for Hangul alone (base_style.html)
-HANGUL = ((0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF))   # jamo, compatibility jamo, syllables
+HANGUL = ((0x1100, 0x11FF), (0x3130, 0x318F), (0xA960, 0xA97F), (0xAC00, 0xD7FF))   # jamo, compat. jamo, syllables
 HANGUL_RANGE = ", ".join(f"U+{a:04X}-{b:04X}" for a, b in HANGUL)    # as CSS unicode-range says it
 CSS_MARK = "/* hier-hangul */"  # where a page template's <style> takes ``hangul_css``
 
 
 def hangul_css(text: str) -> str:
-    """An ``@font-face`` rule for an HTML page: NanumGothic cut to the Hangul of ``text`` and embedded, as the family ``HTML_FAMILY`` for Hangul alone (``HANGUL_RANGE``), first in the pages'
-    font stacks: Hangul draws in it on every viewer, a server or a fresh container without a Korean font
-    included (as a fallback after the system's fonts, Chromium still drew some cells as boxes); the rest
-    of the page in the system's fonts. "" when ``text`` has no Hangul.
+    """An ``@font-face`` rule for an HTML page: NanumGothic cut to the Hangul of ``text`` and embedded, as
+    the family ``HTML_FAMILY`` for Hangul alone (``HANGUL_RANGE``), first in the pages' font stacks: Hangul
+    draws in it on every viewer, a server or a fresh container without a Korean font included (as a
+    fallback after the system's fonts, Chromium still drew some cells as boxes); the rest of the page in
+    the system's fonts. "" when ``text`` has no Hangul.
 
     Example:
         >>> html = page.replace(CSS_MARK, hangul_css(page), 1)

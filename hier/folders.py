@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from hier import artifact
-from hier.artifact.files import ENSEMBLE_REQUIRED, REQUIRED
-from hier.artifact.store import is_ensemble
+from hier.artifact.files import is_ensemble
 from hier.export import artifact_predictor
 from hier.services.ensemble import open_ensemble, refusal
 from hier.services.ensemble.serving import ensemble_predictor
@@ -34,14 +33,14 @@ CAPABILITIES = {
 
 @dataclass(frozen=True)
 class FolderKind:
-    """One kind of folder: the files that make it one, how it opens, its predictor and capabilities.
+    """One kind of folder: how it opens, its predictor and capabilities (the files that make it one:
+    ``hier.artifact.files.missing``, which the command line checks before any heavy import).
 
     ``opener(path, device, backend, batch_size) -> (net, taxonomy, predictor)`` (the caller holds the lock);
     ``predictor(path, net, backend, tta, batch_size)`` makes another predictor of an opened net (a TTA
     override); ``wording(path, what, verb)`` words a refusal."""
 
     name: str
-    required: tuple[str, ...]
     opener: Callable[[Path, str, str, int], tuple]
     predictor: Callable
     capabilities: frozenset[str]
@@ -68,8 +67,8 @@ def _ensemble_predictor(path: Path, net, backend: str, tta: bool | None, batch_s
 
 
 FOLDER_KINDS = {
-    "artifact": FolderKind("artifact", REQUIRED, _open_artifact, _artifact_predictor, frozenset(CAPABILITIES)),
-    "ensemble": FolderKind("ensemble", ENSEMBLE_REQUIRED, open_ensemble, _ensemble_predictor,
+    "artifact": FolderKind("artifact", _open_artifact, _artifact_predictor, frozenset(CAPABILITIES)),
+    "ensemble": FolderKind("ensemble", open_ensemble, _ensemble_predictor,
                              frozenset({ANSWER}), refusal),
 }
 

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from hier import enrollment
+from hier.artifact import files
 from hier.artifact.records import read_metrics
 from hier.artifact.store import read_config
 from hier.competitions.hecto import read_sample, write_submission
@@ -83,9 +84,9 @@ class Recognizer(ListingSearch):
         if detector is not None and not isinstance(detector, CarDetector):
             detector = CarDetector(detector)
         self.detector, self.crop_fallback = detector, None
-        missing = [f for f in self.kind.required if not (self.path / f).is_file()]
-        if missing:
-            raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(missing)})")
+        lacks = files.missing(self.path)
+        if lacks:
+            raise HierError(f"{self.path} is not a hier artifact (missing {', '.join(lacks)})")
         self._held = HeldArtifact(self.path, lambda: self.kind.opener(self.path, self.device, self.backend,
                                                                      self.batch_size))
         self._galleries = HeldGalleries(self.path)
@@ -94,7 +95,8 @@ class Recognizer(ListingSearch):
         """Its folder and kind, the classes once read (repr reads nothing), where it runs."""
         loaded = self.loaded
         classes = f", {len(loaded.taxonomy)} classes" if loaded is not None else ""
-        return f"Recognizer({str(self.path)!r}, {self.kind.name}{classes}, device={self.device!r}, backend={self.backend!r})"
+        return (f"Recognizer({str(self.path)!r}, {self.kind.name}{classes}, device={self.device!r}, "
+                f"backend={self.backend!r})")
 
     def check_supports(self, method: str) -> None:
         """Raise now the refusal ``method`` would raise on this folder (an ensemble answers but does not

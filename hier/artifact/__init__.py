@@ -6,7 +6,18 @@ the model's functions (``load``, ``save``, ``snapshot``...) import torch, so ``s
 of them is first used (PEP 562), as ``hier`` itself does for ``Recognizer``.
 """
 from hier.artifact import files
-from hier.artifact.files import CONFIG, ENSEMBLE, GALLERY, HEAD_PARTS, HEADS, ONNX, REQUIRED, STATISTICS, TAXONOMY, WEIGHTS
+from hier.artifact.files import (
+    CONFIG,
+    ENSEMBLE,
+    GALLERY,
+    HEAD_PARTS,
+    HEADS,
+    ONNX,
+    REQUIRED,
+    STATISTICS,
+    TAXONOMY,
+    WEIGHTS,
+)
 
 _STORE = ("Version", "head_rows", "load", "read_config", "save", "snapshot", "stamp")
 

@@ -54,9 +54,14 @@ MEMBERS = "members"                # members/<i>: each member artifact
 ENSEMBLE_REQUIRED = (ENSEMBLE, CONFIG, TAXONOMY)   # a folder with ENSEMBLE lacking one of these is damaged
 
 
+def is_ensemble(path: str | Path) -> bool:
+    """The folder is an ensemble (``hier ensemble``'s), not one artifact."""
+    return (Path(path) / ENSEMBLE).is_file()
+
+
 def missing(path: str | Path) -> list[str]:
     """The files that make ``path`` a folder hier reads (an artifact; an ensemble when it has ``ENSEMBLE``)
     that it lacks: [] for one."""
     path = Path(path)
-    required = ENSEMBLE_REQUIRED if (path / ENSEMBLE).is_file() else REQUIRED
+    required = ENSEMBLE_REQUIRED if is_ensemble(path) else REQUIRED
     return [f for f in required if not (path / f).is_file()]

@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from safetensors.torch import save as safetensors_bytes
 
-from hier.artifact.files import CONFIG, ENSEMBLE, HEAD_PARTS, HEADS, MEMBERS, REQUIRED, STATISTICS, TAXONOMY, WEIGHTS
+from hier.artifact.files import CONFIG, HEAD_PARTS, HEADS, MEMBERS, STATISTICS, TAXONOMY, WEIGHTS, is_ensemble, missing
 from hier.errors import ArtifactGone, HierError, HierWarning
 from hier.fileio import atomic_write_all, file_stamp, locked, read_json, write_json
 from hier.models import HierNet, ModelConfig
@@ -110,11 +110,6 @@ def snapshot(path: str | Path, device: str = "cpu") -> Version:
         return Version(stamp(path), *load(path, device))
 
 
-def is_ensemble(path: str | Path) -> bool:
-    """The folder is an ensemble (``hier ensemble``'s), not one artifact."""
-    return (Path(path) / ENSEMBLE).is_file()
-
-
 def check_artifact(path: str | Path) -> Path:
     """``path`` as a Path when it holds one artifact; else HierError naming what it is (an ensemble) or
     lacks (the missing files)."""
@@ -122,9 +117,9 @@ def check_artifact(path: str | Path) -> Path:
     if is_ensemble(path):
         raise HierError(f"{path} is an ensemble, not one artifact: this command takes one of its members "
                         f"({path / MEMBERS}/<i>) or the artifact it was built from")
-    missing = [f for f in REQUIRED if not (path / f).is_file()]
-    if missing:
-        raise HierError(f"{path} is not a hier artifact (missing {', '.join(missing)})")
+    lacks = missing(path)
+    if lacks:
+        raise HierError(f"{path} is not a hier artifact (missing {', '.join(lacks)})")
     return path
 
 
@@ -133,7 +128,7 @@ def check_writable(path: str | Path) -> Path:
     would no longer be what the ensemble's weights were fitted on (every command on it says it is damaged)."""
     path = check_artifact(path)
     parent = Path(os.path.realpath(path)).parent
-    if parent.name == MEMBERS and (parent.parent / ENSEMBLE).is_file():
+    if parent.name == MEMBERS and is_ensemble(parent.parent):
         raise HierError(f"{path} is a member of the ensemble {parent.parent}: change the artifact it was built "
                         "from, then build the ensemble again")
     return path

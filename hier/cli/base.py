@@ -112,12 +112,16 @@ def _literal_folders(pattern: Path) -> str:
     return str(pattern)
 
 
+def _given(value) -> list[Path]:
+    """The paths a parameter holds: one, several (a list) or none."""
+    return [Path(p) for p in (value if isinstance(value, (list, tuple)) else [value]) if p is not None]
+
+
 def _hier_folders(ctx: typer.Context, param: typer.CallbackParam, value):
     """Check ARTIFACT arguments as they are parsed, before any heavy import: a folder hier reads (its
-    missing files named), not a path that is absent or a file (a photo where the artifact goes)."""
-    for path in value if isinstance(value, (list, tuple)) else [value]:
-        if path is None:
-            continue
+    missing files named), not a path that is absent or a file (a photo where the artifact goes, as in
+    ``hier enroll --images a.jpg b.jpg ART``)."""
+    for path in _given(value):
         if not _is(path):
             raise HierError(f"artifact not found: {path}")
         if not _is(path, "is_dir"):
@@ -144,8 +148,8 @@ def _exists(noun: str | None):
     """A callback checking input paths as they are parsed, before any heavy import: each exists (else
     ``NOUN not found: PATH``, the option's flag for a noun by default)."""
     def check(ctx: typer.Context, param: typer.CallbackParam, value):
-        for path in value if isinstance(value, (list, tuple)) else [value]:
-            if path is not None and not _is(Path(path)):
+        for path in _given(value):
+            if not _is(path):
                 raise HierError(f"{noun or param.opts[0]} not found: {path}")
         return value
     return check

@@ -13,7 +13,8 @@ from hier.errors import check_number
 @app.command()
 def embed(
     artifact: Annotated[Path, artifact_argument()],
-    listings: Annotated[Path, input_argument("Folder of listing photos, or CSV listing_id,image[,price,...]", "listings")],
+    listings: Annotated[Path, input_argument("Folder of listing photos, or CSV listing_id,image[,price,...]",
+                                             "listings")],
     out: Annotated[Path, typer.Option(help="Folder of the Parquet shards (part-i-of-N.parquet)")],
     shard: Annotated[str, typer.Option(help="i/N: embed every N-th listing from the i-th (one machine of N)")] = "0/1",
     backend: Annotated[str, typer.Option(help="auto | torch | onnx")] = "auto",

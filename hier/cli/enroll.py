@@ -8,7 +8,6 @@ import typer
 from rich.markup import escape
 
 from hier.cli.base import Command, app, artifact_argument, console, err, expand_globs, path_of
-from hier.errors import HierError
 
 
 @app.command(cls=Command)
@@ -30,12 +29,10 @@ def enroll(
              "hier.enrollment.MAX_BASE_DROP, the measured trade-off of docs/benchmarks/enroll.md]",
         show_default=False)] = None,
     more: Annotated[Optional[list[Path]], typer.Argument(
-        hidden=True, parser=path_of, help="The rest of --images a.jpg b.jpg (what the shell makes of --images shots/*.jpg)")] = None,
+        hidden=True, parser=path_of,
+        help="The rest of --images a.jpg b.jpg (what the shell makes of --images shots/*.jpg)")] = None,
 ):
     """Add a class from a few photos, no retraining; enrolling it again adds shots."""
-    if artifact.is_file():          # `hier enroll --images a.jpg b.jpg ART`: the photos took its place
-        raise HierError(f"{artifact} is a file, not an artifact folder; the artifact comes first: "
-                        "hier enroll ARTIFACT --class NAME --images PHOTOS...")
     shots = expand_globs([*images, *(more or [])], "--images")      # before the heavy imports
     from hier.enrollment import OWN_SHOTS
     from hier.recognizer import Recognizer

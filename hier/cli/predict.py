@@ -39,7 +39,8 @@ def predict(
     batch_size: Annotated[int, typer.Option()] = 64,
     strict: Annotated[bool, typer.Option(help="Refuse unreadable photos in folders instead of skipping them")] = False,
     crop: Annotated[str, typer.Option(help="none | yolo: answer on each photo's largest vehicle box")] = "none",
-    detector: Annotated[Optional[Path], input_option("ultralytics detector weights for --crop yolo", "detector weights")] = None,
+    detector: Annotated[Optional[Path], input_option("ultralytics detector weights for --crop yolo",
+                                                       "detector weights")] = None,
     backend: Annotated[str, typer.Option(help="auto (model.onnx: OpenVINO f32 if installed, else ONNX Runtime) | "
                                          "torch | onnx | openvino (same file, f32; needs hier[openvino]) | "
                                          "openvino-bf16 | onnx-int8 (after `hier export --int8`); bf16 and int8 "
@@ -100,7 +101,8 @@ def predict(
 def crop_cmd(
     data: Annotated[Path, input_argument("Photos in any layout (folders are searched recursively)", "data folder")],
     out: Annotated[Path, typer.Option(help="Where the cropped copies go (same tree)")],
-    detector: Annotated[Path, input_option("ultralytics detector weights (.pt, .onnx, .tflite...)", "detector weights")],
+    detector: Annotated[Path, input_option("ultralytics detector weights (.pt, .onnx, .tflite...)",
+                                           "detector weights")],
 ):
     """Crop every photo to its largest car/bus/truck box (+8% margin); photos without one stay whole."""
     from hier.data.detect import CarDetector, crop_folder

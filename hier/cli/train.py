@@ -62,7 +62,8 @@ def train(
     layout: Annotated[Optional[str], typer.Option(
         help="auto | folder (DATA/<class>/*.jpg) | aihub (<BR_brand>/<NNN_model>/<year_...>/*.jpg + JSON)")] = None,
     crop: Annotated[Optional[str], typer.Option(help="none | yolo: train on each photo's largest vehicle box")] = None,
-    detector: Annotated[Optional[str], input_option("ultralytics detector weights for --crop yolo", "detector weights")] = None,
+    detector: Annotated[Optional[str], input_option("ultralytics detector weights for --crop yolo",
+                                                       "detector weights")] = None,
     aug: Annotated[Optional[str], typer.Option(help="Augmentation: none | light | seed | randaug [light]")] = None,
     mixup: Annotated[Optional[float], typer.Option(help="MixUp alpha on each batch [0: off]")] = None,
     cutmix: Annotated[Optional[float], typer.Option(help="CutMix alpha on each batch [0: off]")] = None,

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hier.data.synthetic import TAXONOMY, _save_jpeg, draw_car
 from hier import fileio
+from hier.data.synthetic import TAXONOMY, _save_jpeg, draw_car
 from hier.errors import HierError
 from hier.outputs import make_folder, writable_folder
 from hier.version import __version__

@@ -29,7 +29,15 @@ from hier.enrollment.heads import Calibration, imprint, rebuild_heads
 from hier.enrollment.mapped import enroll_mapped, prototype_map, trained_row_index
 from hier.enrollment.names import new_row, parse_years
 from hier.enrollment.offsets import MAX_BASE_DROP, MAX_RAISE, base_drop_offset
-from hier.enrollment.state import OWN_SHOTS, Enrolled, Unenrolled, distinct_shots, enrolled_state, save_state, usable_statistics
+from hier.enrollment.state import (
+    OWN_SHOTS,
+    Enrolled,
+    Unenrolled,
+    distinct_shots,
+    enrolled_state,
+    save_state,
+    usable_statistics,
+)
 from hier.errors import HierError, NotFound, check_number
 from hier.export import artifact_predictor
 from hier.metrics import served_answer
@@ -91,7 +99,7 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             entry = entries[names.index(name)]
             return Enrolled(**result, added=0, total=entry["shots"], classes=len(taxonomy), offset=entry.get("offset"))
         shots, digests = [shots[i] for i in fresh], [digests[i] for i in fresh]
-        before = held_out_accuracy(net, taxonomy, validation) if validation is not None else None
+        before = held_out_answers(net, taxonomy, validation)[1] if validation is not None else None
         z = artifact_predictor(path, net)(shots)["embedding"]     # as the artifact serves: TTA included
         if name not in names:
             entries.append({"class": name, "shots": 0, **({"base": True} if is_base else {})})
@@ -113,8 +121,9 @@ def enroll(path: str | Path, name: str, images: list[str | Path], brand: str | N
             entries[k]["offset"] = base_drop_offset(net, new_taxonomy.class_index[name], validation, max_base_drop,
                                                     max_raise=MAX_RAISE if stats is not None else 0.0)
         own, cost = own_answers(net, new_taxonomy, name, entries[k].get("offset") or 0.0, z)
-        after = held_out_accuracy(net, new_taxonomy, validation) if validation is not None else None
-        taken = taken_from_base(net, new_taxonomy, name, validation) if not is_base and validation is not None else None
+        answered, after = held_out_answers(net, new_taxonomy, validation) if validation is not None else (None, None)
+        taken = taken_from_base(answered, validation[1].numpy(), new_taxonomy, name) \
+            if not is_base and validation is not None else None
         near = None
         if not is_base and own < OWN_SHOTS and (stats is not None or mapping is not None):
             base_names = stats.base_classes() if stats is not None else taxonomy.classes
@@ -145,15 +154,11 @@ def own_answers(net: HierNet, taxonomy: Taxonomy, name: str, offset: float, z: n
     return own, max(0.0, answered(joint) - own)
 
 
-@torch.no_grad()
-def taken_from_base(net: HierNet, taxonomy: Taxonomy, name: str, validation) -> dict | None:
-    """Of the artifact's held-out base photos (``validation.npz``), the share now answered as ``name``
-    (as served: ``served_answer``, its offset included), and the base class most of them are photos of:
-    {"share", "most": {"class", "photos", "of", "share"} or None}."""
-    z, y = validation
-    c = taxonomy.class_index[name]
-    answer, y = served(net, taxonomy, z), y.numpy()
-    hit = answer == c
+def taken_from_base(answer: np.ndarray, y: np.ndarray, taxonomy: Taxonomy, name: str) -> dict:
+    """Of the artifact's held-out base photos (``validation.npz``: true classes ``y``, served answers
+    ``answer``, ``held_out_answers``), the share now answered as ``name``, and the base class most of them
+    are photos of: {"share", "most": {"class", "photos", "of", "share"} or None}."""
+    hit = answer == taxonomy.class_index[name]
     if not hit.any():
         return {"share": 0.0, "most": None}
     counts = np.bincount(y[hit], minlength=int(y.max()) + 1)
@@ -164,18 +169,15 @@ def taken_from_base(net: HierNet, taxonomy: Taxonomy, name: str, validation) -> 
 
 
 @torch.no_grad()
-def served(net: HierNet, taxonomy: Taxonomy, z: torch.Tensor) -> np.ndarray:
-    """The fine class ``hier predict`` answers for embeddings ``z`` (the artifact's temperature, then the
-    one answer rule, ``served_answer``)."""
-    maps = taxonomy.fine_to_model, taxonomy.fine_to_brand
-    return served_answer(net.heads(z)["joint"].numpy(), net.cfg.temperature, *maps)[1]
-
-
-def held_out_accuracy(net: HierNet, taxonomy: Taxonomy, validation) -> float:
-    """Share of the artifact's held-out base photos (``validation.npz``) answered right as served: what an
-    enrollment changes, through its own class or through the model and brand sums it joins."""
+def held_out_answers(net: HierNet, taxonomy: Taxonomy, validation) -> tuple[np.ndarray, float]:
+    """The fine class ``hier predict`` answers for each of the artifact's held-out base photos
+    (``validation.npz``; the artifact's temperature, then the one answer rule, ``served_answer``), and the
+    share answered right: what an enrollment changes, through its own class or through the model and
+    brand sums it joins."""
     z, y = validation
-    return float((served(net, taxonomy, z) == y.numpy()).mean())
+    maps = taxonomy.fine_to_model, taxonomy.fine_to_brand
+    answer = served_answer(net.heads(z)["joint"].numpy(), net.cfg.temperature, *maps)[1]
+    return answer, float((answer == y.numpy()).mean())
 
 
 def nearest_base(prototypes: np.ndarray, shot_sum: np.ndarray, classes: list[str]) -> tuple[str, float]:

@@ -17,7 +17,6 @@ from hier.errors import HierError
 from hier.models import HierNet
 from hier.taxonomy import Taxonomy
 
-
 OWN_SHOTS = 0.5                 # a class answered on fewer of its own shots than this is told how to do better
 
 

@@ -20,7 +20,7 @@ from PIL import Image
 from sklearn.metrics import ConfusionMatrixDisplay, confusion_matrix, log_loss
 
 from hier import outputs
-from hier.artifact.files import CURVES, ENSEMBLE, MEMBERS
+from hier.artifact.files import CURVES, MEMBERS, is_ensemble
 from hier.artifact.records import read_run
 from hier.data import to_rgb
 from hier.data.readers import create_reader
@@ -76,8 +76,8 @@ def in_training_folder(artifact_dir: Path, paths: list) -> int:
     (``train.json``): figures on photos it trained on flatter it, so the report says so. A train.json
     that does not say (an older, damaged or hand-made one) counts nothing."""
     members = artifact_dir / MEMBERS
-    runs = [read_run(m) for m in sorted(members.iterdir())] if (artifact_dir / ENSEMBLE).is_file() and \
-        members.is_dir() else [read_run(artifact_dir)]
+    runs = [read_run(m) for m in sorted(members.iterdir())] if is_ensemble(artifact_dir) and members.is_dir() \
+        else [read_run(artifact_dir)]
     folders = [run["data"] for run in runs if isinstance(run, dict) and isinstance(run.get("data"), str)]
     folders = [f for f in folders if Path(f).is_dir()]
     return sum(any(outputs.is_inside(p, f) for f in folders) for p in paths if isinstance(p, (str, Path))) \
